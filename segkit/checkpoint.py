@@ -1,0 +1,147 @@
+"""Checkpoints as plain data: safetensors weights plus a JSON record in the file's header.
+
+The JSON holds the model name and kwargs, geometry, normalisation, the resolved recipe and the
+segkit version, so `segkit predict` needs only the checkpoint. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segkit import __version__
+from segkit.errors import CheckpointError
+from segkit.models.geometry import Geometry
+
+FORMAT = "segkit-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Global intensity normalisation: (x - mean) / std, never computed per tile."""
+
+    mean: float
+    std: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Normalization":
+        return cls(mean=float(data["mean"]), std=float(data["std"]))
+
+
+@dataclass
+class CheckpointInfo:
+    """Everything but the weights: enough to rebuild and run the model."""
+
+    kind: str  # "segmenter" (later also "denoiser")
+    model: str
+    model_kwargs: dict[str, Any]
+    geometry: Geometry
+    normalization: Normalization
+    classes: list[str] = field(default_factory=lambda: ["interior", "membrane"])
+    inference: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    segkit_version: str = __version__
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "kind": self.kind,
+                "model": self.model,
+                "model_kwargs": self.model_kwargs,
+                "geometry": self.geometry.to_dict(),
+                "normalization": self.normalization.to_dict(),
+                "classes": self.classes,
+                "inference": self.inference,
+                "recipe": self.recipe,
+                "training": self.training,
+                "segkit_version": self.segkit_version,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "CheckpointInfo":
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"{source}: unsupported checkpoint format {data.get('format')!r}, "
+                    f"expected {FORMAT!r}"
+                )
+            return cls(
+                kind=data["kind"],
+                model=data["model"],
+                model_kwargs=dict(data["model_kwargs"]),
+                geometry=Geometry.from_dict(data["geometry"]),
+                normalization=Normalization.from_dict(data["normalization"]),
+                classes=list(data.get("classes", [])),
+                inference=dict(data.get("inference", {})),
+                recipe=dict(data.get("recipe", {})),
+                training=dict(data.get("training", {})),
+                segkit_version=str(data.get("segkit_version", "unknown")),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: malformed segkit record in checkpoint: {exc}") from exc
+
+
+def save_checkpoint(path: str | Path, model: Any, info: CheckpointInfo) -> None:
+    """Write weights and info atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(tmp), metadata={"segkit": info.to_json()})
+    os.replace(tmp, path)
+
+
+def read_info(path: str | Path) -> CheckpointInfo:
+    """Read only the JSON record of a checkpoint (fast; no weights, no torch)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .safetensors file")
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if header_len <= 0 or header_len > 100_000_000 or header_len > path.stat().st_size:
+                raise ValueError("bad header length")
+            header = json.loads(handle.read(header_len))
+        record = header["__metadata__"]["segkit"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a segkit checkpoint (safetensors with a segkit record): {exc}"
+        ) from exc
+    return CheckpointInfo.from_json(record, str(path))
+
+
+def load_model(path: str | Path, *, expect_kind: str = "segmenter") -> tuple[Any, CheckpointInfo]:
+    """Rebuild the model from a checkpoint and load its weights (strict)."""
+    from safetensors.torch import load_file
+
+    from segkit.models import create_model
+
+    info = read_info(path)
+    if info.kind != expect_kind:
+        raise CheckpointError(
+            f"{path} is a {info.kind} checkpoint, but a {expect_kind} checkpoint is needed here"
+        )
+    model = create_model(info.model, **info.model_kwargs)
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except (RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not match model '{info.model}': {first}") from exc
+    if model.geometry != info.geometry:
+        raise CheckpointError(
+            f"{path}: recorded geometry {info.geometry} differs from the model's {model.geometry}"
+        )
+    model.eval()
+    return model, info

@@ -1,0 +1,231 @@
+"""The `segkit` command line: parses options, calls the library, prints. No logic of its own.
+
+User errors (SegkitError) print as one line and exit with code 2; anything else keeps its
+traceback, because it is a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from segkit import __version__
+from segkit.errors import SegkitError
+
+DEMO_HELP = "Run the bundled model on the bundled ISBI 2012 crop, score it, and write TIFF + PNG overlay."
+
+
+class SegkitGroup(click.Group):
+    """A group that turns SegkitError into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SegkitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=SegkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="segkit")
+def main() -> None:
+    """segkit: biomedical image segmentation with seamless overlap-tile inference.
+
+    \b
+    Quick start:
+      segkit demo                                   # bundled model on a bundled EM crop
+      segkit predict stack.tif -o membranes.tif     # membrane probabilities of a stack
+      segkit evaluate membranes.tif labels.tif      # pixel error, adapted Rand, VI
+      segkit train recipes/em_neurons.yaml          # train the U-Net on ISBI 2012
+    """
+
+
+# -- train ---------------------------------------------------------------------------------
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Continue the run in train.out from its last checkpoint.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def train(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -> None:
+    """Train a model from a YAML RECIPE, with optional section.key=value OVERRIDES.
+
+    \b
+    Examples:
+      segkit train recipes/em_neurons.yaml
+      segkit train recipes/em_neurons.yaml train.epochs=2 data.root=../shared/data/isbi2012
+      segkit train recipes/em_neurons.yaml --resume
+    """
+    from segkit.config import load_recipe
+    from segkit.training.loop import train as run_training
+
+    resolved = load_recipe(recipe, overrides)
+    files = run_training(resolved, resume=resume, progress=not quiet, echo=click.echo)
+    click.echo(f"best checkpoint: {files.best}\nlast checkpoint: {files.last}\ncurve: {files.curve}")
+
+
+# -- predict -------------------------------------------------------------------------------
+
+def default_model_path() -> Path:
+    return Path(__file__).parent / "data" / "unet_isbi_demo.safetensors"
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output TIFF (default: <input>_membranes.tif beside the input).")
+@click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint (.safetensors) from `segkit train` (default: the bundled demo U-Net).")
+@click.option("--tile", type=int, default=None, show_default="checkpoint's, else 572",
+              help="Input tile size; must be a valid size of the model (572 -> 388 output for the U-Net).")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["none", "fp16", "bf16"]), default="none", show_default=True,
+              help="Autocast precision for the forward pass.")
+@click.option("--output-type", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True,
+              help="Membrane probability as uint8 (0-255) or float16.")
+@click.option("--threshold", type=float, default=None, help="Write a binary 0/255 membrane mask at this threshold.")
+@click.option("--normalize", type=click.Choice(["auto", "checkpoint", "stack"]), default="auto", show_default=True,
+              help="Intensity statistics: the checkpoint's (training data), or computed once for this stack. "
+                   "auto uses the checkpoint's unless the input dtype differs from the training data.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def predict(source: str, output: Path | None, model_path: Path | None, tile: int | None, batch: int, device: str,
+            amp: str, output_type: str, threshold: float | None, normalize: str, overwrite: bool, quiet: bool) -> None:
+    """Predict membrane probabilities of SOURCE (TIFF, folder or quoted glob of 2D TIFFs).
+
+    \b
+    Examples:
+      segkit predict big_stack.tif --tile 572 -o big_stack_membranes.tif
+      segkit predict big_stack.tif -m runs/em_neurons/best.safetensors --batch 16 --amp fp16
+      segkit predict 'sections/*.tif' -o mask.tif --threshold 0.5
+    """
+    from tqdm import tqdm
+
+    from segkit.checkpoint import load_model
+    from segkit.inference.engines import TorchEngine
+    from segkit.inference.pipeline import OutputSpec, count_tiles, predict_stack, stack_normalization
+    from segkit.io.tiff import check_output_path, open_stack
+
+    spec = OutputSpec("mask", threshold) if threshold is not None else OutputSpec(output_type)
+    if output is None:
+        base = Path(source.rstrip("/*?"))
+        output = base.with_name(f"{base.stem}_membranes.tif")
+    check_output_path(output, overwrite=overwrite)
+    model, info = load_model(model_path or default_model_path())
+    tile = tile or int(info.inference.get("tile", 572))
+    with open_stack(source) as stack:
+        normalization = info.normalization
+        trained_dtype = info.inference.get("input_dtype")
+        if normalize == "stack" or (normalize == "auto" and trained_dtype and trained_dtype != str(stack.dtype)):
+            normalization = stack_normalization(stack)
+            if normalize == "auto":
+                click.echo(f"input is {stack.dtype} but the model was trained on {trained_dtype}: "
+                           f"normalising with this stack's statistics", err=True)
+        engine = TorchEngine(model, device=device, amp=amp)
+        total = count_tiles(stack, info.geometry, tile)
+        click.echo(f"{source}: {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} {stack.dtype}, "
+                   f"{total} tiles of {tile} px on {engine.device}", err=True)
+        with tqdm(total=total, unit="tile", disable=quiet, file=sys.stderr) as bar:
+            written = predict_stack(stack, engine, info.geometry, output, normalization=normalization, tile=tile,
+                                    batch=batch, spec=spec, overwrite=overwrite, on_tiles=bar.update)
+    click.echo(f"wrote {written}")
+
+
+# -- evaluate ------------------------------------------------------------------------------
+
+def _parse_slices(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise SegkitError(f"--slices {text!r} must look like START:STOP, e.g. 25:30") from None
+    if not 0 <= start < stop:
+        raise SegkitError(f"--slices {text!r}: need 0 <= START < STOP")
+    return start, stop
+
+
+@main.command()
+@click.argument("prediction")
+@click.argument("labels")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="Membrane probability threshold.")
+@click.option("--sweep", is_flag=True, help="Also try thresholds 0.05..0.95 and report the best by adapted Rand error.")
+@click.option("--slices", default=None, help="Evaluate only slices START:STOP of the label stack (e.g. 25:30).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the scores as JSON to this file ('-' for stdout only).")
+def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices: str | None, json_path: Path | None) -> None:
+    """Score a membrane PREDICTION against ISBI-style LABELS (0 = membrane, >0 = cell).
+
+    Reports pixel error, adapted Rand error and variation of information (split + merge) of the
+    connected components of the thresholded prediction, plus membrane Dice/IoU, averaged per slice.
+
+    \b
+    Examples:
+      segkit evaluate membranes.tif labels.tif
+      segkit evaluate membranes.tif train-labels.tif --slices 25:30 --sweep --json scores.json
+    """
+    from segkit.evaluation import evaluate_stacks
+
+    report = evaluate_stacks(prediction, labels, threshold=threshold, sweep=sweep, slices=_parse_slices(slices))
+    if json_path is not None and str(json_path) == "-":
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo(format_scores(report["scores"], f"threshold {report['threshold']}"))
+    if sweep:
+        best = report["sweep"]["best"]
+        click.echo(format_scores(best["scores"], f"best threshold {best['threshold']} (by adapted Rand error)"))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=1))
+        click.echo(f"wrote {json_path}")
+
+
+def format_scores(scores: dict[str, float], title: str) -> str:
+    keys = ["pixel_error", "adapted_rand_error", "vi", "vi_split", "vi_merge", "dice", "iou"]
+    return "\n".join([title] + [f"  {key:<20}{scores[key]:.4f}" for key in keys])
+
+
+# -- models --------------------------------------------------------------------------------
+
+@main.command()
+def models() -> None:
+    """List registered architectures with their geometry and parameter count (default settings).
+
+    \b
+    Example:
+      segkit models
+    """
+    from segkit.models import create_model, list_models, model_summary
+
+    for name in list_models():
+        model = create_model(name)
+        g = model.geometry
+        params = sum(p.numel() for p in model.parameters())
+        click.echo(f"{name:<10} {params / 1e6:7.2f} M params  valid tiles {g.min_input} + {g.step}k, "
+                   f"margin {g.margin} (572 -> {g.output_size(572) if g.is_valid_input(572) else '-'})  "
+                   f"{model_summary(name)}")
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+@main.command(help=DEMO_HELP)
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("segkit-demo"), show_default=True,
+              help="Folder for the prediction TIFF, overlay PNG and scores JSON.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace earlier demo outputs.")
+def demo(output_dir: Path, device: str, overwrite: bool) -> None:
+    """Example: segkit demo -o segkit-demo"""
+    from segkit.demo import run_demo
+
+    result = run_demo(output_dir, device=device, overwrite=overwrite, echo=click.echo)
+    click.echo(format_scores(result["scores"], "scores on the bundled crop (ISBI 2012 held-out slices 25-29)"))
+    for key in ("prediction", "overlay", "scores_json"):
+        click.echo(f"wrote {result[key]}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

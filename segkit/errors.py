@@ -1,0 +1,29 @@
+"""The one family of user-facing errors: the CLI prints them as one line and exits 2."""
+
+
+class SegkitError(Exception):
+    """A problem with the user's input, files or settings; the message names the fix."""
+
+
+class ConfigError(SegkitError):
+    """A recipe or override that does not match the schema."""
+
+
+class InputError(SegkitError):
+    """An input file that cannot be read, or holds data segkit cannot segment."""
+
+
+class TileSizeError(SegkitError):
+    """A tile size the model cannot take."""
+
+
+class CheckpointError(SegkitError):
+    """A checkpoint that is missing, corrupt or of another kind of model."""
+
+
+class OutputExistsError(SegkitError):
+    """The output path exists and --overwrite was not given."""
+
+
+class MissingDependencyError(SegkitError):
+    """An optional package is needed for this feature."""

@@ -1,0 +1,127 @@
+"""Stack prediction: TIFF planes in, normalised, overlap-tiled through an engine, TIFF planes out.
+
+A reader thread decodes planes ahead of the engine through a bounded queue, so host memory
+stays fixed whatever the number of planes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from segkit.checkpoint import Normalization
+from segkit.errors import SegkitError
+from segkit.inference.tiler import Forward, plan_tiles, predict_planes
+from segkit.io.tiff import TiffStack, write_stack
+from segkit.models.geometry import Geometry
+
+OUTPUT_TYPES = ("uint8", "float16", "mask")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How probabilities are stored: uint8 0-255, float16, or a 0/255 mask at `threshold`."""
+
+    kind: str = "uint8"
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in OUTPUT_TYPES:
+            raise SegkitError(f"unknown output type {self.kind!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+        if not 0.0 < self.threshold < 1.0:
+            raise SegkitError(f"threshold {self.threshold} must be between 0 and 1 (exclusive)")
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float16 if self.kind == "float16" else np.uint8)
+
+    def encode(self, probability: np.ndarray) -> np.ndarray:
+        if self.kind == "float16":
+            return probability.astype(np.float16)
+        if self.kind == "mask":
+            return np.where(probability >= self.threshold, 255, 0).astype(np.uint8)
+        return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def stack_normalization(stack: TiffStack, *, max_planes: int = 16, max_pixels: int = 4_000_000) -> Normalization:
+    """Mean/std of a stack from up to `max_planes` evenly spaced, subsampled planes (one pass)."""
+    indices = np.unique(np.linspace(0, len(stack) - 1, min(len(stack), max_planes)).astype(int))
+    per_plane = max(1, max_pixels // len(indices))
+    samples = []
+    for index in indices:
+        plane = stack.plane(int(index))
+        stride = max(1, int(np.sqrt(plane.size / per_plane)))
+        samples.append(plane[::stride, ::stride].astype(np.float64).ravel())
+    values = np.concatenate(samples)
+    return Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+
+
+def normalized_planes(stack: TiffStack, normalization: Normalization, *, prefetch: int = 2) -> Iterator[np.ndarray]:
+    """Planes as float32 (x - mean) / std, decoded ahead by a reader thread."""
+    buffer: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    done = object()
+
+    def read() -> None:
+        try:
+            for index in range(len(stack)):
+                if stop.is_set():
+                    return
+                plane = stack.plane(index).astype(np.float32)
+                plane -= normalization.mean
+                plane /= normalization.std
+                buffer.put(plane)
+            buffer.put(done)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            buffer.put(exc)
+
+    reader = threading.Thread(target=read, name="segkit-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while reader.is_alive():
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                reader.join(timeout=0.05)
+
+
+def count_tiles(stack: TiffStack, geometry: Geometry, tile: int) -> int:
+    return plan_tiles(stack.shape[1:], geometry, tile=tile).n_tiles * len(stack)
+
+
+def predict_stack(
+    stack: TiffStack,
+    forward: Forward,
+    geometry: Geometry,
+    output: str | Path,
+    /,
+    *,
+    normalization: Normalization,
+    tile: int,
+    batch: int = 4,
+    spec: OutputSpec = OutputSpec(),
+    overwrite: bool = False,
+    on_tiles: Callable[[int], None] | None = None,
+) -> Path:
+    """Predict every plane of `stack` and write the class probability to `output` (atomic)."""
+    plan_tiles(stack.shape[1:], geometry, tile=tile)  # fail on a bad tile before any work
+    planes = normalized_planes(stack, normalization)
+    probabilities = predict_planes(planes, forward, geometry, tile=tile, batch=batch, on_tiles=on_tiles)
+    encoded = (spec.encode(p[0]) for p in probabilities)
+    return write_stack(
+        output, encoded, shape=stack.shape, dtype=spec.dtype, resolution=stack.resolution, overwrite=overwrite
+    )

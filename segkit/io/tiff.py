@@ -1,0 +1,278 @@
+"""Streaming TIFF input and output: one plane at a time in, one plane at a time out.
+
+Reading never loads a whole stack: uncompressed contiguous stacks are memory-mapped, others are
+decoded page by page. Writing produces a tiled BigTIFF under a temporary name that is renamed
+only when every plane is written, so a failure never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import struct
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from segkit.errors import InputError, OutputExistsError
+
+SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
+_TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexError, EOFError,
+                RuntimeError, struct.error)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Pixel size metadata copied from input to output (TIFF X/YResolution + unit)."""
+
+    x: float
+    y: float
+    unit: int  # TIFF ResolutionUnit code: 1 none, 2 inch, 3 centimeter
+
+
+class TiffStack:
+    """A read-only ZYX view of one TIFF file or of a list of 2D TIFF files.
+
+    Planes are returned as fresh numpy arrays; NaN/inf in float planes raise InputError.
+    """
+
+    def __init__(self, source: str | Path) -> None:
+        self.source = str(source)
+        self._files = _resolve_sources(self.source)
+        self._handles: list[tifffile.TiffFile] = []
+        self._memmap: np.ndarray | None = None
+        if len(self._files) == 1:
+            self._open_single(self._files[0])
+        else:
+            self._open_many(self._files)
+
+    # -- opening ---------------------------------------------------------------------------
+    def _open_single(self, path: str) -> None:
+        tif = _open_tiff(path)
+        self._handles.append(tif)
+        series, shape = _grayscale_series(tif, path)
+        self.shape: tuple[int, int, int] = shape
+        self.dtype = np.dtype(series.dtype)
+        self.resolution = _resolution(tif)
+        self._pages = list(series.pages)
+        if series.dataoffset is not None and series.pages[0].compression == 1:
+            try:
+                self._memmap = tifffile.memmap(path, mode="r", series=tif.series.index(series))
+            except (ValueError, OSError) as exc:
+                raise InputError(f"{path}: TIFF data is truncated or unreadable ({exc}); re-export the file") from exc
+            self._memmap = self._memmap.reshape(shape)
+        elif len(self._pages) != shape[0]:
+            raise InputError(
+                f"{path}: stack of {shape[0]} planes stored in {len(self._pages)} pages is not supported; "
+                "re-save it as one page per plane"
+            )
+
+    def _open_many(self, paths: list[str]) -> None:
+        first = _open_tiff(paths[0])
+        self._handles.append(first)
+        series, shape = _grayscale_series(first, paths[0])
+        if shape[0] != 1:
+            raise InputError(f"{paths[0]}: a folder or glob must hold 2D images, this one has {shape[0]} planes")
+        self.shape = (len(paths), shape[1], shape[2])
+        self.dtype = np.dtype(series.dtype)
+        self.resolution = _resolution(first)
+        self._pages = []
+
+    # -- access ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def plane(self, index: int) -> np.ndarray:
+        """Plane `index` as a 2D array of the stack's dtype, checked for NaN/inf."""
+        if not 0 <= index < self.shape[0]:
+            raise IndexError(index)
+        try:
+            if self._memmap is not None:
+                data = np.array(self._memmap[index])
+            elif self._pages:
+                data = self._pages[index].asarray()
+            else:
+                data = self._read_file_plane(index)
+        except _TIFF_ERRORS as exc:
+            raise InputError(
+                f"{self.source}: plane {index} cannot be decoded ({exc}); the file is truncated or corrupt"
+            ) from exc
+        data = np.asarray(data).reshape(self.shape[1:])
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise InputError(
+                f"{self.source}: plane {index} contains NaN or inf values; replace them "
+                "(e.g. numpy.nan_to_num) before segmenting"
+            )
+        return data
+
+    def _read_file_plane(self, index: int) -> np.ndarray:
+        path = self._files[index]
+        with _open_tiff(path) as tif:
+            series, shape = _grayscale_series(tif, path)
+            if shape != (1, *self.shape[1:]) or np.dtype(series.dtype) != self.dtype:
+                raise InputError(
+                    f"{path}: shape {shape[1:]} / dtype {series.dtype} differs from the first file's "
+                    f"{self.shape[1:]} / {self.dtype}; all files of a folder must match"
+                )
+            return series.pages[0].asarray()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for index in range(self.shape[0]):
+            yield self.plane(index)
+
+    def close(self) -> None:
+        self._memmap = None
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "TiffStack":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_stack(source: str | Path) -> TiffStack:
+    """Open a 2D/ZYX TIFF, a folder of 2D TIFFs or a glob of them as a lazy ZYX stack."""
+    return TiffStack(source)
+
+
+def _resolve_sources(source: str) -> list[str]:
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+        if not files:
+            raise InputError(f"folder {source} holds no .tif/.tiff files; point to a TIFF file or a folder of them")
+        return files
+    if any(ch in source for ch in "*?["):
+        files = sorted(glob.glob(source))
+        if not files:
+            raise InputError(f"no files match {source!r}; check the pattern (quote it in the shell)")
+        return files
+    if not path.exists():
+        raise InputError(f"input {source} does not exist; check the path")
+    return [source]
+
+
+def _open_tiff(path: str) -> tifffile.TiffFile:
+    try:
+        return tifffile.TiffFile(path)
+    except _TIFF_ERRORS as exc:
+        raise InputError(f"{path} is not a readable TIFF file ({exc}); segkit reads TIFF (.tif/.tiff) images") from exc
+
+
+def _grayscale_series(tif: tifffile.TiffFile, path: str) -> tuple[Any, tuple[int, int, int]]:
+    """The first series, checked to be single-channel 2D or 3D, and its shape as ZYX."""
+    if not tif.series or not tif.pages:
+        raise InputError(f"{path}: the TIFF holds no images (empty stack); export at least one plane")
+    series = tif.series[0]
+    axes, shape = series.axes, tuple(series.shape)
+    if any(n == 0 for n in shape):
+        raise InputError(f"{path}: the stack is empty (shape {shape}); export at least one plane")
+    sizes = dict(zip(axes, shape))
+    if sizes.get("S", 1) > 1:
+        raise InputError(
+            f"{path}: RGB/multi-sample image ({sizes['S']} samples per pixel); convert it to "
+            "single-channel grayscale first"
+        )
+    if sizes.get("C", 1) > 1:
+        raise InputError(
+            f"{path}: multi-channel image ({sizes['C']} channels, axes {axes}); save the channel "
+            "to segment as its own single-channel stack"
+        )
+    if axes[-2:] != "YX":
+        raise InputError(f"{path}: unsupported axes {axes}; expected YX or ZYX")
+    extra = [(a, n) for a, n in zip(axes[:-2], shape[:-2]) if n > 1]
+    if len(extra) > 1:
+        raise InputError(f"{path}: {len(extra) + 2}D image (axes {axes}); expected a 2D image or a ZYX stack")
+    if np.dtype(series.dtype) not in [np.dtype(d) for d in SUPPORTED_DTYPES]:
+        raise InputError(f"{path}: dtype {series.dtype} is not supported; convert to uint8, uint16 or float32")
+    depth = extra[0][1] if extra else 1
+    return series, (depth, shape[-2], shape[-1])
+
+
+def _resolution(tif: tifffile.TiffFile) -> Resolution | None:
+    page = tif.pages[0]
+    tags = page.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None
+    try:
+        x, y = page.resolution
+        return Resolution(float(x), float(y), int(page.resolutionunit))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+# -- writing -------------------------------------------------------------------------------
+
+def check_output_path(path: str | Path, *, overwrite: bool) -> Path:
+    """Refuse to clobber an existing output unless asked; make sure the folder exists."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output {path} already exists; pass --overwrite or choose another path")
+    if not path.parent.exists():
+        raise InputError(f"output folder {path.parent} does not exist; create it first")
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it to `path` on success, delete it on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_stack(
+    path: str | Path,
+    planes: Iterable[np.ndarray],
+    /,
+    *,
+    shape: tuple[int, int, int],
+    dtype: np.dtype | type,
+    resolution: Resolution | None = None,
+    overwrite: bool = False,
+    tile: int = 256,
+    compression_level: int = 1,
+) -> Path:
+    """Write ZYX planes, as they arrive, to a tiled zlib BigTIFF at `path` (atomically)."""
+    path = check_output_path(path, overwrite=overwrite)
+    dtype = np.dtype(dtype)
+    height, width = shape[1:]
+
+    def tiles() -> Iterator[np.ndarray]:
+        count = 0
+        for plane in planes:
+            if plane.shape != (height, width):
+                raise ValueError(f"plane of shape {plane.shape}, expected {(height, width)}")
+            plane = plane.astype(dtype, copy=False)
+            for y in range(0, height, tile):
+                for x in range(0, width, tile):
+                    yield plane[y : y + tile, x : x + tile]
+            count += 1
+        if count != shape[0]:
+            raise ValueError(f"got {count} planes, expected {shape[0]}")
+
+    extra: dict[str, Any] = {}
+    if resolution is not None:
+        extra = {"resolution": (resolution.x, resolution.y), "resolutionunit": resolution.unit}
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=True) as writer:
+            writer.write(
+                tiles(), shape=shape, dtype=dtype, tile=(tile, tile), photometric="minisblack",
+                compression="zlib", compressionargs={"level": compression_level},
+                metadata={"axes": "ZYX"}, **extra,
+            )
+    return path

@@ -1,0 +1,91 @@
+"""The original U-Net (Ronneberger, Fischer, Brox 2015): unpadded 3x3 convs, 2x2 max pooling,
+2x2 up-convolutions and crop-and-concat skip connections. A 572 tile gives a 388 output."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from segkit.models.geometry import Geometry, valid_unet_geometry
+
+
+def _double_conv(in_channels: int, out_channels: int, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for channels in (in_channels, out_channels):
+        layers.append(nn.Conv2d(channels, out_channels, 3, padding=0, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def _center_crop(skip: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    top = (skip.shape[-2] - height) // 2
+    left = (skip.shape[-1] - width) // 2
+    return skip[..., top : top + height, left : left + width]
+
+
+class UNet(nn.Module):
+    """Valid-convolution U-Net; returns class logits of shape (N, classes, H - 2m, W - 2m).
+
+    Args:
+        in_channels: input channels (1 for EM).
+        classes: output classes (2 in the paper: interior, membrane).
+        base: channels of the first level, doubled at each level (64 in the paper).
+        depth: number of poolings (4 in the paper).
+        batch_norm: BatchNorm after each conv (not in the paper; running stats keep tiled
+            inference exact, unlike InstanceNorm).
+        dropout: dropout probability at the end of the contracting path (the paper uses it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        classes: int = 2,
+        base: int = 64,
+        depth: int = 4,
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if depth < 1 or base < 1 or in_channels < 1 or classes < 1:
+            raise ValueError("in_channels, classes, base and depth must be positive")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        self.geometry: Geometry = valid_unet_geometry(depth)
+        widths = [base * 2**level for level in range(depth + 1)]
+        self.encoder = nn.ModuleList()
+        channels = in_channels
+        for width in widths[:-1]:
+            self.encoder.append(_double_conv(channels, width, batch_norm))
+            channels = width
+        self.pool = nn.MaxPool2d(2)
+        self.bottom = _double_conv(channels, widths[-1], batch_norm)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.upconvs = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.upconvs.append(nn.ConvTranspose2d(width * 2, width, 2, stride=2))
+            self.decoder.append(_double_conv(width * 2, width, batch_norm))
+        self.head = nn.Conv2d(widths[0], classes, 1)
+        self._init_he()
+
+    def _init_he(self) -> None:
+        # He et al. 2015 init, std sqrt(2/N), as the U-Net paper prescribes for ReLU networks.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.dropout(self.bottom(x))
+        for upconv, block, skip in zip(self.upconvs, self.decoder, reversed(skips)):
+            x = upconv(x)
+            x = block(torch.cat([_center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1))
+        return self.head(x)

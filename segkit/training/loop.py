@@ -1,0 +1,309 @@
+"""The training loop: patches -> model -> weighted loss; validation with the real tiler;
+best/last checkpoints, resume, CSV/JSON logs and a training-curve PNG.
+
+Everything a run writes lives in `train.out`; an interrupted run keeps its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from segkit.checkpoint import CheckpointInfo, Normalization, read_info, save_checkpoint
+from segkit.errors import CheckpointError, ConfigError, InputError, SegkitError
+from segkit.io.tiff import open_stack
+from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_slice
+from segkit.training.data import (
+    build_augmentation,
+    class_balance_weights,
+    intensity_scale,
+    normalize_unit,
+    prepare_slices,
+    sample_patch,
+)
+
+LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "seconds", "lr"]
+
+
+@dataclass
+class RunFiles:
+    """Paths of one training run."""
+
+    root: Path
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.safetensors"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.safetensors"
+
+    @property
+    def optimizer(self) -> Path:
+        return self.root / "last.optimizer.safetensors"
+
+    @property
+    def log_csv(self) -> Path:
+        return self.root / "log.csv"
+
+    @property
+    def log_json(self) -> Path:
+        return self.root / "log.json"
+
+    @property
+    def curve(self) -> Path:
+        return self.root / "curve.png"
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+
+def load_split(data: dict[str, Any], split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Raw planes and boolean membrane masks of one split ('train', 'val' or 'test').
+
+    Labels follow the ISBI 2012 convention: 0 = membrane, > 0 = cell interior.
+    """
+    root = Path(data["root"])
+    start, stop = data[f"{split}_slices"]
+    raw_stack = open_stack(root / data["raw"])
+    label_stack = open_stack(root / data["labels"])
+    with raw_stack, label_stack:
+        if raw_stack.shape != label_stack.shape:
+            raise InputError(f"raw {raw_stack.shape} and labels {label_stack.shape} differ in shape; pair them correctly")
+        if stop > len(raw_stack):
+            raise ConfigError(f"data.{split}_slices: [{start}, {stop}) exceeds the {len(raw_stack)} slices of {root / data['raw']}")
+        raws = [raw_stack.plane(z) for z in range(start, stop)]
+        membranes = [membrane_from_labels(label_stack.plane(z)) for z in range(start, stop)]
+    return raws, membranes
+
+
+def _resolve_device(requested: str) -> str:
+    from segkit.inference.engines import resolve_device
+
+    return resolve_device(requested)
+
+
+def _save_optimizer(path: Path, optimizer: Any, state: dict[str, Any]) -> None:
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    meta = {"param_groups": optimizer.state_dict()["param_groups"], "scalars": scalars, **state}
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(tmp), metadata={"segkit-optimizer": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_optimizer(path: Path, optimizer: Any) -> dict[str, Any]:
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["segkit-optimizer"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the optimizer state for --resume: {exc}") from exc
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta.pop("scalars").items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+def plot_curve(history: list[dict[str, float]], path: Path) -> None:
+    """Training loss and validation errors per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    left.set(xlabel="epoch", ylabel="weighted cross-entropy", title="training loss")
+    for key in ("pixel_error", "adapted_rand_error"):
+        right.plot(epochs, [row[key] for row in history], marker="o", label=key)
+    right.set(xlabel="epoch", ylabel="error", title="validation (slices held out from training)")
+    right.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _write_logs(files: RunFiles, history: list[dict[str, float]]) -> None:
+    with open(files.log_csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row[k] for k in LOG_FIELDS})
+    files.log_json.write_text(json.dumps(history, indent=1))
+
+
+def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *, normalization: Normalization,
+             tile: int, batch: int, device: str, threshold: float) -> dict[str, float]:
+    """Tiled prediction of whole validation slices (exactly as `segkit predict`) and their scores."""
+    from segkit.inference.engines import TorchEngine
+    from segkit.inference.tiler import predict_planes
+
+    engine = TorchEngine(model, device=device)
+    planes = [((raw.astype(np.float32) - normalization.mean) / normalization.std) for raw in raws]
+    scores: list[SliceScores] = []
+    for probability, membrane in zip(predict_planes(planes, engine, model.geometry, tile=tile, batch=batch), membranes):
+        scores.append(score_slice(probability[0], membrane, threshold=threshold))
+    return mean_scores(scores)
+
+
+def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True,
+          echo: Callable[[str], None] = print) -> RunFiles:
+    """Train the recipe's model; returns the run's files (best/last checkpoints, logs, curve)."""
+    import torch
+    from tqdm import tqdm
+
+    from segkit.models import create_model
+    from segkit.training.losses import segmentation_loss
+
+    files = RunFiles(Path(recipe["train"]["out"]))
+    if files.last.exists() and not resume:
+        raise SegkitError(f"{files.root} already holds a run; pass --resume to continue it or set train.out=<new folder>")
+    if resume and not files.last.exists():
+        raise SegkitError(f"--resume: no last checkpoint in {files.root}; start without --resume")
+    files.root.mkdir(parents=True, exist_ok=True)
+
+    cfg_data, cfg_train, cfg_loss = recipe["data"], recipe["train"], recipe["loss"]
+    device = _resolve_device(cfg_train["device"])
+    torch.manual_seed(cfg_train["seed"])
+    model = create_model(recipe["model"]["name"], in_channels=1, classes=2, **recipe["model"]["params"])
+    geometry = model.geometry
+    tile = cfg_data["tile"]
+    geometry.check_tile(tile)
+    out_tile = geometry.output_size(tile)
+
+    echo(f"loading data from {cfg_data['root']}")
+    train_raw, train_mem = load_split(cfg_data, "train")
+    val_raw, val_mem = load_split(cfg_data, "val")
+    scale = intensity_scale(train_raw[0].dtype)
+    values = np.concatenate([r.astype(np.float64).ravel() for r in train_raw])
+    normalization = Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+    class_weights = class_balance_weights(np.stack(train_mem)) if cfg_loss["class_balance"] else (1.0, 1.0)
+    slices = prepare_slices(train_raw, train_mem, margin=geometry.margin, min_size=out_tile,
+                            class_weights=class_weights, w0=cfg_loss["border_w0"], sigma=cfg_loss["border_sigma"])
+    augment = build_augmentation(recipe["augment"], seed=cfg_train["seed"])
+
+    model = model.to(device)
+    params = model.parameters()
+    if cfg_train["optimizer"] == "adam":
+        optimizer = torch.optim.Adam(params, lr=cfg_train["lr"], weight_decay=cfg_train["weight_decay"])
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg_train["lr"], momentum=cfg_train["momentum"],
+                                    weight_decay=cfg_train["weight_decay"])
+    use_cuda = device.startswith("cuda")
+    amp_dtype = None
+    if cfg_train["amp"] and use_cuda:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.backends.cudnn.benchmark = True
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    history: list[dict[str, float]] = []
+    start_epoch, best_error = 1, math.inf
+    rng = np.random.default_rng(cfg_train["seed"])
+    if resume:
+        from safetensors.torch import load_file
+
+        info = read_info(files.last)
+        if info.model != recipe["model"]["name"] or info.model_kwargs != {"in_channels": 1, "classes": 2, **recipe["model"]["params"]}:
+            raise CheckpointError(f"--resume: {files.last} holds model {info.model} {info.model_kwargs}, not this recipe's")
+        model.load_state_dict(load_file(str(files.last)))
+        meta = _load_optimizer(files.optimizer, optimizer)
+        start_epoch, best_error, history = meta["epoch"] + 1, meta["best_error"], meta["history"]
+        rng.bit_generator.state = meta["rng"]
+        echo(f"resuming {files.root} after epoch {meta['epoch']}")
+
+    files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    info = CheckpointInfo(
+        kind="segmenter", model=recipe["model"]["name"],
+        model_kwargs={"in_channels": 1, "classes": 2, **recipe["model"]["params"]},
+        geometry=geometry, normalization=normalization,
+        inference={"threshold": cfg_train["val_threshold"], "tile": tile, "input_dtype": str(train_raw[0].dtype)},
+        recipe=recipe,
+    )
+    epoch = completed = start_epoch - 1
+    started = time.monotonic()
+    limit = cfg_train["time_limit_min"]
+
+    def save_last() -> None:
+        save_checkpoint(files.last, model, info)
+        _save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_error": best_error,
+                                                    "history": history, "rng": rng.bit_generator.state})
+
+    try:
+        for epoch in range(start_epoch, cfg_train["epochs"] + 1):
+            model.train()
+            epoch_start, losses = time.monotonic(), []
+            bar = tqdm(range(cfg_train["iters_per_epoch"]), desc=f"epoch {epoch}/{cfg_train['epochs']}",
+                       disable=not progress, leave=False)
+            for _ in bar:
+                batch = [sample_patch(slices, rng, tile=tile, out_tile=out_tile, augment=augment)
+                         for _ in range(cfg_train["batch"])]
+                image = torch.from_numpy(np.stack([normalize_unit(b[0], normalization, scale) for b in batch])[:, None])
+                target = torch.from_numpy(np.stack([b[1] for b in batch]))
+                weight = torch.from_numpy(np.stack([b[2] for b in batch]))
+                image, target, weight = (t.to(device, non_blocking=True) for t in (image, target, weight))
+                with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(image.float())
+                loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
+                if not torch.isfinite(loss):
+                    raise SegkitError(f"loss became {loss.item()} at epoch {epoch}; lower train.lr or disable train.amp")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(float(loss.item()))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            model.eval()
+            scores = validate(model, val_raw, val_mem, normalization=normalization, tile=tile,
+                              batch=cfg_train["val_batch"], device=device, threshold=cfg_train["val_threshold"])
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "pixel_error": scores["pixel_error"],
+                   "adapted_rand_error": scores["adapted_rand_error"], "vi": scores["vi"], "dice": scores["dice"],
+                   "seconds": time.monotonic() - epoch_start, "lr": optimizer.param_groups[0]["lr"]}
+            history.append(row)
+            info.training = {"epoch": epoch, "validation": scores, "class_weights": list(class_weights)}
+            if scores["adapted_rand_error"] < best_error:
+                best_error = scores["adapted_rand_error"]
+                save_checkpoint(files.best, model, info)
+            completed = epoch
+            save_last()
+            _write_logs(files, history)
+            plot_curve(history, files.curve)
+            echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val pixel error {row['pixel_error']:.4f}  "
+                 f"adapted Rand error {row['adapted_rand_error']:.4f}  VI {row['vi']:.3f}")
+            if limit is not None and time.monotonic() - started > limit * 60:
+                echo(f"stopping after epoch {epoch}: train.time_limit_min={limit} reached")
+                break
+    except KeyboardInterrupt:
+        save_last()  # weights of the unfinished epoch; --resume reruns that epoch
+        echo(f"interrupted; last checkpoint kept in {files.root} (continue with --resume)")
+        raise
+    return files
