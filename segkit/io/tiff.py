@@ -8,6 +8,7 @@ only when every plane is written, so a failure never leaves a file that looks co
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import struct
 import uuid
@@ -56,7 +57,11 @@ class TiffStack:
     def _open_single(self, path: str) -> None:
         tif = _open_tiff(path)
         self._handles.append(tif)
-        series, shape = _grayscale_series(tif, path)
+        with _fail_on_tifffile_errors(path):
+            series, shape = _grayscale_series(tif, path)
+            page_count = len(tif.pages)
+        if len(series.pages) > page_count:
+            raise InputError(f"{path}: series needs {len(series.pages)} pages but the file has {page_count}; the file is truncated")
         self.shape: tuple[int, int, int] = shape
         self.dtype = np.dtype(series.dtype)
         self.resolution = _resolution(tif)
@@ -161,9 +166,33 @@ def _resolve_sources(source: str) -> list[str]:
     return [source]
 
 
+class _ErrorRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _fail_on_tifffile_errors(path: str) -> Iterator[None]:
+    """tifffile logs damaged page chains and returns what it could read; segkit refuses instead."""
+    logger = logging.getLogger("tifffile")
+    recorder = _ErrorRecorder()
+    logger.addHandler(recorder)
+    try:
+        yield
+    finally:
+        logger.removeHandler(recorder)
+    if recorder.messages:
+        raise InputError(f"{path} is truncated or corrupt ({recorder.messages[0]}); re-export the file")
+
+
 def _open_tiff(path: str) -> tifffile.TiffFile:
     try:
-        return tifffile.TiffFile(path)
+        with _fail_on_tifffile_errors(path):
+            return tifffile.TiffFile(path)
     except _TIFF_ERRORS as exc:
         raise InputError(f"{path} is not a readable TIFF file ({exc}); segkit reads TIFF (.tif/.tiff) images") from exc
 

@@ -1,0 +1,187 @@
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from segkit.cli import main
+
+COMMANDS = ["train", "predict", "evaluate", "models", "demo"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_import_and_help_stay_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, segkit, segkit.cli; from click.testing import CliRunner; "
+            "CliRunner().invoke(segkit.cli.main, ['--help']); "
+            "print(sorted(m for m in ('torch', 'albumentations', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_models_lists_unet():
+    result = run("models")
+    assert result.exit_code == 0 and "unet" in result.output and "31.03 M" in result.output
+    assert "188 + 16k" in result.output and "572 -> 388" in result.output
+
+
+def test_predict_end_to_end_matches_library(tmp_path, uint8_stack, tiny_checkpoint):
+    from segkit.checkpoint import load_model
+    from segkit.inference.engines import TorchEngine
+    from segkit.inference.tiler import predict_plane
+
+    out = tmp_path / "out.tif"
+    result = run("predict", uint8_stack, "-o", out, "-m", tiny_checkpoint, "--tile", 220, "--batch", 3, "-q")
+    assert result.exit_code == 0, result.output
+    written = tifffile.imread(out)
+    assert written.shape == (3, 70, 91) and written.dtype == np.uint8
+    model, info = load_model(tiny_checkpoint)
+    plane = (tifffile.imread(uint8_stack)[1].astype(np.float32) - 120) / 40
+    expected = predict_plane(plane, TorchEngine(model, device="cpu"), info.geometry, tile=220)[0]
+    assert np.abs(written[1].astype(int) - np.rint(expected * 255)).max() <= 1
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages[0].resolution == pytest.approx((250.0, 250.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tif", "stack.tif"]
+
+
+def test_predict_float16_and_mask(tmp_path, uint8_stack, tiny_checkpoint):
+    assert run("predict", uint8_stack, "-o", tmp_path / "f.tif", "-m", tiny_checkpoint, "--output-type", "float16",
+               "-q").exit_code == 0
+    probability = tifffile.imread(tmp_path / "f.tif")
+    assert probability.dtype == np.float16 and 0 <= probability.min() and probability.max() <= 1
+    assert run("predict", uint8_stack, "-o", tmp_path / "m.tif", "-m", tiny_checkpoint, "--threshold", 0.5,
+               "-q").exit_code == 0
+    mask = tifffile.imread(tmp_path / "m.tif")
+    np.testing.assert_array_equal(mask, np.where(probability.astype(np.float32) >= 0.5, 255, 0))
+
+
+def _bad_inputs(tmp_path):
+    def write(name, data, **kw):
+        tifffile.imwrite(tmp_path / name, data, **kw)
+        return tmp_path / name
+
+    truncated = write("trunc.tif", np.ones((6, 64, 64), np.uint8), compression="zlib", photometric="minisblack")
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    nan = np.ones((3, 30, 30), np.float32)
+    nan[2, 1, 1] = np.inf
+    with pytest.warns(UserWarning):
+        empty = write("empty.tif", np.zeros((0, 10, 10), np.uint8))
+    (tmp_path / "text.tif").write_text("not an image")
+    return {
+        "missing": (tmp_path / "missing.tif", "does not exist"),
+        "not tiff": (tmp_path / "text.tif", "not a readable TIFF"),
+        "truncated": (truncated, "truncated"),
+        "rgb": (write("rgb.tif", np.zeros((30, 30, 3), np.uint8), photometric="rgb"), "RGB"),
+        "channels": (write("ch.tif", np.zeros((2, 2, 30, 30), np.uint8), imagej=True, metadata={"axes": "ZCYX"}),
+                     "multi-channel"),
+        "empty": (empty, "empty"),
+        "nan": (write("nan.tif", nan, photometric="minisblack"), "NaN or inf"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "not tiff", "truncated", "rgb", "channels", "empty", "nan"])
+def test_predict_bad_input(tmp_path, tiny_checkpoint, case):
+    source, message = _bad_inputs(tmp_path)[case]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run("predict", source, "-o", out_dir / "o.tif", "-m", tiny_checkpoint, "-q")
+    assert_user_error(result, message)
+    assert list(out_dir.iterdir()) == []  # no partial output left behind
+
+
+def test_predict_bad_tile_checkpoint_and_existing_output(tmp_path, uint8_stack, tiny_checkpoint):
+    assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "o.tif", "-m", tiny_checkpoint, "--tile", 570),
+                      "556", "572")
+    assert not (tmp_path / "o.tif").exists()
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"\x00" * 64)
+    assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "o.tif", "-m", fake), "not a segkit checkpoint")
+    (tmp_path / "o.tif").write_bytes(b"old")
+    assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "o.tif", "-m", tiny_checkpoint), "--overwrite")
+    assert (tmp_path / "o.tif").read_bytes() == b"old"
+    assert run("predict", uint8_stack, "-o", tmp_path / "o.tif", "-m", tiny_checkpoint, "--overwrite",
+               "-q").exit_code == 0
+
+
+def test_predict_checkpoint_of_another_model(tmp_path, uint8_stack, tiny_unet):
+    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+
+    info = CheckpointInfo("segmenter", "unet", {"base": 16}, tiny_unet.geometry, Normalization(0, 1))
+    save_checkpoint(tmp_path / "other.safetensors", tiny_unet, info)
+    assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "o.tif", "-m", tmp_path / "other.safetensors"),
+                      "do not match")
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_evaluate_known_answer_and_json(tmp_path):
+    labels = np.full((2, 10, 10), 255, np.uint8)
+    labels[:, :, 5] = 0
+    prediction = np.where(labels == 0, 255, 0).astype(np.uint8)
+    prediction[1, 4, 5] = 0  # slice 1 has a gap that merges the two cells
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "pred.tif", prediction, photometric="minisblack")
+    result = run("evaluate", tmp_path / "pred.tif", tmp_path / "labels.tif", "--json", tmp_path / "s.json", "--sweep")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["scores"]["pixel_error"] == pytest.approx(0.005)
+    assert report["per_slice"][0]["adapted_rand_error"] == pytest.approx(0, abs=1e-12)
+    assert report["per_slice"][1]["adapted_rand_error"] > 0.3
+    assert "best threshold" in result.output
+    one = run("evaluate", tmp_path / "pred.tif", tmp_path / "labels.tif", "--slices", "1:2", "--json", "-")
+    assert json.loads(one.output)["scores"]["pixel_error"] == pytest.approx(0.01)
+
+
+def test_evaluate_swapped_arguments(tmp_path):
+    tifffile.imwrite(tmp_path / "p.tif", np.random.default_rng(0).random((1, 8, 8), dtype=np.float32),
+                     photometric="minisblack")
+    tifffile.imwrite(tmp_path / "l.tif", np.full((1, 8, 8), 3, np.uint8), photometric="minisblack")
+    assert_user_error(run("evaluate", tmp_path / "l.tif", tmp_path / "p.tif"), "look like probabilities")
+    assert_user_error(run("evaluate", tmp_path / "p.tif", tmp_path / "l.tif"), "all membrane or all cell")
+
+
+def test_train_cli_with_overrides(tmp_path):
+    from segkit.demo import SAMPLE_RAW
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name: unet, params: {base: 4}}\n"
+        f"data: {{root: '{SAMPLE_RAW.parent}', raw: isbi_test_raw.tif, labels: isbi_test_labels.tif, tile: 204,"
+        " train_slices: [0, 2], val_slices: [2, 3], test_slices: [3, 5]}\n"
+        "train: {epochs: 5, iters_per_epoch: 1, batch: 1, device: cpu}\n"
+    )
+    result = run("train", recipe, "train.epochs=1", f"train.out={tmp_path / 'run'}", "-q")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "best.safetensors").exists() and "epoch 1:" in result.output
+    assert_user_error(run("train", recipe, "train.epochz=1"), "train.epochz", "did you mean 'epochs'")
+
+
+def test_demo(tmp_path):
+    result = run("demo", "-o", tmp_path / "demo", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo" / "scores.json").read_text())
+    assert report["slices"] == 5
+    assert report["scores"]["pixel_error"] < 0.15  # a trained model, not noise (chance is ~0.3)
+    assert (tmp_path / "demo" / "overlay.png").stat().st_size > 10_000
+    assert tifffile.imread(tmp_path / "demo" / "prediction.tif").shape == (5, 512, 512)
+    assert_user_error(run("demo", "-o", tmp_path / "demo"), "--overwrite")

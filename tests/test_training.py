@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+
+from segkit.config import validate_recipe
+from segkit.demo import SAMPLE_LABELS, SAMPLE_RAW
+from segkit.errors import SegkitError
+from segkit.training.data import border_weight_map, class_balance_weights, prepare_slices, sample_patch
+from segkit.training.losses import segmentation_loss, weighted_cross_entropy
+
+
+def test_border_weights_peak_between_touching_cells():
+    membrane = np.zeros((40, 60), bool)
+    membrane[:, 29:31] = True  # a 2 px membrane between two cells
+    membrane[:, :2] = True
+    w = border_weight_map(membrane, w0=10, sigma=5)
+    assert w[~membrane].max() == 0
+    # between the cells d1 + d2 is 3 px (2 + 1) -> 10 exp(-9/50)
+    assert w[20, 29] == pytest.approx(10 * np.exp(-9 / 50), rel=1e-4)
+    assert w[20, 0] < 1e-2  # border of a single cell: no second cell near
+
+
+def test_class_balance_weights():
+    membrane = np.zeros(100, bool)
+    membrane[:20] = True
+    interior, membrane_w = class_balance_weights(membrane)
+    assert interior * 80 == pytest.approx(membrane_w * 20)
+
+
+def test_weighted_ce_matches_manual():
+    logits = torch.randn(2, 2, 5, 5)
+    target = torch.randint(0, 2, (2, 5, 5))
+    weight = torch.rand(2, 5, 5)
+    manual = -(torch.log_softmax(logits, 1).gather(1, target[:, None])[:, 0] * weight).mean()
+    assert weighted_cross_entropy(logits, target, weight) == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_patches_have_context_and_targets():
+    rng = np.random.default_rng(0)
+    raw = [rng.integers(0, 255, (60, 70), dtype=np.uint8)]
+    membrane = [rng.random((60, 70)) < 0.3]
+    slices = prepare_slices(raw, membrane, margin=92, min_size=20, class_weights=(1.0, 2.0), w0=10, sigma=5)
+    image, target, weight = sample_patch(slices, rng, tile=204, out_tile=20, augment=None)
+    assert image.shape == (204, 204) and target.shape == (20, 20) and weight.shape == (20, 20)
+    assert 0 <= image.min() and image.max() <= 1 and set(np.unique(target)) <= {0, 1}
+
+
+def tiny_recipe(tmp_path, **train):
+    return validate_recipe({
+        "model": {"name": "unet", "params": {"base": 4, "batch_norm": True}},
+        "data": {"root": str(SAMPLE_RAW.parent), "raw": SAMPLE_RAW.name, "labels": SAMPLE_LABELS.name,
+                 "tile": 236, "train_slices": [0, 3], "val_slices": [3, 4], "test_slices": [4, 5]},
+        "train": {"epochs": 2, "iters_per_epoch": 2, "batch": 2, "device": "cpu", "out": str(tmp_path / "run"),
+                  "lr": 1e-3, **train},
+    })
+
+
+def test_training_lowers_the_loss():
+    from segkit.models import create_model
+    from segkit.training.data import build_augmentation
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    import tifffile
+
+    raw = list(tifffile.imread(SAMPLE_RAW)[:2])
+    membrane = list(tifffile.imread(SAMPLE_LABELS)[:2] == 0)
+    slices = prepare_slices(raw, membrane, margin=92, min_size=52, class_weights=(0.6, 2.3), w0=10, sigma=5)
+    batch = [sample_patch(slices, rng, tile=236, out_tile=52, augment=build_augmentation(
+        validate_recipe({})["augment"], seed=0)) for _ in range(2)]
+    x = torch.from_numpy(np.stack([(b[0] - 0.5) / 0.2 for b in batch])[:, None])
+    y = torch.from_numpy(np.stack([b[1] for b in batch]))
+    w = torch.from_numpy(np.stack([b[2] for b in batch]))
+    model = create_model("unet", base=4, batch_norm=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = segmentation_loss(model(x), y, w, dice_weight=0.5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_train_run_writes_everything_and_resumes(tmp_path):
+    from segkit.checkpoint import load_model
+    from segkit.training.loop import train
+
+    files = train(tiny_recipe(tmp_path), progress=False, echo=lambda _: None)
+    for path in (files.best, files.last, files.optimizer, files.log_csv, files.log_json, files.curve, files.recipe):
+        assert path.exists(), path
+    model, info = load_model(files.best)
+    assert info.training["epoch"] >= 1 and "adapted_rand_error" in info.training["validation"]
+    assert info.normalization.std > 0
+    with pytest.raises(SegkitError, match="--resume"):
+        train(tiny_recipe(tmp_path), progress=False, echo=lambda _: None)
+    train(tiny_recipe(tmp_path, epochs=3), resume=True, progress=False, echo=lambda _: None)
+    lines = files.log_csv.read_text().strip().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]
