@@ -72,6 +72,14 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "data" / "unet_isbi_demo.safetensors"
 
 
+def default_output(source: str) -> Path:
+    """<stem>_membranes.tif beside a file or folder; a glob needs an explicit -o."""
+    if any(ch in source for ch in "*?["):
+        raise SegkitError(f"input {source!r} is a pattern; name the output file with -o")
+    base = Path(source.rstrip("/"))
+    return base.with_name(f"{base.stem}_membranes.tif")
+
+
 @main.command()
 @click.argument("source")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
@@ -110,9 +118,7 @@ def predict(source: str, output: Path | None, model_path: Path | None, tile: int
     from segkit.io.tiff import check_output_path, open_stack
 
     spec = OutputSpec("mask", threshold) if threshold is not None else OutputSpec(output_type)
-    if output is None:
-        base = Path(source.rstrip("/*?"))
-        output = base.with_name(f"{base.stem}_membranes.tif")
+    output = output or default_output(source)
     check_output_path(output, overwrite=overwrite)
     model, info = load_model(model_path or default_model_path())
     tile = tile or int(info.inference.get("tile", 572))

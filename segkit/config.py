@@ -59,6 +59,7 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
         "amp": ((bool,), True),
         "device": ((str,), "auto"),
         "seed": ((int,), 0),
+        "workers": ((int,), 0),
         "out": ((str,), "runs/em_neurons"),
         "val_batch": ((int,), 4),
         "val_threshold": (_NUM, 0.5),

@@ -185,3 +185,14 @@ def test_demo(tmp_path):
     assert (tmp_path / "demo" / "overlay.png").stat().st_size > 10_000
     assert tifffile.imread(tmp_path / "demo" / "prediction.tif").shape == (5, 512, 512)
     assert_user_error(run("demo", "-o", tmp_path / "demo"), "--overwrite")
+
+
+def test_predict_default_output_and_folder(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for i in range(2):
+        tifffile.imwrite(folder / f"s{i}.tif", np.full((40, 50), 60 * i, np.uint8))
+    assert run("predict", folder, "-m", tiny_checkpoint, "-q").exit_code == 0
+    assert tifffile.imread(tmp_path / "sections_membranes.tif").shape == (2, 40, 50)
+    assert_user_error(run("predict", str(folder / "*.tif"), "-m", tiny_checkpoint), "-o")
+    assert run("predict", str(folder / "*.tif"), "-o", tmp_path / "g.tif", "-m", tiny_checkpoint, "-q").exit_code == 0

@@ -10,15 +10,23 @@ def test_read_compressed_stack_page_by_page(tmp_path):
     data = np.random.default_rng(0).integers(0, 65535, (4, 33, 47), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "a.tif", data, compression="zlib", photometric="minisblack")
     with open_stack(tmp_path / "a.tif") as stack:
-        assert stack.shape == (4, 33, 47) and stack.dtype == np.uint16 and stack._memmap is None
+        assert stack.shape == (4, 33, 47) and stack.dtype == np.uint16 and stack._contiguous is None
         np.testing.assert_array_equal(stack.plane(2), data[2])
 
 
-def test_uncompressed_stack_is_memory_mapped(uint8_stack):
+def test_uncompressed_stack_reads_planes_at_offsets(uint8_stack):
     with open_stack(uint8_stack) as stack:
-        assert stack._memmap is not None
+        assert stack._contiguous is not None
         np.testing.assert_array_equal(np.stack(list(stack)), tifffile.imread(uint8_stack))
         assert stack.resolution is not None and stack.resolution.x == pytest.approx(250.0)
+
+
+def test_big_endian_contiguous(tmp_path):
+    data = np.arange(2 * 5 * 7, dtype=">u2").reshape(2, 5, 7)
+    tifffile.imwrite(tmp_path / "be.tif", data, byteorder=">", photometric="minisblack")
+    with open_stack(tmp_path / "be.tif") as stack:
+        assert stack._contiguous is not None
+        np.testing.assert_array_equal(stack.plane(1), data[1].astype(np.uint16))
 
 
 def test_2d_image_and_folder_and_glob(tmp_path):

@@ -1,7 +1,9 @@
 """Streaming TIFF input and output: one plane at a time in, one plane at a time out.
 
-Reading never loads a whole stack: uncompressed contiguous stacks are memory-mapped, others are
-decoded page by page. Writing produces a tiled BigTIFF under a temporary name that is renamed
+Reading never loads a whole stack: a plane of an uncompressed contiguous stack is read straight
+from its file offset, other stacks are decoded page by page. (Memory-mapping would make every
+touched page of the file count in the process's resident memory, which then grows with the
+stack; offset reads keep it flat.) Writing produces a tiled BigTIFF under a temporary name that is renamed
 only when every plane is written, so a failure never leaves a file that looks complete.
 """
 
@@ -47,7 +49,7 @@ class TiffStack:
         self.source = str(source)
         self._files = _resolve_sources(self.source)
         self._handles: list[tifffile.TiffFile] = []
-        self._memmap: np.ndarray | None = None
+        self._contiguous: tuple[str, int, np.dtype] | None = None  # (path, data offset, dtype with byte order)
         if len(self._files) == 1:
             self._open_single(self._files[0])
         else:
@@ -67,11 +69,12 @@ class TiffStack:
         self.resolution = _resolution(tif)
         self._pages = list(series.pages)
         if series.dataoffset is not None and series.pages[0].compression == 1:
-            try:
-                self._memmap = tifffile.memmap(path, mode="r", series=tif.series.index(series))
-            except (ValueError, OSError) as exc:
-                raise InputError(f"{path}: TIFF data is truncated or unreadable ({exc}); re-export the file") from exc
-            self._memmap = self._memmap.reshape(shape)
+            dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+            needed = series.dataoffset + int(np.prod(shape)) * dtype.itemsize
+            if Path(path).stat().st_size < needed:
+                raise InputError(f"{path} is truncated: its pixel data needs {needed} bytes, the file has "
+                                 f"{Path(path).stat().st_size}; re-export the file")
+            self._contiguous = (path, int(series.dataoffset), dtype)
         elif len(self._pages) != shape[0]:
             raise InputError(
                 f"{path}: stack of {shape[0]} planes stored in {len(self._pages)} pages is not supported; "
@@ -98,8 +101,8 @@ class TiffStack:
         if not 0 <= index < self.shape[0]:
             raise IndexError(index)
         try:
-            if self._memmap is not None:
-                data = np.array(self._memmap[index])
+            if self._contiguous is not None:
+                data = self._read_contiguous_plane(index)
             elif self._pages:
                 data = self._pages[index].asarray()
             else:
@@ -115,6 +118,14 @@ class TiffStack:
                 "(e.g. numpy.nan_to_num) before segmenting"
             )
         return data
+
+    def _read_contiguous_plane(self, index: int) -> np.ndarray:
+        path, offset, dtype = self._contiguous  # type: ignore[misc]
+        count = self.shape[1] * self.shape[2]
+        data = np.fromfile(path, dtype=dtype, count=count, offset=offset + index * count * dtype.itemsize)
+        if data.size != count:
+            raise InputError(f"{path}: plane {index} is cut short; the file is truncated")
+        return data.astype(dtype.newbyteorder("="), copy=False)
 
     def _read_file_plane(self, index: int) -> np.ndarray:
         path = self._files[index]
@@ -132,7 +143,6 @@ class TiffStack:
             yield self.plane(index)
 
     def close(self) -> None:
-        self._memmap = None
         for handle in self._handles:
             handle.close()
         self._handles.clear()

@@ -98,6 +98,7 @@ class SliceSet:
     target: list[np.ndarray]
     weight: list[np.ndarray]
     margin: int
+    scale: float = 1.0  # raw units per unit of `raw` (255 for uint8 data)
 
 
 def prepare_slices(
@@ -115,14 +116,14 @@ def prepare_slices(
     Slices smaller than `min_size` output pixels are mirror-padded up to it.
     """
     raws, targets, weights = [], [], []
+    scale = intensity_scale(raw_planes[0].dtype) if raw_planes else 1.0
     for raw, membrane in zip(raw_planes, membranes):
-        scale = intensity_scale(raw.dtype)
         weight = weight_map(membrane, class_weights, w0=w0, sigma=sigma)
         grow = [(margin, margin + max(0, min_size - n)) for n in raw.shape]
         raws.append(mirror_pad(raw.astype(np.float32) / scale, grow))
         targets.append(mirror_pad(membrane.astype(np.uint8), grow))
         weights.append(mirror_pad(weight, grow))
-    return SliceSet(raws, targets, weights, margin)
+    return SliceSet(raws, targets, weights, margin, scale)
 
 
 def sample_patch(
@@ -150,3 +151,30 @@ def sample_patch(
 def normalize_unit(image: np.ndarray, normalization: Normalization, scale: float) -> np.ndarray:
     """Map an image in [0, 1] units back to raw units and apply the global normalisation."""
     return (image * scale - normalization.mean) / normalization.std
+
+
+def patch_stream(
+    slices: SliceSet, *, tile: int, out_tile: int, augment_settings: dict[str, Any],
+    normalization: Normalization, seed: tuple[int, ...],
+) -> Any:
+    """An endless torch IterableDataset of (image (1, tile, tile), target, weight) training patches.
+
+    Each DataLoader worker draws from its own random stream seeded by (seed..., worker id), so
+    workers never repeat each other and a resumed run (seeded with its start epoch) never
+    replays the patches of the first run.
+    """
+    import torch
+
+    class _PatchStream(torch.utils.data.IterableDataset):
+        def __iter__(self):  # type: ignore[override]
+            worker = torch.utils.data.get_worker_info()
+            worker_id = worker.id if worker is not None else 0
+            rng = np.random.default_rng([*seed, worker_id])
+            augment = build_augmentation(augment_settings, seed=int(rng.integers(2**31)))
+            scale = slices.scale
+            while True:
+                image, target, weight = sample_patch(slices, rng, tile=tile, out_tile=out_tile, augment=augment)
+                image = normalize_unit(image, normalization, scale).astype(np.float32)
+                yield torch.from_numpy(image[None]), torch.from_numpy(target), torch.from_numpy(weight)
+
+    return _PatchStream()

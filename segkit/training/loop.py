@@ -22,12 +22,9 @@ from segkit.errors import CheckpointError, ConfigError, InputError, SegkitError
 from segkit.io.tiff import open_stack
 from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_slice
 from segkit.training.data import (
-    build_augmentation,
     class_balance_weights,
-    intensity_scale,
-    normalize_unit,
+    patch_stream,
     prepare_slices,
-    sample_patch,
 )
 
 LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "seconds", "lr"]
@@ -204,13 +201,11 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     echo(f"loading data from {cfg_data['root']}")
     train_raw, train_mem = load_split(cfg_data, "train")
     val_raw, val_mem = load_split(cfg_data, "val")
-    scale = intensity_scale(train_raw[0].dtype)
     values = np.concatenate([r.astype(np.float64).ravel() for r in train_raw])
     normalization = Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
     class_weights = class_balance_weights(np.stack(train_mem)) if cfg_loss["class_balance"] else (1.0, 1.0)
     slices = prepare_slices(train_raw, train_mem, margin=geometry.margin, min_size=out_tile,
                             class_weights=class_weights, w0=cfg_loss["border_w0"], sigma=cfg_loss["border_sigma"])
-    augment = build_augmentation(recipe["augment"], seed=cfg_train["seed"])
 
     model = model.to(device)
     params = model.parameters()
@@ -228,7 +223,6 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     history: list[dict[str, float]] = []
     start_epoch, best_error = 1, math.inf
-    rng = np.random.default_rng(cfg_train["seed"])
     if resume:
         from safetensors.torch import load_file
 
@@ -238,7 +232,6 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
         model.load_state_dict(load_file(str(files.last)))
         meta = _load_optimizer(files.optimizer, optimizer)
         start_epoch, best_error, history = meta["epoch"] + 1, meta["best_error"], meta["history"]
-        rng.bit_generator.state = meta["rng"]
         echo(f"resuming {files.root} after epoch {meta['epoch']}")
 
     files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -256,8 +249,13 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     def save_last() -> None:
         save_checkpoint(files.last, model, info)
         _save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_error": best_error,
-                                                    "history": history, "rng": rng.bit_generator.state})
+                                                    "history": history})
 
+    stream = patch_stream(slices, tile=tile, out_tile=out_tile, augment_settings=recipe["augment"],
+                          normalization=normalization, seed=(cfg_train["seed"], start_epoch))
+    workers = cfg_train["workers"]
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=cfg_train["batch"], num_workers=workers,
+                                              pin_memory=use_cuda, persistent_workers=workers > 0))
     try:
         for epoch in range(start_epoch, cfg_train["epochs"] + 1):
             model.train()
@@ -265,14 +263,9 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
             bar = tqdm(range(cfg_train["iters_per_epoch"]), desc=f"epoch {epoch}/{cfg_train['epochs']}",
                        disable=not progress, leave=False)
             for _ in bar:
-                batch = [sample_patch(slices, rng, tile=tile, out_tile=out_tile, augment=augment)
-                         for _ in range(cfg_train["batch"])]
-                image = torch.from_numpy(np.stack([normalize_unit(b[0], normalization, scale) for b in batch])[:, None])
-                target = torch.from_numpy(np.stack([b[1] for b in batch]))
-                weight = torch.from_numpy(np.stack([b[2] for b in batch]))
-                image, target, weight = (t.to(device, non_blocking=True) for t in (image, target, weight))
+                image, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
                 with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(image.float())
+                    logits = model(image)
                 loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
                 if not torch.isfinite(loss):
                     raise SegkitError(f"loss became {loss.item()} at epoch {epoch}; lower train.lr or disable train.amp")
