@@ -196,3 +196,11 @@ def test_predict_default_output_and_folder(tmp_path, tiny_checkpoint):
     assert tifffile.imread(tmp_path / "sections_membranes.tif").shape == (2, 40, 50)
     assert_user_error(run("predict", str(folder / "*.tif"), "-m", tiny_checkpoint), "-o")
     assert run("predict", str(folder / "*.tif"), "-o", tmp_path / "g.tif", "-m", tiny_checkpoint, "-q").exit_code == 0
+
+
+def test_predict_2d_image_gives_2d_output(tmp_path, tiny_checkpoint):
+    tifffile.imwrite(tmp_path / "image.tif", np.full((33, 45), 90, np.uint16), photometric="minisblack")
+    result = run("predict", tmp_path / "image.tif", "-m", tiny_checkpoint, "-q")
+    assert result.exit_code == 0, result.output
+    assert "uint16 but the model was trained on uint8" in result.stderr  # auto normalisation says so
+    assert tifffile.imread(tmp_path / "image_membranes.tif").shape == (33, 45)

@@ -1,8 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from segkit.config import apply_overrides, default_recipe, load_recipe, validate_recipe
 from segkit.errors import ConfigError
-from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from segkit.metrics import label_cells, mean_scores, score_slice, segmentation_scores, to_probability
 from segkit.errors import InputError
+from segkit.metrics import label_cells, mean_scores, score_slice, segmentation_scores, to_probability
 
 
 def two_cells() -> np.ndarray:

@@ -95,6 +95,6 @@ def test_train_run_writes_everything_and_resumes(tmp_path):
     assert info.normalization.std > 0
     with pytest.raises(SegkitError, match="--resume"):
         train(tiny_recipe(tmp_path), progress=False, echo=lambda _: None)
-    train(tiny_recipe(tmp_path, epochs=3), resume=True, progress=False, echo=lambda _: None)
+    train(tiny_recipe(tmp_path, epochs=3, workers=1), resume=True, progress=False, echo=lambda _: None)
     lines = files.log_csv.read_text().strip().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]

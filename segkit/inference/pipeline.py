@@ -123,5 +123,5 @@ def predict_stack(
     probabilities = predict_planes(planes, forward, geometry, tile=tile, batch=batch, on_tiles=on_tiles)
     encoded = (spec.encode(p[0]) for p in probabilities)
     return write_stack(
-        output, encoded, shape=stack.shape, dtype=spec.dtype, resolution=stack.resolution, overwrite=overwrite
+        output, encoded, shape=stack.shape[1:] if stack.is_2d else stack.shape, dtype=spec.dtype, resolution=stack.resolution, overwrite=overwrite
     )

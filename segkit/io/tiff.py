@@ -65,6 +65,7 @@ class TiffStack:
         if len(series.pages) > page_count:
             raise InputError(f"{path}: series needs {len(series.pages)} pages but the file has {page_count}; the file is truncated")
         self.shape: tuple[int, int, int] = shape
+        self.is_2d = len(series.shape) == 2 or all(n == 1 for n in series.shape[:-2])
         self.dtype = np.dtype(series.dtype)
         self.resolution = _resolution(tif)
         self._pages = list(series.pages)
@@ -88,6 +89,7 @@ class TiffStack:
         if shape[0] != 1:
             raise InputError(f"{paths[0]}: a folder or glob must hold 2D images, this one has {shape[0]} planes")
         self.shape = (len(paths), shape[1], shape[2])
+        self.is_2d = False
         self.dtype = np.dtype(series.dtype)
         self.resolution = _resolution(first)
         self._pages = []
@@ -279,17 +281,23 @@ def write_stack(
     planes: Iterable[np.ndarray],
     /,
     *,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     dtype: np.dtype | type,
     resolution: Resolution | None = None,
     overwrite: bool = False,
     tile: int = 256,
     compression_level: int = 1,
 ) -> Path:
-    """Write ZYX planes, as they arrive, to a tiled zlib BigTIFF at `path` (atomically)."""
+    """Write planes, as they arrive, to a tiled zlib BigTIFF at `path` (atomically).
+
+    `shape` is ZYX, or YX for a single 2D image (stored without a Z axis).
+    """
     path = check_output_path(path, overwrite=overwrite)
     dtype = np.dtype(dtype)
-    height, width = shape[1:]
+    if len(shape) not in (2, 3):
+        raise ValueError(f"shape must be YX or ZYX, got {shape}")
+    height, width = shape[-2:]
+    depth = shape[0] if len(shape) == 3 else 1
 
     def tiles() -> Iterator[np.ndarray]:
         count = 0
@@ -301,8 +309,8 @@ def write_stack(
                 for x in range(0, width, tile):
                     yield plane[y : y + tile, x : x + tile]
             count += 1
-        if count != shape[0]:
-            raise ValueError(f"got {count} planes, expected {shape[0]}")
+        if count != depth:
+            raise ValueError(f"got {count} planes, expected {depth}")
 
     extra: dict[str, Any] = {}
     if resolution is not None:
@@ -312,6 +320,6 @@ def write_stack(
             writer.write(
                 tiles(), shape=shape, dtype=dtype, tile=(tile, tile), photometric="minisblack",
                 compression="zlib", compressionargs={"level": compression_level},
-                metadata={"axes": "ZYX"}, **extra,
+                metadata={"axes": "ZYX" if len(shape) == 3 else "YX"}, **extra,
             )
     return path

@@ -111,7 +111,6 @@ def _save_optimizer(path: Path, optimizer: Any, state: dict[str, Any]) -> None:
 
 
 def _load_optimizer(path: Path, optimizer: Any) -> dict[str, Any]:
-    import torch
     from safetensors import safe_open
 
     try:
