@@ -45,9 +45,9 @@ def test_patches_have_context_and_targets():
     assert 0 <= image.min() and image.max() <= 1 and set(np.unique(target)) <= {0, 1}
 
 
-def tiny_recipe(tmp_path, **train):
+def tiny_recipe(tmp_path, base=4, **train):
     return validate_recipe({
-        "model": {"name": "unet", "params": {"base": 4, "batch_norm": True}},
+        "model": {"name": "unet", "params": {"base": base, "batch_norm": True}},
         "data": {"root": str(SAMPLE_RAW.parent), "raw": SAMPLE_RAW.name, "labels": SAMPLE_LABELS.name,
                  "tile": 236, "train_slices": [0, 3], "val_slices": [3, 4], "test_slices": [4, 5]},
         "train": {"epochs": 2, "iters_per_epoch": 2, "batch": 2, "device": "cpu", "out": str(tmp_path / "run"),
@@ -96,5 +96,7 @@ def test_train_run_writes_everything_and_resumes(tmp_path):
     with pytest.raises(SegkitError, match="--resume"):
         train(tiny_recipe(tmp_path), progress=False, echo=lambda _: None)
     train(tiny_recipe(tmp_path, epochs=3, workers=1), resume=True, progress=False, echo=lambda _: None)
+    with pytest.raises(SegkitError, match="not this recipe's"):
+        train(tiny_recipe(tmp_path, base=8, epochs=4), resume=True, progress=False, echo=lambda _: None)
     lines = files.log_csv.read_text().strip().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]

@@ -133,6 +133,7 @@ def plot_curve(history: list[dict[str, float]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -142,6 +143,8 @@ def plot_curve(history: list[dict[str, float]], path: Path) -> None:
         right.plot(epochs, [row[key] for row in history], marker="o", label=key)
     right.set(xlabel="epoch", ylabel="error", title="validation (slices held out from training)")
     right.legend()
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.partial.png")
     fig.savefig(tmp, dpi=100)
@@ -191,7 +194,8 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     cfg_data, cfg_train, cfg_loss = recipe["data"], recipe["train"], recipe["loss"]
     device = _resolve_device(cfg_train["device"])
     torch.manual_seed(cfg_train["seed"])
-    model = create_model(recipe["model"]["name"], in_channels=1, classes=2, **recipe["model"]["params"])
+    model_kwargs = {"in_channels": 1, "classes": 2, **recipe["model"]["params"]}
+    model = create_model(recipe["model"]["name"], **model_kwargs)
     geometry = model.geometry
     tile = cfg_data["tile"]
     geometry.check_tile(tile)
@@ -225,9 +229,10 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     if resume:
         from safetensors.torch import load_file
 
-        info = read_info(files.last)
-        if info.model != recipe["model"]["name"] or info.model_kwargs != {"in_channels": 1, "classes": 2, **recipe["model"]["params"]}:
-            raise CheckpointError(f"--resume: {files.last} holds model {info.model} {info.model_kwargs}, not this recipe's")
+        previous = read_info(files.last)
+        if previous.model != recipe["model"]["name"] or previous.model_kwargs != model_kwargs:
+            raise CheckpointError(f"--resume: {files.last} holds model {previous.model} {previous.model_kwargs}, "
+                                  f"not this recipe's {recipe['model']['name']} {model_kwargs}")
         model.load_state_dict(load_file(str(files.last)))
         meta = _load_optimizer(files.optimizer, optimizer)
         start_epoch, best_error, history = meta["epoch"] + 1, meta["best_error"], meta["history"]
@@ -236,7 +241,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
     info = CheckpointInfo(
         kind="segmenter", model=recipe["model"]["name"],
-        model_kwargs={"in_channels": 1, "classes": 2, **recipe["model"]["params"]},
+        model_kwargs=model_kwargs,
         geometry=geometry, normalization=normalization,
         inference={"threshold": cfg_train["val_threshold"], "tile": tile, "input_dtype": str(train_raw[0].dtype)},
         recipe=recipe,
