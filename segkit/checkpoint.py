@@ -145,3 +145,21 @@ def load_model(path: str | Path, *, expect_kind: str = "segmenter") -> tuple[Any
         )
     model.eval()
     return model, info
+
+
+def initialize_from(model: Any, path: str | Path) -> int:
+    """Copy every tensor of a segkit checkpoint whose name and shape match into `model`.
+
+    This is how FCN-16s starts from a trained FCN-32s (and 8s from 16s): the shared layers carry
+    over, the new skip layers keep their initialisation. Returns the number of tensors copied.
+    """
+    from safetensors.torch import load_file
+
+    read_info(path)  # a clear error for a missing or foreign file
+    source = load_file(str(path))
+    ours = model.state_dict()
+    matching = {k: v for k, v in source.items() if k in ours and ours[k].shape == v.shape}
+    if not matching:
+        raise CheckpointError(f"model.init_from: no tensor of {path} matches the model's layers")
+    model.load_state_dict(matching, strict=False)
+    return len(matching)

@@ -6,6 +6,7 @@ traceback, because it is a bug.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -87,28 +88,36 @@ def default_output(source: str) -> Path:
 @click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Checkpoint (.safetensors) from `segkit train` (default: the bundled demo U-Net).")
 @click.option("--tile", type=int, default=None, show_default="checkpoint's, else 572",
-              help="Input tile size; must be a valid size of the model (572 -> 388 output for the U-Net).")
+              help="Input tile size; must be a valid size of the model (572 -> 388 output for the U-Net, "
+                   "a multiple of 32 for FCN and smp models).")
+@click.option("--blend", type=click.Choice(["cosine", "gaussian"]), default="cosine", show_default=True,
+              help="Window that blends overlapping tiles of same-padding models (FCN, smp).")
+@click.option("--halo", type=click.IntRange(min=0), default=None,
+              help="Override the context (px) added around tiles of same-padding models.")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["none", "fp16", "bf16"]), default="none", show_default=True,
               help="Autocast precision for the forward pass.")
 @click.option("--output-type", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True,
               help="Membrane probability as uint8 (0-255) or float16.")
-@click.option("--threshold", type=float, default=None, help="Write a binary 0/255 membrane mask at this threshold.")
+@click.option("--threshold", default=None,
+              help="Write a binary 0/255 membrane mask at this threshold, or 'auto' for the checkpoint's "
+                   "(chosen on validation slices during training).")
 @click.option("--normalize", type=click.Choice(["auto", "checkpoint", "stack"]), default="auto", show_default=True,
               help="Intensity statistics: the checkpoint's (training data), or computed once for this stack. "
                    "auto uses the checkpoint's unless the input dtype differs from the training data.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def predict(source: str, output: Path | None, model_path: Path | None, tile: int | None, batch: int, device: str,
-            amp: str, output_type: str, threshold: float | None, normalize: str, overwrite: bool, quiet: bool) -> None:
+def predict(source: str, output: Path | None, model_path: Path | None, tile: int | None, blend: str,
+            halo: int | None, batch: int, device: str,
+            amp: str, output_type: str, threshold: str | None, normalize: str, overwrite: bool, quiet: bool) -> None:
     """Predict membrane probabilities of SOURCE (TIFF, folder or quoted glob of 2D TIFFs).
 
     \b
     Examples:
       segkit predict big_stack.tif --tile 572 -o big_stack_membranes.tif
       segkit predict big_stack.tif -m runs/em_neurons/best.safetensors --batch 16 --amp fp16
-      segkit predict 'sections/*.tif' -o mask.tif --threshold 0.5
+      segkit predict 'sections/*.tif' -o mask.tif --threshold auto
     """
     from tqdm import tqdm
 
@@ -117,10 +126,18 @@ def predict(source: str, output: Path | None, model_path: Path | None, tile: int
     from segkit.inference.pipeline import OutputSpec, count_tiles, predict_stack, stack_normalization
     from segkit.io.tiff import check_output_path, open_stack
 
-    spec = OutputSpec("mask", threshold) if threshold is not None else OutputSpec(output_type)
     output = output or default_output(source)
     check_output_path(output, overwrite=overwrite)
     model, info = load_model(model_path or default_model_path())
+    geometry = info.geometry
+    if halo is not None:
+        if geometry.margin > 0:
+            raise SegkitError(f"--halo applies to same-padding models; {info.model} is a valid-conv model whose "
+                              "tiles are exact without a halo")
+        geometry = dataclasses.replace(geometry, halo=halo)
+    spec = OutputSpec(output_type)
+    if threshold is not None:
+        spec = OutputSpec("mask", _threshold(threshold, info.inference.get("threshold", 0.5)))
     tile = tile or int(info.inference.get("tile", 572))
     with open_stack(source) as stack:
         normalization = info.normalization
@@ -131,13 +148,22 @@ def predict(source: str, output: Path | None, model_path: Path | None, tile: int
                 click.echo(f"input is {stack.dtype} but the model was trained on {trained_dtype}: "
                            f"normalising with this stack's statistics", err=True)
         engine = TorchEngine(model, device=device, amp=amp)
-        total = count_tiles(stack, info.geometry, tile)
+        total = count_tiles(stack, geometry, tile)
         click.echo(f"{source}: {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} {stack.dtype}, "
                    f"{total} tiles of {tile} px on {engine.device}", err=True)
         with tqdm(total=total, unit="tile", disable=quiet, file=sys.stderr) as bar:
-            written = predict_stack(stack, engine, info.geometry, output, normalization=normalization, tile=tile,
-                                    batch=batch, spec=spec, overwrite=overwrite, on_tiles=bar.update)
+            written = predict_stack(stack, engine, geometry, output, normalization=normalization, tile=tile,
+                                    batch=batch, blend=blend, spec=spec, overwrite=overwrite, on_tiles=bar.update)
     click.echo(f"wrote {written}")
+
+
+def _threshold(text: str, auto: float) -> float:
+    if text == "auto":
+        return float(auto)
+    try:
+        return float(text)
+    except ValueError:
+        raise SegkitError(f"--threshold {text!r} must be a number between 0 and 1 or 'auto'") from None
 
 
 # -- evaluate ------------------------------------------------------------------------------
@@ -199,6 +225,8 @@ def format_scores(scores: dict[str, float], title: str) -> str:
 def models() -> None:
     """List registered architectures with their geometry and parameter count (default settings).
 
+    smp models are named smp:<Arch>:<encoder>; any encoder of segmentation-models-pytorch works.
+
     \b
     Example:
       segkit models
@@ -209,9 +237,11 @@ def models() -> None:
         model = create_model(name)
         g = model.geometry
         params = sum(p.numel() for p in model.parameters())
-        click.echo(f"{name:<10} {params / 1e6:7.2f} M params  valid tiles {g.min_input} + {g.step}k, "
-                   f"margin {g.margin} (572 -> {g.output_size(572) if g.is_valid_input(572) else '-'})  "
-                   f"{model_summary(name)}")
+        if g.margin:
+            shape = f"tiles {g.min_input} + {g.step}k, margin {g.margin} (572 -> {g.output_size(572)})"
+        else:
+            shape = f"tiles {g.min_input} + {g.step}k, same size out, halo {g.halo}"
+        click.echo(f"{name:<27} {params / 1e6:7.2f} M params  {shape:<44} {model_summary(name)}")
 
 
 # -- demo ----------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
     "model": {
         "name": ((str,), "unet"),
         "params": ((dict,), {}),
+        # local ImageNet weights for the backbone (torchvision VGG16 .pth for FCN, an encoder state dict for smp)
+        "pretrained": ((str, type(None)), None),
+        # a segkit checkpoint whose matching tensors initialise the model (staged FCN-32s -> 16s -> 8s)
+        "init_from": ((str, type(None)), None),
     },
     "data": {
         "root": ((str,), "../shared/data/isbi2012"),

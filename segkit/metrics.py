@@ -62,7 +62,11 @@ def segmentation_scores(true_cells: np.ndarray, pred_cells: np.ndarray) -> tuple
     pred = _singleton_background(pred_cells)
     if not (true_cells > 0).any():
         return 0.0, 1.0, 1.0, 0.0, 0.0
-    error, precision, recall = adapted_rand_error(true_cells, pred, ignore_labels=(0,))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        error, precision, recall = adapted_rand_error(true_cells, pred, ignore_labels=(0,))
+    if not np.isfinite(error):
+        # The prediction has no pixel pairs in one segment (all membrane): the worst score, not NaN.
+        error, precision, recall = 1.0, np.nan_to_num(precision), np.nan_to_num(recall)
     # skimage returns (H(prediction|truth), H(truth|prediction)): false splits, false merges.
     split, merge = variation_of_information(true_cells, pred, ignore_labels=(0,))
     return float(error), float(precision), float(recall), max(0.0, float(split)), max(0.0, float(merge))

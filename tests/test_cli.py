@@ -74,6 +74,14 @@ def test_predict_float16_and_mask(tmp_path, uint8_stack, tiny_checkpoint):
                "-q").exit_code == 0
     mask = tifffile.imread(tmp_path / "m.tif")
     np.testing.assert_array_equal(mask, np.where(probability.astype(np.float32) >= 0.5, 255, 0))
+    # 'auto' takes the checkpoint's validated threshold (0.5 in the tiny checkpoint)
+    assert run("predict", uint8_stack, "-o", tmp_path / "a.tif", "-m", tiny_checkpoint, "--threshold", "auto",
+               "-q").exit_code == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), mask)
+    assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "b.tif", "-m", tiny_checkpoint, "--threshold",
+                          "high"), "--threshold 'high'")
+    assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "b.tif", "-m", tiny_checkpoint, "--threshold",
+                          "1.5"), "between 0 and 1")
 
 
 def _bad_inputs(tmp_path):

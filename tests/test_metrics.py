@@ -63,3 +63,9 @@ def test_mean_and_conversions():
     np.testing.assert_allclose(to_probability(np.array([0, 255], np.uint8)), [0, 1])
     with pytest.raises(InputError, match="not \\[0, 1\\]"):
         to_probability(np.array([0.0, 7.0], np.float32))
+
+
+def test_all_membrane_prediction_scores_worst_not_nan():
+    membrane = two_cells()
+    s = score_slice(np.ones((10, 10)), membrane)
+    assert s.adapted_rand_error == 1.0 and np.isfinite(s.vi)

@@ -113,6 +113,7 @@ def predict_stack(
     normalization: Normalization,
     tile: int,
     batch: int = 4,
+    blend: str = "cosine",
     spec: OutputSpec = OutputSpec(),
     overwrite: bool = False,
     on_tiles: Callable[[int], None] | None = None,
@@ -120,8 +121,9 @@ def predict_stack(
     """Predict every plane of `stack` and write the class probability to `output` (atomic)."""
     plan_tiles(stack.shape[1:], geometry, tile=tile)  # fail on a bad tile before any work
     planes = normalized_planes(stack, normalization)
-    probabilities = predict_planes(planes, forward, geometry, tile=tile, batch=batch, on_tiles=on_tiles)
+    probabilities = predict_planes(planes, forward, geometry, tile=tile, batch=batch, blend=blend, on_tiles=on_tiles)
     encoded = (spec.encode(p[0]) for p in probabilities)
     return write_stack(
-        output, encoded, shape=stack.shape[1:] if stack.is_2d else stack.shape, dtype=spec.dtype, resolution=stack.resolution, overwrite=overwrite
+        output, encoded, shape=stack.shape[1:] if stack.is_2d else stack.shape, dtype=spec.dtype,
+        resolution=stack.resolution, overwrite=overwrite,
     )

@@ -25,24 +25,33 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {
-    "unet": ModelEntry(
-        "segkit.models.unet", "UNet", "original valid-conv U-Net (Ronneberger et al. 2015)"
-    ),
+    "unet": ModelEntry("segkit.models.unet", "UNet", "original valid-conv U-Net (Ronneberger et al. 2015)"),
+    "fcn32s": ModelEntry("segkit.models.fcn", "FCN32s", "FCN-VGG16, stride 32 (Long et al. 2015)"),
+    "fcn16s": ModelEntry("segkit.models.fcn", "FCN16s", "FCN-VGG16 with pool4 skip, stride 16"),
+    "fcn8s": ModelEntry("segkit.models.fcn", "FCN8s", "FCN-VGG16 with pool4 + pool3 skips, stride 8"),
 }
+SMP_PREFIX = "smp:"
+_SMP_ENTRY = ModelEntry("segkit.models.smp", "SmpModel", "segmentation-models-pytorch")
 
 
 def list_models() -> list[str]:
-    """Names of all registered architectures."""
-    return sorted(_REGISTRY)
+    """Names of all registered architectures; smp ones with their default encoder (any smp encoder works)."""
+    from segkit.models.smp import ARCHITECTURES, DEFAULT_ENCODER
+
+    return sorted(_REGISTRY) + [f"{SMP_PREFIX}{arch}:{DEFAULT_ENCODER}" for arch in ARCHITECTURES]
 
 
 def model_summary(name: str) -> str:
+    if name.startswith(SMP_PREFIX):
+        return f"segmentation-models-pytorch {name[len(SMP_PREFIX):].replace(':', ' with encoder ')}"
     return _entry(name).summary
 
 
 def _entry(name: str) -> ModelEntry:
+    if name.startswith(SMP_PREFIX):
+        return _SMP_ENTRY
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        close = difflib.get_close_matches(name, list(_REGISTRY) + ["smp:Unet:resnet34"], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown model '{name}'{hint} valid: {', '.join(list_models())}")
     return _REGISTRY[name]
@@ -55,7 +64,12 @@ def model_class(name: str) -> Any:
 
 def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     """Raise ConfigError for a parameter the model does not take, naming the closest one."""
-    params = [p for p in inspect.signature(model_class(name)).parameters if p != "self"]
+    params = [p for p in inspect.signature(model_class(name)).parameters if p not in ("self", "kwargs", "arch_kwargs")]
+    if name.startswith(SMP_PREFIX):
+        from segkit.models.smp import architecture_parameters, parse_name
+
+        arch, _ = parse_name(name)
+        params = [p for p in params if p not in ("arch", "encoder")] + architecture_parameters(arch)
     for key in kwargs:
         if key not in params:
             close = difflib.get_close_matches(key, params, n=1)
@@ -68,6 +82,11 @@ def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
 def create_model(name: str, **kwargs: Any) -> Any:
     """Build a registered model by name; unknown names and parameters raise ConfigError."""
     check_model_kwargs(name, kwargs)
+    if name.startswith(SMP_PREFIX):
+        from segkit.models.smp import parse_name
+
+        arch, encoder = parse_name(name)
+        kwargs = {"arch": arch, "encoder": encoder, **kwargs}
     try:
         return model_class(name)(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -27,7 +27,10 @@ from segkit.training.data import (
     prepare_slices,
 )
 
-LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "seconds", "lr"]
+LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "best_threshold",
+              "best_adapted_rand_error", "seconds", "lr"]
+#: Thresholds tried on the validation slices after every epoch; the best is stored in the checkpoint.
+VALIDATION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass
@@ -157,22 +160,37 @@ def _write_logs(files: RunFiles, history: list[dict[str, float]]) -> None:
         writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: row[k] for k in LOG_FIELDS})
+            writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
     files.log_json.write_text(json.dumps(history, indent=1))
 
 
 def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *, normalization: Normalization,
-             tile: int, batch: int, device: str, threshold: float) -> dict[str, float]:
-    """Tiled prediction of whole validation slices (exactly as `segkit predict`) and their scores."""
+             tile: int, batch: int, device: str, thresholds: tuple[float, ...]) -> dict[float, dict[str, float]]:
+    """Tiled prediction of whole validation slices (exactly as `segkit predict`); scores per threshold."""
     from segkit.inference.engines import TorchEngine
     from segkit.inference.tiler import predict_planes
 
     engine = TorchEngine(model, device=device)
     planes = [((raw.astype(np.float32) - normalization.mean) / normalization.std) for raw in raws]
-    scores: list[SliceScores] = []
+    scores: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
     for probability, membrane in zip(predict_planes(planes, engine, model.geometry, tile=tile, batch=batch), membranes):
-        scores.append(score_slice(probability[0], membrane, threshold=threshold))
-    return mean_scores(scores)
+        for t in thresholds:
+            scores[t].append(score_slice(probability[0], membrane, threshold=t))
+    return {t: mean_scores(s) for t, s in scores.items()}
+
+
+def _initialize(model: Any, settings: dict[str, Any], echo: Callable[[str], None]) -> None:
+    """Apply the recipe's `model.pretrained` (ImageNet backbone) and `model.init_from` (earlier stage)."""
+    from segkit.checkpoint import initialize_from
+
+    if settings["pretrained"]:
+        if not hasattr(model, "load_pretrained"):
+            raise ConfigError(f"model.pretrained: {settings['name']} has no pretrained backbone; use model.init_from")
+        count = model.load_pretrained(settings["pretrained"])
+        echo(f"loaded {count} pretrained tensors from {settings['pretrained']}")
+    if settings["init_from"]:
+        count = initialize_from(model, settings["init_from"])
+        echo(f"initialised {count} tensors from {settings['init_from']}")
 
 
 def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True,
@@ -197,6 +215,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     model_kwargs = {"in_channels": 1, "classes": 2, **recipe["model"]["params"]}
     model = create_model(recipe["model"]["name"], **model_kwargs)
     geometry = model.geometry
+    _initialize(model, recipe["model"], echo)
     tile = cfg_data["tile"]
     geometry.check_tile(tile)
     out_tile = geometry.output_size(tile)
@@ -207,7 +226,8 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     values = np.concatenate([r.astype(np.float64).ravel() for r in train_raw])
     normalization = Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
     class_weights = class_balance_weights(np.stack(train_mem)) if cfg_loss["class_balance"] else (1.0, 1.0)
-    slices = prepare_slices(train_raw, train_mem, margin=geometry.margin, min_size=out_tile,
+    # Same-padding models sample tiles from planes mirror-padded by their halo too: more positions.
+    slices = prepare_slices(train_raw, train_mem, margin=geometry.margin + geometry.halo, min_size=out_tile,
                             class_weights=class_weights, w0=cfg_loss["border_w0"], sigma=cfg_loss["border_sigma"])
 
     model = model.to(device)
@@ -235,6 +255,8 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                                   f"not this recipe's {recipe['model']['name']} {model_kwargs}")
         model.load_state_dict(load_file(str(files.last)))
         meta = _load_optimizer(files.optimizer, optimizer)
+        for group in optimizer.param_groups:  # the recipe (and its overrides) decide the rate from here on
+            group["lr"] = cfg_train["lr"]
         start_epoch, best_error, history = meta["epoch"] + 1, meta["best_error"], meta["history"]
         echo(f"resuming {files.root} after epoch {meta['epoch']}")
 
@@ -246,6 +268,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
         inference={"threshold": cfg_train["val_threshold"], "tile": tile, "input_dtype": str(train_raw[0].dtype)},
         recipe=recipe,
     )
+    thresholds = tuple(sorted({*VALIDATION_THRESHOLDS, cfg_train["val_threshold"]}))
     epoch = completed = start_epoch - 1
     started = time.monotonic()
     limit = cfg_train["time_limit_min"]
@@ -280,22 +303,30 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                 losses.append(float(loss.item()))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             model.eval()
-            scores = validate(model, val_raw, val_mem, normalization=normalization, tile=tile,
-                              batch=cfg_train["val_batch"], device=device, threshold=cfg_train["val_threshold"])
+            table = validate(model, val_raw, val_mem, normalization=normalization, tile=tile,
+                             batch=cfg_train["val_batch"], device=device, thresholds=thresholds)
+            scores = table[cfg_train["val_threshold"]]
+            best_threshold = min(thresholds, key=lambda t: (table[t]["adapted_rand_error"], abs(t - 0.5)))
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "pixel_error": scores["pixel_error"],
                    "adapted_rand_error": scores["adapted_rand_error"], "vi": scores["vi"], "dice": scores["dice"],
+                   "best_threshold": best_threshold,
+                   "best_adapted_rand_error": table[best_threshold]["adapted_rand_error"],
                    "seconds": time.monotonic() - epoch_start, "lr": optimizer.param_groups[0]["lr"]}
             history.append(row)
-            info.training = {"epoch": epoch, "validation": scores, "class_weights": list(class_weights)}
-            if scores["adapted_rand_error"] < best_error:
-                best_error = scores["adapted_rand_error"]
+            # The threshold is chosen on the validation slices only, never on the test split.
+            info.inference["threshold"] = best_threshold
+            info.training = {"epoch": epoch, "validation": table[best_threshold],
+                             "validation_at_val_threshold": scores, "class_weights": list(class_weights)}
+            if row["best_adapted_rand_error"] < best_error:
+                best_error = row["best_adapted_rand_error"]
                 save_checkpoint(files.best, model, info)
             completed = epoch
             save_last()
             _write_logs(files, history)
             plot_curve(history, files.curve)
             echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val pixel error {row['pixel_error']:.4f}  "
-                 f"adapted Rand error {row['adapted_rand_error']:.4f}  VI {row['vi']:.3f}")
+                 f"adapted Rand error {row['adapted_rand_error']:.4f}  VI {row['vi']:.3f}  "
+                 f"(best threshold {best_threshold}: adapted Rand error {row['best_adapted_rand_error']:.4f})")
             if limit is not None and time.monotonic() - started > limit * 60:
                 echo(f"stopping after epoch {epoch}: train.time_limit_min={limit} reached")
                 break
