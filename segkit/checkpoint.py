@@ -100,7 +100,15 @@ def save_checkpoint(path: str | Path, model: Any, info: CheckpointInfo) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, str(tmp), metadata={"segkit": info.to_json()})
+    match_umask(tmp)
     os.replace(tmp, path)
+
+
+def match_umask(path: Path) -> None:
+    # safetensors creates files owner-only; checkpoints are shared like any other output file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_info(path: str | Path) -> CheckpointInfo:

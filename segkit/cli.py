@@ -73,6 +73,14 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "data" / "unet_isbi_demo.safetensors"
 
 
+def default_tile(geometry: Any) -> int:
+    """572 (the U-Net paper's tile) where valid, else the smallest valid size of at least 512."""
+    if geometry.is_valid_input(572):
+        return 572
+    below, above = geometry.nearest_valid(512)
+    return 512 if below == 512 else above
+
+
 def default_output(source: str) -> Path:
     """<stem>_membranes.tif beside a file or folder; a glob needs an explicit -o."""
     if any(ch in source for ch in "*?["):
@@ -138,7 +146,7 @@ def predict(source: str, output: Path | None, model_path: Path | None, tile: int
     spec = OutputSpec(output_type)
     if threshold is not None:
         spec = OutputSpec("mask", _threshold(threshold, info.inference.get("threshold", 0.5)))
-    tile = tile or int(info.inference.get("tile", 572))
+    tile = tile or int(info.inference.get("tile") or default_tile(geometry))
     with open_stack(source) as stack:
         normalization = info.normalization
         trained_dtype = info.inference.get("input_dtype")

@@ -40,10 +40,15 @@ def test_import_and_help_stay_light():
     assert out.strip() == "[]"
 
 
-def test_models_lists_unet():
+def test_models_lists_every_architecture():
+    from segkit.models import list_models
+
     result = run("models")
-    assert result.exit_code == 0 and "unet" in result.output and "31.03 M" in result.output
-    assert "188 + 16k" in result.output and "572 -> 388" in result.output
+    assert result.exit_code == 0
+    for name in list_models():
+        assert name in result.output
+    assert "31.03 M" in result.output and "188 + 16k" in result.output and "572 -> 388" in result.output
+    assert "134.27 M" in result.output and "halo 96" in result.output
 
 
 def test_predict_end_to_end_matches_library(tmp_path, uint8_stack, tiny_checkpoint):
@@ -212,3 +217,25 @@ def test_predict_2d_image_gives_2d_output(tmp_path, tiny_checkpoint):
     assert result.exit_code == 0, result.output
     assert "uint16 but the model was trained on uint8" in result.stderr  # auto normalisation says so
     assert tifffile.imread(tmp_path / "image_membranes.tif").shape == (33, 45)
+
+
+@pytest.mark.parametrize("registered", __import__("segkit.models", fromlist=["list_models"]).list_models())
+def test_every_registered_model_predicts_through_the_cli(tmp_path, uint8_stack, registered):
+    import torch
+
+    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.models import create_model
+    from tests.test_models import randomize_zero_layers, tiny
+
+    torch.manual_seed(0)
+    name, kwargs = tiny(registered)
+    model = randomize_zero_layers(create_model(name, **kwargs)).eval()
+    g = model.geometry
+    tile = g.nearest_valid(max(g.min_input + g.step, 2 * g.halo + g.step + 2 * g.margin))[1]
+    save_checkpoint(tmp_path / "m.safetensors", model,
+                    CheckpointInfo("segmenter", name, kwargs, g, Normalization(120.0, 40.0), inference={"tile": tile}))
+    result = run("predict", uint8_stack, "-o", tmp_path / "o.tif", "-m", tmp_path / "m.safetensors",
+                 "--output-type", "float16", "-q")
+    assert result.exit_code == 0, result.output
+    out = tifffile.imread(tmp_path / "o.tif").astype(np.float32)
+    assert out.shape == (3, 70, 91) and np.isfinite(out).all() and np.ptp(out) > 0

@@ -7,7 +7,6 @@ from segkit.errors import CheckpointError, ConfigError
 from segkit.models import create_model, list_models
 
 
-
 def tiny(name: str) -> tuple[str, dict]:
     """A small variant of every registered model (tests must stay fast on 2 CPU cores)."""
     if name.startswith("smp:"):

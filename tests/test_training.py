@@ -101,3 +101,27 @@ def test_train_run_writes_everything_and_resumes(tmp_path):
         train(tiny_recipe(tmp_path, base=8, epochs=4), resume=True, progress=False, echo=lambda _: None)
     lines = files.log_csv.read_text().strip().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]
+
+
+def test_staged_fcn_training_through_recipes(tmp_path):
+    """FCN-32s trains (blended validation), then FCN-16s starts from it via model.init_from."""
+    from segkit.checkpoint import load_model
+    from segkit.training.loop import train
+
+    def recipe(variant, out, init_from=None):
+        r = tiny_recipe(tmp_path, epochs=1, out=str(tmp_path / out))
+        r["model"] = {"name": f"fcn{variant}", "params": {"width": 4, "fc": 16, "halo": 16},
+                      "pretrained": None, "init_from": init_from}
+        r["data"]["tile"] = 96
+        return r
+
+    first = train(recipe("32s", "s32"), progress=False, echo=lambda _: None)
+    messages = []
+    second = train(recipe("16s", "s16", init_from=str(first.best)), progress=False, echo=messages.append)
+    assert any("initialised" in m for m in messages)
+    model, info = load_model(second.best)
+    assert info.model == "fcn16s" and info.geometry.halo == 16 and info.inference["tile"] == 96
+    with pytest.raises(SegkitError, match="has no pretrained backbone"):
+        r = tiny_recipe(tmp_path, out=str(tmp_path / "u"))
+        r["model"]["pretrained"] = "x.pth"
+        train(r, progress=False, echo=lambda _: None)

@@ -1,6 +1,6 @@
 """Peak host memory of `segkit predict` on a 200 MB and a 2 GB synthetic stack (CPU, tiny model).
 
-Usage: python tools/bench_memory.py [--small-mb 200] [--large-mb 2000] [--size 2048] [--tile 1052]
+Usage: python tools/bench_memory.py [--small-mb 200] [--large-mb 2000] [--size 2048] [--base 2 --depth 2]
 
 Each prediction runs in its own process, which reports its peak RSS (ru_maxrss). Streaming
 means the two peaks are about equal although the large stack has 10x the planes.
@@ -32,17 +32,19 @@ def make_stack(path: Path, megabytes: int, size: int) -> int:
     return planes
 
 
-def make_checkpoint(path: Path, base: int) -> None:
+def make_checkpoint(path: Path, base: int, depth: int) -> int:
+    """A random tiny U-Net checkpoint; returns its valid tile size nearest above 1024."""
     import torch
 
     from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
     from segkit.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("unet", base=base)
-    info = CheckpointInfo("segmenter", "unet", {"base": base}, model.geometry, Normalization(127.0, 73.0),
-                          inference={"input_dtype": "uint8"})
+    model = create_model("unet", base=base, depth=depth)
+    info = CheckpointInfo("segmenter", "unet", {"base": base, "depth": depth}, model.geometry,
+                          Normalization(127.0, 73.0), inference={"input_dtype": "uint8"})
     save_checkpoint(path, model, info)
+    return model.geometry.nearest_valid(1024)[1]
 
 
 def child(stack: str, checkpoint: str, output: str, tile: int, batch: int) -> None:
@@ -62,18 +64,22 @@ def main() -> None:
     parser.add_argument("--small-mb", type=int, default=200)
     parser.add_argument("--large-mb", type=int, default=2000)
     parser.add_argument("--size", type=int, default=2048, help="plane edge in pixels")
-    parser.add_argument("--tile", type=int, default=1052)
+    parser.add_argument("--tile", type=int, default=None, help="default: the valid size nearest above 1024")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--base", type=int, default=4, help="U-Net base width of the tiny model")
+    parser.add_argument("--base", type=int, default=2, help="U-Net base width of the tiny model")
+    parser.add_argument("--depth", type=int, default=2, help="U-Net depth of the tiny model")
     parser.add_argument("--child", nargs=3, metavar=("STACK", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.tile, args.batch)
         return
-    result: dict = {"plane": [args.size, args.size], "tile": args.tile, "batch": args.batch, "model": f"unet base {args.base}"}
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         checkpoint = Path(tmp) / "tiny.safetensors"
-        make_checkpoint(checkpoint, args.base)
+        args.tile = args.tile or make_checkpoint(checkpoint, args.base, args.depth)
+        if not checkpoint.exists():
+            make_checkpoint(checkpoint, args.base, args.depth)
+        result: dict = {"plane": [args.size, args.size], "tile": args.tile, "batch": args.batch,
+                        "model": f"unet base {args.base} depth {args.depth}"}
         for label, megabytes in (("small", args.small_mb), ("large", args.large_mb)):
             stack = Path(tmp) / f"{label}.tif"
             planes = make_stack(stack, megabytes, args.size)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from segkit.checkpoint import CheckpointInfo, Normalization, read_info, save_checkpoint
+from segkit.checkpoint import CheckpointInfo, Normalization, match_umask, read_info, save_checkpoint
 from segkit.errors import CheckpointError, ConfigError, InputError, SegkitError
 from segkit.io.tiff import open_stack
 from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_slice
@@ -110,6 +110,7 @@ def _save_optimizer(path: Path, optimizer: Any, state: dict[str, Any]) -> None:
     meta = {"param_groups": optimizer.state_dict()["param_groups"], "scalars": scalars, **state}
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, str(tmp), metadata={"segkit-optimizer": json.dumps(meta)})
+    match_umask(tmp)
     os.replace(tmp, path)
 
 
