@@ -6,7 +6,6 @@ traceback, because it is a bug.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -131,30 +130,21 @@ def predict(source: str, output: Path | None, model_path: Path | None, tile: int
 
     from segkit.checkpoint import load_model
     from segkit.inference.engines import TorchEngine
-    from segkit.inference.pipeline import OutputSpec, count_tiles, predict_stack, stack_normalization
+    from segkit.inference.pipeline import OutputSpec, choose_normalization, count_tiles, predict_stack
     from segkit.io.tiff import check_output_path, open_stack
 
     output = output or default_output(source)
     check_output_path(output, overwrite=overwrite)
     model, info = load_model(model_path or default_model_path())
-    geometry = info.geometry
-    if halo is not None:
-        if geometry.margin > 0:
-            raise SegkitError(f"--halo applies to same-padding models; {info.model} is a valid-conv model whose "
-                              "tiles are exact without a halo")
-        geometry = dataclasses.replace(geometry, halo=halo)
+    geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
     spec = OutputSpec(output_type)
     if threshold is not None:
         spec = OutputSpec("mask", _threshold(threshold, info.inference.get("threshold", 0.5)))
     tile = tile or int(info.inference.get("tile") or default_tile(geometry))
     with open_stack(source) as stack:
-        normalization = info.normalization
-        trained_dtype = info.inference.get("input_dtype")
-        if normalize == "stack" or (normalize == "auto" and trained_dtype and trained_dtype != str(stack.dtype)):
-            normalization = stack_normalization(stack)
-            if normalize == "auto":
-                click.echo(f"input is {stack.dtype} but the model was trained on {trained_dtype}: "
-                           f"normalising with this stack's statistics", err=True)
+        normalization, note = choose_normalization(stack, info, mode=normalize)
+        if note:
+            click.echo(note, err=True)
         engine = TorchEngine(model, device=device, amp=amp)
         total = count_tiles(stack, geometry, tile)
         click.echo(f"{source}: {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} {stack.dtype}, "

@@ -239,3 +239,29 @@ def test_every_registered_model_predicts_through_the_cli(tmp_path, uint8_stack, 
     assert result.exit_code == 0, result.output
     out = tifffile.imread(tmp_path / "o.tif").astype(np.float32)
     assert out.shape == (3, 70, 91) and np.isfinite(out).all() and np.ptp(out) > 0
+
+
+def test_blend_and_halo_options(tmp_path, uint8_stack, tiny_checkpoint):
+    import torch
+
+    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.models import create_model
+    from tests.test_models import randomize_zero_layers
+
+    torch.manual_seed(0)
+    model = randomize_zero_layers(create_model("fcn8s", width=4, fc=16, halo=16)).eval()
+    save_checkpoint(tmp_path / "fcn.safetensors", model, CheckpointInfo(
+        "segmenter", "fcn8s", {"width": 4, "fc": 16, "halo": 16}, model.geometry, Normalization(120, 40)))
+    outputs = {}
+    for blend, halo in (("cosine", "16"), ("gaussian", "16"), ("cosine", "0")):
+        out = tmp_path / f"{blend}{halo}.tif"
+        result = run("predict", uint8_stack, "-o", out, "-m", tmp_path / "fcn.safetensors", "--tile", 64,
+                     "--blend", blend, "--halo", halo, "--output-type", "float16", "-q")
+        assert result.exit_code == 0, result.output
+        outputs[blend + halo] = tifffile.imread(out).astype(np.float32)
+    assert not np.array_equal(outputs["cosine16"], outputs["gaussian16"])
+    assert not np.array_equal(outputs["cosine16"], outputs["cosine0"])
+    assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "u.tif", "-m", tiny_checkpoint, "--halo", 8),
+                      "same-padding")
+    assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "u.tif", "-m", tmp_path / "fcn.safetensors",
+                          "--tile", 48), "multiple", "32")

@@ -47,3 +47,10 @@ def test_invalid_input_breaks_model_pooling():
 def test_roundtrip_dict():
     g = Geometry(margin=92, step=16, min_output=4)
     assert Geometry.from_dict(g.to_dict()) == g
+
+
+def test_with_halo():
+    g = Geometry(margin=0, step=32, min_output=32, halo=64)
+    assert g.with_halo(16).halo == 16
+    with pytest.raises(TileSizeError, match="same-padding"):
+        valid_unet_geometry(4).with_halo(16)

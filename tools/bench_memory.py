@@ -73,7 +73,7 @@ def main() -> None:
     if args.child:
         child(*args.child, args.tile, args.batch)
         return
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory(prefix="segkit-bench-") as tmp:
         checkpoint = Path(tmp) / "tiny.safetensors"
         args.tile = args.tile or make_checkpoint(checkpoint, args.base, args.depth)
         if not checkpoint.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segkit.checkpoint import Normalization
+from segkit.checkpoint import CheckpointInfo, Normalization
 from segkit.errors import SegkitError
 from segkit.inference.tiler import Forward, plan_tiles, predict_planes
 from segkit.io.tiff import TiffStack, write_stack
@@ -59,6 +59,25 @@ def stack_normalization(stack: TiffStack, *, max_planes: int = 16, max_pixels: i
         samples.append(plane[::stride, ::stride].astype(np.float64).ravel())
     values = np.concatenate(samples)
     return Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+
+
+def choose_normalization(stack: TiffStack, info: CheckpointInfo, *, mode: str = "auto") -> tuple[Normalization, str]:
+    """The normalisation to use and a note for the user ('' when there is nothing to say).
+
+    checkpoint: the training data's statistics; stack: this stack's, computed once; auto: the
+    checkpoint's unless the stack's dtype differs from the training data's (then the stack's).
+    """
+    if mode not in ("auto", "checkpoint", "stack"):
+        raise SegkitError(f"unknown normalisation {mode!r}; choose auto, checkpoint or stack")
+    trained_dtype = info.inference.get("input_dtype")
+    if mode == "stack":
+        return stack_normalization(stack), ""
+    if mode == "auto" and trained_dtype and trained_dtype != str(stack.dtype):
+        return stack_normalization(stack), (
+            f"input is {stack.dtype} but the model was trained on {trained_dtype}: "
+            "normalising with this stack's statistics"
+        )
+    return info.normalization, ""
 
 
 def normalized_planes(stack: TiffStack, normalization: Normalization, *, prefetch: int = 2) -> Iterator[np.ndarray]:

@@ -6,7 +6,7 @@ without building it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from segkit.errors import CheckpointError, TileSizeError
@@ -60,10 +60,18 @@ class Geometry:
             return
         below, above = self.nearest_valid(tile)
         choices = f"{below} or {above}" if below is not None else f"{above} or larger"
-        raise TileSizeError(
-            f"tile {tile} is not a valid input size for this model (valid: {self.min_input} + "
-            f"{self.step}k); use --tile {choices}"
-        )
+        valid = (f"multiples of {self.step}" if self.min_input == self.step
+                 else f"{self.min_input} + {self.step}k")
+        raise TileSizeError(f"tile {tile} is not a valid input size for this model (valid: {valid}); use --tile {choices}")
+
+    def with_halo(self, halo: int) -> "Geometry":
+        """The same geometry with another halo; valid-conv models need none (their tiles are exact)."""
+        if self.margin > 0:
+            raise TileSizeError("--halo applies to same-padding models (FCN, smp); valid-conv models have exact "
+                                "tiles and need no halo")
+        if halo < 0:
+            raise TileSizeError(f"halo must be >= 0, got {halo}")
+        return replace(self, halo=halo)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
