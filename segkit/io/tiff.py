@@ -50,10 +50,14 @@ class TiffStack:
         self._files = _resolve_sources(self.source)
         self._handles: list[tifffile.TiffFile] = []
         self._contiguous: tuple[str, int, np.dtype] | None = None  # (path, data offset, dtype with byte order)
-        if len(self._files) == 1:
-            self._open_single(self._files[0])
-        else:
-            self._open_many(self._files)
+        try:
+            if len(self._files) == 1:
+                self._open_single(self._files[0])
+            else:
+                self._open_many(self._files)
+        except BaseException:
+            self.close()  # no file handle outlives a refused input
+            raise
 
     # -- opening ---------------------------------------------------------------------------
     def _open_single(self, path: str) -> None:
