@@ -219,7 +219,7 @@ def test_predict_2d_image_gives_2d_output(tmp_path, tiny_checkpoint):
     assert tifffile.imread(tmp_path / "image_membranes.tif").shape == (33, 45)
 
 
-@pytest.mark.parametrize("registered", __import__("segkit.models", fromlist=["list_models"]).list_models())
+@pytest.mark.parametrize("registered", __import__("segkit.models", fromlist=["list_models"]).list_models("segmenter"))
 def test_every_registered_model_predicts_through_the_cli(tmp_path, uint8_stack, registered):
     import torch
 

@@ -4,7 +4,7 @@ import torch
 
 from segkit.checkpoint import CheckpointInfo, Normalization, load_model, read_info, save_checkpoint
 from segkit.errors import CheckpointError, ConfigError
-from segkit.models import create_model, list_models
+from segkit.models import create_model, list_models, model_kind
 
 
 def tiny(name: str) -> tuple[str, dict]:
@@ -13,7 +13,7 @@ def tiny(name: str) -> tuple[str, dict]:
         return name.replace(":resnet34", ":resnet18"), {"halo": 16}
     if name.startswith("fcn"):
         return name, {"width": 4, "fc": 16, "halo": 16}
-    return name, {"base": 4}
+    return name, {"base": 4}  # unet, denoiser
 
 
 def randomize_zero_layers(model):
@@ -34,7 +34,7 @@ def test_forward_shape_matches_geometry(registered):
     for size in (g.min_input + g.step, g.min_input + 3 * g.step):
         with torch.no_grad():
             out = model(torch.randn(2, 1, size, size))
-        assert out.shape == (2, 2, g.output_size(size), g.output_size(size))
+        assert out.shape == (2, model.out_channels, g.output_size(size), g.output_size(size))
         assert torch.isfinite(out).all()
 
 
@@ -43,9 +43,10 @@ def test_checkpoint_roundtrip(registered, tmp_path):
     torch.manual_seed(0)
     name, kwargs = tiny(registered)
     model = randomize_zero_layers(create_model(name, **kwargs)).eval()
-    info = CheckpointInfo("segmenter", name, kwargs, model.geometry, Normalization(1.5, 2.5))
+    kind = model_kind(name)
+    info = CheckpointInfo(kind, name, kwargs, model.geometry, Normalization(1.5, 2.5))
     save_checkpoint(tmp_path / "m.safetensors", model, info)
-    loaded, loaded_info = load_model(tmp_path / "m.safetensors")
+    loaded, loaded_info = load_model(tmp_path / "m.safetensors", expect_kind=kind)
     assert loaded_info.normalization == Normalization(1.5, 2.5)
     assert read_info(tmp_path / "m.safetensors").geometry == model.geometry
     x = torch.randn(1, 1, model.geometry.min_input + model.geometry.step, model.geometry.min_input + model.geometry.step)

@@ -22,6 +22,7 @@ class ModelEntry:
     module: str
     attribute: str
     summary: str
+    kind: str = "segmenter"  # or "denoiser"
 
 
 _REGISTRY: dict[str, ModelEntry] = {
@@ -29,16 +30,25 @@ _REGISTRY: dict[str, ModelEntry] = {
     "fcn32s": ModelEntry("segkit.models.fcn", "FCN32s", "FCN-VGG16, stride 32 (Long et al. 2015)"),
     "fcn16s": ModelEntry("segkit.models.fcn", "FCN16s", "FCN-VGG16 with pool4 skip, stride 16"),
     "fcn8s": ModelEntry("segkit.models.fcn", "FCN8s", "FCN-VGG16 with pool4 + pool3 skips, stride 8"),
+    "denoiser": ModelEntry("segkit.models.denoiser", "DenoisingAutoencoder",
+                           "valid-conv denoising autoencoder (pre-stage in front of a segmenter)", kind="denoiser"),
 }
 SMP_PREFIX = "smp:"
 _SMP_ENTRY = ModelEntry("segkit.models.smp", "SmpModel", "segmentation-models-pytorch")
 
 
-def list_models() -> list[str]:
-    """Names of all registered architectures; smp ones with their default encoder (any smp encoder works)."""
+def list_models(kind: str | None = None) -> list[str]:
+    """Names of registered architectures ("segmenter" or "denoiser" ones, or all); smp ones with
+    their default encoder (any smp encoder works)."""
     from segkit.models.smp import ARCHITECTURES, DEFAULT_ENCODER
 
-    return sorted(_REGISTRY) + [f"{SMP_PREFIX}{arch}:{DEFAULT_ENCODER}" for arch in ARCHITECTURES]
+    smp = [f"{SMP_PREFIX}{arch}:{DEFAULT_ENCODER}" for arch in ARCHITECTURES] if kind in (None, "segmenter") else []
+    return sorted(name for name, entry in _REGISTRY.items() if kind in (None, entry.kind)) + smp
+
+
+def model_kind(name: str) -> str:
+    """'segmenter' or 'denoiser'."""
+    return _entry(name).kind
 
 
 def model_summary(name: str) -> str:

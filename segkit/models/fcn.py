@@ -66,6 +66,7 @@ class FCN(nn.Module):
             raise ValueError("in_channels, classes, width and fc must be positive, halo >= 0")
         self.variant, self.classes = variant, classes
         self.geometry = Geometry(margin=0, step=32, min_output=32, halo=halo)
+        self.out_channels = classes
         self.features = _vgg16_features(in_channels, width)
         self.fc6 = nn.Conv2d(8 * width, fc, 7, padding=3)
         self.fc7 = nn.Conv2d(fc, fc, 1)

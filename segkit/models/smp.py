@@ -79,6 +79,7 @@ class SmpModel(nn.Module):
                                     classes=classes, **arch_kwargs)
         step = 2 ** (len(self.net.encoder.out_channels) - 1)
         self.geometry = Geometry(margin=0, step=step, min_output=step * ARCHITECTURES[arch], halo=halo)
+        self.out_channels = classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

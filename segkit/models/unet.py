@@ -53,6 +53,7 @@ class UNet(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
         self.geometry: Geometry = valid_unet_geometry(depth)
+        self.out_channels = classes
         widths = [base * 2**level for level in range(depth + 1)]
         self.encoder = nn.ModuleList()
         channels = in_channels
