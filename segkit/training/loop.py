@@ -6,18 +6,15 @@ Everything a run writes lives in `train.out`; an interrupted run keeps its last 
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import yaml
 
-from segkit.checkpoint import CheckpointInfo, Normalization, match_umask, read_info, save_checkpoint
+from segkit.checkpoint import CheckpointInfo, Normalization, read_info, save_checkpoint
 from segkit.errors import CheckpointError, ConfigError, InputError, SegkitError
 from segkit.io.tiff import open_stack
 from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_slice
@@ -26,46 +23,12 @@ from segkit.training.data import (
     patch_stream,
     prepare_slices,
 )
+from segkit.training.runs import RunFiles, build_optimizer, load_optimizer, plot_curve, save_optimizer, write_logs
 
 LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "best_threshold",
               "best_adapted_rand_error", "seconds", "lr"]
 #: Thresholds tried on the validation slices after every epoch; the best is stored in the checkpoint.
 VALIDATION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-@dataclass
-class RunFiles:
-    """Paths of one training run."""
-
-    root: Path
-
-    @property
-    def best(self) -> Path:
-        return self.root / "best.safetensors"
-
-    @property
-    def last(self) -> Path:
-        return self.root / "last.safetensors"
-
-    @property
-    def optimizer(self) -> Path:
-        return self.root / "last.optimizer.safetensors"
-
-    @property
-    def log_csv(self) -> Path:
-        return self.root / "log.csv"
-
-    @property
-    def log_json(self) -> Path:
-        return self.root / "log.json"
-
-    @property
-    def curve(self) -> Path:
-        return self.root / "curve.png"
-
-    @property
-    def recipe(self) -> Path:
-        return self.root / "recipe.yaml"
 
 
 def load_split(data: dict[str, Any], split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -91,78 +54,6 @@ def _resolve_device(requested: str) -> str:
     from segkit.inference.engines import resolve_device
 
     return resolve_device(requested)
-
-
-def _save_optimizer(path: Path, optimizer: Any, state: dict[str, Any]) -> None:
-    import os
-
-    import torch
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for index, values in optimizer.state_dict()["state"].items():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{index}.{name}"] = value
-    meta = {"param_groups": optimizer.state_dict()["param_groups"], "scalars": scalars, **state}
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(tmp), metadata={"segkit-optimizer": json.dumps(meta)})
-    match_umask(tmp)
-    os.replace(tmp, path)
-
-
-def _load_optimizer(path: Path, optimizer: Any) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads(handle.metadata()["segkit-optimizer"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read the optimizer state for --resume: {exc}") from exc
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(meta.pop("scalars").items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
-    return meta
-
-
-def plot_curve(history: list[dict[str, float]], path: Path) -> None:
-    """Training loss and validation errors per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [row["train_loss"] for row in history], marker="o")
-    left.set(xlabel="epoch", ylabel="weighted cross-entropy", title="training loss")
-    for key in ("pixel_error", "adapted_rand_error"):
-        right.plot(epochs, [row[key] for row in history], marker="o", label=key)
-    right.set(xlabel="epoch", ylabel="error", title="validation (slices held out from training)")
-    right.legend()
-    for axis in (left, right):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _write_logs(files: RunFiles, history: list[dict[str, float]]) -> None:
-    with open(files.log_csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
-    files.log_json.write_text(json.dumps(history, indent=1))
 
 
 def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *, normalization: Normalization,
@@ -232,12 +123,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                             class_weights=class_weights, w0=cfg_loss["border_w0"], sigma=cfg_loss["border_sigma"])
 
     model = model.to(device)
-    params = model.parameters()
-    if cfg_train["optimizer"] == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg_train["lr"], weight_decay=cfg_train["weight_decay"])
-    else:
-        optimizer = torch.optim.SGD(params, lr=cfg_train["lr"], momentum=cfg_train["momentum"],
-                                    weight_decay=cfg_train["weight_decay"])
+    optimizer = build_optimizer(model.parameters(), cfg_train)
     use_cuda = device.startswith("cuda")
     amp_dtype = None
     if cfg_train["amp"] and use_cuda:
@@ -255,7 +141,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
             raise CheckpointError(f"--resume: {files.last} holds model {previous.model} {previous.model_kwargs}, "
                                   f"not this recipe's {recipe['model']['name']} {model_kwargs}")
         model.load_state_dict(load_file(str(files.last)))
-        meta = _load_optimizer(files.optimizer, optimizer)
+        meta = load_optimizer(files.optimizer, optimizer)
         for group in optimizer.param_groups:  # the recipe (and its overrides) decide the rate from here on
             group["lr"] = cfg_train["lr"]
         start_epoch, best_error, history = meta["epoch"] + 1, meta["best_error"], meta["history"]
@@ -276,7 +162,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     def save_last() -> None:
         save_checkpoint(files.last, model, info)
-        _save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_error": best_error,
+        save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_error": best_error,
                                                     "history": history})
 
     stream = patch_stream(slices, tile=tile, out_tile=out_tile, augment_settings=recipe["augment"],
@@ -323,8 +209,9 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                 save_checkpoint(files.best, model, info)
             completed = epoch
             save_last()
-            _write_logs(files, history)
-            plot_curve(history, files.curve)
+            write_logs(files, history, LOG_FIELDS)
+            plot_curve(history, files.curve, loss_label="weighted cross-entropy",
+                       metrics=("pixel_error", "adapted_rand_error"), metric_label="error")
             echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val pixel error {row['pixel_error']:.4f}  "
                  f"adapted Rand error {row['adapted_rand_error']:.4f}  VI {row['vi']:.3f}  "
                  f"(best threshold {best_threshold}: adapted Rand error {row['best_adapted_rand_error']:.4f})")

@@ -1,0 +1,132 @@
+"""What every training run shares: its files, optimizer state as safetensors, logs and curves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segkit.checkpoint import match_umask
+from segkit.errors import CheckpointError
+
+
+@dataclass
+class RunFiles:
+    """Paths of one training run."""
+
+    root: Path
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.safetensors"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.safetensors"
+
+    @property
+    def optimizer(self) -> Path:
+        return self.root / "last.optimizer.safetensors"
+
+    @property
+    def log_csv(self) -> Path:
+        return self.root / "log.csv"
+
+    @property
+    def log_json(self) -> Path:
+        return self.root / "log.json"
+
+    @property
+    def curve(self) -> Path:
+        return self.root / "curve.png"
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+
+def build_optimizer(params: Any, settings: dict[str, Any]) -> Any:
+    """Adam or SGD with momentum, from a recipe's `train` section."""
+    import torch
+
+    if settings["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    return torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"],
+                           weight_decay=settings["weight_decay"])
+
+
+def save_optimizer(path: Path, optimizer: Any, state: dict[str, Any]) -> None:
+    """Optimizer tensors as safetensors, its scalars and `state` (epoch, history...) as JSON; no pickle."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    meta = {"param_groups": optimizer.state_dict()["param_groups"], "scalars": scalars, **state}
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(tmp), metadata={"segkit-optimizer": json.dumps(meta)})
+    match_umask(tmp)
+    os.replace(tmp, path)
+
+
+def load_optimizer(path: Path, optimizer: Any) -> dict[str, Any]:
+    """Restore what save_optimizer wrote; returns the extra state."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["segkit-optimizer"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the optimizer state for --resume: {exc}") from exc
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta.pop("scalars").items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+def write_logs(files: RunFiles, history: list[dict[str, float]], fields: list[str]) -> None:
+    """The per-epoch history as CSV (the given columns) and JSON (everything)."""
+    with open(files.log_csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row.get(k, "") for k in fields})
+    files.log_json.write_text(json.dumps(history, indent=1))
+
+
+def plot_curve(history: list[dict[str, float]], path: Path, *, loss_label: str, metrics: tuple[str, ...],
+               metric_label: str) -> None:
+    """Training loss and validation metrics per epoch, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    left.set(xlabel="epoch", ylabel=loss_label, title="training loss")
+    for key in metrics:
+        right.plot(epochs, [row.get(key, float("nan")) for row in history], marker="o", label=key)
+    right.set(xlabel="epoch", ylabel=metric_label, title="validation (slices held out from training)")
+    right.legend()
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
