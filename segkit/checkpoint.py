@@ -138,9 +138,9 @@ def load_model(path: str | Path, *, expect_kind: str = "segmenter") -> tuple[Any
 
     info = read_info(path)
     if info.kind != expect_kind:
-        raise CheckpointError(
-            f"{path} is a {info.kind} checkpoint, but a {expect_kind} checkpoint is needed here"
-        )
+        use = {"denoiser": "use it with `segkit denoise`, or in front of a segmenter with `segkit predict --denoise`",
+               "segmenter": "use it with `segkit predict`"}.get(info.kind, "")
+        raise CheckpointError(f"{path} is a {info.kind} checkpoint, but a {expect_kind} checkpoint is needed here; {use}")
     model = create_model(info.model, **info.model_kwargs)
     try:
         model.load_state_dict(load_file(str(path)), strict=True)
@@ -171,3 +171,32 @@ def initialize_from(model: Any, path: str | Path) -> int:
         raise CheckpointError(f"model.init_from: no tensor of {path} matches the model's layers")
     model.load_state_dict(matching, strict=False)
     return len(matching)
+
+
+def compose_with_denoiser(denoiser_path: str | Path, segmenter_path: str | Path) -> tuple[Any, CheckpointInfo]:
+    """Load a denoiser and a segmenter checkpoint as one model (denoiser first); its info carries
+    the denoiser's input normalisation and the composed geometry."""
+    from segkit.models import COMPOSED, create_model
+
+    denoiser, denoiser_info = load_model(denoiser_path, expect_kind="denoiser")
+    segmenter, segmenter_info = load_model(segmenter_path, expect_kind="segmenter")
+    kwargs = {
+        "denoiser": {"name": denoiser_info.model, "kwargs": denoiser_info.model_kwargs,
+                     "normalization": denoiser_info.normalization.to_dict()},
+        "segmenter": {"name": segmenter_info.model, "kwargs": segmenter_info.model_kwargs,
+                      "normalization": segmenter_info.normalization.to_dict()},
+    }
+    model = create_model(COMPOSED, **kwargs)
+    model.denoiser.load_state_dict(denoiser.state_dict())
+    model.segmenter.load_state_dict(segmenter.state_dict())
+    model.eval()
+    tile = segmenter_info.inference.get("tile")
+    if tile is not None:
+        tile = model.geometry.nearest_valid(int(tile) + 2 * denoiser_info.geometry.margin)[1]
+    info = CheckpointInfo(
+        kind="segmenter", model=COMPOSED, model_kwargs=kwargs, geometry=model.geometry,
+        normalization=denoiser_info.normalization, classes=segmenter_info.classes,
+        inference={**segmenter_info.inference, "tile": tile, "input_dtype": denoiser_info.inference.get("input_dtype")},
+        recipe=segmenter_info.recipe, training=segmenter_info.training,
+    )
+    return model, info

@@ -80,12 +80,12 @@ def default_tile(geometry: Any) -> int:
     return 512 if below == 512 else above
 
 
-def default_output(source: str) -> Path:
-    """<stem>_membranes.tif beside a file or folder; a glob needs an explicit -o."""
+def default_output(source: str, suffix: str = "membranes") -> Path:
+    """<stem>_<suffix>.tif beside a file or folder; a glob needs an explicit -o."""
     if any(ch in source for ch in "*?["):
         raise SegkitError(f"input {source!r} is a pattern; name the output file with -o")
     base = Path(source.rstrip("/"))
-    return base.with_name(f"{base.stem}_membranes.tif")
+    return base.with_name(f"{base.stem}_{suffix}.tif")
 
 
 @main.command()
@@ -94,6 +94,8 @@ def default_output(source: str) -> Path:
               help="Output TIFF (default: <input>_membranes.tif beside the input).")
 @click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Checkpoint (.safetensors) from `segkit train` (default: the bundled demo U-Net).")
+@click.option("--denoise", "denoiser_path", type=click.Path(path_type=Path), default=None,
+              help="Denoiser checkpoint (`segkit train-denoiser`) to run in front of the segmenter.")
 @click.option("--tile", type=int, default=None, show_default="checkpoint's, else 572",
               help="Input tile size; must be a valid size of the model (572 -> 388 output for the U-Net, "
                    "a multiple of 32 for FCN and smp models).")
@@ -115,7 +117,8 @@ def default_output(source: str) -> Path:
                    "auto uses the checkpoint's unless the input dtype differs from the training data.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def predict(source: str, output: Path | None, model_path: Path | None, tile: int | None, blend: str,
+def predict(source: str, output: Path | None, model_path: Path | None, denoiser_path: Path | None,
+            tile: int | None, blend: str,
             halo: int | None, batch: int, device: str,
             amp: str, output_type: str, threshold: str | None, normalize: str, overwrite: bool, quiet: bool) -> None:
     """Predict membrane probabilities of SOURCE (TIFF, folder or quoted glob of 2D TIFFs).
@@ -125,17 +128,21 @@ def predict(source: str, output: Path | None, model_path: Path | None, tile: int
       segkit predict big_stack.tif --tile 572 -o big_stack_membranes.tif
       segkit predict big_stack.tif -m runs/em_neurons/best.safetensors --batch 16 --amp fp16
       segkit predict 'sections/*.tif' -o mask.tif --threshold auto
+      segkit predict noisy.tif --denoise runs/denoise_em/best.safetensors -o membranes.tif
     """
     from tqdm import tqdm
 
-    from segkit.checkpoint import load_model
+    from segkit.checkpoint import compose_with_denoiser, load_model
     from segkit.inference.engines import TorchEngine
     from segkit.inference.pipeline import OutputSpec, choose_normalization, count_tiles, predict_stack
     from segkit.io.tiff import check_output_path, open_stack
 
     output = output or default_output(source)
     check_output_path(output, overwrite=overwrite)
-    model, info = load_model(model_path or default_model_path())
+    if denoiser_path is not None:
+        model, info = compose_with_denoiser(denoiser_path, model_path or default_model_path())
+    else:
+        model, info = load_model(model_path or default_model_path())
     geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
     spec = OutputSpec(output_type)
     if threshold is not None:
@@ -162,6 +169,77 @@ def _threshold(text: str, auto: float) -> float:
         return float(text)
     except ValueError:
         raise SegkitError(f"--threshold {text!r} must be a number between 0 and 1 or 'auto'") from None
+
+
+# -- denoisers ------------------------------------------------------------------------------
+
+@main.command("train-denoiser")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Continue the run in train.out from its last checkpoint.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def train_denoiser(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -> None:
+    """Train a denoiser from a YAML RECIPE on raw (unlabelled) data, with section.key=value OVERRIDES.
+
+    \b
+    Examples:
+      segkit train-denoiser recipes/denoise_em.yaml
+      segkit train-denoiser recipes/denoise_em.yaml train.mode=blind_spot corruption.noise=poisson_gaussian
+    """
+    from segkit.config import DENOISE_SCHEMA, load_recipe
+    from segkit.training.denoise_loop import train_denoiser as run_training
+
+    resolved = load_recipe(recipe, overrides, schema=DENOISE_SCHEMA)
+    files = run_training(resolved, resume=resume, progress=not quiet, echo=click.echo)
+    click.echo(f"best checkpoint: {files.best}\nlast checkpoint: {files.last}\ncurve: {files.curve}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output TIFF (default: <input>_denoised.tif beside the input).")
+@click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), required=True,
+              help="Denoiser checkpoint from `segkit train-denoiser`.")
+@click.option("--tile", type=int, default=None, show_default="checkpoint's", help="Input tile size (a valid size).")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["none", "fp16", "bf16"]), default="none", show_default=True,
+              help="Autocast precision for the forward pass.")
+@click.option("--output-type", type=click.Choice(["same", "float32"]), default="same", show_default=True,
+              help="Store denoised intensities in the input's dtype (rounded, clipped) or as float32.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def denoise(source: str, output: Path | None, model_path: Path, tile: int | None, batch: int, device: str,
+            amp: str, output_type: str, overwrite: bool, quiet: bool) -> None:
+    """Denoise SOURCE (TIFF, folder or quoted glob of 2D TIFFs) with a trained denoiser, streaming.
+
+    \b
+    Examples:
+      segkit denoise noisy_stack.tif -m runs/denoise_em/best.safetensors -o clean_stack.tif
+      segkit denoise noisy_stack.tif -m den.safetensors --output-type float32 --batch 16 --device cuda
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    from segkit.checkpoint import load_model
+    from segkit.inference.engines import TorchEngine
+    from segkit.inference.pipeline import IntensityOutput, count_tiles, predict_stack
+    from segkit.io.tiff import check_output_path, open_stack
+
+    output = output or default_output(source, suffix="denoised")
+    check_output_path(output, overwrite=overwrite)
+    model, info = load_model(model_path, expect_kind="denoiser")
+    tile = tile or int(info.inference.get("tile") or default_tile(info.geometry))
+    with open_stack(source) as stack:
+        spec = IntensityOutput(info.normalization, stack.dtype if output_type == "same" else np.dtype(np.float32))
+        engine = TorchEngine(model, device=device, amp=amp, channel=None)
+        total = count_tiles(stack, info.geometry, tile)
+        click.echo(f"{source}: {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} {stack.dtype}, "
+                   f"{total} tiles of {tile} px on {engine.device}", err=True)
+        with tqdm(total=total, unit="tile", disable=quiet, file=sys.stderr) as bar:
+            written = predict_stack(stack, engine, info.geometry, output, normalization=info.normalization,
+                                    tile=tile, batch=batch, spec=spec, overwrite=overwrite, on_tiles=bar.update)
+    click.echo(f"wrote {written}")
 
 
 # -- evaluate ------------------------------------------------------------------------------

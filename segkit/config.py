@@ -71,12 +71,67 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
     },
 }
 
-CHOICES = {"train.optimizer": ("adam", "sgd")}
-POSITIVE = {"data.tile", "train.epochs", "train.iters_per_epoch", "train.batch", "train.val_batch", "train.lr"}
+#: Recipes for `segkit train-denoiser`: unlabelled raw data, a corruption and a training mode.
+DENOISE_SCHEMA: dict[str, dict[str, Leaf]] = {
+    "model": {
+        "name": ((str,), "denoiser"),
+        "params": ((dict,), {}),
+    },
+    "data": {
+        "root": ((str,), "../shared/data/isbi2012"),
+        "raw": ((str,), "train-volume.tif"),
+        "train_slices": ((list,), [0, 20]),
+        "val_slices": ((list,), [20, 25]),
+        "test_slices": ((list,), [25, 30]),
+        "tile": ((int,), 236),
+    },
+    "corruption": {
+        # synthetic noise added to the raw data (intensities scaled to [0, 1]); "none" for
+        # blind-spot training on the data's own noise
+        "noise": ((str,), "gaussian"),
+        "sigma": (_NUM, 0.1),
+        "gain": (_NUM, 30.0),
+        "fraction": (_NUM, 0.25),
+    },
+    "augment": {
+        "flips": ((bool,), True),
+        "rot90": ((bool,), True),
+    },
+    "train": {
+        # supervised: noisy input -> clean target (a denoising autoencoder);
+        # blind_spot: Noise2Void, noisy -> the same noisy pixels it cannot see (no clean data needed)
+        "mode": ((str,), "supervised"),
+        "blind_spot_fraction": (_NUM, 0.02),
+        "blind_spot_radius": ((int,), 2),
+        "loss": ((str,), "mse"),
+        "epochs": ((int,), 30),
+        "iters_per_epoch": ((int,), 100),
+        "batch": ((int,), 8),
+        "optimizer": ((str,), "adam"),
+        "lr": (_NUM, 1e-3),
+        "momentum": (_NUM, 0.9),
+        "weight_decay": (_NUM, 0.0),
+        "amp": ((bool,), True),
+        "device": ((str,), "auto"),
+        "seed": ((int,), 0),
+        "out": ((str,), "runs/denoise_em"),
+        "val_batch": ((int,), 8),
+        "time_limit_min": (_NUM + (type(None),), None),
+    },
+}
+
+CHOICES = {
+    "train.optimizer": ("adam", "sgd"),
+    "train.mode": ("supervised", "blind_spot"),
+    "train.loss": ("mse", "l1"),
+    "corruption.noise": ("none", "gaussian", "poisson_gaussian", "masking", "salt_pepper"),
+}
+POSITIVE = {"data.tile", "train.epochs", "train.iters_per_epoch", "train.batch", "train.val_batch", "train.lr",
+            "corruption.gain", "train.blind_spot_fraction", "train.blind_spot_radius"}
 
 
-def default_recipe() -> dict[str, Any]:
-    return {section: {key: copy.deepcopy(leaf[1]) for key, leaf in fields.items()} for section, fields in SCHEMA.items()}
+def default_recipe(schema: dict[str, dict[str, Leaf]] = SCHEMA) -> dict[str, Any]:
+    return {section: {key: copy.deepcopy(leaf[1]) for key, leaf in fields.items()} for section, fields in schema.items()}
 
 
 def _unknown(path: str, key: str, allowed: list[str]) -> ConfigError:
@@ -90,22 +145,22 @@ def _type_name(types: tuple[type, ...]) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
-def validate_recipe(raw: Any) -> dict[str, Any]:
+def validate_recipe(raw: Any, schema: dict[str, dict[str, Leaf]] = SCHEMA) -> dict[str, Any]:
     """Merge `raw` over the defaults, checking every key and type; returns the resolved recipe."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"a recipe must be a mapping of sections ({', '.join(SCHEMA)}), got {type(raw).__name__}")
-    recipe = default_recipe()
+        raise ConfigError(f"a recipe must be a mapping of sections ({', '.join(schema)}), got {type(raw).__name__}")
+    recipe = default_recipe(schema)
     for section, values in raw.items():
-        if section not in SCHEMA:
-            raise _unknown("", str(section), list(SCHEMA))
+        if section not in schema:
+            raise _unknown("", str(section), list(schema))
         if values is None:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: must be a mapping of keys, got {type(values).__name__}")
         for key, value in values.items():
-            fields = SCHEMA[section]
+            fields = schema[section]
             if key not in fields:
                 raise _unknown(section, str(key), list(fields))
             types = fields[key][0]
@@ -158,8 +213,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read, override and validate a recipe file."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                schema: dict[str, dict[str, Leaf]] = SCHEMA) -> dict[str, Any]:
+    """Read, override and validate a recipe file against `schema`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist; pass a YAML recipe such as recipes/em_neurons.yaml")
@@ -168,4 +224,4 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except yaml.YAMLError as exc:
         first = str(exc).replace("\n", " ")
         raise ConfigError(f"recipe {path} is not valid YAML: {first}") from exc
-    return validate_recipe(apply_overrides(raw or {}, list(overrides)))
+    return validate_recipe(apply_overrides(raw or {}, list(overrides)), schema)

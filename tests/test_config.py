@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from segkit.config import apply_overrides, default_recipe, load_recipe, validate_recipe
+from segkit.config import DENOISE_SCHEMA, SCHEMA, apply_overrides, default_recipe, load_recipe, validate_recipe
 from segkit.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -10,7 +10,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(recipe):
-    resolved = load_recipe(recipe)
+    resolved = load_recipe(recipe, schema=DENOISE_SCHEMA if recipe.name.startswith("denoise") else SCHEMA)
     assert resolved["data"]["train_slices"] == [0, 20] and resolved["data"]["val_slices"] == [20, 25]
 
 

@@ -31,10 +31,11 @@ class TorchEngine:
         model: a segkit model (logits N x K x h x w).
         device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
         amp: 'none', 'fp16' or 'bf16' autocast (CUDA; bf16 also works on CPU).
-        channel: the class whose probability is returned (1 = membrane for EM models).
+        channel: the class whose probability is returned (1 = membrane for EM models); None returns
+            the model's output as it is (denoisers).
     """
 
-    def __init__(self, model: Any, *, device: str = "auto", amp: str = "none", channel: int = 1) -> None:
+    def __init__(self, model: Any, *, device: str = "auto", amp: str = "none", channel: int | None = 1) -> None:
         import torch
 
         if amp not in AMP_DTYPES:
@@ -61,5 +62,7 @@ class TorchEngine:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
                 logits = self.model(x)
+            if self.channel is None:
+                return logits.float().cpu().numpy()
             probs = torch.softmax(logits.float(), dim=1)[:, self.channel : self.channel + 1]
             return probs.cpu().numpy()

@@ -48,6 +48,24 @@ class OutputSpec:
         return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class IntensityOutput:
+    """How a denoiser's output (normalised units) is stored: back in raw units, as `dtype`.
+
+    Integer dtypes are rounded and clipped to their range, so a denoised uint8 stack stays uint8.
+    """
+
+    normalization: Normalization
+    dtype: np.dtype
+
+    def encode(self, plane: np.ndarray) -> np.ndarray:
+        raw = plane * self.normalization.std + self.normalization.mean
+        if self.dtype.kind in "ui":
+            limits = np.iinfo(self.dtype)
+            return np.clip(np.rint(raw), limits.min, limits.max).astype(self.dtype)
+        return raw.astype(self.dtype)
+
+
 def stack_normalization(stack: TiffStack, *, max_planes: int = 16, max_pixels: int = 4_000_000) -> Normalization:
     """Mean/std of a stack from up to `max_planes` evenly spaced, subsampled planes (one pass)."""
     indices = np.unique(np.linspace(0, len(stack) - 1, min(len(stack), max_planes)).astype(int))
@@ -133,11 +151,12 @@ def predict_stack(
     tile: int,
     batch: int = 4,
     blend: str = "cosine",
-    spec: OutputSpec = OutputSpec(),
+    spec: OutputSpec | IntensityOutput = OutputSpec(),
     overwrite: bool = False,
     on_tiles: Callable[[int], None] | None = None,
 ) -> Path:
-    """Predict every plane of `stack` and write the class probability to `output` (atomic)."""
+    """Run every plane of `stack` through `forward` and write channel 0, encoded by `spec`, to
+    `output` (atomically): a class probability (OutputSpec) or denoised intensities (IntensityOutput)."""
     plan_tiles(stack.shape[1:], geometry, tile=tile)  # fail on a bad tile before any work
     planes = normalized_planes(stack, normalization)
     probabilities = predict_planes(planes, forward, geometry, tile=tile, batch=batch, blend=blend, on_tiles=on_tiles)

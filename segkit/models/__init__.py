@@ -35,6 +35,9 @@ _REGISTRY: dict[str, ModelEntry] = {
 }
 SMP_PREFIX = "smp:"
 _SMP_ENTRY = ModelEntry("segkit.models.smp", "SmpModel", "segmentation-models-pytorch")
+#: Built from two checkpoints' records (a denoiser in front of a segmenter), so not listed.
+COMPOSED = "denoised"
+_COMPOSED_ENTRY = ModelEntry("segkit.models.compose", "DenoisedSegmenter", "denoiser pre-stage + segmenter")
 
 
 def list_models(kind: str | None = None) -> list[str]:
@@ -60,6 +63,8 @@ def model_summary(name: str) -> str:
 def _entry(name: str) -> ModelEntry:
     if name.startswith(SMP_PREFIX):
         return _SMP_ENTRY
+    if name == COMPOSED:
+        return _COMPOSED_ENTRY
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY) + ["smp:Unet:resnet34"], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""

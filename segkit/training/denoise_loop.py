@@ -1,0 +1,222 @@
+"""Self-supervised training of a denoiser on raw stacks (no labels).
+
+supervised mode: the raw data (scaled to [0, 1]) is the clean target and a synthetic corruption
+of it the input, as in a denoising autoencoder. blind_spot mode (Noise2Void): the input is the
+(corrupted or real) noisy data with a few pixels replaced by neighbours, and the loss is taken
+only at those pixels against their noisy values, so no clean data is needed.
+Validation: PSNR and SSIM of whole validation slices, corrupted once with a fixed seed and
+denoised through the same tiler as `segkit denoise`, against the clean slices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from segkit.checkpoint import CheckpointInfo, Normalization, read_info, save_checkpoint
+from segkit.errors import CheckpointError, ConfigError, SegkitError
+from segkit.inference.tiler import mirror_pad, predict_planes
+from segkit.io.tiff import open_stack
+from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
+from segkit.training.data import intensity_scale
+from segkit.training.runs import RunFiles, build_optimizer, load_optimizer, plot_curve, save_optimizer, write_logs
+
+LOG_FIELDS = ["epoch", "train_loss", "psnr", "ssim", "noisy_psnr", "seconds", "lr"]
+VALIDATION_SEED = 20120  # the same corrupted validation slices in every epoch and every run
+
+
+def load_raw(data: dict[str, Any], split: str) -> list[np.ndarray]:
+    """Raw planes of one split, as stored."""
+    start, stop = data[f"{split}_slices"]
+    with open_stack(Path(data["root"]) / data["raw"]) as stack:
+        if stop > len(stack):
+            raise ConfigError(f"data.{split}_slices: [{start}, {stop}) exceeds the {len(stack)} slices of "
+                              f"{Path(data['root']) / data['raw']}")
+        return [stack.plane(z) for z in range(start, stop)]
+
+
+def sample_denoise_batch(planes: list[np.ndarray], rng: np.random.Generator, *, tile: int, margin: int,
+                         batch: int, settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs (N, 1, tile, tile), targets (N, 1, out, out), loss weights (N, 1, out, out)) in [0, 1] units.
+
+    `planes` are mirror-padded by `margin` and scaled to [0, 1].
+    """
+    corruption, train, augment = settings["corruption"], settings["train"], settings["augment"]
+    out = tile - 2 * margin
+    inner = (slice(margin, margin + out), slice(margin, margin + out))
+    inputs, targets, weights = [], [], []
+    for _ in range(batch):
+        plane = planes[int(rng.integers(len(planes)))]
+        y = int(rng.integers(plane.shape[0] - tile + 1))
+        x = int(rng.integers(plane.shape[1] - tile + 1))
+        clean = plane[y : y + tile, x : x + tile]
+        if augment["rot90"]:
+            clean = np.rot90(clean, int(rng.integers(4)))
+        if augment["flips"] and rng.random() < 0.5:
+            clean = clean[:, ::-1]
+        noisy = corrupt(np.ascontiguousarray(clean), rng, corruption)
+        if train["mode"] == "blind_spot":
+            masked, mask = blind_spot(noisy, rng, fraction=train["blind_spot_fraction"],
+                                      radius=train["blind_spot_radius"], region=inner)
+            inputs.append(masked)
+            targets.append(noisy[inner])
+            weights.append(mask[inner].astype(np.float32))
+        else:
+            inputs.append(noisy)
+            targets.append(clean[inner])
+            weights.append(np.ones((out, out), np.float32))
+    stack = lambda items: np.stack(items)[:, None].astype(np.float32)  # noqa: E731
+    return stack(inputs), stack(targets), stack(weights)
+
+
+def denoise_planes(model: Any, planes: list[np.ndarray], *, normalization: Normalization, scale: float, tile: int,
+                   batch: int, device: str) -> list[np.ndarray]:
+    """Denoise planes given in [0, 1] units through the tiler; returns [0, 1] units."""
+    from segkit.inference.engines import TorchEngine
+
+    engine = TorchEngine(model, device=device, channel=None)
+    normalized = [((p * scale - normalization.mean) / normalization.std).astype(np.float32) for p in planes]
+    outputs = predict_planes(normalized, engine, model.geometry, tile=tile, batch=batch)
+    return [(o[0] * normalization.std + normalization.mean) / scale for o in outputs]
+
+
+def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True,
+                   echo: Callable[[str], None] = print) -> RunFiles:
+    """Train the recipe's denoiser; returns the run's files (best/last checkpoints, logs, curve)."""
+    import torch
+    from tqdm import tqdm
+
+    from segkit.inference.engines import resolve_device
+    from segkit.models import create_model, model_kind
+
+    cfg_data, cfg_train = recipe["data"], recipe["train"]
+    if model_kind(recipe["model"]["name"]) != "denoiser":
+        raise ConfigError(f"model.name: {recipe['model']['name']} is a segmenter; `segkit train-denoiser` trains "
+                          "denoisers (model.name: denoiser) and `segkit train` trains segmenters")
+    if cfg_train["mode"] == "supervised" and recipe["corruption"]["noise"] == "none":
+        raise ConfigError("corruption.noise: 'none' leaves nothing to learn in supervised mode; choose a noise or "
+                          "train.mode: blind_spot")
+    files = RunFiles(Path(cfg_train["out"]))
+    if files.last.exists() and not resume:
+        raise SegkitError(f"{files.root} already holds a run; pass --resume to continue it or set train.out=<new folder>")
+    if resume and not files.last.exists():
+        raise SegkitError(f"--resume: no last checkpoint in {files.root}; start without --resume")
+    files.root.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(cfg_train["device"])
+    torch.manual_seed(cfg_train["seed"])
+    model_kwargs = {"in_channels": 1, **recipe["model"]["params"]}
+    model = create_model(recipe["model"]["name"], **model_kwargs)
+    geometry, tile = model.geometry, cfg_data["tile"]
+    geometry.check_tile(tile)
+    out_tile = geometry.output_size(tile)
+
+    echo(f"loading raw data from {cfg_data['root']}")
+    train_raw, val_raw = load_raw(cfg_data, "train"), load_raw(cfg_data, "val")
+    scale = intensity_scale(train_raw[0].dtype)
+    values = np.concatenate([r.astype(np.float64).ravel() for r in train_raw])
+    normalization = Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+    unit = lambda plane: plane.astype(np.float32) / scale  # noqa: E731
+    padded = [mirror_pad(unit(p), [(geometry.margin, geometry.margin + max(0, out_tile - n)) for n in p.shape])
+              for p in train_raw]
+    val_clean = [unit(p) for p in val_raw]
+    val_rng = np.random.default_rng(VALIDATION_SEED)
+    val_noisy = [corrupt(p, val_rng, recipe["corruption"]) for p in val_clean]
+    # Without synthetic noise the "clean" slices are the raw ones, and the noisy input equals them.
+    synthetic = recipe["corruption"]["noise"] != "none"
+    noisy_psnr = float(np.mean([psnr(n, c) for n, c in zip(val_noisy, val_clean)])) if synthetic else None
+
+    model = model.to(device)
+    optimizer = build_optimizer(model.parameters(), cfg_train)
+    use_cuda = device.startswith("cuda")
+    amp_dtype = torch.bfloat16 if (cfg_train["amp"] and use_cuda) else None
+    history: list[dict[str, float]] = []
+    start_epoch, best_psnr = 1, -math.inf
+    if resume:
+        from safetensors.torch import load_file
+
+        previous = read_info(files.last)
+        if previous.model != recipe["model"]["name"] or previous.model_kwargs != model_kwargs:
+            raise CheckpointError(f"--resume: {files.last} holds model {previous.model} {previous.model_kwargs}, "
+                                  f"not this recipe's {recipe['model']['name']} {model_kwargs}")
+        model.load_state_dict(load_file(str(files.last)))
+        meta = load_optimizer(files.optimizer, optimizer)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg_train["lr"]
+        start_epoch, best_psnr, history = meta["epoch"] + 1, meta["best_psnr"], meta["history"]
+        echo(f"resuming {files.root} after epoch {meta['epoch']}")
+
+    files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    info = CheckpointInfo(
+        kind="denoiser", model=recipe["model"]["name"], model_kwargs=model_kwargs, geometry=geometry,
+        normalization=normalization, classes=[],
+        inference={"tile": tile, "input_dtype": str(train_raw[0].dtype), "intensity_scale": scale}, recipe=recipe,
+    )
+    rng = np.random.default_rng([cfg_train["seed"], start_epoch])
+    epoch = completed = start_epoch - 1
+    started, limit = time.monotonic(), cfg_train["time_limit_min"]
+
+    def save_last() -> None:
+        save_checkpoint(files.last, model, info)
+        save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_psnr": best_psnr, "history": history})
+
+    def to_model_units(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((x * scale - normalization.mean) / normalization.std).to(device)
+
+    try:
+        for epoch in range(start_epoch, cfg_train["epochs"] + 1):
+            model.train()
+            epoch_start, losses = time.monotonic(), []
+            bar = tqdm(range(cfg_train["iters_per_epoch"]), desc=f"epoch {epoch}/{cfg_train['epochs']}",
+                       disable=not progress, leave=False)
+            for _ in bar:
+                noisy, target, weight = sample_denoise_batch(padded, rng, tile=tile, margin=geometry.margin,
+                                                             batch=cfg_train["batch"], settings=recipe)
+                with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+                    estimate = model(to_model_units(noisy)).float()
+                error = estimate - to_model_units(target)
+                per_pixel = error.square() if cfg_train["loss"] == "mse" else error.abs()
+                weight_t = torch.from_numpy(weight).to(device)
+                loss = (per_pixel * weight_t).sum() / weight_t.sum().clamp(min=1.0)
+                if not torch.isfinite(loss):
+                    raise SegkitError(f"loss became {loss.item()} at epoch {epoch}; lower train.lr or disable train.amp")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.item()))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            model.eval()
+            denoised = denoise_planes(model, val_noisy, normalization=normalization, scale=scale, tile=tile,
+                                      batch=cfg_train["val_batch"], device=device)
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                   "psnr": float(np.mean([psnr(d, c) for d, c in zip(denoised, val_clean)])),
+                   "ssim": float(np.mean([ssim(d, c) for d, c in zip(denoised, val_clean)])),
+                   "noisy_psnr": noisy_psnr, "seconds": time.monotonic() - epoch_start,
+                   "lr": optimizer.param_groups[0]["lr"]}
+            history.append(row)
+            info.training = {"epoch": epoch, "validation": {k: row[k] for k in ("psnr", "ssim", "noisy_psnr")},
+                             "corruption": recipe["corruption"], "mode": cfg_train["mode"]}
+            if row["psnr"] > best_psnr:
+                best_psnr = row["psnr"]
+                save_checkpoint(files.best, model, info)
+            completed = epoch
+            save_last()
+            write_logs(files, history, LOG_FIELDS)
+            plot_curve(history, files.curve, loss_label=f"{cfg_train['loss']} ({cfg_train['mode']})",
+                       metrics=("psnr", "noisy_psnr") if synthetic else ("psnr",), metric_label="PSNR (dB)")
+            baseline = f" (noisy input {noisy_psnr:.2f} dB)" if synthetic else " (vs the raw data)"
+            echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val PSNR {row['psnr']:.2f} dB{baseline}  "
+                 f"SSIM {row['ssim']:.3f}")
+            if limit is not None and time.monotonic() - started > limit * 60:
+                echo(f"stopping after epoch {epoch}: train.time_limit_min={limit} reached")
+                break
+    except KeyboardInterrupt:
+        save_last()
+        echo(f"interrupted; last checkpoint kept in {files.root} (continue with --resume)")
+        raise
+    return files
