@@ -27,6 +27,8 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
         "pretrained": ((str, type(None)), None),
         # a segkit checkpoint whose matching tensors initialise the model (staged FCN-32s -> 16s -> 8s)
         "init_from": ((str, type(None)), None),
+        # a denoiser checkpoint run frozen in front of the segmenter (data.tile then includes its margin)
+        "denoiser": ((str, type(None)), None),
     },
     "data": {
         "root": ((str,), "../shared/data/isbi2012"),

@@ -130,3 +130,24 @@ def test_cli_train_denoiser(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "best.safetensors").exists() and "val PSNR" in result.output
     assert_user_error(run("train-denoiser", recipe, "corruption.noise=pink"), "corruption.noise", "not one of")
+
+
+def test_segmentation_training_with_frozen_denoiser_in_front(tmp_path, denoiser_and_segmenter, uint8_stack):
+    from segkit.checkpoint import load_model
+    from segkit.training.loop import train
+    from tests.test_training import tiny_recipe
+
+    den_path, _ = denoiser_and_segmenter
+    den_before, _ = load_model(den_path, expect_kind="denoiser")
+    recipe = tiny_recipe(tmp_path, epochs=1)
+    recipe["model"]["denoiser"] = str(den_path)
+    recipe["data"]["tile"] = 236 + 40  # the segmenter's tile plus the denoiser's margins
+    files = train(recipe, progress=False, echo=lambda _: None)
+    model, info = load_model(files.best)
+    assert info.model == "denoised" and info.geometry.margin == 92 + 20
+    assert info.normalization == Normalization(110.0, 30.0)  # the input is normalised as the denoiser's
+    for name, tensor in den_before.state_dict().items():  # frozen: the denoiser did not change
+        torch.testing.assert_close(model.denoiser.state_dict()[name], tensor)
+    result = run("predict", uint8_stack, "-m", files.best, "-o", tmp_path / "p.tif", "-q")  # needs nothing else
+    assert result.exit_code == 0, result.output
+    assert tifffile.imread(tmp_path / "p.tif").shape == (3, 70, 91)

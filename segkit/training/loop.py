@@ -71,6 +71,36 @@ def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *,
     return {t: mean_scores(s) for t, s in scores.items()}
 
 
+def build_model(settings: dict[str, Any], data_normalization: Normalization,
+                echo: Callable[[str], None]) -> tuple[Any, str, dict[str, Any], Normalization]:
+    """The model a recipe trains: (model, registry name, kwargs, normalisation of its input).
+
+    With `model.denoiser`, the frozen denoiser runs in front of the segmenter on every batch:
+    the model is their composition, its input normalised like the denoiser's training data.
+    """
+    from segkit.models import COMPOSED, create_model
+
+    kwargs = {"in_channels": 1, "classes": 2, **settings["params"]}
+    if not settings["denoiser"]:
+        model = create_model(settings["name"], **kwargs)
+        _initialize(model, settings, echo)
+        return model, settings["name"], kwargs, data_normalization
+    from segkit.checkpoint import load_model
+
+    denoiser, denoiser_info = load_model(settings["denoiser"], expect_kind="denoiser")
+    composed_kwargs = {
+        "denoiser": {"name": denoiser_info.model, "kwargs": denoiser_info.model_kwargs,
+                     "normalization": denoiser_info.normalization.to_dict()},
+        "segmenter": {"name": settings["name"], "kwargs": kwargs, "normalization": data_normalization.to_dict()},
+    }
+    model = create_model(COMPOSED, **composed_kwargs)
+    model.denoiser.load_state_dict(denoiser.state_dict())
+    _initialize(model.segmenter, settings, echo)
+    echo(f"denoiser {settings['denoiser']} runs frozen in front of {settings['name']} "
+         f"(margins {denoiser_info.geometry.margin} + {model.segmenter.geometry.margin})")
+    return model, COMPOSED, composed_kwargs, denoiser_info.normalization
+
+
 def _initialize(model: Any, settings: dict[str, Any], echo: Callable[[str], None]) -> None:
     """Apply the recipe's `model.pretrained` (ImageNet backbone) and `model.init_from` (earlier stage)."""
     from segkit.checkpoint import initialize_from
@@ -91,7 +121,6 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     import torch
     from tqdm import tqdm
 
-    from segkit.models import create_model
     from segkit.training.losses import segmentation_loss
 
     files = RunFiles(Path(recipe["train"]["out"]))
@@ -104,26 +133,23 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     cfg_data, cfg_train, cfg_loss = recipe["data"], recipe["train"], recipe["loss"]
     device = _resolve_device(cfg_train["device"])
     torch.manual_seed(cfg_train["seed"])
-    model_kwargs = {"in_channels": 1, "classes": 2, **recipe["model"]["params"]}
-    model = create_model(recipe["model"]["name"], **model_kwargs)
-    geometry = model.geometry
-    _initialize(model, recipe["model"], echo)
-    tile = cfg_data["tile"]
-    geometry.check_tile(tile)
-    out_tile = geometry.output_size(tile)
-
     echo(f"loading data from {cfg_data['root']}")
     train_raw, train_mem = load_split(cfg_data, "train")
     val_raw, val_mem = load_split(cfg_data, "val")
     values = np.concatenate([r.astype(np.float64).ravel() for r in train_raw])
-    normalization = Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+    data_normalization = Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+    model, model_name, model_kwargs, normalization = build_model(recipe["model"], data_normalization, echo)
+    geometry = model.geometry
+    tile = cfg_data["tile"]
+    geometry.check_tile(tile)
+    out_tile = geometry.output_size(tile)
     class_weights = class_balance_weights(np.stack(train_mem)) if cfg_loss["class_balance"] else (1.0, 1.0)
     # Same-padding models sample tiles from planes mirror-padded by their halo too: more positions.
     slices = prepare_slices(train_raw, train_mem, margin=geometry.margin + geometry.halo, min_size=out_tile,
                             class_weights=class_weights, w0=cfg_loss["border_w0"], sigma=cfg_loss["border_sigma"])
 
     model = model.to(device)
-    optimizer = build_optimizer(model.parameters(), cfg_train)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg_train)
     use_cuda = device.startswith("cuda")
     amp_dtype = None
     if cfg_train["amp"] and use_cuda:
@@ -137,9 +163,9 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
         from safetensors.torch import load_file
 
         previous = read_info(files.last)
-        if previous.model != recipe["model"]["name"] or previous.model_kwargs != model_kwargs:
+        if previous.model != model_name or previous.model_kwargs != model_kwargs:
             raise CheckpointError(f"--resume: {files.last} holds model {previous.model} {previous.model_kwargs}, "
-                                  f"not this recipe's {recipe['model']['name']} {model_kwargs}")
+                                  f"not this recipe's {model_name} {model_kwargs}")
         model.load_state_dict(load_file(str(files.last)))
         meta = load_optimizer(files.optimizer, optimizer)
         for group in optimizer.param_groups:  # the recipe (and its overrides) decide the rate from here on
@@ -149,7 +175,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
     info = CheckpointInfo(
-        kind="segmenter", model=recipe["model"]["name"],
+        kind="segmenter", model=model_name,
         model_kwargs=model_kwargs,
         geometry=geometry, normalization=normalization,
         inference={"threshold": cfg_train["val_threshold"], "tile": tile, "input_dtype": str(train_raw[0].dtype)},
