@@ -111,7 +111,7 @@ def test_staged_fcn_training_through_recipes(tmp_path):
     def recipe(variant, out, init_from=None):
         r = tiny_recipe(tmp_path, epochs=1, out=str(tmp_path / out))
         r["model"] = {"name": f"fcn{variant}", "params": {"width": 4, "fc": 16, "halo": 16},
-                      "pretrained": None, "init_from": init_from}
+                      "pretrained": None, "init_from": init_from, "denoiser": None}
         r["data"]["tile"] = 96
         return r
 
