@@ -39,6 +39,9 @@ def main() -> None:
       segkit predict stack.tif -o membranes.tif     # membrane probabilities of a stack
       segkit evaluate membranes.tif labels.tif      # pixel error, adapted Rand, VI
       segkit train recipes/em_neurons.yaml          # train the U-Net on ISBI 2012
+      segkit models                                 # registered architectures and their geometry
+      segkit train-denoiser recipes/denoise_em.yaml # a denoising pre-stage from raw data
+      segkit denoise noisy.tif -m den.safetensors   # denoise a stack
     """
 
 
