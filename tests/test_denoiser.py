@@ -151,3 +151,18 @@ def test_segmentation_training_with_frozen_denoiser_in_front(tmp_path, denoiser_
     result = run("predict", uint8_stack, "-m", files.best, "-o", tmp_path / "p.tif", "-q")  # needs nothing else
     assert result.exit_code == 0, result.output
     assert tifffile.imread(tmp_path / "p.tif").shape == (3, 70, 91)
+
+
+def test_denoiser_training_resumes(tmp_path):
+    from segkit.errors import SegkitError
+    from segkit.training.denoise_loop import train_denoiser
+
+    files = train_denoiser(tiny_denoise_recipe(tmp_path, epochs=1, iters_per_epoch=3), progress=False,
+                           echo=lambda _: None)
+    with pytest.raises(SegkitError, match="--resume"):
+        train_denoiser(tiny_denoise_recipe(tmp_path, epochs=1, iters_per_epoch=3), progress=False)
+    messages = []
+    train_denoiser(tiny_denoise_recipe(tmp_path, epochs=2, iters_per_epoch=3), resume=True, progress=False,
+                   echo=messages.append)
+    assert any("resuming" in m for m in messages)
+    assert [row["epoch"] for row in json.loads(files.log_json.read_text())] == [1, 2]

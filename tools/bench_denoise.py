@@ -2,7 +2,7 @@
 
 Usage:
   python tools/bench_denoise.py --denoiser runs/denoise_em/best.safetensors \\
-      [--segmenter segkit/data/unet_isbi_demo.safetensors] [--root ../shared/data/isbi2012] [--panel docs/x.jpg]
+      [--segmenter segkit/data/unet_isbi_demo.safetensors] [--root ../shared/data/isbi2012] [--panel docs/denoise_panel.png]
 
 The test slices are corrupted with the noise the denoiser was trained on (fixed seed). Reports
 PSNR/SSIM against the clean slices for: the noisy input, a median filter and a Gaussian filter
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--segmenter", type=Path, default=Path("segkit/data/unet_isbi_demo.safetensors"))
     parser.add_argument("--root", type=Path, default=Path("../shared/data/isbi2012"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--panel", type=Path, help="write a noisy | denoised | clean JPEG panel here")
+    parser.add_argument("--panel", type=Path, help="write a noisy | denoised | clean panel here (.png or .jpg)")
     args = parser.parse_args()
 
     from scipy import ndimage
@@ -95,7 +95,7 @@ def main() -> None:
         tiles = [np.clip(p[crop], 0, 1) for p in (outputs["noisy"][25], outputs["denoiser"][25], raw[25])]
         gap = np.ones((256, 6), np.float32)
         panel = np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
-        cv2.imwrite(str(args.panel), (panel * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        cv2.imwrite(str(args.panel), (panel * 255).astype(np.uint8))
     print(json.dumps({
         "device": device, "denoiser": str(args.denoiser), "segmenter": str(args.segmenter),
         "corruption": corruption, "test_slices": [25, 30], "baseline_sizes_chosen_on": [20, 25],
