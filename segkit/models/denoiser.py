@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from segkit.models.geometry import Geometry, valid_unet_geometry
-from segkit.models.unet import _center_crop, _double_conv
+from segkit.models.unet import _center_crop, _double_conv, he_init, valid_encoder
 
 UPSAMPLING = ("resize", "transpose")
 
@@ -43,13 +43,8 @@ class DenoisingAutoencoder(nn.Module):
         self.out_channels = in_channels
         self.skip = skip
         widths = [base * 2**level for level in range(depth + 1)]
-        self.encoder = nn.ModuleList()
-        channels = in_channels
-        for width in widths[:-1]:
-            self.encoder.append(_double_conv(channels, width, batch_norm))
-            channels = width
+        self.encoder, self.bottom = valid_encoder(in_channels, widths, batch_norm)
         self.pool = nn.MaxPool2d(2)
-        self.bottom = _double_conv(channels, widths[-1], batch_norm)
         self.upsamplers = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for width in reversed(widths[:-1]):
@@ -60,10 +55,7 @@ class DenoisingAutoencoder(nn.Module):
                 self.upsamplers.append(nn.ConvTranspose2d(width * 2, width, 2, stride=2))
             self.decoder.append(_double_conv(width * 2 if skip else width, width, batch_norm))
         self.head = nn.Conv2d(widths[0], in_channels, 1)
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []

@@ -19,6 +19,25 @@ def _double_conv(in_channels: int, out_channels: int, batch_norm: bool) -> nn.Se
     return nn.Sequential(*layers)
 
 
+def valid_encoder(in_channels: int, widths: list[int], batch_norm: bool) -> tuple[nn.ModuleList, nn.Sequential]:
+    """Contracting path of unpadded double convs (one per level, pooled between) and the bottom block."""
+    encoder = nn.ModuleList()
+    channels = in_channels
+    for width in widths[:-1]:
+        encoder.append(_double_conv(channels, width, batch_norm))
+        channels = width
+    return encoder, _double_conv(channels, widths[-1], batch_norm)
+
+
+def he_init(model: nn.Module) -> None:
+    """He et al. 2015 init, std sqrt(2/N), as the U-Net paper prescribes for ReLU networks."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 def _center_crop(skip: torch.Tensor, height: int, width: int) -> torch.Tensor:
     top = (skip.shape[-2] - height) // 2
     left = (skip.shape[-1] - width) // 2
@@ -55,13 +74,8 @@ class UNet(nn.Module):
         self.geometry: Geometry = valid_unet_geometry(depth)
         self.out_channels = classes
         widths = [base * 2**level for level in range(depth + 1)]
-        self.encoder = nn.ModuleList()
-        channels = in_channels
-        for width in widths[:-1]:
-            self.encoder.append(_double_conv(channels, width, batch_norm))
-            channels = width
+        self.encoder, self.bottom = valid_encoder(in_channels, widths, batch_norm)
         self.pool = nn.MaxPool2d(2)
-        self.bottom = _double_conv(channels, widths[-1], batch_norm)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.upconvs = nn.ModuleList()
         self.decoder = nn.ModuleList()
@@ -69,15 +83,7 @@ class UNet(nn.Module):
             self.upconvs.append(nn.ConvTranspose2d(width * 2, width, 2, stride=2))
             self.decoder.append(_double_conv(width * 2, width, batch_norm))
         self.head = nn.Conv2d(widths[0], classes, 1)
-        self._init_he()
-
-    def _init_he(self) -> None:
-        # He et al. 2015 init, std sqrt(2/N), as the U-Net paper prescribes for ReLU networks.
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
