@@ -65,8 +65,11 @@ class Geometry:
         raise TileSizeError(f"tile {tile} is not a valid input size for this model (valid: {valid}); use --tile {choices}")
 
     def with_halo(self, halo: int) -> "Geometry":
-        """The same geometry with another halo; valid-conv models need none (their tiles are exact)."""
-        if self.margin > 0:
+        """The same geometry with another halo; valid-conv models need none (their tiles are exact).
+
+        A denoiser in front of a same-padding segmenter has both a margin and a halo; its halo can change.
+        """
+        if self.margin > 0 and self.halo == 0:
             raise TileSizeError("--halo applies to same-padding models (FCN, smp); valid-conv models have exact "
                                 "tiles and need no halo")
         if halo < 0:
