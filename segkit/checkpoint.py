@@ -173,21 +173,31 @@ def initialize_from(model: Any, path: str | Path) -> int:
     return len(matching)
 
 
-def compose_with_denoiser(denoiser_path: str | Path, segmenter_path: str | Path) -> tuple[Any, CheckpointInfo]:
-    """Load a denoiser and a segmenter checkpoint as one model (denoiser first); its info carries
-    the denoiser's input normalisation and the composed geometry."""
+def put_in_front(denoiser: Any, denoiser_info: CheckpointInfo, segmenter: str, segmenter_kwargs: dict[str, Any],
+                 segmenter_normalization: Normalization) -> tuple[Any, dict[str, Any]]:
+    """A `denoised` model: the loaded `denoiser` (weights copied) in front of a new `segmenter`
+    built from its registry name and kwargs; returns the model and its registry kwargs."""
     from segkit.models import COMPOSED, create_model
 
-    denoiser, denoiser_info = load_model(denoiser_path, expect_kind="denoiser")
-    segmenter, segmenter_info = load_model(segmenter_path, expect_kind="segmenter")
     kwargs = {
         "denoiser": {"name": denoiser_info.model, "kwargs": denoiser_info.model_kwargs,
                      "normalization": denoiser_info.normalization.to_dict()},
-        "segmenter": {"name": segmenter_info.model, "kwargs": segmenter_info.model_kwargs,
-                      "normalization": segmenter_info.normalization.to_dict()},
+        "segmenter": {"name": segmenter, "kwargs": segmenter_kwargs, "normalization": segmenter_normalization.to_dict()},
     }
     model = create_model(COMPOSED, **kwargs)
     model.denoiser.load_state_dict(denoiser.state_dict())
+    return model, kwargs
+
+
+def compose_with_denoiser(denoiser_path: str | Path, segmenter_path: str | Path) -> tuple[Any, CheckpointInfo]:
+    """Load a denoiser and a segmenter checkpoint as one model (denoiser first); its info carries
+    the denoiser's input normalisation and the composed geometry."""
+    from segkit.models import COMPOSED
+
+    denoiser, denoiser_info = load_model(denoiser_path, expect_kind="denoiser")
+    segmenter, segmenter_info = load_model(segmenter_path, expect_kind="segmenter")
+    model, kwargs = put_in_front(denoiser, denoiser_info, segmenter_info.model, segmenter_info.model_kwargs,
+                                 segmenter_info.normalization)
     model.segmenter.load_state_dict(segmenter.state_dict())
     model.eval()
     tile = segmenter_info.inference.get("tile")

@@ -58,6 +58,22 @@ def weight_map(membrane: np.ndarray, class_weights: tuple[float, float], *, w0: 
     return base + border_weight_map(membrane, w0=w0, sigma=sigma)
 
 
+def split_planes(stack: Any, data: dict[str, Any], split: str) -> list[np.ndarray]:
+    """The planes of `stack` in the recipe's `data.<split>_slices` range ('train', 'val', 'test')."""
+    from segkit.errors import ConfigError
+
+    start, stop = data[f"{split}_slices"]
+    if stop > len(stack):
+        raise ConfigError(f"data.{split}_slices: [{start}, {stop}) exceeds the {len(stack)} slices of {stack.source}")
+    return [stack.plane(z) for z in range(start, stop)]
+
+
+def data_normalization(planes: list[np.ndarray]) -> Normalization:
+    """Global mean/std of training planes in raw units (stored in the checkpoint, never per tile)."""
+    values = np.concatenate([p.astype(np.float64).ravel() for p in planes])
+    return Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+
+
 def intensity_scale(dtype: np.dtype) -> float:
     """Maximum of an integer dtype (to map raw data into [0, 1] for augmentation); 1 for floats."""
     dtype = np.dtype(dtype)

@@ -18,13 +18,22 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from segkit.checkpoint import CheckpointInfo, Normalization, read_info, save_checkpoint
-from segkit.errors import CheckpointError, ConfigError, SegkitError
+from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+from segkit.errors import ConfigError, SegkitError
 from segkit.inference.tiler import mirror_pad, predict_planes
 from segkit.io.tiff import open_stack
 from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
-from segkit.training.data import intensity_scale
-from segkit.training.runs import RunFiles, build_optimizer, load_optimizer, plot_curve, save_optimizer, write_logs
+from segkit.training.data import data_normalization, intensity_scale, split_planes
+from segkit.training.runs import (
+    RunFiles,
+    amp_setup,
+    build_optimizer,
+    open_run,
+    plot_curve,
+    resume_run,
+    save_optimizer,
+    write_logs,
+)
 
 LOG_FIELDS = ["epoch", "train_loss", "psnr", "ssim", "noisy_psnr", "seconds", "lr"]
 VALIDATION_SEED = 20120  # the same corrupted validation slices in every epoch and every run
@@ -32,12 +41,8 @@ VALIDATION_SEED = 20120  # the same corrupted validation slices in every epoch a
 
 def load_raw(data: dict[str, Any], split: str) -> list[np.ndarray]:
     """Raw planes of one split, as stored."""
-    start, stop = data[f"{split}_slices"]
     with open_stack(Path(data["root"]) / data["raw"]) as stack:
-        if stop > len(stack):
-            raise ConfigError(f"data.{split}_slices: [{start}, {stop}) exceeds the {len(stack)} slices of "
-                              f"{Path(data['root']) / data['raw']}")
-        return [stack.plane(z) for z in range(start, stop)]
+        return split_planes(stack, data, split)
 
 
 def sample_denoise_batch(planes: list[np.ndarray], rng: np.random.Generator, *, tile: int, margin: int,
@@ -101,12 +106,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     if cfg_train["mode"] == "supervised" and recipe["corruption"]["noise"] == "none":
         raise ConfigError("corruption.noise: 'none' leaves nothing to learn in supervised mode; choose a noise or "
                           "train.mode: blind_spot")
-    files = RunFiles(Path(cfg_train["out"]))
-    if files.last.exists() and not resume:
-        raise SegkitError(f"{files.root} already holds a run; pass --resume to continue it or set train.out=<new folder>")
-    if resume and not files.last.exists():
-        raise SegkitError(f"--resume: no last checkpoint in {files.root}; start without --resume")
-    files.root.mkdir(parents=True, exist_ok=True)
+    files = open_run(cfg_train["out"], resume=resume)
 
     device = resolve_device(cfg_train["device"])
     torch.manual_seed(cfg_train["seed"])
@@ -119,8 +119,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     echo(f"loading raw data from {cfg_data['root']}")
     train_raw, val_raw = load_raw(cfg_data, "train"), load_raw(cfg_data, "val")
     scale = intensity_scale(train_raw[0].dtype)
-    values = np.concatenate([r.astype(np.float64).ravel() for r in train_raw])
-    normalization = Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+    normalization = data_normalization(train_raw)
     unit = lambda plane: plane.astype(np.float32) / scale  # noqa: E731
     padded = [mirror_pad(unit(p), [(geometry.margin, geometry.margin + max(0, out_tile - n)) for n in p.shape])
               for p in train_raw]
@@ -134,20 +133,12 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     model = model.to(device)
     optimizer = build_optimizer(model.parameters(), cfg_train)
     use_cuda = device.startswith("cuda")
-    amp_dtype = torch.bfloat16 if (cfg_train["amp"] and use_cuda) else None
+    amp_dtype, scaler = amp_setup(cfg_train["amp"], device)
     history: list[dict[str, float]] = []
     start_epoch, best_psnr = 1, -math.inf
     if resume:
-        from safetensors.torch import load_file
-
-        previous = read_info(files.last)
-        if previous.model != recipe["model"]["name"] or previous.model_kwargs != model_kwargs:
-            raise CheckpointError(f"--resume: {files.last} holds model {previous.model} {previous.model_kwargs}, "
-                                  f"not this recipe's {recipe['model']['name']} {model_kwargs}")
-        model.load_state_dict(load_file(str(files.last)))
-        meta = load_optimizer(files.optimizer, optimizer)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg_train["lr"]
+        meta = resume_run(files, model, optimizer, name=recipe["model"]["name"], kwargs=model_kwargs,
+                          lr=cfg_train["lr"])
         start_epoch, best_psnr, history = meta["epoch"] + 1, meta["best_psnr"], meta["history"]
         echo(f"resuming {files.root} after epoch {meta['epoch']}")
 
@@ -186,8 +177,9 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                 if not torch.isfinite(loss):
                     raise SegkitError(f"loss became {loss.item()} at epoch {epoch}; lower train.lr or disable train.amp")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 losses.append(float(loss.item()))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             model.eval()

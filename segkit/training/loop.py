@@ -14,16 +14,28 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from segkit.checkpoint import CheckpointInfo, Normalization, read_info, save_checkpoint
-from segkit.errors import CheckpointError, ConfigError, InputError, SegkitError
+from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+from segkit.errors import ConfigError, InputError, SegkitError
+from segkit.inference.engines import resolve_device
 from segkit.io.tiff import open_stack
 from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_slice
 from segkit.training.data import (
     class_balance_weights,
+    data_normalization,
     patch_stream,
     prepare_slices,
+    split_planes,
 )
-from segkit.training.runs import RunFiles, build_optimizer, load_optimizer, plot_curve, save_optimizer, write_logs
+from segkit.training.runs import (
+    RunFiles,
+    amp_setup,
+    build_optimizer,
+    open_run,
+    plot_curve,
+    resume_run,
+    save_optimizer,
+    write_logs,
+)
 
 LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "best_threshold",
               "best_adapted_rand_error", "seconds", "lr"]
@@ -37,23 +49,14 @@ def load_split(data: dict[str, Any], split: str) -> tuple[list[np.ndarray], list
     Labels follow the ISBI 2012 convention: 0 = membrane, > 0 = cell interior.
     """
     root = Path(data["root"])
-    start, stop = data[f"{split}_slices"]
     raw_stack = open_stack(root / data["raw"])
     label_stack = open_stack(root / data["labels"])
     with raw_stack, label_stack:
         if raw_stack.shape != label_stack.shape:
             raise InputError(f"raw {raw_stack.shape} and labels {label_stack.shape} differ in shape; pair them correctly")
-        if stop > len(raw_stack):
-            raise ConfigError(f"data.{split}_slices: [{start}, {stop}) exceeds the {len(raw_stack)} slices of {root / data['raw']}")
-        raws = [raw_stack.plane(z) for z in range(start, stop)]
-        membranes = [membrane_from_labels(label_stack.plane(z)) for z in range(start, stop)]
+        raws = split_planes(raw_stack, data, split)
+        membranes = [membrane_from_labels(labels) for labels in split_planes(label_stack, data, split)]
     return raws, membranes
-
-
-def _resolve_device(requested: str) -> str:
-    from segkit.inference.engines import resolve_device
-
-    return resolve_device(requested)
 
 
 def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *, normalization: Normalization,
@@ -71,7 +74,7 @@ def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *,
     return {t: mean_scores(s) for t, s in scores.items()}
 
 
-def build_model(settings: dict[str, Any], data_normalization: Normalization,
+def build_model(settings: dict[str, Any], segmenter_normalization: Normalization,
                 echo: Callable[[str], None]) -> tuple[Any, str, dict[str, Any], Normalization]:
     """The model a recipe trains: (model, registry name, kwargs, normalisation of its input).
 
@@ -84,17 +87,11 @@ def build_model(settings: dict[str, Any], data_normalization: Normalization,
     if not settings["denoiser"]:
         model = create_model(settings["name"], **kwargs)
         _initialize(model, settings, echo)
-        return model, settings["name"], kwargs, data_normalization
-    from segkit.checkpoint import load_model
+        return model, settings["name"], kwargs, segmenter_normalization
+    from segkit.checkpoint import load_model, put_in_front
 
     denoiser, denoiser_info = load_model(settings["denoiser"], expect_kind="denoiser")
-    composed_kwargs = {
-        "denoiser": {"name": denoiser_info.model, "kwargs": denoiser_info.model_kwargs,
-                     "normalization": denoiser_info.normalization.to_dict()},
-        "segmenter": {"name": settings["name"], "kwargs": kwargs, "normalization": data_normalization.to_dict()},
-    }
-    model = create_model(COMPOSED, **composed_kwargs)
-    model.denoiser.load_state_dict(denoiser.state_dict())
+    model, composed_kwargs = put_in_front(denoiser, denoiser_info, settings["name"], kwargs, segmenter_normalization)
     _initialize(model.segmenter, settings, echo)
     echo(f"denoiser {settings['denoiser']} runs frozen in front of {settings['name']} "
          f"(margins {denoiser_info.geometry.margin} + {model.segmenter.geometry.margin})")
@@ -123,22 +120,15 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     from segkit.training.losses import segmentation_loss
 
-    files = RunFiles(Path(recipe["train"]["out"]))
-    if files.last.exists() and not resume:
-        raise SegkitError(f"{files.root} already holds a run; pass --resume to continue it or set train.out=<new folder>")
-    if resume and not files.last.exists():
-        raise SegkitError(f"--resume: no last checkpoint in {files.root}; start without --resume")
-    files.root.mkdir(parents=True, exist_ok=True)
+    files = open_run(recipe["train"]["out"], resume=resume)
 
     cfg_data, cfg_train, cfg_loss = recipe["data"], recipe["train"], recipe["loss"]
-    device = _resolve_device(cfg_train["device"])
+    device = resolve_device(cfg_train["device"])
     torch.manual_seed(cfg_train["seed"])
     echo(f"loading data from {cfg_data['root']}")
     train_raw, train_mem = load_split(cfg_data, "train")
     val_raw, val_mem = load_split(cfg_data, "val")
-    values = np.concatenate([r.astype(np.float64).ravel() for r in train_raw])
-    data_normalization = Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
-    model, model_name, model_kwargs, normalization = build_model(recipe["model"], data_normalization, echo)
+    model, model_name, model_kwargs, normalization = build_model(recipe["model"], data_normalization(train_raw), echo)
     geometry = model.geometry
     tile = cfg_data["tile"]
     geometry.check_tile(tile)
@@ -151,25 +141,12 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     model = model.to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg_train)
     use_cuda = device.startswith("cuda")
-    amp_dtype = None
-    if cfg_train["amp"] and use_cuda:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        torch.backends.cudnn.benchmark = True
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    amp_dtype, scaler = amp_setup(cfg_train["amp"], device)
 
     history: list[dict[str, float]] = []
     start_epoch, best_error = 1, math.inf
     if resume:
-        from safetensors.torch import load_file
-
-        previous = read_info(files.last)
-        if previous.model != model_name or previous.model_kwargs != model_kwargs:
-            raise CheckpointError(f"--resume: {files.last} holds model {previous.model} {previous.model_kwargs}, "
-                                  f"not this recipe's {model_name} {model_kwargs}")
-        model.load_state_dict(load_file(str(files.last)))
-        meta = load_optimizer(files.optimizer, optimizer)
-        for group in optimizer.param_groups:  # the recipe (and its overrides) decide the rate from here on
-            group["lr"] = cfg_train["lr"]
+        meta = resume_run(files, model, optimizer, name=model_name, kwargs=model_kwargs, lr=cfg_train["lr"])
         start_epoch, best_error, history = meta["epoch"] + 1, meta["best_error"], meta["history"]
         echo(f"resuming {files.root} after epoch {meta['epoch']}")
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segkit.checkpoint import match_umask
-from segkit.errors import CheckpointError
+from segkit.checkpoint import match_umask, read_info
+from segkit.errors import CheckpointError, SegkitError
 
 
 @dataclass
@@ -46,6 +46,48 @@ class RunFiles:
     @property
     def recipe(self) -> Path:
         return self.root / "recipe.yaml"
+
+
+def open_run(out: str | Path, *, resume: bool) -> RunFiles:
+    """The run folder, created if needed; never overwrites a run unless resuming it."""
+    files = RunFiles(Path(out))
+    if files.last.exists() and not resume:
+        raise SegkitError(f"{files.root} already holds a run; pass --resume to continue it or set train.out=<new folder>")
+    if resume and not files.last.exists():
+        raise SegkitError(f"--resume: no last checkpoint in {files.root}; start without --resume")
+    files.root.mkdir(parents=True, exist_ok=True)
+    return files
+
+
+def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs: dict[str, Any], lr: float) -> dict[str, Any]:
+    """Load the last weights and optimizer state of `files` into `model` and `optimizer`.
+
+    Refuses a run of another model. The recipe's learning rate applies from here on. Returns the
+    extra state saved with the optimizer (epoch, history, best score).
+    """
+    from safetensors.torch import load_file
+
+    previous = read_info(files.last)
+    if previous.model != name or previous.model_kwargs != kwargs:
+        raise CheckpointError(f"--resume: {files.last} holds model {previous.model} {previous.model_kwargs}, "
+                              f"not this recipe's {name} {kwargs}")
+    model.load_state_dict(load_file(str(files.last)))
+    meta = load_optimizer(files.optimizer, optimizer)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return meta
+
+
+def amp_setup(enabled: bool, device: str) -> tuple[Any, Any]:
+    """(autocast dtype or None, GradScaler) for training: bf16 where the GPU has it, else fp16 with
+    loss scaling; nothing on the CPU."""
+    import torch
+
+    dtype = None
+    if enabled and device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.backends.cudnn.benchmark = True
+    return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
 def build_optimizer(params: Any, settings: dict[str, Any]) -> Any:
