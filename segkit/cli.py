@@ -83,6 +83,26 @@ def default_tile(geometry: Any) -> int:
     return 512 if below == 512 else above
 
 
+def _default_tile(info: Any, geometry: Any) -> int:
+    """The tile the model was trained with, else `default_tile`."""
+    return int(info.inference.get("tile") or default_tile(geometry))
+
+
+def _stream(source: str, stack: Any, engine: Any, geometry: Any, output: Path, *, quiet: bool, tile: int,
+            **options: Any) -> None:
+    """Say what will run, stream the stack through the engine with a tile progress bar, say where it went."""
+    from tqdm import tqdm
+
+    from segkit.inference.pipeline import count_tiles, predict_stack
+
+    total = count_tiles(stack, geometry, tile)
+    click.echo(f"{source}: {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} {stack.dtype}, "
+               f"{total} tiles of {tile} px on {engine.device}", err=True)
+    with tqdm(total=total, unit="tile", disable=quiet, file=sys.stderr) as bar:
+        written = predict_stack(stack, engine, geometry, output, tile=tile, on_tiles=bar.update, **options)
+    click.echo(f"wrote {written}")
+
+
 def default_output(source: str, suffix: str = "membranes") -> Path:
     """<stem>_<suffix>.tif beside a file or folder; a glob needs an explicit -o."""
     if any(ch in source for ch in "*?["):
@@ -133,11 +153,10 @@ def predict(source: str, output: Path | None, model_path: Path | None, denoiser_
       segkit predict 'sections/*.tif' -o mask.tif --threshold auto
       segkit predict noisy.tif --denoise runs/denoise_em/best.safetensors -o membranes.tif
     """
-    from tqdm import tqdm
 
     from segkit.checkpoint import compose_with_denoiser, load_model
     from segkit.inference.engines import TorchEngine
-    from segkit.inference.pipeline import OutputSpec, choose_normalization, count_tiles, predict_stack
+    from segkit.inference.pipeline import OutputSpec, choose_normalization
     from segkit.io.tiff import check_output_path, open_stack
 
     output = output or default_output(source)
@@ -150,19 +169,14 @@ def predict(source: str, output: Path | None, model_path: Path | None, denoiser_
     spec = OutputSpec(output_type)
     if threshold is not None:
         spec = OutputSpec("mask", _threshold(threshold, info.inference.get("threshold", 0.5)))
-    tile = tile or int(info.inference.get("tile") or default_tile(geometry))
+    tile = tile or _default_tile(info, geometry)
     with open_stack(source) as stack:
         normalization, note = choose_normalization(stack, info, mode=normalize)
         if note:
             click.echo(note, err=True)
         engine = TorchEngine(model, device=device, amp=amp)
-        total = count_tiles(stack, geometry, tile)
-        click.echo(f"{source}: {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} {stack.dtype}, "
-                   f"{total} tiles of {tile} px on {engine.device}", err=True)
-        with tqdm(total=total, unit="tile", disable=quiet, file=sys.stderr) as bar:
-            written = predict_stack(stack, engine, geometry, output, normalization=normalization, tile=tile,
-                                    batch=batch, blend=blend, spec=spec, overwrite=overwrite, on_tiles=bar.update)
-    click.echo(f"wrote {written}")
+        _stream(source, stack, engine, geometry, output, quiet=quiet, normalization=normalization, tile=tile,
+                batch=batch, blend=blend, spec=spec, overwrite=overwrite)
 
 
 def _threshold(text: str, auto: float) -> float:
@@ -222,27 +236,21 @@ def denoise(source: str, output: Path | None, model_path: Path, tile: int | None
       segkit denoise noisy_stack.tif -m den.safetensors --output-type float32 --batch 16 --device cuda
     """
     import numpy as np
-    from tqdm import tqdm
 
     from segkit.checkpoint import load_model
     from segkit.inference.engines import TorchEngine
-    from segkit.inference.pipeline import IntensityOutput, count_tiles, predict_stack
+    from segkit.inference.pipeline import IntensityOutput
     from segkit.io.tiff import check_output_path, open_stack
 
     output = output or default_output(source, suffix="denoised")
     check_output_path(output, overwrite=overwrite)
     model, info = load_model(model_path, expect_kind="denoiser")
-    tile = tile or int(info.inference.get("tile") or default_tile(info.geometry))
+    tile = tile or _default_tile(info, info.geometry)
     with open_stack(source) as stack:
         spec = IntensityOutput(info.normalization, stack.dtype if output_type == "same" else np.dtype(np.float32))
         engine = TorchEngine(model, device=device, amp=amp, channel=None)
-        total = count_tiles(stack, info.geometry, tile)
-        click.echo(f"{source}: {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} {stack.dtype}, "
-                   f"{total} tiles of {tile} px on {engine.device}", err=True)
-        with tqdm(total=total, unit="tile", disable=quiet, file=sys.stderr) as bar:
-            written = predict_stack(stack, engine, info.geometry, output, normalization=info.normalization,
-                                    tile=tile, batch=batch, spec=spec, overwrite=overwrite, on_tiles=bar.update)
-    click.echo(f"wrote {written}")
+        _stream(source, stack, engine, info.geometry, output, quiet=quiet, normalization=info.normalization,
+                tile=tile, batch=batch, spec=spec, overwrite=overwrite)
 
 
 # -- evaluate ------------------------------------------------------------------------------
