@@ -8,7 +8,7 @@ import numpy as np
 
 from segkit.errors import InputError
 from segkit.io.tiff import TiffStack, open_stack
-from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_slice, to_probability
+from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_thresholds, to_probability
 
 SWEEP_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
@@ -57,8 +57,8 @@ def evaluate_stacks(
                     f"{labels}: slice {label_index} is all membrane or all cell; labels need 0 = membrane "
                     "and > 0 = cell interior (ISBI 2012 convention)"
                 )
-            for t in thresholds:
-                per_threshold[t].append(score_slice(probability, membrane, threshold=t))
+            for t, scores in score_thresholds(probability, membrane, thresholds).items():
+                per_threshold[t].append(scores)
     report: dict[str, Any] = {
         "prediction": prediction, "labels": labels, "threshold": threshold,
         "slices": len(per_threshold[threshold]), "scores": mean_scores(per_threshold[threshold]),

@@ -74,22 +74,31 @@ def segmentation_scores(true_cells: np.ndarray, pred_cells: np.ndarray) -> tuple
 
 def score_slice(membrane_probability: np.ndarray, true_membrane: np.ndarray, *, threshold: float = 0.5) -> SliceScores:
     """Score one slice: probability in [0, 1] vs boolean ground-truth membrane mask."""
+    return score_thresholds(membrane_probability, true_membrane, (threshold,))[threshold]
+
+
+def score_thresholds(
+    membrane_probability: np.ndarray, true_membrane: np.ndarray, thresholds: tuple[float, ...] | list[float]
+) -> dict[float, SliceScores]:
+    """Scores of one slice at each threshold; the ground-truth cells are labelled once."""
     if membrane_probability.shape != true_membrane.shape:
         raise InputError(
             f"prediction shape {membrane_probability.shape} differs from label shape {true_membrane.shape}"
         )
-    pred_membrane = membrane_probability >= threshold
     true_membrane = true_membrane.astype(bool)
-    pixel_error = float(np.mean(pred_membrane != true_membrane))
-    inter = float(np.logical_and(pred_membrane, true_membrane).sum())
-    total = float(pred_membrane.sum() + true_membrane.sum())
-    union = float(np.logical_or(pred_membrane, true_membrane).sum())
-    dice = 2 * inter / total if total else 1.0
-    iou = inter / union if union else 1.0
-    are, precision, recall, split, merge = segmentation_scores(
-        label_cells(~true_membrane), label_cells(~pred_membrane)
-    )
-    return SliceScores(pixel_error, are, precision, recall, split, merge, dice, iou)
+    true_cells = label_cells(~true_membrane)
+    scores = {}
+    for threshold in thresholds:
+        pred_membrane = membrane_probability >= threshold
+        pixel_error = float(np.mean(pred_membrane != true_membrane))
+        inter = float(np.logical_and(pred_membrane, true_membrane).sum())
+        total = float(pred_membrane.sum() + true_membrane.sum())
+        union = float(np.logical_or(pred_membrane, true_membrane).sum())
+        dice = 2 * inter / total if total else 1.0
+        iou = inter / union if union else 1.0
+        are, precision, recall, split, merge = segmentation_scores(true_cells, label_cells(~pred_membrane))
+        scores[threshold] = SliceScores(pixel_error, are, precision, recall, split, merge, dice, iou)
+    return scores
 
 
 def mean_scores(scores: list[SliceScores]) -> dict[str, float]:

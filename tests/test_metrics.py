@@ -69,3 +69,13 @@ def test_all_membrane_prediction_scores_worst_not_nan():
     membrane = two_cells()
     s = score_slice(np.ones((10, 10)), membrane)
     assert s.adapted_rand_error == 1.0 and np.isfinite(s.vi)
+
+
+def test_scores_at_several_thresholds_match_single_scores():
+    from segkit.metrics import score_thresholds
+
+    membrane = two_cells()
+    probability = np.random.default_rng(0).random((10, 10)) * 0.4 + 0.6 * membrane
+    table = score_thresholds(probability, membrane, (0.3, 0.5, 0.7))
+    for t in (0.3, 0.5, 0.7):
+        assert table[t] == score_slice(probability, membrane, threshold=t)

@@ -18,7 +18,7 @@ from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
 from segkit.errors import ConfigError, InputError, SegkitError
 from segkit.inference.engines import resolve_device
 from segkit.io.tiff import open_stack
-from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_slice
+from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_thresholds
 from segkit.training.data import (
     class_balance_weights,
     data_normalization,
@@ -69,8 +69,8 @@ def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *,
     planes = [((raw.astype(np.float32) - normalization.mean) / normalization.std) for raw in raws]
     scores: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
     for probability, membrane in zip(predict_planes(planes, engine, model.geometry, tile=tile, batch=batch), membranes):
-        for t in thresholds:
-            scores[t].append(score_slice(probability[0], membrane, threshold=t))
+        for t, slice_scores in score_thresholds(probability[0], membrane, thresholds).items():
+            scores[t].append(slice_scores)
     return {t: mean_scores(s) for t, s in scores.items()}
 
 
