@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ def main() -> None:
       segkit evaluate membranes.tif labels.tif      # pixel error, adapted Rand, VI
       segkit train recipes/em_neurons.yaml          # train the U-Net on ISBI 2012
       segkit models                                 # registered architectures and their geometry
+      segkit export best.safetensors -o unet.onnx   # ONNX for onnxruntime (--engine onnx)
       segkit train-denoiser recipes/denoise_em.yaml # a denoising pre-stage from raw data
       segkit denoise noisy.tif -m den.safetensors   # denoise a stack
     """
@@ -112,14 +114,19 @@ def default_output(source: str, suffix: str = "membranes") -> Path:
 
 
 @main.command()
-@click.argument("source")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output TIFF (default: <input>_membranes.tif beside the input).")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--output", default=None,
+              help="Output TIFF (default: <input>_membranes.tif beside the input), or a folder (existing, or "
+                   "ending in /) for one output per input file.")
 @click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint (.safetensors) from `segkit train` (default: the bundled demo U-Net).")
+              help="Checkpoint (.safetensors) from `segkit train`, or an .onnx file from `segkit export` "
+                   "(default: the bundled demo U-Net).")
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="torch, or onnx (ONNX Runtime: TensorRT > CUDA > CPU). auto: onnx for .onnx files, else torch. "
+                   "onnx with a checkpoint exports it (verified) for this run.")
 @click.option("--denoise", "denoiser_path", type=click.Path(path_type=Path), default=None,
               help="Denoiser checkpoint (`segkit train-denoiser`) to run in front of the segmenter.")
-@click.option("--tile", type=int, default=None, show_default="checkpoint's, else 572",
+@click.option("--tile", type=int, default=None, show_default="the model's, else 572",
               help="Input tile size; must be a valid size of the model (572 -> 388 output for the U-Net, "
                    "a multiple of 32 for FCN and smp models).")
 @click.option("--blend", type=click.Choice(["cosine", "gaussian"]), default="cosine", show_default=True,
@@ -129,7 +136,7 @@ def default_output(source: str, suffix: str = "membranes") -> Path:
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["none", "fp16", "bf16"]), default="none", show_default=True,
-              help="Autocast precision for the forward pass.")
+              help="Autocast precision for the forward pass (onnx: fp16 exports an fp16 graph).")
 @click.option("--output-type", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True,
               help="Membrane probability as uint8 (0-255) or float16.")
 @click.option("--threshold", default=None,
@@ -138,45 +145,145 @@ def default_output(source: str, suffix: str = "membranes") -> Path:
 @click.option("--normalize", type=click.Choice(["auto", "checkpoint", "stack"]), default="auto", show_default=True,
               help="Intensity statistics: the checkpoint's (training data), or computed once for this stack. "
                    "auto uses the checkpoint's unless the input dtype differs from the training data.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--skip-existing", is_flag=True, help="With an output folder: leave inputs whose output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def predict(source: str, output: Path | None, model_path: Path | None, denoiser_path: Path | None,
-            tile: int | None, blend: str,
-            halo: int | None, batch: int, device: str,
-            amp: str, output_type: str, threshold: str | None, normalize: str, overwrite: bool, quiet: bool) -> None:
-    """Predict membrane probabilities of SOURCE (TIFF, folder or quoted glob of 2D TIFFs).
+def predict(sources: tuple[str, ...], output: str | None, model_path: Path | None, engine: str,
+            denoiser_path: Path | None, tile: int | None, blend: str, halo: int | None, batch: int, device: str,
+            amp: str, output_type: str, threshold: str | None, normalize: str, overwrite: bool, skip_existing: bool,
+            quiet: bool) -> None:
+    """Predict membrane probabilities of SOURCES: a TIFF stack, a folder or quoted glob of 2D TIFFs
+    (read as one stack), or many files into an output folder (one output each).
 
     \b
     Examples:
       segkit predict big_stack.tif --tile 572 -o big_stack_membranes.tif
       segkit predict big_stack.tif -m runs/em_neurons/best.safetensors --batch 16 --amp fp16
       segkit predict 'sections/*.tif' -o mask.tif --threshold auto
+      segkit predict 'dir/*.tif' -o outdir/ --engine onnx -m model.onnx
       segkit predict noisy.tif --denoise runs/denoise_em/best.safetensors -o membranes.tif
     """
-
-    from segkit.checkpoint import compose_with_denoiser, load_model
-    from segkit.inference.engines import TorchEngine
     from segkit.inference.pipeline import OutputSpec, choose_normalization
     from segkit.io.tiff import check_output_path, open_stack
 
-    output = output or default_output(source)
-    check_output_path(output, overwrite=overwrite)
-    if denoiser_path is not None:
-        model, info = compose_with_denoiser(denoiser_path, model_path or default_model_path())
-    else:
-        model, info = load_model(model_path or default_model_path())
-    geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
+    to_folder = output is not None and (output.endswith(("/", "\\")) or Path(output).is_dir())
+    if len(sources) > 1 and not to_folder:
+        raise SegkitError(f"{len(sources)} inputs given: pass -o DIR/ for one output per input file, or quote a "
+                          "glob ('dir/*.tif') to read the files as one stack")
+    if not to_folder:
+        out_path = Path(output) if output else default_output(sources[0])
+        check_output_path(out_path, overwrite=overwrite)
+    loaded = load_prediction_engine(model_path or default_model_path(), engine, denoiser_path=denoiser_path,
+                                    tile=tile, halo=halo, device=device, amp=amp)
     spec = OutputSpec(output_type)
     if threshold is not None:
-        spec = OutputSpec("mask", _threshold(threshold, info.inference.get("threshold", 0.5)))
-    tile = tile or _default_tile(info, geometry)
-    with open_stack(source) as stack:
-        normalization, note = choose_normalization(stack, info, mode=normalize)
+        spec = OutputSpec("mask", _threshold(threshold, loaded.info.inference.get("threshold", 0.5)))
+    options = {"tile": loaded.tile, "batch": batch, "blend": blend, "spec": spec, "overwrite": overwrite}
+    if to_folder:
+        _predict_to_folder(sources, Path(output), loaded, quiet=quiet, normalize=normalize,
+                           skip_existing=skip_existing, **options)
+        return
+    with open_stack(sources[0]) as stack:
+        normalization, note = choose_normalization(stack, loaded.info, mode=normalize)
         if note:
             click.echo(note, err=True)
-        engine = TorchEngine(model, device=device, amp=amp)
-        _stream(source, stack, engine, geometry, output, quiet=quiet, normalization=normalization, tile=tile,
-                batch=batch, blend=blend, spec=spec, overwrite=overwrite)
+        _stream(sources[0], stack, loaded.engine, loaded.geometry, out_path, quiet=quiet,
+                normalization=normalization, **options)
+
+
+@dataclass(frozen=True)
+class LoadedEngine:
+    """What prediction needs from a model file: the engine, its record, geometry and tile."""
+
+    engine: Any
+    info: Any
+    geometry: Any
+    tile: int
+
+
+def load_prediction_engine(model_path: Path, engine: str, *, denoiser_path: Path | None = None, tile: int | None,
+                           halo: int | None = None, device: str, amp: str, kind: str = "segmenter") -> LoadedEngine:
+    """Open a checkpoint or ONNX file of a `kind` model (segmenter or denoiser) as a torch or ONNX
+    Runtime engine, checking that the options fit."""
+    from segkit.inference.engines import OnnxEngine, TorchEngine
+
+    is_onnx = model_path.suffix.lower() == ".onnx"
+    engine = ("onnx" if is_onnx else "torch") if engine == "auto" else engine
+    if is_onnx:
+        from segkit.export import read_onnx_metadata
+
+        if engine == "torch":
+            raise SegkitError(f"{model_path} is an ONNX file: run it with --engine onnx, or pass its .safetensors "
+                              "checkpoint to use --engine torch")
+        if denoiser_path is not None:
+            raise SegkitError("--denoise takes .safetensors checkpoints; for ONNX, export the pair with "
+                              "`segkit export SEGMENTER --with-denoiser DENOISER`")
+        info, record = read_onnx_metadata(model_path)
+        if info.kind != kind:
+            raise SegkitError(f"{model_path} is a {info.kind} model, but a {kind} is needed here")
+        if amp == "bf16" or (amp == "fp16" and record.precision != "fp16"):
+            raise SegkitError(f"{model_path} is an {record.precision} graph; --amp {amp} needs a graph exported with "
+                              "`segkit export --fp16` (or use --amp none)")
+        tile = tile or record.tile
+        if record.spatial == "fixed" and tile != record.tile:
+            raise SegkitError(f"{model_path} was exported for tiles of {record.tile} px only; use --tile "
+                              f"{record.tile} or export again with --tile {tile}")
+        geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
+        geometry.check_tile(tile)
+        onnx_engine = OnnxEngine(model_path, geometry, device=device, fp16=record.precision == "fp16")
+        return LoadedEngine(onnx_engine, info, geometry, tile)
+    model, info = _load_checkpoint(model_path, denoiser_path, kind)
+    geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
+    tile = tile or _default_tile(info, geometry)
+    if engine == "torch":
+        channel = 1 if kind == "segmenter" else None
+        return LoadedEngine(TorchEngine(model, device=device, amp=amp, channel=channel), info, geometry, tile)
+    from segkit.export import export_onnx
+
+    if amp == "bf16":
+        raise SegkitError("--engine onnx runs fp32 or fp16 graphs; use --amp fp16 or --amp none")
+    geometry.check_tile(tile)
+    click.echo(f"exporting {model_path.name} to ONNX ({'fp16' if amp == 'fp16' else 'fp32'}, verified against "
+               "torch) for this run; `segkit export` saves the file for reuse", err=True)
+    onnx_bytes, _ = export_onnx(model, info, tile=tile, fp16=amp == "fp16")
+    return LoadedEngine(OnnxEngine(onnx_bytes, geometry, device=device, fp16=amp == "fp16"), info, geometry, tile)
+
+
+def _load_checkpoint(model_path: Path, denoiser_path: Path | None, kind: str) -> tuple[Any, Any]:
+    from segkit.checkpoint import compose_with_denoiser, load_model
+
+    if denoiser_path is not None:
+        return compose_with_denoiser(denoiser_path, model_path)
+    return load_model(model_path, expect_kind=kind)
+
+
+def _predict_to_folder(sources: tuple[str, ...], output_dir: Path, loaded: LoadedEngine, *, quiet: bool,
+                       normalize: str, skip_existing: bool, tile: int, overwrite: bool, **options: Any) -> None:
+    """One output per input file, one progress bar over all tiles; failed files are listed and
+    make the exit code 1, the others are written."""
+    from tqdm import tqdm
+
+    from segkit.inference.batch import count_file_tiles, plan_file_jobs, predict_files
+
+    jobs, skipped = plan_file_jobs(sources, output_dir, overwrite=overwrite, skip_existing=skip_existing)
+    output_dir.mkdir(exist_ok=True)
+    if skipped:
+        click.echo(f"skipping {len(skipped)} files whose output exists", err=True)
+    counts, failed = count_file_tiles(jobs, loaded.geometry, tile)
+    for outcome in failed:
+        click.echo(f"failed: {outcome.job.source}: {outcome.error}", err=True)
+    runnable = [job for job in jobs if job in counts]
+    click.echo(f"{len(runnable)} files, {sum(counts.values())} tiles of {tile} px on {loaded.engine.device}",
+               err=True)
+    with tqdm(total=sum(counts.values()), unit="tile", disable=quiet, file=sys.stderr) as bar:
+        outcomes = failed + predict_files(
+            runnable, loaded.engine, loaded.geometry, info=loaded.info, normalize=normalize, tile=tile,
+            overwrite=overwrite, on_tiles=bar.update, echo=lambda text: click.echo(text, err=True), **options)
+    bad = [o for o in outcomes if not o.ok]
+    click.echo(f"wrote {len(outcomes) - len(bad)} of {len(outcomes)} files to {output_dir}"
+               + (f"; {len(bad)} failed: " + ", ".join(Path(o.job.source).name for o in bad) if bad else ""))
+    if bad:
+        raise click.exceptions.Exit(1)
 
 
 def _threshold(text: str, auto: float) -> float:
@@ -186,6 +293,56 @@ def _threshold(text: str, auto: float) -> float:
         return float(text)
     except ValueError:
         raise SegkitError(f"--threshold {text!r} must be a number between 0 and 1 or 'auto'") from None
+
+
+# -- export --------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="ONNX file to write (default: the checkpoint's name with .onnx).")
+@click.option("--with-denoiser", "denoiser_path", type=click.Path(path_type=Path), default=None,
+              help="Denoiser checkpoint to put in front of the segmenter, in the same graph.")
+@click.option("--tile", type=int, default=None, show_default="the checkpoint's, else 572",
+              help="Tile the graph is verified at (and fixed to, with --fixed-tile); also the default tile of "
+                   "`segkit predict model.onnx`.")
+@click.option("--fp16", is_flag=True, help="fp16 weights and activations inside the graph (input/output stay float32).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13-20).")
+@click.option("--fixed-tile", is_flag=True,
+              help="Fix height and width to --tile (only the batch axis dynamic), as TensorRT prefers.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def export(checkpoint: Path, output: Path | None, denoiser_path: Path | None, tile: int | None, fp16: bool,
+           opset: int, fixed_tile: bool, overwrite: bool) -> None:
+    """Export a CHECKPOINT (segmenter or denoiser) to ONNX for `segkit predict --engine onnx`.
+
+    The graph has a dynamic batch axis (and dynamic height/width unless --fixed-tile), returns the
+    membrane probability (denoisers: intensities), passes onnx.checker and is compared with torch
+    on random and real EM input before it is written; the model's geometry, normalisation and
+    classes travel in its metadata.
+
+    \b
+    Examples:
+      segkit export runs/em_neurons/best.safetensors -o unet.onnx
+      segkit export best.safetensors -o unet_fp16.onnx --fp16 --tile 572 --fixed-tile
+      segkit export seg.safetensors --with-denoiser den.safetensors -o denoised_unet.onnx
+    """
+    from segkit.checkpoint import compose_with_denoiser, load_model, read_info
+    from segkit.export import export_onnx, write_onnx
+    from segkit.io.tiff import check_output_path
+
+    output = output or checkpoint.with_suffix(".onnx")
+    check_output_path(output, overwrite=overwrite)
+    if denoiser_path is not None:
+        model, info = compose_with_denoiser(denoiser_path, checkpoint)
+    else:
+        model, info = load_model(checkpoint, expect_kind=read_info(checkpoint).kind)
+    tile = tile or _default_tile(info, info.geometry)
+    onnx_bytes, record = export_onnx(model, info, tile=tile, fp16=fp16, opset=opset, fixed_tile=fixed_tile)
+    written = write_onnx(onnx_bytes, output, overwrite=overwrite)
+    worst = max(v for k, v in record.parity.items() if k.startswith("max_abs_diff"))
+    axes = f"tile {tile} fixed" if fixed_tile else f"any valid tile, verified at {tile}"
+    click.echo(f"wrote {written} ({len(onnx_bytes) / 1e6:.1f} MB, {record.precision}, opset {opset}, {axes}); "
+               f"max abs difference from torch {worst:.1e}")
 
 
 # -- denoisers ------------------------------------------------------------------------------
@@ -216,8 +373,10 @@ def train_denoiser(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output TIFF (default: <input>_denoised.tif beside the input).")
 @click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), required=True,
-              help="Denoiser checkpoint from `segkit train-denoiser`.")
-@click.option("--tile", type=int, default=None, show_default="checkpoint's", help="Input tile size (a valid size).")
+              help="Denoiser checkpoint from `segkit train-denoiser`, or its .onnx from `segkit export`.")
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="torch or onnx (ONNX Runtime); auto: onnx for .onnx files, else torch.")
+@click.option("--tile", type=int, default=None, show_default="the model's", help="Input tile size (a valid size).")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["none", "fp16", "bf16"]), default="none", show_default=True,
@@ -226,31 +385,29 @@ def train_denoiser(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet
               help="Store denoised intensities in the input's dtype (rounded, clipped) or as float32.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def denoise(source: str, output: Path | None, model_path: Path, tile: int | None, batch: int, device: str,
-            amp: str, output_type: str, overwrite: bool, quiet: bool) -> None:
+def denoise(source: str, output: Path | None, model_path: Path, engine: str, tile: int | None, batch: int,
+            device: str, amp: str, output_type: str, overwrite: bool, quiet: bool) -> None:
     """Denoise SOURCE (TIFF, folder or quoted glob of 2D TIFFs) with a trained denoiser, streaming.
 
     \b
     Examples:
       segkit denoise noisy_stack.tif -m runs/denoise_em/best.safetensors -o clean_stack.tif
       segkit denoise noisy_stack.tif -m den.safetensors --output-type float32 --batch 16 --device cuda
+      segkit denoise noisy_stack.tif -m den.onnx -o clean_stack.tif
     """
     import numpy as np
 
-    from segkit.checkpoint import load_model
-    from segkit.inference.engines import TorchEngine
     from segkit.inference.pipeline import IntensityOutput
     from segkit.io.tiff import check_output_path, open_stack
 
     output = output or default_output(source, suffix="denoised")
     check_output_path(output, overwrite=overwrite)
-    model, info = load_model(model_path, expect_kind="denoiser")
-    tile = tile or _default_tile(info, info.geometry)
+    loaded = load_prediction_engine(model_path, engine, tile=tile, device=device, amp=amp, kind="denoiser")
+    normalization = loaded.info.normalization
     with open_stack(source) as stack:
-        spec = IntensityOutput(info.normalization, stack.dtype if output_type == "same" else np.dtype(np.float32))
-        engine = TorchEngine(model, device=device, amp=amp, channel=None)
-        _stream(source, stack, engine, info.geometry, output, quiet=quiet, normalization=info.normalization,
-                tile=tile, batch=batch, spec=spec, overwrite=overwrite)
+        spec = IntensityOutput(normalization, stack.dtype if output_type == "same" else np.dtype(np.float32))
+        _stream(source, stack, loaded.engine, loaded.geometry, output, quiet=quiet, normalization=normalization,
+                tile=loaded.tile, batch=batch, spec=spec, overwrite=overwrite)
 
 
 # -- evaluate ------------------------------------------------------------------------------

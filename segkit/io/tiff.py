@@ -47,7 +47,7 @@ class TiffStack:
 
     def __init__(self, source: str | Path) -> None:
         self.source = str(source)
-        self._files = _resolve_sources(self.source)
+        self._files = list_tiff_files(self.source)
         self._handles: list[tifffile.TiffFile] = []
         self._contiguous: tuple[str, int, np.dtype] | None = None  # (path, data offset, dtype with byte order)
         try:
@@ -165,7 +165,8 @@ def open_stack(source: str | Path) -> TiffStack:
     return TiffStack(source)
 
 
-def _resolve_sources(source: str) -> list[str]:
+def list_tiff_files(source: str) -> list[str]:
+    """The files a source names: a folder's .tif/.tiff files or a glob's matches (sorted), or the file itself."""
     path = Path(source)
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in (".tif", ".tiff"))

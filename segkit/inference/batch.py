@@ -1,0 +1,120 @@
+"""Many input files, one output file each: planned up front, predicted one by one, a failure
+reported and skipped so one bad file never costs the others."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segkit.checkpoint import CheckpointInfo
+from segkit.errors import InputError, OutputExistsError, SegkitError
+from segkit.inference.pipeline import IntensityOutput, OutputSpec, choose_normalization, count_tiles, predict_stack
+from segkit.inference.tiler import Forward
+from segkit.io.tiff import list_tiff_files, open_stack
+from segkit.models.geometry import Geometry
+
+
+@dataclass(frozen=True)
+class FileJob:
+    source: str
+    output: Path
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    job: FileJob
+    error: str | None = None  # None: written
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def plan_file_jobs(sources: Sequence[str], output_dir: Path, *, overwrite: bool = False,
+                   skip_existing: bool = False) -> tuple[list[FileJob], list[FileJob]]:
+    """One job per input file (folders and globs expanded), written to `output_dir/<name>.tif`.
+
+    Returns (jobs to run, jobs skipped because their output exists). Two inputs with the same
+    name, an output that would replace its input, or existing outputs without --overwrite or
+    --skip-existing are refused before any work.
+    """
+    files: dict[Path, str] = {}
+    for source in sources:
+        for name in list_tiff_files(source):
+            files.setdefault(Path(name).resolve(), name)
+    if not output_dir.parent.exists():
+        raise InputError(f"output folder {output_dir} cannot be created: {output_dir.parent} does not exist")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"-o {output_dir} is a file; several inputs need an output folder")
+    jobs: dict[str, FileJob] = {}
+    for resolved, name in files.items():
+        output = output_dir / f"{Path(name).stem}.tif"
+        if output.name in jobs:
+            raise InputError(f"inputs {jobs[output.name].source} and {name} would both be written to {output}; "
+                             "predict them into separate folders")
+        if output.resolve() == resolved:
+            raise InputError(f"output {output} would replace its input; choose another output folder")
+        jobs[output.name] = FileJob(name, output)
+    existing = [job for job in jobs.values() if job.output.exists()]
+    if existing and not (overwrite or skip_existing):
+        raise OutputExistsError(f"{len(existing)} of the outputs already exist in {output_dir} (first: "
+                                f"{existing[0].output.name}); pass --overwrite, or --skip-existing to do only the rest")
+    skipped = existing if skip_existing and not overwrite else []
+    return [job for job in jobs.values() if job not in skipped], skipped
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, SegkitError) else f"{type(exc).__name__}: {text}"
+
+
+def count_file_tiles(jobs: Sequence[FileJob], geometry: Geometry, tile: int) -> tuple[dict[FileJob, int], list[FileOutcome]]:
+    """Tiles per readable file (for one progress bar over all files) and the files that cannot be opened."""
+    counts: dict[FileJob, int] = {}
+    failed: list[FileOutcome] = []
+    for job in jobs:
+        try:
+            with open_stack(job.source) as stack:
+                counts[job] = count_tiles(stack, geometry, tile)
+        except Exception as exc:  # reported per file; the others go on
+            failed.append(FileOutcome(job, _reason(exc)))
+    return counts, failed
+
+
+def predict_files(
+    jobs: Sequence[FileJob],
+    forward: Forward,
+    geometry: Geometry,
+    /,
+    *,
+    info: CheckpointInfo,
+    normalize: str = "auto",
+    tile: int,
+    batch: int = 4,
+    blend: str = "cosine",
+    spec: OutputSpec | IntensityOutput,
+    overwrite: bool = False,
+    on_tiles: Callable[[int], None] | None = None,
+    echo: Callable[[str], Any] = print,
+) -> list[FileOutcome]:
+    """Predict each file into its own output (atomically), one after the other with one engine.
+
+    A file that fails (unreadable, truncated, wrong type, ...) is reported through `echo` and
+    skipped; its output is not written, and the other files carry on.
+    """
+    outcomes: list[FileOutcome] = []
+    for job in jobs:
+        try:
+            with open_stack(job.source) as stack:
+                normalization, note = choose_normalization(stack, info, mode=normalize)
+                if note:
+                    echo(f"{job.source}: {note}")
+                predict_stack(stack, forward, geometry, job.output, normalization=normalization, tile=tile,
+                              batch=batch, blend=blend, spec=spec, overwrite=overwrite, on_tiles=on_tiles)
+            outcomes.append(FileOutcome(job))
+        except Exception as exc:  # reported per file; the others go on
+            outcomes.append(FileOutcome(job, _reason(exc)))
+            echo(f"failed: {job.source}: {outcomes[-1].error}")
+    return outcomes
