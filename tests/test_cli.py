@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from segkit.cli import main
 
-COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise"]
+COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export"]
 
 
 def run(*args):

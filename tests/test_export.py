@@ -255,3 +255,19 @@ def test_onnx_file_is_written_atomically_and_old_formats_are_refused(tmp_path, t
     onnx.save(proto, str(tmp_path / "old.onnx"))
     with pytest.raises(CheckpointError, match="unsupported segkit ONNX format"):
         read_onnx_metadata(tmp_path / "old.onnx")
+
+
+def test_bench_engines_script_reports_both_cpu_engines():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "bench_engines.py"
+    out = subprocess.run([sys.executable, str(script), "--base", "4", "--tile", "188", "--batch", "1", "--seconds", "0",
+                          "--warmup", "1", "--engines", "torch-cpu,ort-cpu"], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = {row["engine"]: row for row in report["results"]}
+    assert set(rows) == {"torch-cpu", "ort-cpu"} and not any("error" in row for row in rows.values())
+    assert rows["ort-cpu"]["tiles_per_s"] > 0 and rows["ort-cpu"]["max_abs_diff_vs_torch_fp32"] < 1e-4
+    assert rows["ort-cpu"]["output"] == 4

