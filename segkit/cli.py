@@ -95,14 +95,24 @@ def _stream(source: str, stack: Any, engine: Any, geometry: Any, output: Path, *
     """Say what will run, stream the stack through the engine with a tile progress bar, say where it went."""
     from tqdm import tqdm
 
+    from segkit.inference.adapt import BackoffForward, with_smaller_tiles
     from segkit.inference.pipeline import count_tiles, predict_stack
 
     total = count_tiles(stack, geometry, tile)
     click.echo(f"{source}: {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} {stack.dtype}, "
                f"{total} tiles of {tile} px on {engine.device}", err=True)
+    forward = BackoffForward(engine, report=_note, release=getattr(engine, "release_memory", None))
     with tqdm(total=total, unit="tile", disable=quiet, file=sys.stderr) as bar:
-        written = predict_stack(stack, engine, geometry, output, tile=tile, on_tiles=bar.update, **options)
+        def run(size: int) -> Path:
+            bar.reset(total=count_tiles(stack, geometry, size))
+            return predict_stack(stack, forward, geometry, output, tile=size, on_tiles=bar.update, **options)
+
+        written = with_smaller_tiles(run, tile, geometry, report=_note)
     click.echo(f"wrote {written}")
+
+
+def _note(text: str) -> None:
+    click.echo(text, err=True)
 
 
 def default_output(source: str, suffix: str = "membranes") -> Path:
@@ -126,14 +136,18 @@ def default_output(source: str, suffix: str = "membranes") -> Path:
                    "onnx with a checkpoint exports it (verified) for this run.")
 @click.option("--denoise", "denoiser_path", type=click.Path(path_type=Path), default=None,
               help="Denoiser checkpoint (`segkit train-denoiser`) to run in front of the segmenter.")
-@click.option("--tile", type=int, default=None, show_default="the model's, else 572",
+@click.option("--tile", default=None, show_default="the model's, else 572",
               help="Input tile size; must be a valid size of the model (572 -> 388 output for the U-Net, "
-                   "a multiple of 32 for FCN and smp models).")
+                   "a multiple of 32 for FCN and smp models). 'auto': measure sizes and batches on this "
+                   "device and take the fastest that fits in memory.")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="torch.compile the model (torch engine; pays off on long GPU runs).")
 @click.option("--blend", type=click.Choice(["cosine", "gaussian"]), default="cosine", show_default=True,
               help="Window that blends overlapping tiles of same-padding models (FCN, smp).")
 @click.option("--halo", type=click.IntRange(min=0), default=None,
               help="Override the context (px) added around tiles of same-padding models.")
-@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
+@click.option("--batch", type=click.IntRange(min=1), default=None, show_default="4, or measured with --tile auto",
+              help="Tiles per forward pass (halved automatically when the GPU runs out of memory).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["none", "fp16", "bf16"]), default="none", show_default=True,
               help="Autocast precision for the forward pass (onnx: fp16 exports an fp16 graph).")
@@ -149,7 +163,8 @@ def default_output(source: str, suffix: str = "membranes") -> Path:
 @click.option("--skip-existing", is_flag=True, help="With an output folder: leave inputs whose output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def predict(sources: tuple[str, ...], output: str | None, model_path: Path | None, engine: str,
-            denoiser_path: Path | None, tile: int | None, blend: str, halo: int | None, batch: int, device: str,
+            denoiser_path: Path | None, tile: str | None, compile_model: bool, blend: str, halo: int | None,
+            batch: int | None, device: str,
             amp: str, output_type: str, threshold: str | None, normalize: str, overwrite: bool, skip_existing: bool,
             quiet: bool) -> None:
     """Predict membrane probabilities of SOURCES: a TIFF stack, a folder or quoted glob of 2D TIFFs
@@ -161,6 +176,7 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
       segkit predict big_stack.tif -m runs/em_neurons/best.safetensors --batch 16 --amp fp16
       segkit predict 'sections/*.tif' -o mask.tif --threshold auto
       segkit predict 'dir/*.tif' -o outdir/ --engine onnx -m model.onnx
+      segkit predict big_stack.tif --tile auto --amp fp16 --device cuda
       segkit predict noisy.tif --denoise runs/denoise_em/best.safetensors -o membranes.tif
     """
     from segkit.inference.pipeline import OutputSpec, choose_normalization
@@ -173,12 +189,15 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
     if not to_folder:
         out_path = Path(output) if output else default_output(sources[0])
         check_output_path(out_path, overwrite=overwrite)
+    auto_tile = tile == "auto"
     loaded = load_prediction_engine(model_path or default_model_path(), engine, denoiser_path=denoiser_path,
-                                    tile=tile, halo=halo, device=device, amp=amp)
+                                    tile=None if auto_tile else _parse_tile(tile), halo=halo, device=device, amp=amp,
+                                    compile_model=compile_model)
     spec = OutputSpec(output_type)
     if threshold is not None:
         spec = OutputSpec("mask", _threshold(threshold, loaded.info.inference.get("threshold", 0.5)))
-    options = {"tile": loaded.tile, "batch": batch, "blend": blend, "spec": spec, "overwrite": overwrite}
+    chosen_tile, batch = (_auto_tile(loaded, sources[0], batch) if auto_tile else (loaded.tile, batch or 4))
+    options = {"tile": chosen_tile, "batch": batch, "blend": blend, "spec": spec, "overwrite": overwrite}
     if to_folder:
         _predict_to_folder(sources, Path(output), loaded, quiet=quiet, normalize=normalize,
                            skip_existing=skip_existing, **options)
@@ -191,6 +210,37 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
                 normalization=normalization, **options)
 
 
+def _parse_tile(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise SegkitError(f"--tile {text!r} must be a whole number of pixels or 'auto'") from None
+
+
+def _auto_tile(loaded: "LoadedEngine", source: str, batch: int | None) -> tuple[int, int]:
+    """Measure tile sizes (and batches, unless --batch is given) on this engine for the planes of
+    `source`; return the fastest that fits and say what was chosen."""
+    from segkit.inference.adapt import CPU_BATCHES, GPU_BATCHES, best_trial, candidate_tiles, measure_tiles
+    from segkit.io.tiff import list_tiff_files, open_stack
+
+    with open_stack(list_tiff_files(source)[0]) as stack:
+        plane_shape = stack.shape[1:]
+    tiles = [loaded.tile] if loaded.fixed_tile else candidate_tiles(loaded.geometry, plane_shape)
+    batches = [batch] if batch else (GPU_BATCHES if loaded.engine.uses_gpu else CPU_BATCHES)
+    _note(f"--tile auto: measuring tiles {', '.join(map(str, tiles))} x batches {', '.join(map(str, batches))} "
+          f"on {loaded.engine.device}")
+    trials = measure_tiles(loaded.engine, loaded.geometry, plane_shape, tiles=tiles, batches=batches,
+                           warmup=loaded.engine.uses_gpu, repeats=2 if loaded.engine.uses_gpu else 1)
+    best = best_trial(trials)
+    out_of_memory = sorted({f"{t.tile}/{t.batch}" for t in trials if t.seconds_per_batch is None})
+    _note(f"--tile auto: tile {best.tile}, batch {best.batch} ({best.seconds_per_plane:.2f} s per "
+          f"{plane_shape[0]} x {plane_shape[1]} plane)" + (f"; out of memory: {', '.join(out_of_memory)}"
+                                                           if out_of_memory else ""))
+    return best.tile, best.batch
+
+
 @dataclass(frozen=True)
 class LoadedEngine:
     """What prediction needs from a model file: the engine, its record, geometry and tile."""
@@ -199,10 +249,12 @@ class LoadedEngine:
     info: Any
     geometry: Any
     tile: int
+    fixed_tile: bool = False
 
 
 def load_prediction_engine(model_path: Path, engine: str, *, denoiser_path: Path | None = None, tile: int | None,
-                           halo: int | None = None, device: str, amp: str, kind: str = "segmenter") -> LoadedEngine:
+                           halo: int | None = None, device: str, amp: str, kind: str = "segmenter",
+                           compile_model: bool = False) -> LoadedEngine:
     """Open a checkpoint or ONNX file of a `kind` model (segmenter or denoiser) as a torch or ONNX
     Runtime engine, checking that the options fit."""
     from segkit.inference.engines import OnnxEngine, TorchEngine
@@ -230,18 +282,23 @@ def load_prediction_engine(model_path: Path, engine: str, *, denoiser_path: Path
                               f"{record.tile} or export again with --tile {tile}")
         geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
         geometry.check_tile(tile)
+        if compile_model:
+            raise SegkitError("--compile applies to the torch engine; an ONNX file is already compiled by onnxruntime")
         onnx_engine = OnnxEngine(model_path, geometry, device=device, fp16=record.precision == "fp16")
-        return LoadedEngine(onnx_engine, info, geometry, tile)
+        return LoadedEngine(onnx_engine, info, geometry, tile, fixed_tile=record.spatial == "fixed")
     model, info = _load_checkpoint(model_path, denoiser_path, kind)
     geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
     tile = tile or _default_tile(info, geometry)
     if engine == "torch":
         channel = 1 if kind == "segmenter" else None
-        return LoadedEngine(TorchEngine(model, device=device, amp=amp, channel=channel), info, geometry, tile)
+        torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel, compile_model=compile_model)
+        return LoadedEngine(torch_engine, info, geometry, tile)
     from segkit.export import export_onnx
 
     if amp == "bf16":
         raise SegkitError("--engine onnx runs fp32 or fp16 graphs; use --amp fp16 or --amp none")
+    if compile_model:
+        raise SegkitError("--compile applies to the torch engine; use --engine torch")
     geometry.check_tile(tile)
     click.echo(f"exporting {model_path.name} to ONNX ({'fp16' if amp == 'fp16' else 'fp32'}, verified against "
                "torch) for this run; `segkit export` saves the file for reuse", err=True)
@@ -263,6 +320,7 @@ def _predict_to_folder(sources: tuple[str, ...], output_dir: Path, loaded: Loade
     make the exit code 1, the others are written."""
     from tqdm import tqdm
 
+    from segkit.inference.adapt import BackoffForward
     from segkit.inference.batch import count_file_tiles, plan_file_jobs, predict_files
 
     jobs, skipped = plan_file_jobs(sources, output_dir, overwrite=overwrite, skip_existing=skip_existing)
@@ -275,10 +333,11 @@ def _predict_to_folder(sources: tuple[str, ...], output_dir: Path, loaded: Loade
     runnable = [job for job in jobs if job in counts]
     click.echo(f"{len(runnable)} files, {sum(counts.values())} tiles of {tile} px on {loaded.engine.device}",
                err=True)
+    forward = BackoffForward(loaded.engine, report=_note, release=getattr(loaded.engine, "release_memory", None))
     with tqdm(total=sum(counts.values()), unit="tile", disable=quiet, file=sys.stderr) as bar:
         outcomes = failed + predict_files(
-            runnable, loaded.engine, loaded.geometry, info=loaded.info, normalize=normalize, tile=tile,
-            overwrite=overwrite, on_tiles=bar.update, echo=lambda text: click.echo(text, err=True), **options)
+            runnable, forward, loaded.geometry, info=loaded.info, normalize=normalize, tile=tile,
+            overwrite=overwrite, on_tiles=bar.update, echo=_note, **options)
     bad = [o for o in outcomes if not o.ok]
     click.echo(f"wrote {len(outcomes) - len(bad)} of {len(outcomes)} files to {output_dir}"
                + (f"; {len(bad)} failed: " + ", ".join(Path(o.job.source).name for o in bad) if bad else ""))

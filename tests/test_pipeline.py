@@ -64,3 +64,74 @@ def test_output_spec():
     p = np.array([0.0, 0.49, 0.5, 1.0], np.float32)
     np.testing.assert_array_equal(OutputSpec("uint8").encode(p), [0, 125, 128, 255])
     np.testing.assert_array_equal(OutputSpec("mask", 0.5).encode(p), [0, 0, 255, 255])
+
+
+def test_writer_runs_behind_and_keeps_order():
+    import threading
+
+    from segkit.inference.pipeline import consume_behind
+
+    threads = set()
+
+    def consume(stream):
+        out = []
+        for item in stream:
+            threads.add(threading.current_thread().name)
+            out.append(item)
+        return out
+
+    assert consume_behind(consume, iter(range(50)), depth=3) == list(range(50))
+    assert threads == {"segkit-writer"}
+
+
+def test_errors_on_either_side_stop_both_and_leave_no_output(tmp_path):
+    from segkit.inference.pipeline import consume_behind
+
+    def produce():
+        yield 1
+        yield 2
+        raise RuntimeError("engine failed")
+
+    seen = []
+
+    def consume(stream):
+        try:
+            for item in stream:
+                seen.append(item)
+        except RuntimeError:
+            seen.append("cleanup")
+            raise
+
+    with pytest.raises(RuntimeError, match="engine failed"):
+        consume_behind(consume, produce())
+    assert seen == [1, 2, "cleanup"]  # the consumer saw the failure and could clean up
+
+    produced = []
+
+    def endless():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    def failing(stream):
+        next(stream)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        consume_behind(failing, endless(), depth=2)
+    assert len(produced) < 10  # the producer stopped soon after the writer failed
+
+    # through predict_stack: an engine that fails on the third batch leaves neither output nor temp file
+    source = make_stack(tmp_path / "in.tif", 4, size=50)
+    calls = []
+
+    def flaky(batch):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return centre_forward(batch)
+
+    with open_stack(source) as stack, pytest.raises(RuntimeError, match="illegal memory access"):
+        predict_stack(stack, flaky, GEOMETRY, tmp_path / "out.tif", normalization=Normalization(0.0, 255.0),
+                      tile=30, batch=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]

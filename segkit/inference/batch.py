@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from segkit.checkpoint import CheckpointInfo
 from segkit.errors import InputError, OutputExistsError, SegkitError
+from segkit.inference.adapt import with_smaller_tiles
 from segkit.inference.pipeline import IntensityOutput, OutputSpec, choose_normalization, count_tiles, predict_stack
 from segkit.inference.tiler import Forward
 from segkit.io.tiff import list_tiff_files, open_stack
@@ -111,8 +113,9 @@ def predict_files(
                 normalization, note = choose_normalization(stack, info, mode=normalize)
                 if note:
                     echo(f"{job.source}: {note}")
-                predict_stack(stack, forward, geometry, job.output, normalization=normalization, tile=tile,
+                run = partial(predict_stack, stack, forward, geometry, job.output, normalization=normalization,
                               batch=batch, blend=blend, spec=spec, overwrite=overwrite, on_tiles=on_tiles)
+                with_smaller_tiles(lambda size, run=run: run(tile=size), tile, geometry, report=echo)
             outcomes.append(FileOutcome(job))
         except Exception as exc:  # reported per file; the others go on
             outcomes.append(FileOutcome(job, _reason(exc)))

@@ -34,9 +34,12 @@ class TorchEngine:
         amp: 'none', 'fp16' or 'bf16' autocast (CUDA; bf16 also works on CPU).
         channel: the class whose probability is returned (1 = membrane for EM models); None returns
             the model's output as it is (denoisers).
+        compile_model: torch.compile the model (max-autotune on GPUs); the first batches of each
+            shape are slow while it compiles.
     """
 
-    def __init__(self, model: Any, *, device: str = "auto", amp: str = "none", channel: int | None = 1) -> None:
+    def __init__(self, model: Any, *, device: str = "auto", amp: str = "none", channel: int | None = 1,
+                 compile_model: bool = False) -> None:
         import torch
 
         if amp not in AMP_DTYPES:
@@ -51,7 +54,21 @@ class TorchEngine:
         self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
         if self.device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True
+        if compile_model:
+            mode = "max-autotune-no-cudagraphs" if self.uses_gpu else None
+            self.model = torch.compile(self.model, mode=mode, dynamic=False)
         self.geometry = model.geometry
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def release_memory(self) -> None:
+        """Give cached GPU memory back after an out-of-memory error, before a smaller batch."""
+        import torch
+
+        if self.uses_gpu:
+            torch.cuda.empty_cache()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -183,6 +200,10 @@ class OnnxEngine:
         self._out_channels = channels if isinstance(channels, int) else 1
         self._bindings: dict[tuple[int, ...], _Binding] = {}
         self._largest_batch = 0
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self._device_type != "cpu"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, np.float32)

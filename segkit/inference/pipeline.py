@@ -1,6 +1,7 @@
 """Stack prediction: TIFF planes in, normalised, overlap-tiled through an engine, TIFF planes out.
 
-A reader thread decodes planes ahead of the engine through a bounded queue, so host memory
+A reader thread decodes planes ahead of the engine and a writer thread compresses and writes
+behind it, each through a bounded queue, so the engine never waits for the disk and host memory
 stays fixed whatever the number of planes.
 """
 
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,6 +23,8 @@ from segkit.io.tiff import TiffStack, write_stack
 from segkit.models.geometry import Geometry
 
 OUTPUT_TYPES = ("uint8", "float16", "mask")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,72 @@ def normalized_planes(stack: TiffStack, normalization: Normalization, *, prefetc
                 reader.join(timeout=0.05)
 
 
+def consume_behind(consume: Callable[[Iterable[T]], R], items: Iterable[T], *, depth: int = 2) -> R:
+    """Run `consume(stream)` in a thread of its own while this thread produces `items` into a
+    bounded queue; returns what `consume` returns.
+
+    This is how writing (zlib compression + disk) happens behind the engine instead of between
+    its batches. An error on either side stops both: a producer error is raised inside
+    `consume`'s stream (so an atomic writer deletes its temporary file) and then re-raised here.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    result: list = []
+    failure: list[BaseException] = []
+
+    def stream() -> Iterator[T]:
+        while True:
+            item = buffer.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def run() -> None:
+        try:
+            result.append(consume(stream()))
+        except BaseException as exc:  # handed to the producer thread, re-raised there
+            failure.append(exc)
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    buffer.get_nowait()
+                except queue.Empty:
+                    break
+
+    worker = threading.Thread(target=run, name="segkit-writer", daemon=True)
+    worker.start()
+
+    def put(item: object) -> None:
+        while worker.is_alive():
+            try:
+                buffer.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    try:
+        for item in items:
+            if failure:
+                break
+            put(item)
+        else:
+            put(done)
+    except BaseException as exc:
+        put(_Failure(exc))
+        worker.join()
+        raise
+    worker.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
 def count_tiles(stack: TiffStack, geometry: Geometry, tile: int) -> int:
     return plan_tiles(stack.shape[1:], geometry, tile=tile).n_tiles * len(stack)
 
@@ -161,7 +231,10 @@ def predict_stack(
     planes = normalized_planes(stack, normalization)
     probabilities = predict_planes(planes, forward, geometry, tile=tile, batch=batch, blend=blend, on_tiles=on_tiles)
     encoded = (spec.encode(p[0]) for p in probabilities)
-    return write_stack(
-        output, encoded, shape=stack.shape[1:] if stack.is_2d else stack.shape, dtype=spec.dtype,
-        resolution=stack.resolution, overwrite=overwrite,
-    )
+    shape = stack.shape[1:] if stack.is_2d else stack.shape
+
+    def write(planes: Iterable[np.ndarray]) -> Path:
+        return write_stack(output, planes, shape=shape, dtype=spec.dtype, resolution=stack.resolution,
+                           overwrite=overwrite)
+
+    return consume_behind(write, encoded)

@@ -1,0 +1,139 @@
+"""Fit the work to the device: pick the tile and batch that run fastest (`--tile auto`), and back
+off when the device runs out of memory instead of failing the run.
+
+Both treat the engine as a black box `forward(batch) -> output`, so they serve torch and ONNX
+Runtime alike, and tests drive them with fake engines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from segkit.errors import SegkitError
+from segkit.inference.tiler import Forward, plan_tiles
+from segkit.models.geometry import Geometry
+
+#: Tile sizes `--tile auto` tries (each rounded to the model's nearest valid size).
+AUTO_TILES = (380, 572, 764, 1052, 1324)
+GPU_BATCHES = (4, 8, 16, 32)
+CPU_BATCHES = (1, 2)
+T = TypeVar("T")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or ONNX Runtime's failed device allocation."""
+    text = str(exc)
+    return (type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower()
+            or "Failed to allocate memory" in text)
+
+
+class DeviceMemoryError(SegkitError):
+    """Even one tile does not fit in device memory."""
+
+
+def with_smaller_tiles(run: Callable[[int], T], tile: int, geometry: Geometry, *,
+                       report: Callable[[str], object] = print) -> T:
+    """`run(tile)`, and again with about half the tile each time one tile alone does not fit in
+    device memory (outputs are written atomically, so a restart loses nothing)."""
+    while True:
+        try:
+            return run(tile)
+        except DeviceMemoryError:
+            below, above = geometry.nearest_valid(tile // 2)
+            smaller = below if below is not None else above
+            if smaller >= tile:
+                raise
+            report(f"out of device memory with one tile of {tile} px: starting again with tile {smaller}")
+            tile = smaller
+
+
+class BackoffForward:
+    """An engine wrapper: a batch that runs out of device memory is split in halves (down to one
+    tile) and the batch that fit is used for the rest of the run; `report` says so once per change."""
+
+    def __init__(self, forward: Forward, *, report: Callable[[str], object] = print,
+                 release: Callable[[], object] | None = None) -> None:
+        self.forward = forward
+        self.report = report
+        self.release = release
+        self.max_batch: int | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        outputs = []
+        start = 0
+        while start < len(batch):
+            size = min(self.max_batch or len(batch), len(batch) - start)
+            try:
+                outputs.append(self.forward(batch[start : start + size]))
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                if self.release is not None:
+                    self.release()
+                if size == 1:
+                    raise DeviceMemoryError(f"out of device memory with one tile of {batch.shape[-1]} px; use a "
+                                            "smaller --tile (or --tile auto), or --device cpu") from exc
+                self.max_batch = size // 2
+                self.report(f"out of device memory at batch {size}: continuing with batch {self.max_batch}")
+                continue
+            start += size
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One measured (tile, batch): seconds per batch and the estimated seconds per plane."""
+
+    tile: int
+    batch: int
+    seconds_per_batch: float | None  # None: out of memory
+    seconds_per_plane: float | None
+
+
+def candidate_tiles(geometry: Geometry, plane_shape: tuple[int, int], sizes: Sequence[int] = AUTO_TILES) -> list[int]:
+    """Valid tile sizes near `sizes`, without those whose output would exceed the plane by more
+    than one step (a bigger tile only computes mirror padding)."""
+    largest_useful = max(plane_shape) + 2 * (geometry.margin + geometry.halo) + geometry.step
+    tiles = {geometry.nearest_valid(size)[1] for size in sizes}
+    useful = sorted(t for t in tiles if t <= largest_useful)
+    return useful or [min(tiles)]
+
+
+def measure_tiles(forward: Forward, geometry: Geometry, plane_shape: tuple[int, int], *, tiles: Sequence[int],
+                  batches: Sequence[int], warmup: int = 1, repeats: int = 2,
+                  clock: Callable[[], float] = time.perf_counter) -> list[Trial]:
+    """Time `forward` on zero batches of every (tile, batch), largest batch last, after `warmup`
+    untimed runs (cuDNN autotuning, allocations); a batch that runs out of memory ends that
+    tile's trials. Seconds per plane = tiles per plane x seconds per tile."""
+    trials = []
+    for tile in tiles:
+        tiles_per_plane = plan_tiles(plane_shape, geometry, tile=tile).n_tiles
+        for batch in sorted(batches):
+            x = np.zeros((batch, 1, tile, tile), np.float32)
+            try:
+                for _ in range(warmup):
+                    forward(x)
+                started = clock()
+                for _ in range(repeats):
+                    forward(x)
+                per_batch = (clock() - started) / repeats
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                trials.append(Trial(tile, batch, None, None))
+                break
+            # batches mix tiles of consecutive planes, so a plane costs its tiles at the batch's rate
+            trials.append(Trial(tile, batch, per_batch, per_batch / batch * tiles_per_plane))
+    return trials
+
+
+def best_trial(trials: Sequence[Trial]) -> Trial:
+    fitting = [t for t in trials if t.seconds_per_plane is not None]
+    if not fitting:
+        raise SegkitError("no tile size fits in device memory even at the smallest batch; use --device cpu")
+    return min(fitting, key=lambda t: (t.seconds_per_plane, t.batch))

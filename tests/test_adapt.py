@@ -1,0 +1,160 @@
+"""--tile auto, out-of-memory back-off and torch.compile, driven by fake engines where a GPU would be needed."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from segkit.inference.adapt import (
+    BackoffForward,
+    DeviceMemoryError,
+    Trial,
+    best_trial,
+    candidate_tiles,
+    measure_tiles,
+    with_smaller_tiles,
+)
+from segkit.inference.tiler import plan_tiles
+from segkit.models.geometry import Geometry, valid_unet_geometry
+from tests.test_cli import assert_user_error, run
+
+UNET = valid_unet_geometry(4)
+
+
+def centre(batch):
+    return batch[:, :, 92:-92, 92:-92] * 2.0
+
+
+def test_backoff_halves_the_batch_remembers_it_and_reports_once():
+    calls, notes = [], []
+
+    def small_gpu(batch):
+        calls.append(len(batch))
+        if len(batch) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return centre(batch)
+
+    forward = BackoffForward(small_gpu, report=notes.append)
+    x = np.random.default_rng(0).standard_normal((8, 1, 188, 188)).astype(np.float32)
+    np.testing.assert_array_equal(forward(x), centre(x))
+    assert calls == [8, 4, 2, 2, 2, 2] and forward.max_batch == 2
+    assert notes == ["out of device memory at batch 8: continuing with batch 4",
+                     "out of device memory at batch 4: continuing with batch 2"]
+    calls.clear()
+    np.testing.assert_array_equal(forward(x[:5]), centre(x[:5]))
+    assert calls == [2, 2, 1] and len(notes) == 2
+
+
+def test_backoff_knows_onnxruntime_oom_and_lets_other_errors_through():
+    def ort_gpu(batch):
+        if len(batch) > 1:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested "
+                               "buffer of size 1073741824")
+        return centre(batch)
+
+    forward = BackoffForward(ort_gpu, report=lambda _: None)
+    x = np.zeros((3, 1, 188, 188), np.float32)
+    assert forward(x).shape == (3, 1, 4, 4) and forward.max_batch == 1
+
+    def broken(batch):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        BackoffForward(broken)(x)
+
+    def hopeless(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(DeviceMemoryError, match="one tile of 188 px"):
+        BackoffForward(hopeless, report=lambda _: None)(x)
+
+
+def test_smaller_tiles_after_one_tile_does_not_fit():
+    tried, notes = [], []
+
+    def run_at(tile):
+        tried.append(tile)
+        if tile > 300:
+            raise DeviceMemoryError("out of device memory with one tile")
+        return f"done at {tile}"
+
+    assert with_smaller_tiles(run_at, 1052, UNET, report=notes.append) == "done at 252"
+    assert tried == [1052, 524, 252] and all(UNET.is_valid_input(t) for t in tried)
+    assert notes[0] == "out of device memory with one tile of 1052 px: starting again with tile 524"
+    with pytest.raises(DeviceMemoryError):
+        with_smaller_tiles(lambda tile: run_at(10_000), 188, UNET, report=notes.append)
+
+
+def test_candidate_tiles_skip_sizes_bigger_than_the_plane():
+    assert candidate_tiles(UNET, (512, 512)) == [380, 572]
+    assert candidate_tiles(UNET, (4096, 4096)) == [380, 572, 764, 1052, 1324]
+    assert candidate_tiles(UNET, (20, 30)) == [380]  # the smallest candidate, even for a tiny plane
+    assert candidate_tiles(Geometry(margin=0, step=32, min_output=32, halo=64), (700, 700)) == [384, 576, 768]
+
+
+def test_measure_tiles_picks_the_fastest_per_plane_and_stops_at_oom():
+    now = [0.0]
+
+    def fake_gpu(batch):  # 0.05 s per call plus a cost per input pixel; tiles of 1324 px fit only in pairs
+        n, _, size, _ = batch.shape
+        if size == 1324 and n > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        now[0] += 0.05 + n * size * size * 1e-8
+        return centre(batch)
+
+    trials = measure_tiles(fake_gpu, UNET, (4096, 4096), tiles=[572, 1052, 1324], batches=[4, 2],
+                           clock=lambda: now[0])
+    by_key = {(t.tile, t.batch): t for t in trials}
+    assert (1324, 4) in by_key and by_key[1324, 4].seconds_per_batch is None
+    assert by_key[572, 2].seconds_per_batch == pytest.approx(0.05 + 2 * 572**2 * 1e-8)
+    tiles_572 = plan_tiles((4096, 4096), UNET, tile=572).n_tiles
+    assert tiles_572 == 121
+    assert by_key[572, 4].seconds_per_plane == pytest.approx((0.05 + 4 * 572**2 * 1e-8) / 4 * tiles_572)
+    # 1052 px at batch 4: 25 tiles of 0.024 s beat 121 of 0.016 s (572) and 16 of 0.043 s (1324, batch 2 only)
+    best = best_trial(trials)
+    assert (best.tile, best.batch) == (1052, 4)
+    assert best == min((t for t in trials if t.seconds_per_plane), key=lambda t: t.seconds_per_plane)
+    with pytest.raises(Exception, match="fits in device memory"):
+        best_trial([Trial(572, 4, None, None)])
+
+
+def test_cli_tile_auto_on_cpu(tmp_path, uint8_stack, tiny_checkpoint):
+    result = run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", tmp_path / "auto.tif", "--tile", "auto", "-q")
+    assert result.exit_code == 0, result.output
+    assert "--tile auto: measuring tiles" in result.stderr and "--tile auto: tile " in result.stderr
+    chosen = int(result.stderr.split("--tile auto: tile ")[1].split(",")[0])
+    assert run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", tmp_path / "fixed.tif", "--tile", chosen,
+               "-q").exit_code == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "auto.tif"), tifffile.imread(tmp_path / "fixed.tif"))
+    assert_user_error(run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", tmp_path / "x.tif", "--tile", "big"),
+                      "--tile 'big'", "auto")
+
+
+def test_cli_backs_off_on_out_of_memory(tmp_path, uint8_stack, tiny_checkpoint, monkeypatch):
+    from segkit.inference import engines
+
+    original = engines.TorchEngine.__call__
+
+    def small_gpu(self, batch):
+        if len(batch) > 1 or batch.shape[-1] > 220:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(self, batch)
+
+    assert run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", tmp_path / "ref.tif", "--tile", 220,
+               "-q").exit_code == 0
+    monkeypatch.setattr(engines.TorchEngine, "__call__", small_gpu)
+    result = run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", tmp_path / "oom.tif", "--tile", 412,
+                 "--batch", 4, "-q")
+    assert result.exit_code == 0, result.output
+    assert "continuing with batch" in result.stderr and "starting again with tile" in result.stderr
+    # exact tiling: the smaller tile gives the same membranes (up to float rounding of uint8 levels)
+    assert np.abs(tifffile.imread(tmp_path / "oom.tif").astype(int) - tifffile.imread(tmp_path / "ref.tif")).max() <= 1
+
+
+def test_torch_compile_gives_the_eager_result(tiny_unet):
+    from segkit.inference.engines import TorchEngine
+
+    x = np.random.default_rng(0).standard_normal((2, 1, 220, 220)).astype(np.float32)
+    eager = TorchEngine(tiny_unet, device="cpu")(x)
+    compiled = TorchEngine(tiny_unet, device="cpu", compile_model=True)
+    assert np.abs(compiled(x) - eager).max() < 1e-5
