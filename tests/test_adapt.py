@@ -85,11 +85,18 @@ def test_smaller_tiles_after_one_tile_does_not_fit():
         with_smaller_tiles(lambda tile: run_at(10_000), 188, UNET, report=notes.append)
 
 
-def test_candidate_tiles_skip_sizes_bigger_than_the_plane():
-    assert candidate_tiles(UNET, (512, 512)) == [380, 572]
-    assert candidate_tiles(UNET, (4096, 4096)) == [380, 572, 764, 1052, 1324]
-    assert candidate_tiles(UNET, (20, 30)) == [380]  # the smallest candidate, even for a tiny plane
-    assert candidate_tiles(Geometry(margin=0, step=32, min_output=32, halo=64), (700, 700)) == [384, 576, 768]
+def test_candidate_tiles_waste_little_beyond_the_plane():
+    assert candidate_tiles(UNET, (512, 512)) == [700, 764]  # 700 -> 516: the whole plane in one tile
+    assert candidate_tiles(UNET, (20, 30)) == [220]  # a tiny plane: one small tile
+    # 4096-px planes: 1212 -> 1028 covers them in 4 x 4 tiles (1.4 input px per output px); 572 needs 11 x 11
+    assert 1212 in candidate_tiles(UNET, (4096, 4096)) and 572 not in candidate_tiles(UNET, (4096, 4096))
+    smp_like = Geometry(margin=0, step=32, min_output=32, halo=64)
+    tiles = candidate_tiles(smp_like, (4096, 4096))
+    assert 1152 in tiles and len(tiles) <= 4  # 4 x 4 tiles of 1152 with a 64 px halo cover 4096 + 2 x 64
+    assert plan_tiles((4096, 4096), smp_like, tile=1152).n_tiles == 16
+    for geometry, shape in ((UNET, (4096, 3000)), (smp_like, (700, 700)), (smp_like, (1024, 1024))):
+        found = candidate_tiles(geometry, shape)
+        assert found and all(geometry.is_valid_input(t) and t <= 1344 for t in found)
 
 
 def test_measure_tiles_picks_the_fastest_per_plane_and_stops_at_oom():
@@ -158,3 +165,25 @@ def test_torch_compile_gives_the_eager_result(tiny_unet):
     eager = TorchEngine(tiny_unet, device="cpu")(x)
     compiled = TorchEngine(tiny_unet, device="cpu", compile_model=True)
     assert np.abs(compiled(x) - eager).max() < 1e-5
+
+
+def test_bench_predict_script_runs_end_to_end(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "bench_predict.py"
+    out = subprocess.run([sys.executable, str(script), "--planes", "2", "--size", "200", "--device", "cpu",
+                          "--runs", "segkit-torch,segkit-onnx,nnunet-loop", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = {row["run"]: row for row in summary["results"]}
+    assert set(rows) == {"segkit-torch", "segkit-onnx", "nnunet-loop"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["mpx_per_s"] > 0 and row["peak_rss_mb"] > 100
+    outputs = {name: tifffile.imread(tmp_path / f"out_{name}.tif") for name in rows}
+    assert all(o.shape == (2, 200, 200) and o.dtype == np.uint8 for o in outputs.values())
+    # the same weights through torch and ONNX Runtime give the same membranes
+    assert np.abs(outputs["segkit-torch"].astype(int) - outputs["segkit-onnx"]).max() <= 1

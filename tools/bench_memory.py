@@ -52,8 +52,10 @@ def child(stack: str, checkpoint: str, output: str, tile: int, batch: int) -> No
 
     started = time.perf_counter()
     try:
-        cli(["predict", stack, "-o", output, "-m", checkpoint, "--tile", str(tile), "--batch", str(batch),
-             "--device", "cpu", "-q"], standalone_mode=False)
+        code = cli(["predict", stack, "-o", output, "-m", checkpoint, "--tile", str(tile), "--batch", str(batch),
+                    "--device", "cpu", "-q"], standalone_mode=False)
+        if code:  # standalone_mode=False returns the exit code of a user error instead of exiting
+            raise SystemExit(f"segkit predict failed with exit code {code}")
     finally:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"peak_rss_mb": round(peak_mb, 1), "seconds": round(time.perf_counter() - started, 1)}))
