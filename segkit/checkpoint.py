@@ -210,3 +210,23 @@ def compose_with_denoiser(denoiser_path: str | Path, segmenter_path: str | Path)
         recipe=segmenter_info.recipe, training=segmenter_info.training,
     )
     return model, info
+
+
+def update_inference_defaults(path: str | Path, updates: dict[str, Any], *, chosen_on: tuple[int, int]) -> CheckpointInfo:
+    """Write `updates` into a checkpoint's inference defaults (atomically), after checking that the
+    slices they were chosen on are the recipe's validation slices (never the test slices)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    info = read_info(path)
+    val = info.recipe.get("data", {}).get("val_slices")
+    if val is not None and not (val[0] <= chosen_on[0] and chosen_on[1] <= val[1]):
+        raise CheckpointError(f"--write-defaults: settings must be chosen on the validation slices {val[0]}:{val[1]} "
+                              f"of {path.name}'s recipe, not {chosen_on[0]}:{chosen_on[1]}; pass --slices {val[0]}:{val[1]}")
+    info.inference = {**info.inference, **updates}
+    tensors = load_file(str(path))
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(tmp), metadata={"segkit": info.to_json()})
+    match_umask(tmp)
+    os.replace(tmp, path)
+    return info

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ def main() -> None:
       segkit demo                                   # bundled model on a bundled EM crop
       segkit predict stack.tif -o membranes.tif     # membrane probabilities of a stack
       segkit evaluate membranes.tif labels.tif      # pixel error, adapted Rand, VI
+      segkit segment membranes.tif -o neurons.tif   # neuron instances (seeded watershed)
       segkit train recipes/em_neurons.yaml          # train the U-Net on ISBI 2012
       segkit models                                 # registered architectures and their geometry
       segkit export best.safetensors -o unet.onnx   # ONNX for onnxruntime (--engine onnx)
@@ -159,14 +160,19 @@ def default_output(source: str, suffix: str = "membranes") -> Path:
 @click.option("--normalize", type=click.Choice(["auto", "checkpoint", "stack"]), default="auto", show_default=True,
               help="Intensity statistics: the checkpoint's (training data), or computed once for this stack. "
                    "auto uses the checkpoint's unless the input dtype differs from the training data.")
+@click.option("--tta", type=click.Choice(["none", "flips", "d4"]), default="none", show_default=True,
+              help="Test-time augmentation: average over 4 flips or the 8 flips/rotations (one batched forward each).")
+@click.option("--instances", is_flag=True,
+              help="Write uint32 neuron instances (seeded watershed per slice, `segkit segment`) instead of "
+                   "probabilities; --threshold sets the watershed's interior threshold.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--skip-existing", is_flag=True, help="With an output folder: leave inputs whose output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def predict(sources: tuple[str, ...], output: str | None, model_path: Path | None, engine: str,
             denoiser_path: Path | None, tile: str | None, compile_model: bool, blend: str, halo: int | None,
             batch: int | None, device: str,
-            amp: str, output_type: str, threshold: str | None, normalize: str, overwrite: bool, skip_existing: bool,
-            quiet: bool) -> None:
+            amp: str, output_type: str, threshold: str | None, normalize: str, tta: str, instances: bool,
+            overwrite: bool, skip_existing: bool, quiet: bool) -> None:
     """Predict membrane probabilities of SOURCES: a TIFF stack, a folder or quoted glob of 2D TIFFs
     (read as one stack), or many files into an output folder (one output each).
 
@@ -177,9 +183,12 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
       segkit predict 'sections/*.tif' -o mask.tif --threshold auto
       segkit predict 'dir/*.tif' -o outdir/ --engine onnx -m model.onnx
       segkit predict big_stack.tif --tile auto --amp fp16 --device cuda
+      segkit predict stack.tif --tta d4 --instances -o neurons.tif
       segkit predict noisy.tif --denoise runs/denoise_em/best.safetensors -o membranes.tif
     """
     from segkit.inference.pipeline import OutputSpec, choose_normalization
+    from segkit.inference.tta import TTAForward
+    from segkit.instances import InstanceOutput
     from segkit.io.tiff import check_output_path, open_stack
 
     to_folder = output is not None and (output.endswith(("/", "\\")) or Path(output).is_dir())
@@ -187,16 +196,20 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
         raise SegkitError(f"{len(sources)} inputs given: pass -o DIR/ for one output per input file, or quote a "
                           "glob ('dir/*.tif') to read the files as one stack")
     if not to_folder:
-        out_path = Path(output) if output else default_output(sources[0])
+        out_path = Path(output) if output else default_output(sources[0], "instances" if instances else "membranes")
         check_output_path(out_path, overwrite=overwrite)
     auto_tile = tile == "auto"
     loaded = load_prediction_engine(model_path or default_model_path(), engine, denoiser_path=denoiser_path,
                                     tile=None if auto_tile else _parse_tile(tile), halo=halo, device=device, amp=amp,
                                     compile_model=compile_model)
-    spec = OutputSpec(output_type)
-    if threshold is not None:
+    spec: Any = OutputSpec(output_type)
+    if instances:
+        spec = InstanceOutput(_watershed_params(loaded.info.inference, threshold))
+    elif threshold is not None:
         spec = OutputSpec("mask", _threshold(threshold, loaded.info.inference.get("threshold", 0.5)))
     chosen_tile, batch = (_auto_tile(loaded, sources[0], batch) if auto_tile else (loaded.tile, batch or 4))
+    if tta != "none":
+        loaded = replace(loaded, engine=TTAForward(loaded.engine, tta))
     options = {"tile": chosen_tile, "batch": batch, "blend": blend, "spec": spec, "overwrite": overwrite}
     if to_folder:
         _predict_to_folder(sources, Path(output), loaded, quiet=quiet, normalize=normalize,
@@ -345,6 +358,17 @@ def _predict_to_folder(sources: tuple[str, ...], output_dir: Path, loaded: Loade
         raise click.exceptions.Exit(1)
 
 
+def _watershed_params(inference: dict[str, Any], threshold: str | None, **overrides: Any) -> Any:
+    """The checkpoint's watershed defaults (`evaluate --write-defaults`), then the command line's."""
+    from segkit.instances import WatershedParams
+
+    stored = dict(inference.get("watershed") or {})
+    if threshold is not None:
+        stored["threshold"] = _threshold(threshold, stored.get("threshold", inference.get("threshold", 0.5)))
+    stored.update({k: v for k, v in overrides.items() if v is not None})
+    return WatershedParams.from_dict(stored)
+
+
 def _threshold(text: str, auto: float) -> float:
     if text == "auto":
         return float(auto)
@@ -469,6 +493,57 @@ def denoise(source: str, output: Path | None, model_path: Path, engine: str, til
                 tile=loaded.tile, batch=batch, spec=spec, overwrite=overwrite)
 
 
+# -- segment -------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output uint32 label TIFF (default: <input>_instances.tif beside the input).")
+@click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint whose watershed defaults (from `segkit evaluate --write-defaults`) to use.")
+@click.option("--threshold", default=None, show_default="the checkpoint's, else 0.5",
+              help="Probability below which pixels are interior (seeds come from the interior); 'auto': the checkpoint's.")
+@click.option("--seed-distance", type=click.FloatRange(min=0), default=None, show_default="2",
+              help="Seeds are interior pixels at least this far (px) from predicted membrane.")
+@click.option("--min-seed-size", type=click.IntRange(min=1), default=None, show_default="10", help="Smallest seed (px).")
+@click.option("--min-size", type=click.IntRange(min=0), default=None, show_default="50",
+              help="Segments smaller than this (px) are merged into their neighbours.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def segment(source: str, output: Path | None, model_path: Path | None, threshold: str | None,
+            seed_distance: float | None, min_seed_size: int | None, min_size: int | None, overwrite: bool,
+            quiet: bool) -> None:
+    """Neuron instances of a membrane probability stack SOURCE: seeded watershed per slice, uint32 labels.
+
+    Seeds are the interior pixels far enough from predicted membrane; segments grow over the
+    probability and meet on membranes, so a one-pixel gap does not merge two cells.
+
+    \b
+    Examples:
+      segkit segment membranes.tif -o neurons.tif
+      segkit segment membranes.tif -m runs/em_neurons/best.safetensors --overwrite
+      segkit segment membranes.tif --threshold 0.6 --seed-distance 4 --min-size 100
+    """
+    from tqdm import tqdm
+
+    from segkit.checkpoint import read_info
+    from segkit.instances import segment_stack
+    from segkit.io.tiff import check_output_path, open_stack
+
+    output = output or default_output(source, "instances")
+    check_output_path(output, overwrite=overwrite)
+    inference = read_info(model_path).inference if model_path is not None else {}
+    if threshold == "auto" and model_path is None:
+        raise SegkitError("--threshold auto takes the checkpoint's threshold; pass -m CHECKPOINT")
+    params = _watershed_params(inference, threshold, seed_distance=seed_distance, min_seed_size=min_seed_size,
+                               min_size=min_size)
+    with open_stack(source, labels=True) as stack:  # label dtypes are refused by segment_stack, with a clear message
+        planes = len(stack)
+    with tqdm(total=planes, unit="slice", disable=quiet, file=sys.stderr) as bar:
+        written = segment_stack(source, output, params, overwrite=overwrite, on_plane=bar.update)
+    click.echo(f"wrote {written} (watershed: {params.to_dict()})")
+
+
 # -- evaluate ------------------------------------------------------------------------------
 
 def _parse_slices(text: str | None) -> tuple[int, int] | None:
@@ -491,7 +566,15 @@ def _parse_slices(text: str | None) -> tuple[int, int] | None:
 @click.option("--slices", default=None, help="Evaluate only slices START:STOP of the label stack (e.g. 25:30).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the scores as JSON to this file ('-' for stdout only).")
-def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices: str | None, json_path: Path | None) -> None:
+@click.option("--instances", is_flag=True, help="PREDICTION is an instance label stack (segment/predict --instances).")
+@click.option("--watershed", is_flag=True,
+              help="Score watershed instances of the probabilities instead of connected components; with --sweep, "
+                   "sweep the watershed's threshold and seed distance.")
+@click.option("--write-defaults", "write_defaults", type=click.Path(path_type=Path), default=None,
+              help="Store the best sweep setting in this checkpoint's inference defaults (needs --sweep and "
+                   "--slices on the recipe's validation slices).")
+def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices: str | None, json_path: Path | None,
+             instances: bool, watershed: bool, write_defaults: Path | None) -> None:
     """Score a membrane PREDICTION against ISBI-style LABELS (0 = membrane, >0 = cell).
 
     Reports pixel error, adapted Rand error and variation of information (split + merge) of the
@@ -501,10 +584,35 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
     Examples:
       segkit evaluate membranes.tif labels.tif
       segkit evaluate membranes.tif train-labels.tif --slices 25:30 --sweep --json scores.json
+      segkit evaluate neurons.tif train-labels.tif --slices 25:30 --instances
+      segkit evaluate val_membranes.tif train-labels.tif --slices 20:25 --sweep --watershed \\
+          --write-defaults runs/em_neurons/best.safetensors
     """
-    from segkit.evaluation import evaluate_stacks
+    from segkit.evaluation import evaluate_instances, evaluate_stacks, evaluate_watershed, sweep_watershed
 
-    report = evaluate_stacks(prediction, labels, threshold=threshold, sweep=sweep, slices=_parse_slices(slices))
+    chosen = _parse_slices(slices)
+    if write_defaults is not None and not (sweep and chosen):
+        raise SegkitError("--write-defaults stores the best setting of a sweep: add --sweep and --slices (validation)")
+    if instances and (sweep or watershed):
+        raise SegkitError("--instances scores finished label stacks; --sweep and --watershed apply to probabilities")
+    if instances or watershed:
+        if instances:
+            report = evaluate_instances(prediction, labels, slices=chosen)
+        elif sweep:
+            report = sweep_watershed(prediction, labels, slices=chosen)
+            report["scores"] = report["best"]["scores"]
+        else:
+            from segkit.instances import WatershedParams
+
+            report = evaluate_watershed(prediction, labels, slices=chosen, params=WatershedParams(threshold=threshold))
+        _report(report, json_path, "instances" if instances else f"watershed {report.get('params', '')}")
+        if sweep:
+            best = report["best"]
+            click.echo(f"best watershed setting (by adapted Rand error): {best['params']}")
+            if write_defaults is not None:
+                _store_defaults(write_defaults, {"watershed": best["params"]}, chosen)
+        return
+    report = evaluate_stacks(prediction, labels, threshold=threshold, sweep=sweep, slices=chosen)
     if json_path is not None and str(json_path) == "-":
         click.echo(json.dumps(report, indent=1))
         return
@@ -512,14 +620,33 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
     if sweep:
         best = report["sweep"]["best"]
         click.echo(format_scores(best["scores"], f"best threshold {best['threshold']} (by adapted Rand error)"))
+        if write_defaults is not None:
+            _store_defaults(write_defaults, {"threshold": best["threshold"]}, chosen)
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=1))
         click.echo(f"wrote {json_path}")
 
 
+def _report(report: dict[str, Any], json_path: Path | None, title: str) -> None:
+    if json_path is not None and str(json_path) == "-":
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo(format_scores(report["scores"], title))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=1))
+        click.echo(f"wrote {json_path}")
+
+
+def _store_defaults(path: Path, updates: dict[str, Any], slices: tuple[int, int]) -> None:
+    from segkit.checkpoint import update_inference_defaults
+
+    update_inference_defaults(path, updates, chosen_on=slices)
+    click.echo(f"stored {updates} in {path} (inference defaults, chosen on slices {slices[0]}:{slices[1]})")
+
+
 def format_scores(scores: dict[str, float], title: str) -> str:
     keys = ["pixel_error", "adapted_rand_error", "vi", "vi_split", "vi_merge", "dice", "iou"]
-    return "\n".join([title] + [f"  {key:<20}{scores[key]:.4f}" for key in keys])
+    return "\n".join([title] + [f"  {key:<20}{scores[key]:.4f}" for key in keys if key in scores])
 
 
 # -- models --------------------------------------------------------------------------------

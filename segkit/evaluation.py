@@ -47,8 +47,11 @@ def evaluate_stacks(
         raise InputError(f"--threshold {threshold} must be between 0 and 1")
     thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
     per_threshold: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
-    with open_stack(prediction) as pred_stack, open_stack(labels) as label_stack:
+    from segkit.instances import check_probability_stack
+
+    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
         _check_labels(label_stack, labels)
+        check_probability_stack(pred_stack.dtype, prediction)
         for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
             probability = to_probability(pred_stack.plane(pred_index))
             membrane = membrane_from_labels(label_stack.plane(label_index))
@@ -74,3 +77,88 @@ def evaluate_stacks(
             "best": {"threshold": best, "scores": table[best]},
         }
     return report
+
+
+INSTANCE_KEYS = ("adapted_rand_error", "rand_precision", "rand_recall", "vi_split", "vi_merge", "vi")
+#: Watershed settings the sweep tries (min_seed_size and min_size stay as given).
+WATERSHED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+WATERSHED_SEED_DISTANCES = (0.0, 1.0, 2.0, 4.0, 6.0)
+
+
+def _instance_scores(true_cells: np.ndarray, pred_labels: np.ndarray) -> dict[str, float]:
+    from segkit.metrics import segmentation_scores
+
+    are, precision, recall, split, merge = segmentation_scores(true_cells, pred_labels)
+    return {"adapted_rand_error": are, "rand_precision": precision, "rand_recall": recall, "vi_split": split,
+            "vi_merge": merge, "vi": split + merge}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    if not rows:
+        raise InputError("no slices to score")
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+
+
+def _true_cells(label_stack: TiffStack, index: int, source: str) -> np.ndarray:
+    from segkit.metrics import label_cells
+
+    membrane = membrane_from_labels(label_stack.plane(index))
+    if membrane.all() or not membrane.any():
+        raise InputError(f"{source}: slice {index} is all membrane or all cell; labels need 0 = membrane "
+                         "and > 0 = cell interior (ISBI 2012 convention)")
+    return label_cells(~membrane)
+
+
+def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Adapted Rand error and VI of an instance label stack (`segkit segment`, `predict --instances`)."""
+    rows = []
+    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
+        _check_labels(label_stack, labels)
+        if pred_stack.dtype.kind not in "iu" or pred_stack.dtype.itemsize < 2:
+            raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like membrane probabilities, "
+                             "not instance labels (segkit writes uint32 labels); drop --instances, or run "
+                             "`segkit segment` on it first (labels of your own: save them as uint16/uint32)")
+        for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
+            rows.append(_instance_scores(_true_cells(label_stack, label_index, labels),
+                                         pred_stack.plane(pred_index).astype(np.int64)))
+    return {"prediction": prediction, "labels": labels, "slices": len(rows), "scores": _mean(rows), "per_slice": rows}
+
+
+def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] | None = None,
+                       params: Any = None) -> dict[str, Any]:
+    """Scores of the watershed instances (`params`) of a probability stack."""
+    from segkit.instances import WatershedParams
+
+    params = params or WatershedParams()
+    report = _watershed_table(prediction, labels, slices, [params])
+    return {"prediction": prediction, "labels": labels, "slices": report[1], "params": params.to_dict(),
+            "scores": report[0][0]["scores"]}
+
+
+def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] | None = None,
+                    min_seed_size: int = 10, min_size: int = 50) -> dict[str, Any]:
+    """Scores of the watershed instances of a probability stack for every (threshold, seed distance)
+    of the grid; the best by adapted Rand error."""
+    from segkit.instances import WatershedParams
+
+    grid = [WatershedParams(t, d, min_seed_size, min_size) for t in WATERSHED_THRESHOLDS
+            for d in WATERSHED_SEED_DISTANCES]
+    table, count = _watershed_table(prediction, labels, slices, grid)
+    best = min(table, key=lambda row: (row["scores"]["adapted_rand_error"], abs(row["params"]["threshold"] - 0.5)))
+    return {"prediction": prediction, "labels": labels, "slices": count, "table": table, "best": best}
+
+
+def _watershed_table(prediction: str, labels: str, slices: tuple[int, int] | None,
+                     grid: list[Any]) -> tuple[list[dict[str, Any]], int]:
+    from segkit.instances import check_probability_stack, watershed_slice
+
+    rows: dict[Any, list[dict[str, float]]] = {params: [] for params in grid}
+    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
+        _check_labels(label_stack, labels)
+        check_probability_stack(pred_stack.dtype, prediction)
+        for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
+            probability = to_probability(pred_stack.plane(pred_index))
+            true_cells = _true_cells(label_stack, label_index, labels)
+            for params in grid:
+                rows[params].append(_instance_scores(true_cells, watershed_slice(probability, params)))
+    return [{"params": params.to_dict(), "scores": _mean(rows[params])} for params in grid], len(rows[grid[0]])

@@ -26,6 +26,8 @@ import tifffile
 from segkit.errors import InputError, OutputExistsError
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
+#: Label stacks (ground truth, instances) may also be 32-bit integers (float is refused with its own message).
+LABEL_DTYPES = SUPPORTED_DTYPES + (np.uint32, np.int32)
 _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexError, EOFError,
                 RuntimeError, struct.error)
 
@@ -45,8 +47,9 @@ class TiffStack:
     Planes are returned as fresh numpy arrays; NaN/inf in float planes raise InputError.
     """
 
-    def __init__(self, source: str | Path) -> None:
+    def __init__(self, source: str | Path, *, labels: bool = False) -> None:
         self.source = str(source)
+        self._dtypes = LABEL_DTYPES if labels else SUPPORTED_DTYPES
         self._files = list_tiff_files(self.source)
         self._handles: list[tifffile.TiffFile] = []
         self._contiguous: tuple[str, int, np.dtype] | None = None  # (path, data offset, dtype with byte order)
@@ -64,7 +67,7 @@ class TiffStack:
         tif = _open_tiff(path)
         self._handles.append(tif)
         with _fail_on_tifffile_errors(path):
-            series, shape = _grayscale_series(tif, path)
+            series, shape = _grayscale_series(tif, path, self._dtypes)
             page_count = len(tif.pages)
         if len(series.pages) > page_count:
             raise InputError(f"{path}: series needs {len(series.pages)} pages but the file has {page_count}; the file is truncated")
@@ -89,7 +92,7 @@ class TiffStack:
     def _open_many(self, paths: list[str]) -> None:
         first = _open_tiff(paths[0])
         self._handles.append(first)
-        series, shape = _grayscale_series(first, paths[0])
+        series, shape = _grayscale_series(first, paths[0], self._dtypes)
         if shape[0] != 1:
             raise InputError(f"{paths[0]}: a folder or glob must hold 2D images, this one has {shape[0]} planes")
         self.shape = (len(paths), shape[1], shape[2])
@@ -160,9 +163,10 @@ class TiffStack:
         self.close()
 
 
-def open_stack(source: str | Path) -> TiffStack:
-    """Open a 2D/ZYX TIFF, a folder of 2D TIFFs or a glob of them as a lazy ZYX stack."""
-    return TiffStack(source)
+def open_stack(source: str | Path, *, labels: bool = False) -> TiffStack:
+    """Open a 2D/ZYX TIFF, a folder of 2D TIFFs or a glob of them as a lazy ZYX stack; `labels`
+    also admits 32-bit integer label stacks."""
+    return TiffStack(source, labels=labels)
 
 
 def list_tiff_files(source: str) -> list[str]:
@@ -214,7 +218,8 @@ def _open_tiff(path: str) -> tifffile.TiffFile:
         raise InputError(f"{path} is not a readable TIFF file ({exc}); segkit reads TIFF (.tif/.tiff) images") from exc
 
 
-def _grayscale_series(tif: tifffile.TiffFile, path: str) -> tuple[Any, tuple[int, int, int]]:
+def _grayscale_series(tif: tifffile.TiffFile, path: str,
+                      dtypes: tuple[type, ...] = SUPPORTED_DTYPES) -> tuple[Any, tuple[int, int, int]]:
     """The first series, checked to be single-channel 2D or 3D, and its shape as ZYX."""
     if not tif.series or not tif.pages:
         raise InputError(f"{path}: the TIFF holds no images (empty stack); export at least one plane")
@@ -238,8 +243,9 @@ def _grayscale_series(tif: tifffile.TiffFile, path: str) -> tuple[Any, tuple[int
     extra = [(a, n) for a, n in zip(axes[:-2], shape[:-2]) if n > 1]
     if len(extra) > 1:
         raise InputError(f"{path}: {len(extra) + 2}D image (axes {axes}); expected a 2D image or a ZYX stack")
-    if np.dtype(series.dtype) not in [np.dtype(d) for d in SUPPORTED_DTYPES]:
-        raise InputError(f"{path}: dtype {series.dtype} is not supported; convert to uint8, uint16 or float32")
+    if np.dtype(series.dtype) not in [np.dtype(d) for d in dtypes]:
+        names = ", ".join(np.dtype(d).name for d in dtypes)
+        raise InputError(f"{path}: dtype {series.dtype} is not supported; convert to one of {names}")
     depth = extra[0][1] if extra else 1
     return series, (depth, shape[-2], shape[-1])
 
