@@ -685,7 +685,8 @@ def demo(output_dir: Path, device: str, overwrite: bool) -> None:
     """Run the bundled model on the bundled ISBI 2012 crop, score it, write TIFF + PNG overlay.
 
     The crop is ISBI 2012 slices 25-29 (held out from the bundled model's training). Prints pixel
-    error, adapted Rand error and VI, and writes prediction.tif, overlay.png and scores.json.
+    error, adapted Rand error and VI of the membranes and of the watershed neuron instances, and
+    writes prediction.tif, instances.tif, overlay.png and scores.json.
 
     
     Example:
@@ -695,7 +696,8 @@ def demo(output_dir: Path, device: str, overwrite: bool) -> None:
 
     result = run_demo(output_dir, device=device, overwrite=overwrite, echo=click.echo)
     click.echo(format_scores(result["scores"], "scores on the bundled crop (ISBI 2012 held-out slices 25-29)"))
-    for key in ("prediction", "overlay", "scores_json"):
+    click.echo(format_scores(result["instance_scores"], "neuron instances (seeded watershed, `segkit segment`)"))
+    for key in ("prediction", "instances", "overlay", "scores_json"):
         click.echo(f"wrote {result[key]}")
 
 

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from segkit.cli import main
 
-COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export"]
+COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export", "segment"]
 
 
 def run(*args):
@@ -197,6 +197,10 @@ def test_demo(tmp_path):
     assert report["scores"]["pixel_error"] < 0.15  # a trained model, not noise (chance is ~0.3)
     assert (tmp_path / "demo" / "overlay.png").stat().st_size > 10_000
     assert tifffile.imread(tmp_path / "demo" / "prediction.tif").shape == (5, 512, 512)
+    assert tifffile.imread(tmp_path / "demo" / "instances.tif").dtype == np.uint32
+    # the watershed settings stored in the bundled model (chosen on validation slices) beat components
+    assert report["instances"]["scores"]["adapted_rand_error"] < report["scores"]["adapted_rand_error"] / 1.5
+    assert "neuron instances" in result.output
     assert_user_error(run("demo", "-o", tmp_path / "demo"), "--overwrite")
 
 
