@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,23 +73,6 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -
 
 
 # -- predict -------------------------------------------------------------------------------
-
-def default_model_path() -> Path:
-    return Path(__file__).parent / "data" / "unet_isbi_demo.safetensors"
-
-
-def default_tile(geometry: Any) -> int:
-    """572 (the U-Net paper's tile) where valid, else the smallest valid size of at least 512."""
-    if geometry.is_valid_input(572):
-        return 572
-    below, above = geometry.nearest_valid(512)
-    return 512 if below == 512 else above
-
-
-def _default_tile(info: Any, geometry: Any) -> int:
-    """The tile the model was trained with, else `default_tile`."""
-    return int(info.inference.get("tile") or default_tile(geometry))
-
 
 def _stream(source: str, stack: Any, engine: Any, geometry: Any, output: Path, *, quiet: bool, tile: int,
             **options: Any) -> None:
@@ -186,10 +169,12 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
       segkit predict stack.tif --tta d4 --instances -o neurons.tif
       segkit predict noisy.tif --denoise runs/denoise_em/best.safetensors -o membranes.tif
     """
+    from segkit.inference.adapt import choose_tile
+    from segkit.inference.loading import default_model_path, load_prediction_engine
     from segkit.inference.pipeline import OutputSpec, choose_normalization
     from segkit.inference.tta import TTAForward
     from segkit.instances import InstanceOutput
-    from segkit.io.tiff import check_output_path, open_stack
+    from segkit.io.tiff import check_output_path, list_tiff_files, open_stack
 
     to_folder = output is not None and (output.endswith(("/", "\\")) or Path(output).is_dir())
     if len(sources) > 1 and not to_folder:
@@ -201,13 +186,19 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
     auto_tile = tile == "auto"
     loaded = load_prediction_engine(model_path or default_model_path(), engine, denoiser_path=denoiser_path,
                                     tile=None if auto_tile else _parse_tile(tile), halo=halo, device=device, amp=amp,
-                                    compile_model=compile_model)
+                                    compile_model=compile_model, report=_note)
     spec: Any = OutputSpec(output_type)
     if instances:
         spec = InstanceOutput(_watershed_params(loaded.info.inference, threshold))
     elif threshold is not None:
         spec = OutputSpec("mask", _threshold(threshold, loaded.info.inference.get("threshold", 0.5)))
-    chosen_tile, batch = (_auto_tile(loaded, sources[0], batch) if auto_tile else (loaded.tile, batch or 4))
+    if auto_tile:
+        with open_stack(list_tiff_files(sources[0])[0]) as first:
+            plane_shape = first.shape[1:]
+        chosen_tile, batch = choose_tile(loaded.engine, loaded.geometry, plane_shape, batch=batch,
+                                         only=loaded.tile if loaded.fixed_tile else None, report=_note)
+    else:
+        chosen_tile, batch = loaded.tile, batch or 4
     if tta != "none":
         loaded = replace(loaded, engine=TTAForward(loaded.engine, tta))
     options = {"tile": chosen_tile, "batch": batch, "blend": blend, "spec": spec, "overwrite": overwrite}
@@ -232,102 +223,7 @@ def _parse_tile(text: str | None) -> int | None:
         raise SegkitError(f"--tile {text!r} must be a whole number of pixels or 'auto'") from None
 
 
-def _auto_tile(loaded: "LoadedEngine", source: str, batch: int | None) -> tuple[int, int]:
-    """Measure tile sizes (and batches, unless --batch is given) on this engine for the planes of
-    `source`; return the fastest that fits and say what was chosen."""
-    from segkit.inference.adapt import CPU_BATCHES, GPU_BATCHES, best_trial, candidate_tiles, measure_tiles
-    from segkit.io.tiff import list_tiff_files, open_stack
-
-    with open_stack(list_tiff_files(source)[0]) as stack:
-        plane_shape = stack.shape[1:]
-    tiles = [loaded.tile] if loaded.fixed_tile else candidate_tiles(loaded.geometry, plane_shape)
-    batches = [batch] if batch else (GPU_BATCHES if loaded.engine.uses_gpu else CPU_BATCHES)
-    _note(f"--tile auto: measuring tiles {', '.join(map(str, tiles))} x batches {', '.join(map(str, batches))} "
-          f"on {loaded.engine.device}")
-    trials = measure_tiles(loaded.engine, loaded.geometry, plane_shape, tiles=tiles, batches=batches,
-                           warmup=loaded.engine.uses_gpu, repeats=2 if loaded.engine.uses_gpu else 1)
-    best = best_trial(trials)
-    out_of_memory = sorted({f"{t.tile}/{t.batch}" for t in trials if t.seconds_per_batch is None})
-    _note(f"--tile auto: tile {best.tile}, batch {best.batch} ({best.seconds_per_plane:.2f} s per "
-          f"{plane_shape[0]} x {plane_shape[1]} plane)" + (f"; out of memory: {', '.join(out_of_memory)}"
-                                                           if out_of_memory else ""))
-    return best.tile, best.batch
-
-
-@dataclass(frozen=True)
-class LoadedEngine:
-    """What prediction needs from a model file: the engine, its record, geometry and tile."""
-
-    engine: Any
-    info: Any
-    geometry: Any
-    tile: int
-    fixed_tile: bool = False
-
-
-def load_prediction_engine(model_path: Path, engine: str, *, denoiser_path: Path | None = None, tile: int | None,
-                           halo: int | None = None, device: str, amp: str, kind: str = "segmenter",
-                           compile_model: bool = False) -> LoadedEngine:
-    """Open a checkpoint or ONNX file of a `kind` model (segmenter or denoiser) as a torch or ONNX
-    Runtime engine, checking that the options fit."""
-    from segkit.inference.engines import OnnxEngine, TorchEngine
-
-    is_onnx = model_path.suffix.lower() == ".onnx"
-    engine = ("onnx" if is_onnx else "torch") if engine == "auto" else engine
-    if is_onnx:
-        from segkit.export import read_onnx_metadata
-
-        if engine == "torch":
-            raise SegkitError(f"{model_path} is an ONNX file: run it with --engine onnx, or pass its .safetensors "
-                              "checkpoint to use --engine torch")
-        if denoiser_path is not None:
-            raise SegkitError("--denoise takes .safetensors checkpoints; for ONNX, export the pair with "
-                              "`segkit export SEGMENTER --with-denoiser DENOISER`")
-        info, record = read_onnx_metadata(model_path)
-        if info.kind != kind:
-            raise SegkitError(f"{model_path} is a {info.kind} model, but a {kind} is needed here")
-        if amp == "bf16" or (amp == "fp16" and record.precision != "fp16"):
-            raise SegkitError(f"{model_path} is an {record.precision} graph; --amp {amp} needs a graph exported with "
-                              "`segkit export --fp16` (or use --amp none)")
-        tile = tile or record.tile
-        if record.spatial == "fixed" and tile != record.tile:
-            raise SegkitError(f"{model_path} was exported for tiles of {record.tile} px only; use --tile "
-                              f"{record.tile} or export again with --tile {tile}")
-        geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
-        geometry.check_tile(tile)
-        if compile_model:
-            raise SegkitError("--compile applies to the torch engine; an ONNX file is already compiled by onnxruntime")
-        onnx_engine = OnnxEngine(model_path, geometry, device=device, fp16=record.precision == "fp16")
-        return LoadedEngine(onnx_engine, info, geometry, tile, fixed_tile=record.spatial == "fixed")
-    model, info = _load_checkpoint(model_path, denoiser_path, kind)
-    geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
-    tile = tile or _default_tile(info, geometry)
-    if engine == "torch":
-        channel = 1 if kind == "segmenter" else None
-        torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel, compile_model=compile_model)
-        return LoadedEngine(torch_engine, info, geometry, tile)
-    from segkit.export import export_onnx
-
-    if amp == "bf16":
-        raise SegkitError("--engine onnx runs fp32 or fp16 graphs; use --amp fp16 or --amp none")
-    if compile_model:
-        raise SegkitError("--compile applies to the torch engine; use --engine torch")
-    geometry.check_tile(tile)
-    click.echo(f"exporting {model_path.name} to ONNX ({'fp16' if amp == 'fp16' else 'fp32'}, verified against "
-               "torch) for this run; `segkit export` saves the file for reuse", err=True)
-    onnx_bytes, _ = export_onnx(model, info, tile=tile, fp16=amp == "fp16")
-    return LoadedEngine(OnnxEngine(onnx_bytes, geometry, device=device, fp16=amp == "fp16"), info, geometry, tile)
-
-
-def _load_checkpoint(model_path: Path, denoiser_path: Path | None, kind: str) -> tuple[Any, Any]:
-    from segkit.checkpoint import compose_with_denoiser, load_model
-
-    if denoiser_path is not None:
-        return compose_with_denoiser(denoiser_path, model_path)
-    return load_model(model_path, expect_kind=kind)
-
-
-def _predict_to_folder(sources: tuple[str, ...], output_dir: Path, loaded: LoadedEngine, *, quiet: bool,
+def _predict_to_folder(sources: tuple[str, ...], output_dir: Path, loaded: Any, *, quiet: bool,
                        normalize: str, skip_existing: bool, tile: int, overwrite: bool, **options: Any) -> None:
     """One output per input file, one progress bar over all tiles; failed files are listed and
     make the exit code 1, the others are written."""
@@ -411,6 +307,7 @@ def export(checkpoint: Path, output: Path | None, denoiser_path: Path | None, ti
     """
     from segkit.checkpoint import compose_with_denoiser, load_model, read_info
     from segkit.export import export_onnx, write_onnx
+    from segkit.inference.loading import trained_tile
     from segkit.io.tiff import check_output_path
 
     output = output or checkpoint.with_suffix(".onnx")
@@ -419,7 +316,7 @@ def export(checkpoint: Path, output: Path | None, denoiser_path: Path | None, ti
         model, info = compose_with_denoiser(denoiser_path, checkpoint)
     else:
         model, info = load_model(checkpoint, expect_kind=read_info(checkpoint).kind)
-    tile = tile or _default_tile(info, info.geometry)
+    tile = tile or trained_tile(info, info.geometry)
     onnx_bytes, record = export_onnx(model, info, tile=tile, fp16=fp16, opset=opset, fixed_tile=fixed_tile)
     written = write_onnx(onnx_bytes, output, overwrite=overwrite)
     worst = max(v for k, v in record.parity.items() if k.startswith("max_abs_diff"))
@@ -480,12 +377,14 @@ def denoise(source: str, output: Path | None, model_path: Path, engine: str, til
     """
     import numpy as np
 
+    from segkit.inference.loading import load_prediction_engine
     from segkit.inference.pipeline import IntensityOutput
     from segkit.io.tiff import check_output_path, open_stack
 
     output = output or default_output(source, suffix="denoised")
     check_output_path(output, overwrite=overwrite)
-    loaded = load_prediction_engine(model_path, engine, tile=tile, device=device, amp=amp, kind="denoiser")
+    loaded = load_prediction_engine(model_path, engine, tile=tile, device=device, amp=amp, kind="denoiser",
+                                    report=_note)
     normalization = loaded.info.normalization
     with open_stack(source) as stack:
         spec = IntensityOutput(normalization, stack.dtype if output_type == "same" else np.dtype(np.float32))

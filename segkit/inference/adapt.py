@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -148,3 +148,23 @@ def best_trial(trials: Sequence[Trial]) -> Trial:
     if not fitting:
         raise SegkitError("no tile size fits in device memory even at the smallest batch; use --device cpu")
     return min(fitting, key=lambda t: (t.seconds_per_plane, t.batch))
+
+
+def choose_tile(forward: Any, geometry: Geometry, plane_shape: tuple[int, int], *, batch: int | None = None,
+                only: int | None = None, report: Callable[[str], object] = print) -> tuple[int, int]:
+    """`--tile auto`: time the candidate tiles (or `only` one, for a fixed-shape graph) at the
+    candidate batches (or `batch`) on this engine; return the (tile, batch) with the least time
+    per plane that fits in memory, and report what was measured and chosen."""
+    gpu = bool(getattr(forward, "uses_gpu", False))
+    tiles = [only] if only is not None else candidate_tiles(geometry, plane_shape)
+    batches = [batch] if batch else list(GPU_BATCHES if gpu else CPU_BATCHES)
+    report(f"--tile auto: measuring tiles {', '.join(map(str, tiles))} x batches {', '.join(map(str, batches))} "
+           f"on {getattr(forward, 'device', 'this engine')}")
+    trials = measure_tiles(forward, geometry, plane_shape, tiles=tiles, batches=batches, warmup=int(gpu),
+                           repeats=2 if gpu else 1)
+    best = best_trial(trials)
+    out_of_memory = sorted({f"{t.tile}/{t.batch}" for t in trials if t.seconds_per_batch is None})
+    report(f"--tile auto: tile {best.tile}, batch {best.batch} ({best.seconds_per_plane:.2f} s per "
+           f"{plane_shape[0]} x {plane_shape[1]} plane)"
+           + (f"; out of memory: {', '.join(out_of_memory)}" if out_of_memory else ""))
+    return best.tile, best.batch
