@@ -43,6 +43,7 @@ def main() -> None:
       segkit train recipes/em_neurons.yaml          # train the U-Net on ISBI 2012
       segkit models                                 # registered architectures and their geometry
       segkit export best.safetensors -o unet.onnx   # ONNX for onnxruntime (--engine onnx)
+      segkit predict big.tif -o big.ome.zarr --workers 4   # Dask, OME-Zarr, resumable
       segkit train-denoiser recipes/denoise_em.yaml # a denoising pre-stage from raw data
       segkit denoise noisy.tif -m den.safetensors   # denoise a stack
     """
@@ -148,6 +149,13 @@ def default_output(source: str, suffix: str = "membranes") -> Path:
 @click.option("--instances", is_flag=True,
               help="Write uint32 neuron instances (seeded watershed per slice, `segkit segment`) instead of "
                    "probabilities; --threshold sets the watershed's interior threshold.")
+@click.option("--scheduler", default=None,
+              help="Run on this Dask cluster (tcp://host:8786); the output must be an .ome.zarr store.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Run on a local Dask cluster of N worker processes; the output must be an .ome.zarr store.")
+@click.option("--chunk", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="OME-Zarr chunk (px, rounded up to the model step); one Dask task per chunk.")
+@click.option("--resume", is_flag=True, help="OME-Zarr: finish an interrupted run, skipping chunks already written.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--skip-existing", is_flag=True, help="With an output folder: leave inputs whose output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -155,6 +163,7 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
             denoiser_path: Path | None, tile: str | None, compile_model: bool, blend: str, halo: int | None,
             batch: int | None, device: str,
             amp: str, output_type: str, threshold: str | None, normalize: str, tta: str, instances: bool,
+            scheduler: str | None, workers: int | None, chunk: int, resume: bool,
             overwrite: bool, skip_existing: bool, quiet: bool) -> None:
     """Predict membrane probabilities of SOURCES: a TIFF stack, a folder or quoted glob of 2D TIFFs
     (read as one stack), or many files into an output folder (one output each).
@@ -168,6 +177,8 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
       segkit predict big_stack.tif --tile auto --amp fp16 --device cuda
       segkit predict stack.tif --tta d4 --instances -o neurons.tif
       segkit predict noisy.tif --denoise runs/denoise_em/best.safetensors -o membranes.tif
+      segkit predict big.tif -o big.ome.zarr --workers 4          # Dask, OME-Zarr, resumable
+      segkit predict big.tif -o big.ome.zarr --scheduler tcp://host:8786 --resume
     """
     from segkit.inference.adapt import choose_tile
     from segkit.inference.loading import default_model_path, load_prediction_engine
@@ -176,6 +187,16 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
     from segkit.instances import InstanceOutput
     from segkit.io.tiff import check_output_path, list_tiff_files, open_stack
 
+    if (output or "").rstrip("/").endswith(".zarr") or scheduler or workers:
+        _predict_on_dask(sources, output, model_path or default_model_path(),
+                         tile=None if tile == "auto" else _parse_tile(tile), batch=batch or 4,
+                         device=device, output_type=output_type, threshold=threshold, chunk=chunk,
+                         scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,
+                         unsupported={"--engine onnx": engine == "onnx", "--denoise": denoiser_path is not None,
+                                      "--tta": tta != "none", "--instances": instances, "--tile auto": tile == "auto",
+                                      "--amp": amp != "none", "--compile": compile_model, "--halo": halo is not None,
+                                      "--normalize": normalize != "auto"})
+        return
     to_folder = output is not None and (output.endswith(("/", "\\")) or Path(output).is_dir())
     if len(sources) > 1 and not to_folder:
         raise SegkitError(f"{len(sources)} inputs given: pass -o DIR/ for one output per input file, or quote a "
@@ -221,6 +242,37 @@ def _parse_tile(text: str | None) -> int | None:
         return int(text)
     except ValueError:
         raise SegkitError(f"--tile {text!r} must be a whole number of pixels or 'auto'") from None
+
+
+def _predict_on_dask(sources: tuple[str, ...], output: str | None, model_path: Path, *, tile: int | None, batch: int,
+                     device: str, output_type: str, threshold: str | None, chunk: int, scheduler: str | None,
+                     workers: int | None, resume: bool, overwrite: bool, unsupported: dict[str, bool]) -> None:
+    """The Dask path: one stack into an OME-Zarr store, chunk by chunk, resumable."""
+    from segkit.checkpoint import read_info
+    from segkit.inference.distributed import predict_to_zarr
+    from segkit.inference.loading import trained_tile
+    from segkit.inference.pipeline import OutputSpec
+
+    if output is None or not output.rstrip("/").endswith(".zarr"):
+        raise SegkitError("the Dask path (--scheduler/--workers) writes OME-Zarr: pass -o NAME.ome.zarr "
+                          "(then `segkit convert NAME.ome.zarr NAME.tif` for a BigTIFF)")
+    if len(sources) > 1:
+        raise SegkitError("the Dask path predicts one stack; quote a glob to read 2D files as one stack")
+    refused = [name for name, used in unsupported.items() if used]
+    if refused:
+        raise SegkitError(f"{', '.join(refused)} not available on the Dask/OME-Zarr path yet; use a .tif output")
+    if model_path.suffix.lower() == ".onnx":
+        raise SegkitError("the Dask path runs .safetensors checkpoints (torch engine); pass the checkpoint")
+    info = read_info(model_path)
+    spec = OutputSpec(output_type)
+    if threshold is not None:
+        spec = OutputSpec("mask", _threshold(threshold, info.inference.get("threshold", 0.5)))
+    where = scheduler or (f"a local Dask cluster of {workers} workers" if workers else "local Dask threads")
+    _note(f"{sources[0]} -> {output} on {where}, device {device}")
+    written = predict_to_zarr(sources[0], output.rstrip("/"), model_path, tile=tile or trained_tile(info, info.geometry),
+                              batch=batch, chunk=chunk, device=device, spec=spec, scheduler=scheduler, workers=workers,
+                              resume=resume, overwrite=overwrite, report=_note)
+    click.echo(f"wrote {written}")
 
 
 def _predict_to_folder(sources: tuple[str, ...], output_dir: Path, loaded: Any, *, quiet: bool,
@@ -441,6 +493,24 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     with tqdm(total=planes, unit="slice", disable=quiet, file=sys.stderr) as bar:
         written = segment_stack(source, output, params, overwrite=overwrite, on_plane=bar.update)
     click.echo(f"wrote {written} (watershed: {params.to_dict()})")
+
+
+# -- convert -------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def convert(store: Path, output: Path, overwrite: bool) -> None:
+    """Convert an OME-Zarr STORE (from `segkit predict -o x.ome.zarr`) to a tiled BigTIFF OUTPUT, streaming.
+
+    \b
+    Example:
+      segkit convert big.ome.zarr big_membranes.tif
+    """
+    from segkit.inference.distributed import convert_zarr_to_tiff
+
+    click.echo(f"wrote {convert_zarr_to_tiff(store, output, overwrite=overwrite)}")
 
 
 # -- evaluate ------------------------------------------------------------------------------

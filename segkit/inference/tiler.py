@@ -169,8 +169,12 @@ def predict_planes(
     batch: int = 4,
     blend: str = "cosine",
     on_tiles: Callable[[int], None] | None = None,
+    pad: Callable[[np.ndarray, TilePlan], np.ndarray] | None = None,
 ) -> Iterator[np.ndarray]:
     """Predict each 2D float32 plane by overlap-tiling; yields (K, H, W) float32 per plane.
+
+    `pad(plane, plan)` builds the padded plane the tiles are cut from (default: mirror
+    extrapolation, `pad_plane`); the Dask path passes real context from neighbouring chunks.
 
     Valid-conv models: tiles are placed exactly. Same-padding models (halo > 0): tiles overlap
     by at least twice the halo and are blended with a `blend` window, normalised by the summed
@@ -212,7 +216,7 @@ def predict_planes(
         if plane.ndim != 2:
             raise ValueError(f"expected a 2D plane, got shape {plane.shape}")
         plan = plan_tiles(plane.shape, geometry, tile=tile)
-        job = _PlaneJob(plan, pad_plane(np.asarray(plane, np.float32), plan), remaining=plan.n_tiles)
+        job = _PlaneJob(plan, (pad or pad_plane)(np.asarray(plane, np.float32), plan), remaining=plan.n_tiles)
         jobs.append(job)
         for oy in plan.origins_y:
             for ox in plan.origins_x:
