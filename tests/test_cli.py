@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from segkit.cli import main
 
-COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export", "segment"]
+COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export", "segment", "convert"]
 
 
 def run(*args):

@@ -105,3 +105,22 @@ def test_dask_path_option_errors(tmp_path, chunky_stack, tiny_checkpoint):
     assert_user_error(run("predict", chunky_stack, "-o", tmp_path / "x.tif", "--workers", 2), "-o NAME.ome.zarr")
     assert_user_error(run("predict", chunky_stack, "-o", tmp_path / "x.ome.zarr", "--tta", "d4"), "--tta")
     assert_user_error(run("convert", tmp_path / "missing.ome.zarr", tmp_path / "x.tif"), "not a segkit OME-Zarr")
+
+
+def test_zarr_and_ome_zarr_inputs(tmp_path, chunky_stack, tiny_checkpoint):
+    data = tifffile.imread(chunky_stack)
+    zarr.save_array(str(tmp_path / "raw.zarr"), data, zarr_format=2)
+    group = zarr.open_group(str(tmp_path / "raw.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=data.shape, chunks=(1, 128, 128), dtype=data.dtype)[:] = data
+    reference = single_process(tmp_path, chunky_stack, tiny_checkpoint)
+    for source in ("raw.zarr", "raw.ome.zarr"):
+        out = tmp_path / f"out_{source}"
+        result = run("predict", tmp_path / source, "-o", out, "-m", tiny_checkpoint, "--tile", 236,
+                     "--output-type", "float16", "--chunk", 100)
+        assert result.exit_code == 0, result.output
+        assert np.abs(zarr.open_array(str(out / "0"), mode="r")[:].astype(np.float32) - reference).max() <= 1e-3
+    zarr.save_array(str(tmp_path / "rgb.zarr"), np.zeros((2, 8, 8, 3), np.uint8), zarr_format=2)
+    assert_user_error(run("predict", tmp_path / "rgb.zarr", "-o", tmp_path / "x.ome.zarr", "-m", tiny_checkpoint),
+                      "YX or ZYX array")
+    assert_user_error(run("predict", tmp_path / "raw.zarr", "-o", tmp_path / "raw.zarr", "-m", tiny_checkpoint),
+                      "would replace its input")

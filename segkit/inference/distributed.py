@@ -184,7 +184,7 @@ def predict_to_zarr(source: str, output: str | Path, checkpoint: str | Path, /, 
                     chunk: int = 1024, device: str = "cpu", spec: Any = None, scheduler: str | None = None,
                     workers: int | None = None, resume: bool = False, overwrite: bool = False,
                     report: Callable[[str], object] = print) -> Path:
-    """Predict `source` (TIFF stack) with the checkpoint into an OME-Zarr store on Dask.
+    """Predict `source` (TIFF stack, or zarr/OME-Zarr store) with the checkpoint into an OME-Zarr store on Dask.
 
     `scheduler` is a dask.distributed address (tcp://host:8786); `workers` starts a local cluster
     of that many worker processes; neither: the current dask scheduler (threads). The store is
@@ -198,18 +198,18 @@ def predict_to_zarr(source: str, output: str | Path, checkpoint: str | Path, /, 
 
     from segkit.checkpoint import read_info
     from segkit.inference.pipeline import OutputSpec, choose_normalization
-    from segkit.io.tiff import open_stack
-
     spec = spec or OutputSpec()
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
+    if output.resolve() == Path(source).resolve():
+        raise InputError(f"output {output} would replace its input; choose another output path")
     if output.exists() and not overwrite:
         raise OutputExistsError(f"output {output} already exists; pass --overwrite or choose another path")
     info = read_info(checkpoint)
     geometry = info.geometry
     geometry.check_tile(tile)
     context = _context(geometry)
-    with open_stack(source) as stack:
+    with open_volume(source) as stack:
         normalization, note = choose_normalization(stack, info)
         if note:
             report(note)
@@ -258,11 +258,61 @@ def predict_to_zarr(source: str, output: str | Path, checkpoint: str | Path, /, 
     return output
 
 
+class ZarrStack:
+    """A ZYX (or YX) zarr array, or the level 0 of an OME-Zarr group, with the plane interface of
+    TiffStack, so normalisation and reading work the same for both inputs."""
+
+    def __init__(self, source: str | Path) -> None:
+        require("zarr", feature="zarr input", package="zarr")
+        import zarr
+
+        self.source = str(source)
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"input {source} does not exist; check the path")
+        try:
+            node = zarr.open(str(path), mode="r")
+        except Exception as exc:  # zarr raises several types for a folder that is not a store
+            raise InputError(f"{source} is not a zarr store ({type(exc).__name__}); pass a TIFF or a zarr array") from exc
+        if not hasattr(node, "shape"):
+            if "0" not in node:
+                raise InputError(f"{source} is a zarr group without a level-0 array '0'; pass the array itself")
+            node = node["0"]
+        if node.ndim not in (2, 3) or node.dtype not in (np.uint8, np.uint16, np.float32):
+            raise InputError(f"{source}: a zarr input must be a YX or ZYX array of uint8, uint16 or float32, "
+                             f"not {node.ndim}D {node.dtype}")
+        self.array = node
+        self.is_2d = node.ndim == 2
+        self.shape: tuple[int, int, int] = (1, *node.shape) if self.is_2d else tuple(node.shape)
+        self.dtype = np.dtype(node.dtype)
+        self.resolution = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def plane(self, index: int) -> np.ndarray:
+        plane = np.asarray(self.array[...] if self.is_2d else self.array[index])
+        if plane.dtype.kind == "f" and not np.isfinite(plane).all():
+            raise InputError(f"{self.source}: plane {index} contains NaN or inf; fix the input")
+        return plane
+
+    def __enter__(self) -> "ZarrStack":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def open_volume(source: str) -> Any:
+    """A TIFF stack, or a zarr / OME-Zarr store (a path ending in .zarr)."""
+    from segkit.io.tiff import open_stack
+
+    return ZarrStack(source) if source.rstrip("/").endswith(".zarr") else open_stack(source)
+
+
 def _plane_reader(source: str) -> Callable[[int], np.ndarray]:
     def read(index: int) -> np.ndarray:
-        from segkit.io.tiff import open_stack
-
-        with open_stack(source) as stack:
+        with open_volume(source) as stack:
             return stack.plane(index)
 
     return read
