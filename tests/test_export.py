@@ -51,6 +51,10 @@ def test_export_matches_torch_and_keeps_metadata(registered, tmp_path):
     for batch in (x, x[:1], x):
         assert np.abs(engine(batch) - reference(batch)).max() < 1e-4
     assert engine.device == "onnxruntime CPU"
+    # after an out-of-memory error the buffers go and short batches are no longer padded to the old size
+    engine.release_memory()
+    assert not engine._bindings and engine._largest_batch == 0
+    assert np.abs(engine(x[:2]) - reference(x[:2])).max() < 1e-4 and engine._largest_batch == 2
 
 
 def test_fp16_export_and_fixed_tile(tiny_unet):

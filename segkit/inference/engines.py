@@ -205,6 +205,12 @@ class OnnxEngine:
     def uses_gpu(self) -> bool:
         return self._device_type != "cpu"
 
+    def release_memory(self) -> None:
+        """After an out-of-memory error: free the device buffers and stop padding batches to the
+        size that did not fit, so the smaller batch that follows really is smaller."""
+        self._bindings.clear()
+        self._largest_batch = 0
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, np.float32)
         count = len(batch)
