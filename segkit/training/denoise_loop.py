@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
-from segkit.errors import ConfigError, SegkitError
+from segkit.errors import ConfigError
 from segkit.inference.tiler import mirror_pad, predict_planes
 from segkit.io.tiff import open_stack
 from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
@@ -29,6 +29,7 @@ from segkit.training.runs import (
     amp_setup,
     build_optimizer,
     open_run,
+    optimizer_step,
     plot_curve,
     resume_run,
     save_optimizer,
@@ -174,13 +175,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                 per_pixel = error.square() if cfg_train["loss"] == "mse" else error.abs()
                 weight_t = torch.from_numpy(weight).to(device)
                 loss = (per_pixel * weight_t).sum() / weight_t.sum().clamp(min=1.0)
-                if not torch.isfinite(loss):
-                    raise SegkitError(f"loss became {loss.item()} at epoch {epoch}; lower train.lr or disable train.amp")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(float(loss.item()))
+                losses.append(optimizer_step(loss, optimizer, scaler, epoch=epoch))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             model.eval()
             denoised = denoise_planes(model, val_noisy, normalization=normalization, scale=scale, tile=tile,

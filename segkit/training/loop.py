@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
-from segkit.errors import ConfigError, InputError, SegkitError
+from segkit.errors import ConfigError, InputError
 from segkit.inference.engines import resolve_device
 from segkit.io.tiff import open_stack
 from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_thresholds
@@ -31,6 +31,7 @@ from segkit.training.runs import (
     amp_setup,
     build_optimizer,
     open_run,
+    optimizer_step,
     plot_curve,
     resume_run,
     save_optimizer,
@@ -184,13 +185,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                 with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(image)
                 loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
-                if not torch.isfinite(loss):
-                    raise SegkitError(f"loss became {loss.item()} at epoch {epoch}; lower train.lr or disable train.amp")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(float(loss.item()))
+                losses.append(optimizer_step(loss, optimizer, scaler, epoch=epoch))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             model.eval()
             table = validate(model, val_raw, val_mem, normalization=normalization, tile=tile,

@@ -90,6 +90,20 @@ def amp_setup(enabled: bool, device: str) -> tuple[Any, Any]:
     return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
+def optimizer_step(loss: Any, optimizer: Any, scaler: Any, *, epoch: int) -> float:
+    """One optimiser step through the AMP grad scaler (a no-op scaler without AMP); a loss that is
+    not finite stops training with advice instead of corrupting the weights. Returns the loss."""
+    import torch
+
+    if not torch.isfinite(loss):
+        raise SegkitError(f"loss became {loss.item()} at epoch {epoch}; lower train.lr or disable train.amp")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.item())
+
+
 def build_optimizer(params: Any, settings: dict[str, Any]) -> Any:
     """Adam or SGD with momentum, from a recipe's `train` section."""
     import torch
