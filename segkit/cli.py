@@ -182,7 +182,7 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
     """
     from segkit.inference.adapt import choose_tile
     from segkit.inference.loading import default_model_path, load_prediction_engine
-    from segkit.inference.pipeline import OutputSpec, choose_normalization
+    from segkit.inference.pipeline import choose_normalization
     from segkit.inference.tta import TTAForward
     from segkit.instances import InstanceOutput
     from segkit.io.tiff import check_output_path, list_tiff_files, open_stack
@@ -208,11 +208,8 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
     loaded = load_prediction_engine(model_path or default_model_path(), engine, denoiser_path=denoiser_path,
                                     tile=None if auto_tile else _parse_tile(tile), halo=halo, device=device, amp=amp,
                                     compile_model=compile_model, report=_note)
-    spec: Any = OutputSpec(output_type)
-    if instances:
-        spec = InstanceOutput(_watershed_params(loaded.info.inference, threshold))
-    elif threshold is not None:
-        spec = OutputSpec("mask", _threshold(threshold, loaded.info.inference.get("threshold", 0.5)))
+    spec: Any = (InstanceOutput(_watershed_params(loaded.info.inference, threshold)) if instances
+                 else _output_spec(output_type, threshold, loaded.info.inference))
     if auto_tile:
         with open_stack(list_tiff_files(sources[0])[0]) as first:
             plane_shape = first.shape[1:]
@@ -251,7 +248,6 @@ def _predict_on_dask(sources: tuple[str, ...], output: str | None, model_path: P
     from segkit.checkpoint import read_info
     from segkit.inference.distributed import predict_to_zarr
     from segkit.inference.loading import trained_tile
-    from segkit.inference.pipeline import OutputSpec
 
     if output is None or not output.rstrip("/").endswith(".zarr"):
         raise SegkitError("the Dask path (--scheduler/--workers) writes OME-Zarr: pass -o NAME.ome.zarr "
@@ -264,9 +260,7 @@ def _predict_on_dask(sources: tuple[str, ...], output: str | None, model_path: P
     if model_path.suffix.lower() == ".onnx":
         raise SegkitError("the Dask path runs .safetensors checkpoints (torch engine); pass the checkpoint")
     info = read_info(model_path)
-    spec = OutputSpec(output_type)
-    if threshold is not None:
-        spec = OutputSpec("mask", _threshold(threshold, info.inference.get("threshold", 0.5)))
+    spec = _output_spec(output_type, threshold, info.inference)
     where = scheduler or (f"a local Dask cluster of {workers} workers" if workers else "local Dask threads")
     _note(f"{sources[0]} -> {output} on {where}, device {device}")
     written = predict_to_zarr(sources[0], output.rstrip("/"), model_path, tile=tile or trained_tile(info, info.geometry),
@@ -304,6 +298,15 @@ def _predict_to_folder(sources: tuple[str, ...], output_dir: Path, loaded: Any, 
                + (f"; {len(bad)} failed: " + ", ".join(Path(o.job.source).name for o in bad) if bad else ""))
     if bad:
         raise click.exceptions.Exit(1)
+
+
+def _output_spec(output_type: str, threshold: str | None, inference: dict[str, Any]) -> Any:
+    """Probabilities as `output_type`, or a 0/255 mask at `--threshold` (a number, or 'auto' for the checkpoint's)."""
+    from segkit.inference.pipeline import OutputSpec
+
+    if threshold is None:
+        return OutputSpec(output_type)
+    return OutputSpec("mask", _threshold(threshold, inference.get("threshold", 0.5)))
 
 
 def _watershed_params(inference: dict[str, Any], threshold: str | None, **overrides: Any) -> Any:

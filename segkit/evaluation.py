@@ -7,8 +7,17 @@ from typing import Any
 import numpy as np
 
 from segkit.errors import InputError
+from segkit.instances import check_probability_stack
 from segkit.io.tiff import TiffStack, open_stack
-from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_thresholds, to_probability
+from segkit.metrics import (
+    SliceScores,
+    label_cells,
+    mean_rows,
+    mean_scores,
+    membrane_from_labels,
+    score_thresholds,
+    to_probability,
+)
 
 SWEEP_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
@@ -47,19 +56,12 @@ def evaluate_stacks(
         raise InputError(f"--threshold {threshold} must be between 0 and 1")
     thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
     per_threshold: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
-    from segkit.instances import check_probability_stack
-
     with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
         _check_labels(label_stack, labels)
         check_probability_stack(pred_stack.dtype, prediction)
         for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
             probability = to_probability(pred_stack.plane(pred_index))
-            membrane = membrane_from_labels(label_stack.plane(label_index))
-            if membrane.all() or not membrane.any():
-                raise InputError(
-                    f"{labels}: slice {label_index} is all membrane or all cell; labels need 0 = membrane "
-                    "and > 0 = cell interior (ISBI 2012 convention)"
-                )
+            membrane = _true_membrane(label_stack, label_index, labels)
             for t, scores in score_thresholds(probability, membrane, thresholds).items():
                 per_threshold[t].append(scores)
     report: dict[str, Any] = {
@@ -93,20 +95,17 @@ def _instance_scores(true_cells: np.ndarray, pred_labels: np.ndarray) -> dict[st
             "vi_merge": merge, "vi": split + merge}
 
 
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    if not rows:
-        raise InputError("no slices to score")
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
-
-
-def _true_cells(label_stack: TiffStack, index: int, source: str) -> np.ndarray:
-    from segkit.metrics import label_cells
-
+def _true_membrane(label_stack: TiffStack, index: int, source: str) -> np.ndarray:
+    """The ground-truth membrane of one label slice, refused when it is all membrane or all cell."""
     membrane = membrane_from_labels(label_stack.plane(index))
     if membrane.all() or not membrane.any():
         raise InputError(f"{source}: slice {index} is all membrane or all cell; labels need 0 = membrane "
                          "and > 0 = cell interior (ISBI 2012 convention)")
-    return label_cells(~membrane)
+    return membrane
+
+
+def _true_cells(label_stack: TiffStack, index: int, source: str) -> np.ndarray:
+    return label_cells(~_true_membrane(label_stack, index, source))
 
 
 def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -121,7 +120,7 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
         for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
             rows.append(_instance_scores(_true_cells(label_stack, label_index, labels),
                                          pred_stack.plane(pred_index).astype(np.int64)))
-    return {"prediction": prediction, "labels": labels, "slices": len(rows), "scores": _mean(rows), "per_slice": rows}
+    return {"prediction": prediction, "labels": labels, "slices": len(rows), "scores": mean_rows(rows), "per_slice": rows}
 
 
 def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] | None = None,
@@ -150,7 +149,7 @@ def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] 
 
 def _watershed_table(prediction: str, labels: str, slices: tuple[int, int] | None,
                      grid: list[Any]) -> tuple[list[dict[str, Any]], int]:
-    from segkit.instances import check_probability_stack, watershed_slice
+    from segkit.instances import watershed_slice
 
     rows: dict[Any, list[dict[str, float]]] = {params: [] for params in grid}
     with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
@@ -161,4 +160,4 @@ def _watershed_table(prediction: str, labels: str, slices: tuple[int, int] | Non
             true_cells = _true_cells(label_stack, label_index, labels)
             for params in grid:
                 rows[params].append(_instance_scores(true_cells, watershed_slice(probability, params)))
-    return [{"params": params.to_dict(), "scores": _mean(rows[params])} for params in grid], len(rows[grid[0]])
+    return [{"params": params.to_dict(), "scores": mean_rows(rows[params])} for params in grid], len(rows[grid[0]])

@@ -103,10 +103,14 @@ def score_thresholds(
 
 def mean_scores(scores: list[SliceScores]) -> dict[str, float]:
     """Per-slice scores averaged over slices (ISBI 2012 scores 2D sections)."""
-    if not scores:
+    return mean_rows([s.to_dict() for s in scores])
+
+
+def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per-slice score dictionaries averaged key by key."""
+    if not rows:
         raise InputError("no slices to score")
-    dicts = [s.to_dict() for s in scores]
-    return {key: float(np.mean([d[key] for d in dicts])) for key in dicts[0]}
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
 def membrane_from_labels(labels: np.ndarray) -> np.ndarray:

@@ -124,3 +124,8 @@ def test_zarr_and_ome_zarr_inputs(tmp_path, chunky_stack, tiny_checkpoint):
                       "YX or ZYX array")
     assert_user_error(run("predict", tmp_path / "raw.zarr", "-o", tmp_path / "raw.zarr", "-m", tiny_checkpoint),
                       "would replace its input")
+    with_nan = np.ones((1, 40, 40), np.float32)
+    with_nan[0, 3, 3] = np.nan
+    zarr.save_array(str(tmp_path / "nan.zarr"), with_nan, zarr_format=2)
+    assert_user_error(run("predict", tmp_path / "nan.zarr", "-o", tmp_path / "y.ome.zarr", "-m", tiny_checkpoint),
+                      "NaN or inf")

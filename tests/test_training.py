@@ -125,3 +125,18 @@ def test_staged_fcn_training_through_recipes(tmp_path):
         r = tiny_recipe(tmp_path, out=str(tmp_path / "u"))
         r["model"]["pretrained"] = "x.pth"
         train(r, progress=False, echo=lambda _: None)
+
+
+def test_optimizer_step_refuses_a_loss_that_is_not_finite():
+    import torch
+
+    from segkit.errors import SegkitError
+    from segkit.training.runs import amp_setup, optimizer_step
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    _, scaler = amp_setup(False, "cpu")
+    assert optimizer_step((weight * 2).sum(), optimizer, scaler, epoch=1) == pytest.approx(6.0)
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.8))  # the step was taken
+    with pytest.raises(SegkitError, match="loss became nan at epoch 3; lower train.lr"):
+        optimizer_step((weight * float("nan")).sum(), optimizer, scaler, epoch=3)

@@ -291,10 +291,9 @@ class ZarrStack:
         return self.shape[0]
 
     def plane(self, index: int) -> np.ndarray:
-        plane = np.asarray(self.array[...] if self.is_2d else self.array[index])
-        if plane.dtype.kind == "f" and not np.isfinite(plane).all():
-            raise InputError(f"{self.source}: plane {index} contains NaN or inf; fix the input")
-        return plane
+        from segkit.io.tiff import check_finite
+
+        return check_finite(np.asarray(self.array[...] if self.is_2d else self.array[index]), self.source, index)
 
     def __enter__(self) -> "ZarrStack":
         return self

@@ -120,13 +120,7 @@ class TiffStack:
             raise InputError(
                 f"{self.source}: plane {index} cannot be decoded ({exc}); the file is truncated or corrupt"
             ) from exc
-        data = np.asarray(data).reshape(self.shape[1:])
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise InputError(
-                f"{self.source}: plane {index} contains NaN or inf values; replace them "
-                "(e.g. numpy.nan_to_num) before segmenting"
-            )
-        return data
+        return check_finite(np.asarray(data).reshape(self.shape[1:]), self.source, index)
 
     def _read_contiguous_plane(self, index: int) -> np.ndarray:
         path, offset, dtype = self._contiguous  # type: ignore[misc]
@@ -161,6 +155,14 @@ class TiffStack:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def check_finite(plane: np.ndarray, source: str, index: int) -> np.ndarray:
+    """`plane`, unless it is a float plane holding NaN or inf (InputError naming the fix)."""
+    if plane.dtype.kind == "f" and not np.isfinite(plane).all():
+        raise InputError(f"{source}: plane {index} contains NaN or inf values; replace them "
+                         "(e.g. numpy.nan_to_num) before segmenting")
+    return plane
 
 
 def open_stack(source: str | Path, *, labels: bool = False) -> TiffStack:
