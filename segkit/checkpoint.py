@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segkit import __version__
 from segkit.errors import CheckpointError
 from segkit.models.geometry import Geometry
@@ -26,12 +28,35 @@ class Normalization:
     mean: float
     std: float
 
+    def apply(self, raw: Any) -> Any:
+        """(raw - mean) / std as float32, for a numpy array or a torch tensor of any stored dtype
+        (uint8, uint16, float32), on whatever device the tensor is. The one place segkit normalises."""
+        return _as_float32(raw).sub_(self.mean).mul_(1.0 / self.std) if _is_tensor(raw) else \
+            (np.asarray(raw, np.float32) - np.float32(self.mean)) * np.float32(1.0 / self.std)
+
+    def invert(self, normalized: Any) -> Any:
+        """raw = normalized * std + mean (a denoiser's output back in raw units); numpy or torch."""
+        return normalized * self.std + self.mean
+
     def to_dict(self) -> dict[str, float]:
         return {"mean": self.mean, "std": self.std}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Normalization":
         return cls(mean=float(data["mean"]), std=float(data["std"]))
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def _as_float32(raw: Any) -> Any:
+    """A float32 copy of a tensor; uint16 goes through int32, which every device can convert."""
+    import torch
+
+    if raw.dtype == torch.uint16:
+        return raw.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF).float()
+    return raw.float() if raw.dtype != torch.float32 else raw.clone()
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,19 @@ from segkit.errors import SegkitError
 
 
 class SegkitGroup(click.Group):
-    """A group that turns SegkitError into a one-line message and exit code 2."""
+    """A group that turns SegkitError into a one-line message and exit code 2.
+
+    Library messages speak of settings ("use tile 556 or 572"); here they get the name the user
+    types: the --tile flag, or the recipe key data.tile for training.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SegkitError as exc:
-            click.echo(f"error: {exc}", err=True)
+            command = ctx.invoked_subcommand or ""
+            tile_name = "data.tile" if command.startswith("train") else "--tile"
+            click.echo(f"error: {str(exc).replace('use tile ', f'use {tile_name} ')}", err=True)
             ctx.exit(2)
 
 
@@ -75,44 +80,27 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -
 
 # -- predict -------------------------------------------------------------------------------
 
-def _stream(source: str, stack: Any, engine: Any, geometry: Any, output: Path, *, quiet: bool, tile: int,
-            **options: Any) -> None:
-    """Say what will run, stream the stack through the engine with a tile progress bar, say where it went."""
-    from tqdm import tqdm
-
-    from segkit.inference.adapt import BackoffForward, with_smaller_tiles
-    from segkit.inference.pipeline import count_tiles, predict_stack
-
-    total = count_tiles(stack, geometry, tile)
-    click.echo(f"{source}: {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} {stack.dtype}, "
-               f"{total} tiles of {tile} px on {engine.device}", err=True)
-    forward = BackoffForward(engine, report=_note, release=getattr(engine, "release_memory", None))
-    with tqdm(total=total, unit="tile", disable=quiet, file=sys.stderr) as bar:
-        def run(size: int) -> Path:
-            bar.reset(total=count_tiles(stack, geometry, size))
-            return predict_stack(stack, forward, geometry, output, tile=size, on_tiles=bar.update, **options)
-
-        written = with_smaller_tiles(run, tile, geometry, report=_note)
-    click.echo(f"wrote {written}")
-
-
 def _note(text: str) -> None:
     click.echo(text, err=True)
 
 
-def default_output(source: str, suffix: str = "membranes") -> Path:
-    """<stem>_<suffix>.tif beside a file or folder; a glob needs an explicit -o."""
-    if any(ch in source for ch in "*?["):
-        raise SegkitError(f"input {source!r} is a pattern; name the output file with -o")
-    base = Path(source.rstrip("/"))
-    return base.with_name(f"{base.stem}_{suffix}.tif")
+def _progress(quiet: bool, unit: str = "tile") -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=0, unit=unit, disable=quiet, file=sys.stderr)
+
+
+COMPRESSION_OPTION = click.option(
+    "--compression", type=click.Choice(["zlib", "zstd", "lzw", "none"]), default="zlib", show_default=True,
+    help="TIFF compression of the output, done in parallel on all cores. zlib opens everywhere (Fiji, napari, "
+         "Python); zstd is faster and smaller but not every reader has it; none writes fastest and largest.")
 
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("-o", "--output", default=None,
-              help="Output TIFF (default: <input>_membranes.tif beside the input), or a folder (existing, or "
-                   "ending in /) for one output per input file.")
+              help="Output TIFF (default: <input>_membranes.tif beside the input), or a folder (existing, "
+                   "ending in /, or any path not ending in .tif with several inputs) for one output per input file.")
 @click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Checkpoint (.safetensors) from `segkit train`, or an .onnx file from `segkit export` "
                    "(default: the bundled demo U-Net).")
@@ -131,11 +119,13 @@ def default_output(source: str, suffix: str = "membranes") -> Path:
               help="Window that blends overlapping tiles of same-padding models (FCN, smp).")
 @click.option("--halo", type=click.IntRange(min=0), default=None,
               help="Override the context (px) added around tiles of same-padding models.")
-@click.option("--batch", type=click.IntRange(min=1), default=None, show_default="4, or measured with --tile auto",
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              show_default="GPU: from the free memory (or measured with --tile auto); CPU: 4",
               help="Tiles per forward pass (halved automatically when the GPU runs out of memory).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(["none", "fp16", "bf16"]), default="none", show_default=True,
-              help="Autocast precision for the forward pass (onnx: fp16 exports an fp16 graph).")
+@click.option("--amp", type=click.Choice(["auto", "none", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Autocast precision of the forward pass. auto: bf16 on GPUs that have it, else fp16; none on "
+                   "the CPU. none keeps full precision. onnx: fp16 runs an fp16 graph.")
 @click.option("--output-type", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True,
               help="Membrane probability as uint8 (0-255) or float16.")
 @click.option("--threshold", default=None,
@@ -156,6 +146,7 @@ def default_output(source: str, suffix: str = "membranes") -> Path:
 @click.option("--chunk", type=click.IntRange(min=1), default=1024, show_default=True,
               help="OME-Zarr chunk (px, rounded up to the model step); one Dask task per chunk.")
 @click.option("--resume", is_flag=True, help="OME-Zarr: finish an interrupted run, skipping chunks already written.")
+@COMPRESSION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--skip-existing", is_flag=True, help="With an output folder: leave inputs whose output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -163,7 +154,7 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
             denoiser_path: Path | None, tile: str | None, compile_model: bool, blend: str, halo: int | None,
             batch: int | None, device: str,
             amp: str, output_type: str, threshold: str | None, normalize: str, tta: str, instances: bool,
-            scheduler: str | None, workers: int | None, chunk: int, resume: bool,
+            scheduler: str | None, workers: int | None, chunk: int, resume: bool, compression: str,
             overwrite: bool, skip_existing: bool, quiet: bool) -> None:
     """Predict membrane probabilities of SOURCES: a TIFF stack, a folder or quoted glob of 2D TIFFs
     (read as one stack), or many files into an output folder (one output each).
@@ -174,159 +165,53 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
       segkit predict big_stack.tif -m runs/em_neurons/best.safetensors --batch 16 --amp fp16
       segkit predict 'sections/*.tif' -o mask.tif --threshold auto
       segkit predict 'dir/*.tif' -o outdir/ --engine onnx -m model.onnx
-      segkit predict big_stack.tif --tile auto --amp fp16 --device cuda
+      segkit predict big_stack.tif --tile auto --device cuda   # GPU: bf16/fp16 and the batch chosen for you
+      segkit predict big_stack.tif -o out.tif --compression zstd --amp none
       segkit predict stack.tif --tta d4 --instances -o neurons.tif
       segkit predict noisy.tif --denoise runs/denoise_em/best.safetensors -o membranes.tif
       segkit predict big.tif -o big.ome.zarr --workers 4          # Dask, OME-Zarr, resumable
       segkit predict big.tif -o big.ome.zarr --scheduler tcp://host:8786 --resume
     """
-    from segkit.inference.adapt import choose_tile
-    from segkit.inference.loading import default_model_path, load_prediction_engine
-    from segkit.inference.pipeline import choose_normalization
-    from segkit.inference.tta import TTAForward
-    from segkit.instances import InstanceOutput
-    from segkit.io.tiff import check_output_path, list_tiff_files, open_stack
+    from segkit.inference.api import predict as run_prediction
 
-    if (output or "").rstrip("/").endswith(".zarr") or scheduler or workers:
-        _predict_on_dask(sources, output, model_path or default_model_path(),
-                         tile=None if tile == "auto" else _parse_tile(tile), batch=batch or 4,
-                         device=device, output_type=output_type, threshold=threshold, chunk=chunk,
-                         scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,
-                         unsupported={"--engine onnx": engine == "onnx", "--denoise": denoiser_path is not None,
-                                      "--tta": tta != "none", "--instances": instances, "--tile auto": tile == "auto",
-                                      "--amp": amp != "none", "--compile": compile_model, "--halo": halo is not None,
-                                      "--normalize": normalize != "auto"})
+    with _progress(quiet) as bar:
+        result = run_prediction(
+            sources, output, model=model_path, engine=engine, denoise=denoiser_path, tile=_tile_option(tile), batch=batch,
+            device=device, amp=amp, compile_model=compile_model, blend=blend, halo=halo, output_type=output_type,
+            threshold=threshold, normalize=normalize, tta=tta, instances=instances, compression=compression,
+            workers=workers, scheduler=scheduler, chunk=chunk, resume=resume, overwrite=overwrite,
+            skip_existing=skip_existing, report=_note, progress=bar)
+    _print_result(result)
+
+
+def _print_result(result: Any) -> None:
+    """`wrote PATH`, or for an output folder a count and the failures (exit code 1 when any failed)."""
+    if result.folder is None:
+        click.echo(f"wrote {result.outputs[0]}")
         return
-    to_folder = output is not None and (output.endswith(("/", "\\")) or Path(output).is_dir())
-    if len(sources) > 1 and not to_folder:
-        raise SegkitError(f"{len(sources)} inputs given: pass -o DIR/ for one output per input file, or quote a "
-                          "glob ('dir/*.tif') to read the files as one stack")
-    if not to_folder:
-        out_path = Path(output) if output else default_output(sources[0], "instances" if instances else "membranes")
-        check_output_path(out_path, overwrite=overwrite)
-    auto_tile = tile == "auto"
-    loaded = load_prediction_engine(model_path or default_model_path(), engine, denoiser_path=denoiser_path,
-                                    tile=None if auto_tile else _parse_tile(tile), halo=halo, device=device, amp=amp,
-                                    compile_model=compile_model, report=_note)
-    spec: Any = (InstanceOutput(_watershed_params(loaded.info.inference, threshold)) if instances
-                 else _output_spec(output_type, threshold, loaded.info.inference))
-    if auto_tile:
-        with open_stack(list_tiff_files(sources[0])[0]) as first:
-            plane_shape = first.shape[1:]
-        chosen_tile, batch = choose_tile(loaded.engine, loaded.geometry, plane_shape, batch=batch,
-                                         only=loaded.tile if loaded.fixed_tile else None, report=_note)
-    else:
-        chosen_tile, batch = loaded.tile, batch or 4
-    if tta != "none":
-        loaded = replace(loaded, engine=TTAForward(loaded.engine, tta))
-    options = {"tile": chosen_tile, "batch": batch, "blend": blend, "spec": spec, "overwrite": overwrite}
-    if to_folder:
-        _predict_to_folder(sources, Path(output), loaded, quiet=quiet, normalize=normalize,
-                           skip_existing=skip_existing, **options)
-        return
-    with open_stack(sources[0]) as stack:
-        normalization, note = choose_normalization(stack, loaded.info, mode=normalize)
-        if note:
-            click.echo(note, err=True)
-        _stream(sources[0], stack, loaded.engine, loaded.geometry, out_path, quiet=quiet,
-                normalization=normalization, **options)
+    total = len(result.outputs) + len(result.failed)
+    click.echo(f"wrote {len(result.outputs)} of {total} files to {result.folder}"
+               + (f"; {len(result.failed)} failed: " + ", ".join(Path(s).name for s, _ in result.failed)
+                  if result.failed else ""))
+    if result.failed:
+        raise click.exceptions.Exit(1)
 
 
-def _parse_tile(text: str | None) -> int | None:
-    if text is None:
-        return None
+def _tile_option(text: str | None) -> int | str | None:
+    """--tile as a number or 'auto'."""
+    if text is None or text == "auto":
+        return text
     try:
         return int(text)
     except ValueError:
         raise SegkitError(f"--tile {text!r} must be a whole number of pixels or 'auto'") from None
 
 
-def _predict_on_dask(sources: tuple[str, ...], output: str | None, model_path: Path, *, tile: int | None, batch: int,
-                     device: str, output_type: str, threshold: str | None, chunk: int, scheduler: str | None,
-                     workers: int | None, resume: bool, overwrite: bool, unsupported: dict[str, bool]) -> None:
-    """The Dask path: one stack into an OME-Zarr store, chunk by chunk, resumable."""
-    from segkit.checkpoint import read_info
-    from segkit.inference.distributed import predict_to_zarr
-    from segkit.inference.loading import trained_tile
-
-    if output is None or not output.rstrip("/").endswith(".zarr"):
-        raise SegkitError("the Dask path (--scheduler/--workers) writes OME-Zarr: pass -o NAME.ome.zarr "
-                          "(then `segkit convert NAME.ome.zarr NAME.tif` for a BigTIFF)")
-    if len(sources) > 1:
-        raise SegkitError("the Dask path predicts one stack; quote a glob to read 2D files as one stack")
-    refused = [name for name, used in unsupported.items() if used]
-    if refused:
-        raise SegkitError(f"{', '.join(refused)} not available on the Dask/OME-Zarr path yet; use a .tif output")
-    if model_path.suffix.lower() == ".onnx":
-        raise SegkitError("the Dask path runs .safetensors checkpoints (torch engine); pass the checkpoint")
-    info = read_info(model_path)
-    spec = _output_spec(output_type, threshold, info.inference)
-    where = scheduler or (f"a local Dask cluster of {workers} workers" if workers else "local Dask threads")
-    _note(f"{sources[0]} -> {output} on {where}, device {device}")
-    written = predict_to_zarr(sources[0], output.rstrip("/"), model_path, tile=tile or trained_tile(info, info.geometry),
-                              batch=batch, chunk=chunk, device=device, spec=spec, scheduler=scheduler, workers=workers,
-                              resume=resume, overwrite=overwrite, report=_note)
-    click.echo(f"wrote {written}")
-
-
-def _predict_to_folder(sources: tuple[str, ...], output_dir: Path, loaded: Any, *, quiet: bool,
-                       normalize: str, skip_existing: bool, tile: int, overwrite: bool, **options: Any) -> None:
-    """One output per input file, one progress bar over all tiles; failed files are listed and
-    make the exit code 1, the others are written."""
-    from tqdm import tqdm
-
-    from segkit.inference.adapt import BackoffForward
-    from segkit.inference.batch import count_file_tiles, plan_file_jobs, predict_files
-
-    jobs, skipped = plan_file_jobs(sources, output_dir, overwrite=overwrite, skip_existing=skip_existing)
-    output_dir.mkdir(exist_ok=True)
-    if skipped:
-        click.echo(f"skipping {len(skipped)} files whose output exists", err=True)
-    counts, failed = count_file_tiles(jobs, loaded.geometry, tile)
-    for outcome in failed:
-        click.echo(f"failed: {outcome.job.source}: {outcome.error}", err=True)
-    runnable = [job for job in jobs if job in counts]
-    click.echo(f"{len(runnable)} files, {sum(counts.values())} tiles of {tile} px on {loaded.engine.device}",
-               err=True)
-    forward = BackoffForward(loaded.engine, report=_note, release=getattr(loaded.engine, "release_memory", None))
-    with tqdm(total=sum(counts.values()), unit="tile", disable=quiet, file=sys.stderr) as bar:
-        outcomes = failed + predict_files(
-            runnable, forward, loaded.geometry, info=loaded.info, normalize=normalize, tile=tile,
-            overwrite=overwrite, on_tiles=bar.update, echo=_note, **options)
-    bad = [o for o in outcomes if not o.ok]
-    click.echo(f"wrote {len(outcomes) - len(bad)} of {len(outcomes)} files to {output_dir}"
-               + (f"; {len(bad)} failed: " + ", ".join(Path(o.job.source).name for o in bad) if bad else ""))
-    if bad:
-        raise click.exceptions.Exit(1)
-
-
-def _output_spec(output_type: str, threshold: str | None, inference: dict[str, Any]) -> Any:
-    """Probabilities as `output_type`, or a 0/255 mask at `--threshold` (a number, or 'auto' for the checkpoint's)."""
-    from segkit.inference.pipeline import OutputSpec
-
-    if threshold is None:
-        return OutputSpec(output_type)
-    return OutputSpec("mask", _threshold(threshold, inference.get("threshold", 0.5)))
-
-
 def _watershed_params(inference: dict[str, Any], threshold: str | None, **overrides: Any) -> Any:
     """The checkpoint's watershed defaults (`evaluate --write-defaults`), then the command line's."""
-    from segkit.instances import WatershedParams
+    from segkit.inference.api import output_spec
 
-    stored = dict(inference.get("watershed") or {})
-    if threshold is not None:
-        stored["threshold"] = _threshold(threshold, stored.get("threshold", inference.get("threshold", 0.5)))
-    stored.update({k: v for k, v in overrides.items() if v is not None})
-    return WatershedParams.from_dict(stored)
-
-
-def _threshold(text: str, auto: float) -> float:
-    if text == "auto":
-        return float(auto)
-    try:
-        return float(text)
-    except ValueError:
-        raise SegkitError(f"--threshold {text!r} must be a number between 0 and 1 or 'auto'") from None
+    return output_spec(inference, threshold=threshold, instances=True, watershed=overrides).params
 
 
 # -- export --------------------------------------------------------------------------------
@@ -412,16 +297,18 @@ def train_denoiser(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet
 @click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
               help="torch or onnx (ONNX Runtime); auto: onnx for .onnx files, else torch.")
 @click.option("--tile", type=int, default=None, show_default="the model's", help="Input tile size (a valid size).")
-@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              show_default="GPU: from the free memory; CPU: 4", help="Tiles per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(["none", "fp16", "bf16"]), default="none", show_default=True,
-              help="Autocast precision for the forward pass.")
+@click.option("--amp", type=click.Choice(["auto", "none", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Autocast precision of the forward pass (auto: bf16/fp16 on a GPU, none on the CPU).")
 @click.option("--output-type", type=click.Choice(["same", "float32"]), default="same", show_default=True,
               help="Store denoised intensities in the input's dtype (rounded, clipped) or as float32.")
+@COMPRESSION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def denoise(source: str, output: Path | None, model_path: Path, engine: str, tile: int | None, batch: int,
-            device: str, amp: str, output_type: str, overwrite: bool, quiet: bool) -> None:
+def denoise(source: str, output: Path | None, model_path: Path, engine: str, tile: int | None, batch: int | None,
+            device: str, amp: str, output_type: str, compression: str, overwrite: bool, quiet: bool) -> None:
     """Denoise SOURCE (TIFF, folder or quoted glob of 2D TIFFs) with a trained denoiser, streaming.
 
     \b
@@ -430,21 +317,13 @@ def denoise(source: str, output: Path | None, model_path: Path, engine: str, til
       segkit denoise noisy_stack.tif -m den.safetensors --output-type float32 --batch 16 --device cuda
       segkit denoise noisy_stack.tif -m den.onnx -o clean_stack.tif
     """
-    import numpy as np
+    from segkit.inference.api import predict as run_prediction
 
-    from segkit.inference.loading import load_prediction_engine
-    from segkit.inference.pipeline import IntensityOutput
-    from segkit.io.tiff import check_output_path, open_stack
-
-    output = output or default_output(source, suffix="denoised")
-    check_output_path(output, overwrite=overwrite)
-    loaded = load_prediction_engine(model_path, engine, tile=tile, device=device, amp=amp, kind="denoiser",
-                                    report=_note)
-    normalization = loaded.info.normalization
-    with open_stack(source) as stack:
-        spec = IntensityOutput(normalization, stack.dtype if output_type == "same" else np.dtype(np.float32))
-        _stream(source, stack, loaded.engine, loaded.geometry, output, quiet=quiet, normalization=normalization,
-                tile=loaded.tile, batch=batch, spec=spec, overwrite=overwrite)
+    with _progress(quiet) as bar:
+        result = run_prediction(source, output, model=model_path, engine=engine, tile=tile, batch=batch,
+                                device=device, amp=amp, kind="denoiser", output_type=output_type,
+                                compression=compression, overwrite=overwrite, report=_note, progress=bar)
+    _print_result(result)
 
 
 # -- segment -------------------------------------------------------------------------------
@@ -481,6 +360,7 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     from tqdm import tqdm
 
     from segkit.checkpoint import read_info
+    from segkit.inference.api import default_output
     from segkit.instances import segment_stack
     from segkit.io.tiff import check_output_path, open_stack
 

@@ -40,10 +40,9 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
     """Predict the sample, score it against its labels, write TIFF, PNG overlay and JSON."""
     import cv2
 
-    from segkit.checkpoint import load_model
+    from segkit.checkpoint import read_info
     from segkit.evaluation import evaluate_instances, evaluate_stacks
-    from segkit.inference.engines import TorchEngine
-    from segkit.inference.pipeline import predict_stack
+    from segkit.inference.api import predict
     from segkit.instances import WatershedParams, segment_stack
     from segkit.io.tiff import atomic_path, open_stack
 
@@ -57,14 +56,11 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
         raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite or choose another --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    model, info = load_model(DEMO_MODEL)
-    engine = TorchEngine(model, device=device)
-    tile = int(info.inference.get("tile", 572))
+    info = read_info(DEMO_MODEL)
     threshold = float(info.inference.get("threshold", 0.5))
-    echo(f"predicting {SAMPLE_RAW.name} (ISBI 2012 slices 25-29) with the bundled U-Net on {engine.device}")
-    with open_stack(SAMPLE_RAW) as stack:
-        predict_stack(stack, engine, info.geometry, prediction, normalization=info.normalization, tile=tile,
-                      batch=4, overwrite=True)
+    echo(f"predicting {SAMPLE_RAW.name} (ISBI 2012 slices 25-29) with the bundled U-Net")
+    predict(SAMPLE_RAW, prediction, model=DEMO_MODEL, device=device, batch=4, overwrite=True, report=echo)
+    echo(f"membrane threshold {threshold} (the bundled model's, chosen on validation slices 20-24)")
     report = evaluate_stacks(str(prediction), str(SAMPLE_LABELS), threshold=threshold)
     # neuron instances with the watershed settings chosen on validation slices 20-24
     params = WatershedParams.from_dict(info.inference.get("watershed") or {})

@@ -81,15 +81,20 @@ def check_probability_stack(dtype: np.dtype, source: str) -> None:
 
 @dataclass(frozen=True)
 class InstanceOutput:
-    """Output spec for `segkit predict --instances`: each plane's probability becomes uint32 labels."""
+    """Output spec for `segkit predict --instances`: each plane's probability (channel `channel`)
+    comes back to the host as float32 and becomes uint32 labels there (scikit-image's watershed)."""
 
     params: WatershedParams = WatershedParams()
+    channel: int = 0
 
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(np.uint32)
 
-    def encode(self, probability: np.ndarray) -> np.ndarray:
+    def encode(self, values: Any) -> Any:
+        return values[self.channel].float()
+
+    def finish(self, probability: np.ndarray) -> np.ndarray:
         return watershed_slice(probability, self.params)
 
 

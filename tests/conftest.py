@@ -50,3 +50,87 @@ def isbi() -> Path:
     if not (ISBI / "train-volume.tif").exists():
         pytest.skip("ISBI 2012 data not found next to the checkout")
     return ISBI
+
+
+# == CLI runner and tiny registry models (shared by test_cli, test_export, test_distributed, test_api) ==========
+# Import them as `from tests.conftest import run, ...`; test files do not import each other.
+
+
+def run(*args):
+    """`segkit ARGS...` in-process; stdout and stderr kept apart (result.stdout, result.stderr)."""
+    from click.testing import CliRunner
+
+    from segkit.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments):
+    """A user error: exit code 2, exactly one `error:` line holding every fragment, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def tiny(name: str) -> tuple[str, dict]:
+    """A small variant of every registered model (tests must stay fast on 2 CPU cores)."""
+    if name.startswith("smp:"):
+        return name.replace(":resnet34", ":resnet18"), {"halo": 16}
+    if name.startswith("fcn"):
+        return name, {"width": 4, "fc": 16, "halo": 16}
+    return name, {"base": 4}  # unet, denoiser
+
+
+def randomize_zero_layers(model):
+    """FCN score layers start at zero (as in the paper); give them values so outputs vary."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.1)
+    return model
+
+
+# == Engine-protocol test doubles and plane helpers (test_tiler, test_engines, test_adapt, test_pipeline,
+# test_instances, test_denoiser). Import them as `from tests.conftest import FakeEngine, ...`.
+
+
+class FakeEngine:
+    """A test double that follows the engine protocol (segkit.inference.engines.Engine): `fn` maps a
+    (N, C, h, w) float32 CPU tensor to an (N, K, h - 2 margin, w - 2 margin) float32 tensor;
+    `.device` is the CPU, `.label` says what it is, `.calls` records the batch sizes it was given."""
+
+    def __init__(self, fn, label: str = "fake engine"):
+        import torch
+
+        self.fn = fn
+        self.device = torch.device("cpu")
+        self.label = label
+        self.calls: list[int] = []
+
+    def __call__(self, x):
+        self.calls.append(len(x))
+        return self.fn(x)
+
+
+def crop_engine(margin: int, fn=None) -> FakeEngine:
+    """A pointwise "valid" model: `fn` (default: identity) of its input's centre, `margin` px in
+    from every side, as a fresh tensor (as real engines return)."""
+
+    def forward(x):
+        centre = x[:, :, margin:-margin, margin:-margin] if margin else x
+        return centre.clone() if fn is None else fn(centre)
+
+    return FakeEngine(forward, label=f"crop {margin}")
+
+
+def as_plane(array):
+    """A numpy (H, W) or (C, H, W) array as the (C, H, W) float32 CPU tensor the tiler takes."""
+    import torch
+
+    tensor = torch.as_tensor(np.asarray(array, dtype=np.float32))
+    return tensor[None] if tensor.ndim == 2 else tensor

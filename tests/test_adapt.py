@@ -1,4 +1,4 @@
-"""--tile auto, out-of-memory back-off and torch.compile, driven by fake engines where a GPU would be needed."""
+"""--tile auto, the batch, out-of-memory back-off and torch.compile, driven by fake engines where a GPU would be needed."""
 
 import numpy as np
 import pytest
@@ -11,12 +11,14 @@ from segkit.inference.adapt import (
     Trial,
     best_trial,
     candidate_tiles,
+    choose_batch,
+    choose_tile,
     measure_tiles,
     with_smaller_tiles,
 )
-from segkit.inference.tiler import plan_tiles
+from segkit.inference.tiler import plan_tiles, predict_plane
 from segkit.models.geometry import Geometry, valid_unet_geometry
-from tests.test_cli import assert_user_error, run
+from tests.conftest import FakeEngine, as_plane, assert_user_error, run
 
 UNET = valid_unet_geometry(4)
 
@@ -26,47 +28,58 @@ def centre(batch):
 
 
 def test_backoff_halves_the_batch_remembers_it_and_reports_once():
-    calls, notes = [], []
+    notes = []
 
     def small_gpu(batch):
-        calls.append(len(batch))
         if len(batch) > 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return centre(batch)
 
-    forward = BackoffForward(small_gpu, report=notes.append)
-    x = np.random.default_rng(0).standard_normal((8, 1, 188, 188)).astype(np.float32)
-    np.testing.assert_array_equal(forward(x), centre(x))
-    assert calls == [8, 4, 2, 2, 2, 2] and forward.max_batch == 2
+    engine = FakeEngine(small_gpu, label="small gpu")
+    forward = BackoffForward(engine, report=notes.append)
+    assert forward.device == engine.device and forward.label == "small gpu"  # an engine itself
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 1, 188, 188)).astype(np.float32))
+    out = forward(x)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, centre(x))
+    assert engine.calls == [8, 4, 2, 2, 2, 2] and forward.max_batch == 2
     assert notes == ["out of device memory at batch 8: continuing with batch 4",
                      "out of device memory at batch 4: continuing with batch 2"]
-    calls.clear()
-    np.testing.assert_array_equal(forward(x[:5]), centre(x[:5]))
-    assert calls == [2, 2, 1] and len(notes) == 2
+    engine.calls.clear()
+    assert torch.equal(forward(x[:5]), centre(x[:5]))
+    assert engine.calls == [2, 2, 1] and len(notes) == 2
+    # through the tiler: the same plane as without back-off
+    g = Geometry(margin=92, step=4, min_output=4)
+    plane = as_plane(np.random.default_rng(1).standard_normal((40, 30)))
+    expected = predict_plane(plane, FakeEngine(centre), g, tile=188, batch=8)
+    torch.testing.assert_close(predict_plane(plane, BackoffForward(FakeEngine(small_gpu), report=notes.append), g,
+                                             tile=188, batch=8), expected, atol=0, rtol=0)
 
 
 def test_backoff_knows_onnxruntime_oom_and_lets_other_errors_through():
+    released = []
+
     def ort_gpu(batch):
         if len(batch) > 1:
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested "
                                "buffer of size 1073741824")
         return centre(batch)
 
-    forward = BackoffForward(ort_gpu, report=lambda _: None)
-    x = np.zeros((3, 1, 188, 188), np.float32)
+    forward = BackoffForward(FakeEngine(ort_gpu), report=lambda _: None, release=lambda: released.append(1))
+    x = torch.zeros((3, 1, 188, 188))
     assert forward(x).shape == (3, 1, 4, 4) and forward.max_batch == 1
+    assert len(released) == 1  # device memory given back before the smaller batch
 
     def broken(batch):
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     with pytest.raises(RuntimeError, match="device-side assert"):
-        BackoffForward(broken)(x)
+        BackoffForward(FakeEngine(broken))(x)
 
     def hopeless(batch):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(DeviceMemoryError, match="one tile of 188 px"):
-        BackoffForward(hopeless, report=lambda _: None)(x)
+        BackoffForward(FakeEngine(hopeless), report=lambda _: None)(x)
 
 
 def test_smaller_tiles_after_one_tile_does_not_fit():
@@ -103,13 +116,15 @@ def test_measure_tiles_picks_the_fastest_per_plane_and_stops_at_oom():
     now = [0.0]
 
     def fake_gpu(batch):  # 0.05 s per call plus a cost per input pixel; tiles of 1324 px fit only in pairs
+        assert isinstance(batch, torch.Tensor) and batch.device == engine.device
         n, _, size, _ = batch.shape
         if size == 1324 and n > 2:
             raise torch.OutOfMemoryError("CUDA out of memory")
         now[0] += 0.05 + n * size * size * 1e-8
         return centre(batch)
 
-    trials = measure_tiles(fake_gpu, UNET, (4096, 4096), tiles=[572, 1052, 1324], batches=[4, 2],
+    engine = FakeEngine(fake_gpu)
+    trials = measure_tiles(engine, UNET, (4096, 4096), tiles=[572, 1052, 1324], batches=[4, 2],
                            clock=lambda: now[0])
     by_key = {(t.tile, t.batch): t for t in trials}
     assert (1324, 4) in by_key and by_key[1324, 4].seconds_per_batch is None
@@ -128,13 +143,35 @@ def test_measure_tiles_picks_the_fastest_per_plane_and_stops_at_oom():
 def test_cli_tile_auto_on_cpu(tmp_path, uint8_stack, tiny_checkpoint):
     result = run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", tmp_path / "auto.tif", "--tile", "auto", "-q")
     assert result.exit_code == 0, result.output
-    assert "--tile auto: measuring tiles" in result.stderr and "--tile auto: tile " in result.stderr
-    chosen = int(result.stderr.split("--tile auto: tile ")[1].split(",")[0])
-    assert run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", tmp_path / "fixed.tif", "--tile", chosen,
-               "-q").exit_code == 0
+    assert "tile auto: measuring tiles" in result.stderr and "tile auto: tile " in result.stderr
+    chosen = result.stderr.split("tile auto: tile ")[1].split(" (")[0]  # "284, batch 2"
+    tile, batch = int(chosen.split(",")[0]), int(chosen.split("batch ")[1])
+    # the same tile and batch by hand give the same bytes (another batch may round a pixel differently)
+    assert run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", tmp_path / "fixed.tif", "--tile", tile,
+               "--batch", batch, "-q").exit_code == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "auto.tif"), tifffile.imread(tmp_path / "fixed.tif"))
     assert_user_error(run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", tmp_path / "x.tif", "--tile", "big"),
                       "--tile 'big'", "auto")
+
+
+def test_tile_and_batch_auto_on_cpu():
+    """On the CPU: batch 4 without measuring; tile auto times the candidates at batches 1 and 2 on
+    zero tensors on the engine's device and picks a valid tile."""
+    assert choose_batch(FakeEngine(centre), UNET, 572, report=lambda _: None) == 4
+    seen, notes = set(), []
+
+    def cpu_engine(batch):
+        assert isinstance(batch, torch.Tensor) and batch.device == engine.device and not batch.any()
+        seen.add(tuple(batch.shape))
+        return centre(batch)
+
+    engine = FakeEngine(cpu_engine, label="fake cpu")
+    tile, batch = choose_tile(engine, UNET, (60, 50), report=notes.append)
+    assert UNET.is_valid_input(tile) and batch in (1, 2)
+    assert {shape[0] for shape in seen} == {1, 2} and (batch, 1, tile, tile) in seen
+    assert notes[0].startswith("tile auto: measuring tiles") and "on fake cpu" in notes[0]
+    assert notes[1].startswith(f"tile auto: tile {tile}, batch {batch} (")
+    assert choose_tile(engine, UNET, (60, 50), batch=2, only=220, report=notes.append) == (220, 2)
 
 
 def test_cli_backs_off_on_out_of_memory(tmp_path, uint8_stack, tiny_checkpoint, monkeypatch):
@@ -161,10 +198,12 @@ def test_cli_backs_off_on_out_of_memory(tmp_path, uint8_stack, tiny_checkpoint, 
 def test_torch_compile_gives_the_eager_result(tiny_unet):
     from segkit.inference.engines import TorchEngine
 
-    x = np.random.default_rng(0).standard_normal((2, 1, 220, 220)).astype(np.float32)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, 220, 220)).astype(np.float32))
     eager = TorchEngine(tiny_unet, device="cpu")(x)
     compiled = TorchEngine(tiny_unet, device="cpu", compile_model=True)
-    assert np.abs(compiled(x) - eager).max() < 1e-5
+    out = compiled(x)
+    assert isinstance(out, torch.Tensor) and out.shape == eager.shape and out.device == compiled.device
+    assert (out - eager).abs().max() < 1e-5
 
 
 def test_bench_predict_script_runs_end_to_end(tmp_path):

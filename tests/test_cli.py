@@ -3,24 +3,10 @@ import json
 import numpy as np
 import pytest
 import tifffile
-from click.testing import CliRunner
 
-from segkit.cli import main
+from tests.conftest import assert_user_error, run  # (test_adapt, test_denoiser, test_instances import these from here)
 
 COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export", "segment", "convert"]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -52,6 +38,8 @@ def test_models_lists_every_architecture():
 
 
 def test_predict_end_to_end_matches_library(tmp_path, uint8_stack, tiny_checkpoint):
+    import torch
+
     from segkit.checkpoint import load_model
     from segkit.inference.engines import TorchEngine
     from segkit.inference.tiler import predict_plane
@@ -62,8 +50,8 @@ def test_predict_end_to_end_matches_library(tmp_path, uint8_stack, tiny_checkpoi
     written = tifffile.imread(out)
     assert written.shape == (3, 70, 91) and written.dtype == np.uint8
     model, info = load_model(tiny_checkpoint)
-    plane = (tifffile.imread(uint8_stack)[1].astype(np.float32) - 120) / 40
-    expected = predict_plane(plane, TorchEngine(model, device="cpu"), info.geometry, tile=220)[0]
+    plane = torch.from_numpy((tifffile.imread(uint8_stack)[1].astype(np.float32) - 120) / 40)[None]
+    expected = predict_plane(plane, TorchEngine(model, device="cpu"), info.geometry, tile=220)[0].numpy()
     assert np.abs(written[1].astype(int) - np.rint(expected * 255)).max() <= 1
     with tifffile.TiffFile(out) as tif:
         assert tif.pages[0].resolution == pytest.approx((250.0, 250.0))
@@ -84,7 +72,7 @@ def test_predict_float16_and_mask(tmp_path, uint8_stack, tiny_checkpoint):
                "-q").exit_code == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), mask)
     assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "b.tif", "-m", tiny_checkpoint, "--threshold",
-                          "high"), "--threshold 'high'")
+                          "high"), "threshold 'high'")
     assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "b.tif", "-m", tiny_checkpoint, "--threshold",
                           "1.5"), "between 0 and 1")
 
@@ -229,7 +217,7 @@ def test_every_registered_model_predicts_through_the_cli(tmp_path, uint8_stack, 
 
     from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
     from segkit.models import create_model
-    from tests.test_models import randomize_zero_layers, tiny
+    from tests.conftest import randomize_zero_layers, tiny
 
     torch.manual_seed(0)
     name, kwargs = tiny(registered)
@@ -250,7 +238,7 @@ def test_blend_and_halo_options(tmp_path, uint8_stack, tiny_checkpoint):
 
     from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
     from segkit.models import create_model
-    from tests.test_models import randomize_zero_layers
+    from tests.conftest import randomize_zero_layers
 
     torch.manual_seed(0)
     model = randomize_zero_layers(create_model("fcn8s", width=4, fc=16, halo=16)).eval()

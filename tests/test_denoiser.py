@@ -14,7 +14,7 @@ from segkit.inference.tiler import pad_plane, plan_tiles, predict_plane
 from segkit.models import create_model
 from segkit.models.compose import compose_geometry
 from segkit.models.geometry import valid_unet_geometry
-from tests.test_cli import assert_user_error, run
+from tests.conftest import assert_user_error, run
 
 
 @pytest.mark.parametrize("kwargs", [{"skip": True}, {"skip": False}, {"upsampling": "transpose"}, {"depth": 3}])
@@ -53,12 +53,12 @@ def test_tiled_denoise_plus_segment_equals_whole_plane(denoiser_and_segmenter):
     model, info = compose_with_denoiser(*denoiser_and_segmenter)
     assert info.normalization == Normalization(110.0, 30.0) and info.inference["tile"] == 220 + 40
     engine = TorchEngine(model, device="cpu")
-    plane = np.random.default_rng(0).standard_normal((150, 133)).astype(np.float32)
-    plan = plan_tiles(plane.shape, info.geometry, tile=260)
+    plane = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 150, 133)).astype(np.float32))
+    plan = plan_tiles((150, 133), info.geometry, tile=260)
     assert plan.n_tiles > 1
     tiled = predict_plane(plane, engine, info.geometry, tile=260, batch=3)
-    whole = engine(pad_plane(plane, plan)[None, None])[0][:, :150, :133]
-    assert np.abs(tiled - whole).max() < 1e-5
+    whole = engine(pad_plane(plane, plan)[None])[0][:, :150, :133]
+    assert tiled.shape == (1, 150, 133) and (tiled - whole).abs().max() < 1e-5
 
 
 def tiny_denoise_recipe(tmp_path, **train):

@@ -1,4 +1,5 @@
-"""The Dask/OME-Zarr path: same output as the single-process path, resumable, refuses mixed runs."""
+"""The Dask/OME-Zarr path: same output as the single-process path with every option, resumable,
+refuses mixed runs. (Reading zarr inputs, the store's layout and convert on their own: tests/test_zarr.py.)"""
 
 import json
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.test_cli import assert_user_error, run
+from tests.conftest import assert_user_error, run
 
 pytest.importorskip("dask")
 zarr = pytest.importorskip("zarr")
@@ -22,10 +23,10 @@ def chunky_stack(tmp_path):
     return tmp_path / "stack.tif"
 
 
-def single_process(tmp_path, stack, checkpoint):
-    out = tmp_path / "single.tif"
-    assert run("predict", stack, "-o", out, "-m", checkpoint, "--tile", 236, "--output-type", "float16",
-               "-q").exit_code == 0
+def single_process(tmp_path, stack, checkpoint, name="single.tif"):
+    out = tmp_path / name
+    result = run("predict", stack, "-o", out, "-m", checkpoint, "--tile", 236, "--output-type", "float16", "-q")
+    assert result.exit_code == 0, result.output
     return tifffile.imread(out).astype(np.float32)
 
 
@@ -46,10 +47,14 @@ def test_two_local_workers_match_the_single_process_path(tmp_path, chunky_stack,
     assert_user_error(run("predict", chunky_stack, "-o", store, "-m", tiny_checkpoint), "already exists")
 
 
-def test_interrupted_run_resumes_to_the_same_output(tmp_path, chunky_stack, tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("output", ["float16", "instances"])
+def test_interrupted_run_resumes_to_the_same_output(tmp_path, chunky_stack, tiny_checkpoint, monkeypatch, output):
     from segkit.inference import tiler
 
-    reference = single_process(tmp_path, chunky_stack, tiny_checkpoint)
+    option = ["--instances"] if output == "instances" else ["--output-type", "float16"]
+    assert run("predict", chunky_stack, "-o", tmp_path / "single.tif", "-m", tiny_checkpoint, "--tile", 236, *option,
+               "-q").exit_code == 0
+    reference = tifffile.imread(tmp_path / "single.tif")
     original, calls = tiler.predict_planes, []
 
     def dies_after_four(*args, **kwargs):
@@ -59,8 +64,7 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, chunky_stack, tiny
         return original(*args, **kwargs)
 
     store = tmp_path / "out.ome.zarr"
-    args = ["predict", chunky_stack, "-o", store, "-m", tiny_checkpoint, "--tile", 236, "--output-type", "float16",
-            "--chunk", 100]
+    args = ["predict", chunky_stack, "-o", store, "-m", tiny_checkpoint, "--tile", 236, *option, "--chunk", 100]
     monkeypatch.setattr(tiler, "predict_planes", dies_after_four)
     result = run(*args)
     assert result.exit_code != 0 and "worker killed" in str(result.exception)
@@ -69,12 +73,16 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, chunky_stack, tiny
     assert partial.exists() and not store.exists()  # an unfinished store never looks finished
     written = len(list((partial / "segkit_done").iterdir()))
     assert 0 < written < 12  # 3 planes x 2 x 2 chunks (the short last chunks merge into their neighbours)
+    assert not (partial / "segkit_labels_done").exists()  # instances: no plane's watershed before all its chunks
     assert_user_error(run(*args), "interrupted run", "--resume")
     result = run(*args, "--resume")
     assert result.exit_code == 0, result.output
     assert f"{written} chunks already written" in result.stderr
-    array = zarr.open_array(str(store / "0"), mode="r")[:].astype(np.float32)
-    assert np.abs(array - reference).max() <= 1e-3
+    array = zarr.open_array(str(store / "0"), mode="r")[:]
+    if output == "instances":
+        np.testing.assert_array_equal(array, reference)
+    else:
+        assert np.abs(array.astype(np.float32) - reference.astype(np.float32)).max() <= 1e-3
 
 
 def test_resume_refuses_another_model_or_settings(tmp_path, chunky_stack, tiny_checkpoint, monkeypatch):
@@ -97,14 +105,117 @@ def test_resume_refuses_another_model_or_settings(tmp_path, chunky_stack, tiny_c
         "segmenter", "unet", {"base": 4, "depth": 4}, other.geometry, Normalization(120.0, 40.0)))
     assert_user_error(run("predict", chunky_stack, "-o", store, "-m", tmp_path / "other.safetensors", "--tile", 236,
                           "--chunk", 100, "--resume"), "another model")
-    assert_user_error(run("predict", chunky_stack, "-o", store, "-m", tiny_checkpoint, "--tile", 220, "--chunk", 100,
-                          "--resume"), "other settings")
+    common = ["predict", chunky_stack, "-o", store, "-m", tiny_checkpoint, "--chunk", 100, "--resume"]
+    for other in (["--tile", 220], ["--tta", "flips"], ["--instances"], ["--engine", "onnx"], ["--threshold", 0.5],
+                  ["--output-type", "float16"], ["--normalize", "stack"]):
+        assert_user_error(run(*common, "--tile", 236, *other), "other settings")
+    assert run(*common, "--tile", 236, "-q").exit_code == 0  # the same settings finish it
 
 
 def test_dask_path_option_errors(tmp_path, chunky_stack, tiny_checkpoint):
-    assert_user_error(run("predict", chunky_stack, "-o", tmp_path / "x.tif", "--workers", 2), "-o NAME.ome.zarr")
-    assert_user_error(run("predict", chunky_stack, "-o", tmp_path / "x.ome.zarr", "--tta", "d4"), "--tta")
-    assert_user_error(run("convert", tmp_path / "missing.ome.zarr", tmp_path / "x.tif"), "not a segkit OME-Zarr")
+    assert_user_error(run("predict", chunky_stack, "-o", tmp_path / "x.tif", "--workers", 2), "NAME.ome.zarr")
+    assert_user_error(run("predict", chunky_stack, chunky_stack, "-o", tmp_path / "x.ome.zarr"), "one stack")
+    assert_user_error(run("predict", chunky_stack, "-o", tmp_path / "x.ome.zarr", "-m", tiny_checkpoint, "--tile",
+                          230), "use --tile 220 or 236")
+    # an ONNX graph fixed to its export tile: checked before any store is made, and its tile is the default
+    fixed = tmp_path / "fixed.onnx"
+    assert run("export", tiny_checkpoint, "-o", fixed, "--tile", 220, "--fixed-tile").exit_code == 0
+    assert_user_error(run("predict", chunky_stack, "-o", tmp_path / "x.ome.zarr", "-m", fixed, "--tile", 236),
+                      "220 px only")
+    assert not list(tmp_path.glob("x.ome.zarr*"))
+    result = run("predict", chunky_stack, "-o", tmp_path / "f.ome.zarr", "-m", fixed, "--chunk", 100)
+    assert result.exit_code == 0 and "tile 220" in result.stderr, result.output
+
+
+# every option of the single-process path works on the Dask path and gives the same output there: a valid-conv
+# model, chunk borders that are not tile borders (local threads here; real workers above)
+OPTIONS = {
+    "tta flips": ["--tta", "flips"],
+    "instances": ["--instances"],
+    "onnx engine": ["--engine", "onnx"],
+    "threshold": ["--threshold", "0.5"],
+    "tile auto": ["--tile", "auto"],
+    "denoise": ["--denoise"],  # + a denoiser checkpoint; the pair's default tile (276, not the segmenter's 236)
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_denoiser(tmp_path_factory):
+    import torch
+
+    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("denoiser", base=4)
+    path = tmp_path_factory.mktemp("den") / "den.safetensors"
+    save_checkpoint(path, model, CheckpointInfo("denoiser", "denoiser", {"base": 4}, model.geometry,
+                                                Normalization(110.0, 30.0), classes=[], inference={"tile": 108}))
+    return path
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_dask_path_options_match_the_single_process_path(tmp_path, chunky_stack, tiny_checkpoint, option,
+                                                        monkeypatch, request):
+    from segkit.inference.engines import OnnxEngine
+
+    options = OPTIONS[option] + ([request.getfixturevalue("tiny_denoiser")] if option == "denoise" else [])
+    onnx_tiles, onnx_call = [], OnnxEngine.__call__
+    monkeypatch.setattr(OnnxEngine, "__call__", lambda engine, x: onnx_tiles.append(len(x)) or onnx_call(engine, x))
+    tile = [] if option in ("tile auto", "denoise") else ["--tile", 236]
+    single = tmp_path / "single.tif"
+    result = run("predict", chunky_stack, "-o", single, "-m", tiny_checkpoint, *tile, *options, "-q")
+    assert result.exit_code == 0, result.output
+    store = tmp_path / "out.ome.zarr"
+    onnx_tiles.clear()
+    result = run("predict", chunky_stack, "-o", store, "-m", tiny_checkpoint, *tile, *options, "--chunk", 100)
+    assert result.exit_code == 0, result.output
+    dask_onnx_tiles = sum(onnx_tiles)
+    expected = tifffile.imread(single)
+    array = zarr.open_array(str(store / "0"), mode="r")
+    assert array.shape == expected.shape and array.dtype == expected.dtype and array.chunks[1] < 300
+    written = array[:]
+    if option == "instances":
+        assert written.dtype == np.uint32 and len(np.unique(written)) > 10  # real segments, not one blob
+        np.testing.assert_array_equal(written, expected)
+        # the chunks wrote probabilities first; the watershed ran on whole planes
+        probability = zarr.open_array(str(store / "probability"), mode="r")[:]
+        reference = single_process(tmp_path, chunky_stack, tiny_checkpoint, name="probability.tif")
+        assert np.abs(probability - reference).max() <= 1e-3
+    elif option == "threshold":
+        assert set(np.unique(written)) == {0, 255}
+        assert (written != expected).mean() < 1e-4  # only pixels within float rounding of the threshold may differ
+    else:
+        assert written.dtype == np.uint8 and np.ptp(written) > 0
+        assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1
+    if option == "tile auto":
+        assert "tile auto: tile" in result.stderr
+    if option == "denoise":
+        assert "tile 276" in result.stderr
+    if option == "onnx engine":
+        assert dask_onnx_tiles > 0  # the chunks ran on onnxruntime
+
+
+def test_worker_device_round_robin():
+    from segkit.inference.distributed import worker_device
+
+    # LocalCluster names its workers 0, 1, ...; dask-worker --name gives strings
+    assert [worker_device("cuda", i, 2) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert [worker_device("cuda", i, 4) for i in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0",
+                                                                "cuda:1"]
+    assert [worker_device("cuda", str(i), 4) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert worker_device("cuda", "gpu-node-3", 2) == "cuda:1"
+    assert worker_device("auto", 3, 2) == "cuda:1"  # auto on a machine with several GPUs
+    # one GPU (or dask-cuda's one visible GPU per worker): every worker on it
+    assert {worker_device("cuda", i, 1) for i in range(3)} == {"cuda"}
+    assert worker_device("auto", 1, 1) == "auto" and worker_device("auto", 1, 0) == "auto"
+    # a worker named by its address has no index: a fixed GPU of those present
+    address = "tcp://10.0.0.7:40123"
+    assert worker_device("cuda", address, 4) == worker_device("cuda", address, 4) in {f"cuda:{i}" for i in range(4)}
+    # an explicit GPU, the CPU, or no Dask worker (local threads): as asked
+    assert worker_device("cuda:1", 0, 4) == "cuda:1"
+    assert worker_device("cpu", 3, 4) == "cpu"
+    assert worker_device("cuda", None, 4) == "cuda"
 
 
 def test_zarr_and_ome_zarr_inputs(tmp_path, chunky_stack, tiny_checkpoint):
@@ -113,19 +224,11 @@ def test_zarr_and_ome_zarr_inputs(tmp_path, chunky_stack, tiny_checkpoint):
     group = zarr.open_group(str(tmp_path / "raw.ome.zarr"), mode="w", zarr_format=2)
     group.create_array("0", shape=data.shape, chunks=(1, 128, 128), dtype=data.dtype)[:] = data
     reference = single_process(tmp_path, chunky_stack, tiny_checkpoint)
-    for source in ("raw.zarr", "raw.ome.zarr"):
-        out = tmp_path / f"out_{source}"
-        result = run("predict", tmp_path / source, "-o", out, "-m", tiny_checkpoint, "--tile", 236,
+    for source, tile in (("raw.zarr", 236), ("raw.ome.zarr", 236), ("raw.zarr", "auto")):  # auto: measured on zarr
+        out = tmp_path / f"out_{tile}_{source}"
+        result = run("predict", tmp_path / source, "-o", out, "-m", tiny_checkpoint, "--tile", tile,
                      "--output-type", "float16", "--chunk", 100)
         assert result.exit_code == 0, result.output
         assert np.abs(zarr.open_array(str(out / "0"), mode="r")[:].astype(np.float32) - reference).max() <= 1e-3
-    zarr.save_array(str(tmp_path / "rgb.zarr"), np.zeros((2, 8, 8, 3), np.uint8), zarr_format=2)
-    assert_user_error(run("predict", tmp_path / "rgb.zarr", "-o", tmp_path / "x.ome.zarr", "-m", tiny_checkpoint),
-                      "YX or ZYX array")
     assert_user_error(run("predict", tmp_path / "raw.zarr", "-o", tmp_path / "raw.zarr", "-m", tiny_checkpoint),
                       "would replace its input")
-    with_nan = np.ones((1, 40, 40), np.float32)
-    with_nan[0, 3, 3] = np.nan
-    zarr.save_array(str(tmp_path / "nan.zarr"), with_nan, zarr_format=2)
-    assert_user_error(run("predict", tmp_path / "nan.zarr", "-o", tmp_path / "y.ome.zarr", "-m", tiny_checkpoint),
-                      "NaN or inf")

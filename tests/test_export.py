@@ -1,5 +1,8 @@
 """ONNX export, ONNX Runtime engine, and prediction over many files (CPU provider)."""
 
+import contextlib
+import types
+
 import numpy as np
 import pytest
 import tifffile
@@ -17,8 +20,7 @@ from segkit.inference.engines import (
     plan_providers,
 )
 from segkit.models import create_model, model_kind
-from tests.test_cli import assert_user_error, run
-from tests.test_models import randomize_zero_layers, tiny
+from tests.conftest import assert_user_error, randomize_zero_layers, run, tiny
 
 
 def tiny_info(name, kwargs, model, **inference):
@@ -47,14 +49,17 @@ def test_export_matches_torch_and_keeps_metadata(registered, tmp_path):
     # the engine agrees with torch at batch sizes 3 and then 1 (two preallocated bindings)
     engine = OnnxEngine(path, model.geometry, device="cpu")
     reference = TorchEngine(model, device="cpu", channel=1 if info.kind == "segmenter" else None)
-    x = np.random.default_rng(1).standard_normal((3, 1, tile, tile)).astype(np.float32)
+    # engines take and return tensors on their device
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 1, tile, tile)).astype(np.float32))
     for batch in (x, x[:1], x):
-        assert np.abs(engine(batch) - reference(batch)).max() < 1e-4
-    assert engine.device == "onnxruntime CPU"
-    # after an out-of-memory error the buffers go and short batches are no longer padded to the old size
+        out = engine(batch)
+        assert isinstance(out, torch.Tensor) and out.device == engine.device
+        assert (out - reference(batch)).abs().max() < 1e-4
+    assert engine.label == "onnxruntime CPU" and engine.device == torch.device("cpu")
+    # after an out-of-memory error short batches are no longer padded to the old size
     engine.release_memory()
-    assert not engine._bindings and engine._largest_batch == 0
-    assert np.abs(engine(x[:2]) - reference(x[:2])).max() < 1e-4 and engine._largest_batch == 2
+    assert engine._largest_batch == 0
+    assert (engine(x[:2]) - reference(x[:2])).abs().max() < 1e-4 and engine._largest_batch == 2
 
 
 def test_fp16_export_and_fixed_tile(tiny_unet):
@@ -63,12 +68,12 @@ def test_fp16_export_and_fixed_tile(tiny_unet):
     print(record.parity)
     assert record.precision == "fp16" and record.spatial == "fixed" and len(record.parity) == 4
     engine = OnnxEngine(onnx_bytes, tiny_unet.geometry, device="cpu", fp16=True)
-    x = np.random.default_rng(2).standard_normal((2, 1, 220, 220)).astype(np.float32)
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 1, 220, 220)).astype(np.float32))
     out = engine(x)
-    assert out.dtype == np.float32
-    assert np.abs(out - TorchEngine(tiny_unet, device="cpu")(x)).mean() < 1e-3
+    assert out.dtype == torch.float32
+    assert (out - TorchEngine(tiny_unet, device="cpu")(x)).abs().mean() < 1e-3
     with pytest.raises(Exception, match="dimensions"):  # the graph takes only its export tile
-        engine(np.zeros((1, 1, 236, 236), np.float32))
+        engine(torch.zeros((1, 1, 236, 236)))
 
 
 def test_parity_failure_is_loud(tiny_unet):
@@ -82,7 +87,7 @@ def test_parity_failure_is_loud(tiny_unet):
         check_parity(onnx_bytes, lambda x: head(x) + 0.01, inputs, fp16=True)
     with pytest.raises(ExportError, match="--opset"):
         export_onnx(tiny_unet, info, tile=220, opset=9)
-    with pytest.raises(SegkitError, match="use --tile 204 or 220"):
+    with pytest.raises(SegkitError, match="use tile 204 or 220"):  # the CLI says --tile (test_cli_onnx_errors)
         export_onnx(tiny_unet, info, tile=210)
 
 
@@ -111,8 +116,11 @@ def test_cuda_provider_that_fails_to_load_is_an_error_not_a_cpu_run(tiny_unet, m
         pytest.skip("this onnxruntime has no CUDA provider")
     info = tiny_info("unet", {"base": 4, "depth": 4}, tiny_unet)
     onnx_bytes, _ = export_onnx(tiny_unet, info, tile=220)
-    # torch's check passes, then onnxruntime cannot load its CUDA provider and would run on the CPU
+    # torch's check passes (and gives its stream), then onnxruntime cannot load its CUDA provider and would run on
+    # the CPU
     monkeypatch.setattr(engines, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(cuda_stream=0))
     with pytest.raises(SegkitError, match="CUDA provider failed to load"):
         OnnxEngine(onnx_bytes, tiny_unet.geometry, device="cuda")
 
@@ -160,7 +168,7 @@ def test_cli_onnx_errors(tmp_path, uint8_stack, tiny_checkpoint):
     assert run("export", tiny_checkpoint, "-o", fixed, "--tile", 220, "--fixed-tile").exit_code == 0
     assert_user_error(run("predict", uint8_stack, "-m", fixed, "-o", out, "--tile", 236), "220 px only")
     assert_user_error(run("predict", uint8_stack, "-m", fixed, "-o", out, "--amp", "fp16"), "--fp16")
-    assert_user_error(run("predict", uint8_stack, "-m", fixed, "-o", out, "--engine", "torch"), "--engine onnx")
+    assert_user_error(run("predict", uint8_stack, "-m", fixed, "-o", out, "--engine", "torch"), "onnx engine")
     assert_user_error(run("predict", uint8_stack, "-m", tiny_checkpoint, "-o", out, "--engine", "onnx",
                           "--amp", "bf16"), "fp32 or fp16")
     assert_user_error(run("export", tiny_checkpoint, "-o", tmp_path / "t.onnx", "--tile", 230), "use --tile 220 or 236")
@@ -233,7 +241,7 @@ def test_predict_many_files_skips_a_bad_one_and_keeps_the_others(tmp_path, tiny_
 
 def test_predict_many_files_argument_errors(tmp_path, tiny_checkpoint):
     files = _write_inputs(tmp_path / "in", count=2)
-    assert_user_error(run("predict", *files, "-o", tmp_path / "one.tif"), "2 inputs given", "-o DIR/")
+    assert_user_error(run("predict", *files, "-o", tmp_path / "one.tif"), "2 inputs given", "output folder")
     assert_user_error(run("predict", str(tmp_path / "in"), "-o", tmp_path / "in", "-m", tiny_checkpoint),
                       "would replace its input")
     (tmp_path / "other").mkdir()

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from segkit.checkpoint import read_info
 from segkit.evaluation import evaluate_instances, sweep_watershed
@@ -11,36 +12,41 @@ from segkit.inference.tiler import pad_plane, plan_tiles, predict_plane
 from segkit.inference.tta import TTAForward, tta_transforms
 from segkit.instances import WatershedParams, watershed_slice
 from segkit.metrics import label_cells
-from tests.test_cli import assert_user_error, run
+from tests.conftest import FakeEngine, as_plane, assert_user_error, run
 
 
 @pytest.mark.parametrize("mode, count", [("none", 1), ("flips", 4), ("d4", 8)])
 def test_tta_transforms_are_inverted_exactly(mode, count):
-    x = np.random.default_rng(0).standard_normal((3, 1, 12, 12)).astype(np.float32)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 1, 12, 12)).astype(np.float32))
     transforms = tta_transforms(mode)
     assert len(transforms) == count
     seen = set()
     for transform, inverse in transforms:
-        np.testing.assert_array_equal(inverse(transform(x)), x)
-        seen.add(transform(x).tobytes())
+        assert torch.equal(inverse(transform(x)), x)
+        seen.add(transform(x).numpy().tobytes())
     assert len(seen) == count  # all different transforms
     # a pointwise model gives the identity under TTA
-    np.testing.assert_allclose(TTAForward(lambda b: b * 2.0 + 1.0, mode)(x), x * 2.0 + 1.0, rtol=1e-6)
+    engine = FakeEngine(lambda b: b * 2.0 + 1.0)
+    tta = TTAForward(engine, mode)
+    assert tta.device == engine.device and f"TTA {mode} ({count} passes)" in tta.label
+    out = tta(x)
+    assert isinstance(out, torch.Tensor) and engine.calls == [3] * count
+    torch.testing.assert_close(out, x * 2.0 + 1.0, rtol=1e-6, atol=1e-6)
 
 
 def test_tiled_tta_equals_whole_plane_tta(tiny_unet):
     engine = TorchEngine(tiny_unet, device="cpu")
     geometry = tiny_unet.geometry
-    plane = np.random.default_rng(1).standard_normal((150, 133)).astype(np.float32)
+    plane = as_plane(np.random.default_rng(1).standard_normal((150, 133)))
     tiled = predict_plane(plane, TTAForward(engine, "d4"), geometry, tile=220, batch=3)
-    plan = plan_tiles(plane.shape, geometry, tile=220)
+    plan = plan_tiles((150, 133), geometry, tile=220)
     assert plan.n_tiles > 1
-    padded = pad_plane(plane, plan)[None, None]
-    whole = np.mean([inverse(engine(np.ascontiguousarray(transform(padded)))) for transform, inverse in
-                     tta_transforms("d4")], axis=0)[0][:, :150, :133]
-    assert np.abs(tiled - whole).max() < 1e-5
+    padded = pad_plane(plane, plan)[None]
+    whole = torch.stack([inverse(engine(transform(padded))) for transform, inverse in
+                         tta_transforms("d4")]).mean(dim=0)[0][:, :150, :133]
+    assert (tiled - whole).abs().max() < 1e-5
     plain = predict_plane(plane, engine, geometry, tile=220)
-    assert np.abs(tiled - plain).max() > 1e-3  # TTA changed something
+    assert (tiled - plain).abs().max() > 1e-3  # TTA changed something
 
 
 def two_cells_with_a_gap():

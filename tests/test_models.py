@@ -5,24 +5,7 @@ import torch
 from segkit.checkpoint import CheckpointInfo, Normalization, load_model, read_info, save_checkpoint
 from segkit.errors import CheckpointError, ConfigError
 from segkit.models import create_model, list_models, model_kind
-
-
-def tiny(name: str) -> tuple[str, dict]:
-    """A small variant of every registered model (tests must stay fast on 2 CPU cores)."""
-    if name.startswith("smp:"):
-        return name.replace(":resnet34", ":resnet18"), {"halo": 16}
-    if name.startswith("fcn"):
-        return name, {"width": 4, "fc": 16, "halo": 16}
-    return name, {"base": 4}  # unet, denoiser
-
-
-def randomize_zero_layers(model):
-    """FCN score layers start at zero (as in the paper); give them values so outputs vary."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1 and not p.any():
-                p.normal_(0, 0.1)
-    return model
+from tests.conftest import randomize_zero_layers, tiny
 
 
 @pytest.mark.parametrize("registered", list_models())

@@ -1,19 +1,27 @@
+"""The stack pipeline: TIFF planes onto the engine's device, tiled, encoded there, written behind;
+memory stays flat, errors on either side leave no output."""
+
+import copy
+import gc
 import tracemalloc
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from segkit.checkpoint import Normalization
-from segkit.inference.pipeline import OutputSpec, predict_stack, stack_normalization
+from segkit.inference.pipeline import IntensityOutput, OutputSpec, predict_stack, read_ahead, stack_normalization
 from segkit.io.tiff import open_stack
 from segkit.models.geometry import Geometry
+from tests.conftest import FakeEngine, crop_engine
 
 GEOMETRY = Geometry(margin=3, step=4, min_output=4)
 
 
-def centre_forward(batch):  # a "valid" model: sigmoid of the centre of its input
-    return 1 / (1 + np.exp(-batch[:, :, 3:-3, 3:-3]))
+def centre_engine():
+    """A "valid" model: sigmoid of the centre of its input."""
+    return crop_engine(3, torch.sigmoid)
 
 
 def make_stack(path, planes, size=256):
@@ -25,31 +33,115 @@ def make_stack(path, planes, size=256):
     return path
 
 
-def peak_bytes(tmp_path, planes):
+def live_tensor_bytes():
+    """Bytes held by every torch tensor alive now (each storage counted once); tracemalloc does
+    not see torch's allocations."""
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor):  # type(): no __class__ look-up on lazy modules
+            try:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # fake tensors left by torch.compile elsewhere hold no memory
+                continue
+    return sum(storages.values())
+
+
+def peak_bytes(tmp_path, planes, *, tensors):
+    """Peak host memory of a run over `planes` planes: numpy/Python allocations (tracemalloc), or
+    torch tensors alive whenever the engine runs (`tensors`), measured in separate runs so one
+    measurement does not disturb the other."""
     source = make_stack(tmp_path / f"in{planes}.tif", planes)
+    peak = [0]
+
+    def sampling(batch):
+        peak[0] = max(peak[0], live_tensor_bytes())
+        return torch.sigmoid(batch[:, :, 3:-3, 3:-3])
+
+    engine = FakeEngine(sampling) if tensors else centre_engine()
+    output = tmp_path / f"out{planes}_{tensors}.tif"
     with open_stack(source) as stack:
-        tracemalloc.start()
-        predict_stack(stack, centre_forward, GEOMETRY, tmp_path / f"out{planes}.tif",
-                      normalization=Normalization(0.0, 255.0), tile=70, batch=8)
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return peak
+        if not tensors:
+            tracemalloc.start()
+        predict_stack(stack, engine, GEOMETRY, output, normalization=Normalization(0.0, 255.0), tile=70, batch=8)
+        if not tensors:
+            peak[0] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    assert len(tifffile.TiffFile(output).pages) == planes
+    return peak[0]
 
 
-def test_memory_does_not_grow_with_planes(tmp_path):
-    small, large = peak_bytes(tmp_path, 4), peak_bytes(tmp_path, 32)
+@pytest.mark.parametrize("tensors", [False, True], ids=["host", "tensors"])
+def test_memory_does_not_grow_with_planes(tmp_path, tensors):
+    small, large = peak_bytes(tmp_path, 4, tensors=tensors), peak_bytes(tmp_path, 32, tensors=tensors)
     plane_bytes = 256 * 256 * 4
-    print(f"peak traced memory: 4 planes {small / 1e6:.1f} MB, 32 planes {large / 1e6:.1f} MB")
-    assert large < small + 4 * plane_bytes  # 28 more planes would cost >= 7 MB if they were kept
+    what = "live tensors" if tensors else "traced host memory"
+    print(f"peak {what}: 4 planes {small / 1e6:.2f} MB, 32 planes {large / 1e6:.2f} MB")
+    assert small > plane_bytes  # the measurement sees the planes in flight
+    assert large < small + 4 * plane_bytes  # 28 more planes would cost >= 1.8 MB (uint8) if they were kept
 
 
 def test_pipeline_values(tmp_path):
     source = make_stack(tmp_path / "in.tif", 3, size=50)
     with open_stack(source) as stack:
-        predict_stack(stack, centre_forward, GEOMETRY, tmp_path / "o.tif", normalization=Normalization(100.0, 50.0),
+        predict_stack(stack, centre_engine(), GEOMETRY, tmp_path / "o.tif", normalization=Normalization(100.0, 50.0),
                       tile=30, spec=OutputSpec("float16"))
     expected = 1 / (1 + np.exp(-(tifffile.imread(source).astype(np.float32) - 100) / 50))
-    np.testing.assert_allclose(tifffile.imread(tmp_path / "o.tif").astype(np.float32), expected, atol=1e-3)
+    written = tifffile.imread(tmp_path / "o.tif")
+    assert written.dtype == np.float16 and written.shape == (3, 50, 50)
+    np.testing.assert_allclose(written.astype(np.float32), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("norm", [Normalization(100.0, 50.0), Normalization(30000.0, 20000.0)])
+def test_uint16_input_gives_the_values_of_float32_input(tmp_path, norm):
+    """uint16 planes go to the device as they are stored and are normalised there: the same values
+    as the same planes stored as float32 (including values above 32767, which int16 would wrap)."""
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 65536, (2, 45, 38)).astype(np.uint16)
+    data[0, :3, :3] = [[0, 1, 255], [256, 32767, 32768], [40000, 65534, 65535]]
+    outputs = {}
+    for dtype in (np.uint16, np.float32):
+        source = tmp_path / f"in_{np.dtype(dtype).name}.tif"
+        tifffile.imwrite(source, data.astype(dtype), photometric="minisblack")
+        for kind, engine, spec in (("identity", crop_engine(3), IntensityOutput(norm, np.dtype(np.float32))),
+                                   ("sigmoid", centre_engine(), OutputSpec("float16"))):
+            out = tmp_path / f"out_{np.dtype(dtype).name}_{kind}.tif"
+            with open_stack(source) as stack:
+                assert stack.dtype == dtype
+                predict_stack(stack, engine, GEOMETRY, out, normalization=norm, tile=30, spec=spec)
+            outputs[np.dtype(dtype).name, kind] = tifffile.imread(out)
+    for kind in ("identity", "sigmoid"):
+        np.testing.assert_array_equal(outputs["uint16", kind], outputs["float32", kind])
+    # an identity model and the inverse normalisation give the raw values back
+    np.testing.assert_allclose(outputs["uint16", "identity"], data, rtol=1e-6, atol=2e-3)
+    expected = 1 / (1 + np.exp(-(data.astype(np.float64) - norm.mean) / norm.std))
+    np.testing.assert_allclose(outputs["uint16", "sigmoid"].astype(np.float64), expected, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["uint8", "float16"])
+def test_pipeline_on_cuda_equals_the_cpu(tmp_path, tiny_unet, kind, monkeypatch):
+    """Pinned uploads of uint16 planes on a side stream, normalising, tiling and encoding on the GPU,
+    pinned downloads: the planes the CPU path writes (up to cuDNN's rounding)."""
+    from segkit.inference.engines import TorchEngine
+
+    rng = np.random.default_rng(9)
+    data = rng.integers(0, 65536, (3, 150, 133)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", data, photometric="minisblack")
+    norm = Normalization(30000.0, 15000.0)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare float32 with float32
+    written = {}
+    for device in ("cpu", "cuda"):
+        engine = TorchEngine(copy.deepcopy(tiny_unet), device=device, amp="none")  # .to() moves in place
+        with open_stack(tmp_path / "in.tif") as stack:
+            predict_stack(stack, engine, tiny_unet.geometry, tmp_path / f"{device}.tif", normalization=norm,
+                          tile=220, batch=3, spec=OutputSpec(kind))
+        written[device] = tifffile.imread(tmp_path / f"{device}.tif").astype(np.float32)
+    assert written["cuda"].shape == data.shape
+    scale = 255 if kind == "uint8" else 1
+    diff = np.abs(written["cuda"] - written["cpu"]) / scale
+    print(f"{kind}: cuda vs cpu max |diff| {diff.max():.3g}, mean {diff.mean():.3g}")
+    assert diff.max() <= 1.5 / 255 and diff.mean() < 1e-3
 
 
 def test_stack_normalization_is_global(tmp_path):
@@ -60,10 +152,61 @@ def test_stack_normalization_is_global(tmp_path):
     assert norm.mean == pytest.approx(200) and norm.std == pytest.approx(np.std([100, 200, 300]))
 
 
-def test_output_spec():
-    p = np.array([0.0, 0.49, 0.5, 1.0], np.float32)
-    np.testing.assert_array_equal(OutputSpec("uint8").encode(p), [0, 125, 128, 255])
-    np.testing.assert_array_equal(OutputSpec("mask", 0.5).encode(p), [0, 0, 255, 255])
+def test_output_spec_encodes_tensors_on_the_device():
+    p = torch.tensor([[0.0, 0.49, 0.5, 1.0]])  # (K=1, ...) values of one plane
+    uint8 = OutputSpec("uint8").encode(p)
+    assert isinstance(uint8, torch.Tensor) and uint8.dtype == torch.uint8 and uint8.device == p.device
+    assert uint8.tolist() == [0, 125, 128, 255]
+    assert OutputSpec("mask", 0.5).encode(p).tolist() == [0, 0, 255, 255]
+    # against numpy: rint(clip(p) * 255), a mask at the threshold, float16; values outside [0, 1]
+    # (a blended or TTA-averaged output may overshoot by rounding) are clipped
+    rng = np.random.default_rng(8)
+    values = np.concatenate([rng.uniform(-0.2, 1.2, (2, 30, 40)),
+                             np.resize(np.arange(256) / 255, (2, 30, 40))]).astype(np.float32)
+    tensor = torch.from_numpy(values.copy())
+    for channel in (0, 3):
+        spec = OutputSpec("uint8", channel=channel)
+        assert spec.dtype == np.uint8
+        expected = np.rint(np.clip(values[channel], 0, 1) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(spec.encode(tensor).numpy(), expected)
+        mask = OutputSpec("mask", 0.3, channel=channel)
+        assert mask.dtype == np.uint8
+        np.testing.assert_array_equal(mask.encode(tensor).numpy(), np.where(values[channel] >= 0.3, 255, 0))
+        half = OutputSpec("float16", channel=channel)
+        assert half.dtype == np.float16 and half.encode(tensor).dtype == torch.float16
+        np.testing.assert_array_equal(half.encode(tensor).numpy(), values[channel].astype(np.float16))
+    assert torch.equal(tensor, torch.from_numpy(values))  # the engine's output is left alone
+    assert OutputSpec().finish(expected) is expected  # nothing left to do on the host
+
+
+def test_read_ahead_keeps_order_reraises_and_stops_early():
+    import threading
+
+    assert list(read_ahead(iter(range(20)), depth=2)) == list(range(20))
+
+    def failing():
+        yield 1
+        raise OSError("unreadable plane")
+
+    seen = []
+    with pytest.raises(OSError, match="unreadable plane"):
+        for item in read_ahead(failing()):
+            seen.append(item)
+    assert seen == [1]
+    produced = []
+
+    def endless():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    before = set(threading.enumerate())
+    items = read_ahead(endless(), depth=2, name="read-ahead-test")
+    assert next(items) == 0
+    (reader,) = [t for t in threading.enumerate() if t not in before]
+    assert reader.name == "read-ahead-test" and reader.daemon
+    items.close()  # leaving early stops the reader
+    assert len(produced) < 10 and not reader.is_alive()
 
 
 def test_writer_runs_behind_and_keeps_order():
@@ -85,6 +228,8 @@ def test_writer_runs_behind_and_keeps_order():
 
 
 def test_errors_on_either_side_stop_both_and_leave_no_output(tmp_path):
+    import threading
+
     from segkit.inference.pipeline import consume_behind
 
     def produce():
@@ -129,9 +274,16 @@ def test_errors_on_either_side_stop_both_and_leave_no_output(tmp_path):
         calls.append(len(batch))
         if len(calls) == 3:
             raise RuntimeError("CUDA error: an illegal memory access")
-        return centre_forward(batch)
+        return torch.sigmoid(batch[:, :, 3:-3, 3:-3])
 
+    before = set(threading.enumerate())
     with open_stack(source) as stack, pytest.raises(RuntimeError, match="illegal memory access"):
-        predict_stack(stack, flaky, GEOMETRY, tmp_path / "out.tif", normalization=Normalization(0.0, 255.0),
+        predict_stack(stack, FakeEngine(flaky), GEOMETRY, tmp_path / "out.tif", normalization=Normalization(0.0, 255.0),
                       tile=30, batch=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+    # the reader thread stopped too, and let go of the planes it read ahead (on a GPU: device and
+    # pinned buffers), without waiting for a garbage collection
+    started = [t for t in threading.enumerate() if t not in before]
+    for thread in started:
+        thread.join(timeout=2.0)
+    assert not [t.name for t in started if t.is_alive()]

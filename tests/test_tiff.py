@@ -1,9 +1,11 @@
+import sys
+
 import numpy as np
 import pytest
 import tifffile
 
-from segkit.errors import InputError, OutputExistsError
-from segkit.io.tiff import open_stack, write_stack
+from segkit.errors import InputError, MissingDependencyError, OutputExistsError, SegkitError
+from segkit.io.tiff import COMPRESSIONS, open_stack, write_stack
 
 
 def test_read_compressed_stack_page_by_page(tmp_path):
@@ -12,6 +14,19 @@ def test_read_compressed_stack_page_by_page(tmp_path):
     with open_stack(tmp_path / "a.tif") as stack:
         assert stack.shape == (4, 33, 47) and stack.dtype == np.uint16 and stack._contiguous is None
         np.testing.assert_array_equal(stack.plane(2), data[2])
+
+
+def test_compressed_tiled_stack_decodes_its_blocks_on_several_threads(tmp_path, monkeypatch):
+    data = np.random.default_rng(1).integers(0, 255, (3, 100, 90), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "t.tif", data, compression="zlib", tile=(32, 32), photometric="minisblack")
+    asked = []
+    original = tifffile.TiffPage.asarray
+    monkeypatch.setattr(tifffile.TiffPage, "asarray",
+                        lambda self, *a, **k: asked.append(k.get("maxworkers")) or original(self, *a, **k))
+    with open_stack(tmp_path / "t.tif", workers=3) as stack:
+        assert stack._contiguous is None and stack._pages[0].is_tiled and len(stack._pages[0].dataoffsets) == 12
+        np.testing.assert_array_equal(np.stack(list(stack)), data)
+    assert asked == [3, 3, 3]
 
 
 def test_uncompressed_stack_reads_planes_at_offsets(uint8_stack):
@@ -45,12 +60,76 @@ def test_2d_image_and_folder_and_glob(tmp_path):
 def test_write_roundtrip_keeps_resolution_and_is_tiled_bigtiff(tmp_path, uint8_stack):
     with open_stack(uint8_stack) as stack:
         out = write_stack(tmp_path / "o.tif", iter(stack), shape=stack.shape, dtype=np.uint8,
-                          resolution=stack.resolution, tile=32)
+                          resolution=stack.resolution, block=32)
     with tifffile.TiffFile(out) as tif:
         assert tif.is_bigtiff and tif.pages[0].is_tiled
         assert tif.pages[0].resolution == pytest.approx((250.0, 250.0))
         np.testing.assert_array_equal(tif.asarray(), tifffile.imread(uint8_stack))
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.uint32, np.float32, np.uint16])
+@pytest.mark.parametrize("compression, tag", [("zlib", 8), ("zstd", 50000), ("lzw", 5), ("none", 1)])
+def test_write_every_compression_and_dtype(tmp_path, dtype, compression, tag):
+    if compression in ("zstd", "lzw"):
+        pytest.importorskip("imagecodecs")
+    data = (np.random.default_rng(2).random((2, 40, 50)) * 200).astype(dtype)
+    out = write_stack(tmp_path / "o.tif", iter(data), shape=data.shape, dtype=dtype, block=16,
+                      compression=compression, workers=2)
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages[0].compression == tag and tif.pages[0].is_tiled and tif.series[0].axes == "ZYX"
+        np.testing.assert_array_equal(tif.asarray(), data)
+
+
+def test_write_passes_workers_and_a_bounded_buffer_to_tifffile(tmp_path, monkeypatch):
+    seen = {}
+    original = tifffile.TiffWriter.write
+    monkeypatch.setattr(tifffile.TiffWriter, "write", lambda self, *a, **k: seen.update(k) or original(self, *a, **k))
+    planes = np.zeros((3, 64, 40), np.uint16)
+    block_bytes = 16 * 16 * 2
+    write_stack(tmp_path / "a.tif", iter(planes), shape=planes.shape, dtype=np.uint16, block=16, workers=3)
+    assert seen["maxworkers"] == 3 and seen["buffersize"] == 2 * 12 * block_bytes  # 2 planes of 4 x 3 blocks
+    write_stack(tmp_path / "b.tif", iter(planes), shape=planes.shape, dtype=np.uint16, block=64, workers=7)
+    assert seen["maxworkers"] == 2 and seen["buffersize"] == 2 * 64 * 64 * 2  # one block a plane: 2 at a time
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), planes)
+    seen.clear()
+    write_stack(tmp_path / "c.tif", iter(planes), shape=planes.shape, dtype=np.uint16, compression="none")
+    assert "compression" not in seen and "maxworkers" not in seen  # nothing to encode
+
+
+@pytest.mark.parametrize("shape, axes", [((2, 3, 40, 50), None), ((2, 3, 40, 50), "ZCYX"), ((3, 40, 50), "CYX"),
+                                         ((40, 50), None)])
+def test_write_channel_axis_in_imagej_order(tmp_path, shape, axes):
+    data = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
+    out = write_stack(tmp_path / "o.tif", iter(data.reshape(-1, *shape[-2:])), shape=shape, dtype=np.uint16,
+                      axes=axes, block=16)
+    with tifffile.TiffFile(out) as tif:
+        series = tif.series[0]
+        assert series.axes == (axes or {4: "ZCYX", 2: "YX"}[len(shape)]) and series.shape == shape
+        np.testing.assert_array_equal(series.asarray(), data)
+        if len(shape) == 4:  # one page per plane, channel fastest: page 1 is z0 c1
+            assert len(tif.pages) == 6
+            np.testing.assert_array_equal(tif.pages[1].asarray(), data[0, 1])
+
+
+@pytest.mark.parametrize("shape, axes", [((2, 3, 8, 8), "CZYX"), ((3, 8, 8), "ZCYX"), ((1, 2, 3, 8, 8), None)])
+def test_write_refuses_other_axes(tmp_path, shape, axes):
+    with pytest.raises(ValueError, match="ZCYX"):
+        write_stack(tmp_path / "o.tif", [], shape=shape, dtype=np.uint8, axes=axes)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_compression_errors(tmp_path, monkeypatch):
+    assert COMPRESSIONS == ("zlib", "zstd", "lzw", "none")
+    with pytest.raises(SegkitError, match="'zstandard'.*'zstd'.*zlib, zstd, lzw, none"):
+        write_stack(tmp_path / "o.tif", [np.zeros((8, 8), np.uint8)], shape=(8, 8), dtype=np.uint8,
+                    compression="zstandard")
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # as if it were not installed
+    for name in ("zstd", "lzw"):
+        with pytest.raises(MissingDependencyError, match="pip install imagecodecs"):
+            write_stack(tmp_path / "o.tif", [np.zeros((8, 8), np.uint8)], shape=(8, 8), dtype=np.uint8,
+                        compression=name)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_write_leaves_nothing(tmp_path):

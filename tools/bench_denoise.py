@@ -39,7 +39,7 @@ def main() -> None:
 
     from segkit.checkpoint import load_model
     from segkit.inference.engines import TorchEngine, resolve_device
-    from segkit.inference.tiler import predict_planes
+    from segkit.inference.tiler import predict_arrays
     from segkit.metrics import mean_scores, score_slice
     from segkit.training.corruption import corrupt, psnr, ssim
     from segkit.training.denoise_loop import denoise_planes
@@ -71,14 +71,14 @@ def main() -> None:
     image_quality = {name: quality(planes, test) for name, planes in outputs.items()}
 
     segmenter, seg_info = load_model(args.segmenter)
-    engine = TorchEngine(segmenter, device=device)
+    engine = TorchEngine(segmenter, device=device, amp="none")
     threshold = float(seg_info.inference.get("threshold", 0.5))
     tile = int(seg_info.inference.get("tile", 572))
     norm = seg_info.normalization
 
     def segmentation(planes: list[np.ndarray]) -> dict[str, float]:
-        normalized = [((p * 255.0 - norm.mean) / norm.std).astype(np.float32) for p in planes]
-        probabilities = predict_planes(normalized, engine, segmenter.geometry, tile=tile, batch=8)
+        normalized = [norm.apply(p * 255.0) for p in planes]
+        probabilities = predict_arrays(normalized, engine, segmenter.geometry, tile=tile, batch=8)
         scores = [score_slice(p[0], labels[z] == 0, threshold=threshold) for p, z in zip(probabilities, test)]
         summary = mean_scores(scores)
         return {k: summary[k] for k in ("pixel_error", "adapted_rand_error", "vi")}

@@ -45,7 +45,7 @@ def load(model_path: str | None, base: int) -> tuple[object, object]:
 
 def real_tiles(info: object, tile: int, batch: int) -> np.ndarray:
     raw = tifffile.imread(Path(__file__).resolve().parents[1] / "segkit" / "data" / "isbi_test_raw.tif")
-    planes = (raw.astype(np.float32) - info.normalization.mean) / info.normalization.std
+    planes = info.normalization.apply(raw)
     reps = -(-tile // raw.shape[1])
     planes = np.pad(planes, [(0, 0), (0, raw.shape[1] * (reps - 1)), (0, raw.shape[2] * (reps - 1))], mode="symmetric")
     picks = [planes[i % len(planes), :tile, :tile] for i in range(batch)]
@@ -57,9 +57,9 @@ def make_engine(name: str, model: object, info: object, tile: int) -> Callable[[
     from segkit.inference.engines import OnnxEngine, TorchEngine, tensorrt_loadable
 
     if name == "torch-cpu":
-        return TorchEngine(model, device="cpu")
+        return TorchEngine(model, device="cpu", amp="none")
     if name == "torch-fp32":
-        return TorchEngine(model, device="cuda")
+        return TorchEngine(model, device="cuda", amp="none")
     if name == "torch-fp16":
         return TorchEngine(model, device="cuda", amp="fp16")
     if name == "torch-compile":
@@ -82,14 +82,22 @@ def make_engine(name: str, model: object, info: object, tile: int) -> Callable[[
     return OnnxEngine(onnx_bytes, info.geometry, device="cuda", fp16=fp16, use_tensorrt=False)
 
 
-def measure(engine: Callable[[np.ndarray], np.ndarray], tiles: np.ndarray, *, warmup: int, seconds: float) -> tuple[float, np.ndarray]:
-    first = engine(tiles)
+def measure(engine: Callable, tiles: np.ndarray, *, warmup: int, seconds: float) -> tuple[float, np.ndarray]:
+    """Tiles per second of the engine protocol: tiles already on the engine's device, outputs left there."""
+    import torch
+
+    from segkit.inference.adapt import synchronize
+
+    x = torch.from_numpy(tiles).to(engine.device)
+    first = engine(x).cpu().numpy()
     for _ in range(warmup - 1):
-        engine(tiles)
+        engine(x)
+    synchronize(engine.device)
     runs, started = 0, time.perf_counter()
     while runs < 2 or time.perf_counter() - started < seconds:
-        engine(tiles)
+        engine(x)
         runs += 1
+    synchronize(engine.device)
     return runs * len(tiles) / (time.perf_counter() - started), first
 
 
@@ -125,7 +133,7 @@ def main() -> None:
             if reference is None and name in ("torch-fp32", "torch-cpu"):
                 reference = first
             row.update(tiles_per_s=round(rate, 3), output_mpx_per_s=round(rate * out * out / 1e6, 3),
-                       provider=getattr(engine, "device", ""))
+                       provider=getattr(engine, "label", ""))
             if reference is not None:
                 row["max_abs_diff_vs_torch_fp32"] = float(np.abs(first - reference).max())
         except Exception as exc:  # one engine missing on this machine must not stop the others

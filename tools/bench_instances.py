@@ -29,15 +29,15 @@ VAL, TEST = (20, 25), (25, 30)
 def predict_slices(checkpoint: Path, raw: np.ndarray, *, tta: str, device: str, batch: int) -> np.ndarray:
     from segkit.checkpoint import load_model
     from segkit.inference.engines import TorchEngine
-    from segkit.inference.tiler import predict_planes
+    from segkit.inference.tiler import predict_arrays
     from segkit.inference.tta import TTAForward
 
     model, info = load_model(checkpoint)
-    engine = TorchEngine(model, device=device)
+    engine = TorchEngine(model, device=device, amp="none")
     forward = engine if tta == "none" else TTAForward(engine, tta)
-    planes = ((plane.astype(np.float32) - info.normalization.mean) / info.normalization.std for plane in raw)
+    planes = (info.normalization.apply(plane) for plane in raw)
     tile = int(info.inference.get("tile") or 572)
-    return np.stack([p[0] for p in predict_planes(planes, forward, model.geometry, tile=tile, batch=batch)])
+    return np.stack([p[0] for p in predict_arrays(planes, forward, model.geometry, tile=tile, batch=batch)])
 
 
 def main() -> None:

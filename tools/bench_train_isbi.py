@@ -27,14 +27,11 @@ import tifffile
 
 def held_out_scores(checkpoint: Path, root: Path, test_slices: tuple[int, int], *, device: str,
                     batch: int = 8) -> dict:
-    from segkit.checkpoint import load_model
+    from segkit.checkpoint import read_info
     from segkit.evaluation import evaluate_stacks
-    from segkit.inference.engines import TorchEngine
-    from segkit.inference.pipeline import predict_stack
-    from segkit.io.tiff import open_stack
+    from segkit.inference.api import predict
 
-    model, info = load_model(checkpoint)
-    engine = TorchEngine(model, device=device)
+    info = read_info(checkpoint)
     tile = int(info.inference.get("tile", 572))
     threshold = float(info.inference.get("threshold", 0.5))
     start, stop = test_slices
@@ -42,9 +39,8 @@ def held_out_scores(checkpoint: Path, root: Path, test_slices: tuple[int, int], 
         raw = tifffile.imread(root / "train-volume.tif")[start:stop]
         tifffile.imwrite(Path(tmp) / "test.tif", raw, photometric="minisblack")
         started = time.perf_counter()
-        with open_stack(Path(tmp) / "test.tif") as stack:
-            predict_stack(stack, engine, info.geometry, Path(tmp) / "pred.tif", normalization=info.normalization,
-                          tile=tile, batch=batch)
+        predict(Path(tmp) / "test.tif", Path(tmp) / "pred.tif", model=checkpoint, device=device, amp="none",
+                tile=tile, batch=batch, report=lambda _: None)
         seconds = time.perf_counter() - started
         report = evaluate_stacks(str(Path(tmp) / "pred.tif"), str(root / "train-labels.tif"), threshold=threshold,
                                  slices=(start, stop), sweep=True)

@@ -48,24 +48,24 @@ def main() -> None:
         torch.manual_seed(0)
         model, name = create_model(args.model, **json.loads(args.params)), args.model
         normalization = Normalization(0.0, 1.0)
-    engine = TorchEngine(model, device=args.device)
+    engine = TorchEngine(model, device=args.device, amp="none")
     if args.image:
         with open_stack(args.image) as stack:
             plane = stack.plane(args.slice).astype(np.float32)
     else:
         plane = np.random.default_rng(0).standard_normal((700, 650)).astype(np.float32)
-    plane = (plane - normalization.mean) / normalization.std
+    plane = normalization.apply(torch.from_numpy(plane))[None].to(engine.device)
     rows = []
     for halo in args.halos:
         geometry = dataclasses.replace(model.geometry, halo=halo)
-        plan = plan_tiles(plane.shape, geometry, tile=args.tile)
+        plan = plan_tiles(tuple(plane.shape[1:]), geometry, tile=args.tile)
         tiled = predict_plane(plane, engine, geometry, tile=args.tile, batch=4)[0]
-        whole = engine(pad_plane(plane, plan)[None, None])[0, 0]
-        whole = whole[halo : halo + plane.shape[0], halo : halo + plane.shape[1]]
-        diff = np.abs(tiled - whole)
+        whole = engine(pad_plane(plane, plan)[None])[0, 0]
+        whole = whole[halo : halo + plane.shape[1], halo : halo + plane.shape[2]]
+        diff = (tiled - whole).abs().cpu().numpy()
         rows.append({"halo": halo, "tiles": plan.n_tiles, "mean_abs_diff": float(diff.mean()),
                      "max_abs_diff": float(diff.max())})
-    print(json.dumps({"model": name, "tile": args.tile, "plane": list(plane.shape), "results": rows}))
+    print(json.dumps({"model": name, "tile": args.tile, "plane": list(plane.shape[1:]), "results": rows}))
 
 
 if __name__ == "__main__":

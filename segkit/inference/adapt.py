@@ -12,8 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-
 from segkit.errors import SegkitError
 from segkit.inference.tiler import Forward, plan_tiles
 from segkit.models.geometry import Geometry
@@ -63,7 +61,17 @@ class BackoffForward:
         self.release = release
         self.max_batch: int | None = None
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    @property
+    def device(self) -> Any:
+        return self.forward.device
+
+    @property
+    def label(self) -> str:
+        return getattr(self.forward, "label", "engine")
+
+    def __call__(self, batch: Any) -> Any:
+        import torch
+
         outputs = []
         start = 0
         while start < len(batch):
@@ -77,12 +85,12 @@ class BackoffForward:
                     self.release()
                 if size == 1:
                     raise DeviceMemoryError(f"out of device memory with one tile of {batch.shape[-1]} px; use a "
-                                            "smaller --tile (or --tile auto), or --device cpu") from exc
+                                            "smaller tile (or tile auto), or the CPU") from exc
                 self.max_batch = size // 2
                 self.report(f"out of device memory at batch {size}: continuing with batch {self.max_batch}")
                 continue
             start += size
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 @dataclass(frozen=True)
@@ -116,22 +124,27 @@ def candidate_tiles(geometry: Geometry, plane_shape: tuple[int, int], sizes: Seq
 
 
 def measure_tiles(forward: Forward, geometry: Geometry, plane_shape: tuple[int, int], *, tiles: Sequence[int],
-                  batches: Sequence[int], warmup: int = 1, repeats: int = 2,
+                  batches: Sequence[int], warmup: int = 1, repeats: int = 2, channels: int = 1,
                   clock: Callable[[], float] = time.perf_counter) -> list[Trial]:
     """Time `forward` on zero batches of every (tile, batch), largest batch last, after `warmup`
     untimed runs (cuDNN autotuning, allocations); a batch that runs out of memory ends that
     tile's trials. Seconds per plane = tiles per plane x seconds per tile."""
+    import torch
+
     trials = []
+    device = getattr(forward, "device", "cpu")
     for tile in tiles:
         tiles_per_plane = plan_tiles(plane_shape, geometry, tile=tile).n_tiles
         for batch in sorted(batches):
-            x = np.zeros((batch, 1, tile, tile), np.float32)
+            x = torch.zeros((batch, channels, tile, tile), dtype=torch.float32, device=device)
             try:
                 for _ in range(warmup):
                     forward(x)
+                synchronize(device)
                 started = clock()
                 for _ in range(repeats):
                     forward(x)
+                synchronize(device)
                 per_batch = (clock() - started) / repeats
             except Exception as exc:
                 if not is_out_of_memory(exc):
@@ -155,16 +168,51 @@ def choose_tile(forward: Any, geometry: Geometry, plane_shape: tuple[int, int], 
     """`--tile auto`: time the candidate tiles (or `only` one, for a fixed-shape graph) at the
     candidate batches (or `batch`) on this engine; return the (tile, batch) with the least time
     per plane that fits in memory, and report what was measured and chosen."""
-    gpu = bool(getattr(forward, "uses_gpu", False))
+    gpu = _uses_gpu(forward)
     tiles = [only] if only is not None else candidate_tiles(geometry, plane_shape)
     batches = [batch] if batch else list(GPU_BATCHES if gpu else CPU_BATCHES)
-    report(f"--tile auto: measuring tiles {', '.join(map(str, tiles))} x batches {', '.join(map(str, batches))} "
-           f"on {getattr(forward, 'device', 'this engine')}")
+    report(f"tile auto: measuring tiles {', '.join(map(str, tiles))} x batches {', '.join(map(str, batches))} "
+           f"on {getattr(forward, 'label', 'this engine')}")
     trials = measure_tiles(forward, geometry, plane_shape, tiles=tiles, batches=batches, warmup=int(gpu),
                            repeats=2 if gpu else 1)
     best = best_trial(trials)
     out_of_memory = sorted({f"{t.tile}/{t.batch}" for t in trials if t.seconds_per_batch is None})
-    report(f"--tile auto: tile {best.tile}, batch {best.batch} ({best.seconds_per_plane:.2f} s per "
+    report(f"tile auto: tile {best.tile}, batch {best.batch} ({best.seconds_per_plane:.2f} s per "
            f"{plane_shape[0]} x {plane_shape[1]} plane)"
            + (f"; out of memory: {', '.join(out_of_memory)}" if out_of_memory else ""))
     return best.tile, best.batch
+
+
+def _uses_gpu(forward: Any) -> bool:
+    device = getattr(forward, "device", None)
+    return getattr(device, "type", str(device)) == "cuda"
+
+
+def synchronize(device: Any) -> None:
+    """Wait for the device's queued work (timing on a GPU); nothing on the CPU."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose_batch(forward: Any, geometry: Geometry, tile: int, *, channels: int = 1, fraction: float = 0.5,
+                 largest: int = 64, report: Callable[[str], object] = print) -> int:
+    """The batch for a GPU run when none is given: one trial tile measures the device memory a tile
+    needs, and the batch fills `fraction` of the free memory (at most `largest`; the out-of-memory
+    back-off still guards the run). On the CPU: 4, as the throughput there hardly depends on it."""
+    import torch
+
+    if not _uses_gpu(forward):
+        return 4
+    device = forward.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    forward(torch.zeros((1, channels, tile, tile), dtype=torch.float32, device=device))
+    torch.cuda.synchronize(device)
+    per_tile = max(torch.cuda.max_memory_allocated(device) - before, 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    batch = int(max(1, min(largest, fraction * (free + torch.cuda.memory_reserved(device) - before) // per_tile)))
+    report(f"batch {batch} ({per_tile / 2**20:.0f} MiB per {tile}-px tile, {free / 2**30:.1f} GiB free)")
+    return batch

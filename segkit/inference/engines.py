@@ -1,28 +1,62 @@
-"""Engines run a model on a batch of tiles: numpy (N, C, H, W) float32 in, probabilities out."""
+"""Engines run a model on a batch of tiles. One protocol for torch and ONNX Runtime:
+
+    engine(x) -> y    x: (N, C, h, w) float32 tensor on `engine.device`
+                      y: (N, K, h - 2 margin, w - 2 margin) float32 tensor on the same device
+
+`device` is always a torch.device; `label` says in words what runs (for display). Tiles never
+leave the device between the tiler and the engine: on CUDA, ONNX Runtime reads and writes torch's
+device buffers through IO binding.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from segkit.errors import SegkitError
 
 AMP_DTYPES = ("none", "fp16", "bf16")
+AMP_CHOICES = ("auto",) + AMP_DTYPES
 
 
-def resolve_device(requested: str) -> str:
-    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is an error, not a fallback."""
+class Engine(Protocol):
+    """What the tiler needs of an engine (TorchEngine, OnnxEngine, TTAForward, a test double)."""
+
+    device: Any  # torch.device
+    label: str
+
+    def __call__(self, x: Any) -> Any: ...
+
+
+def resolve_device(requested: str, *, option: str = "--device") -> str:
+    """'auto' -> cuda:N (the current GPU) when available, else cpu; 'cuda' -> cuda:N, so the name
+    equals the device of the tensors placed there; 'cuda' without a GPU is an error, not a fallback."""
     import torch
 
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise SegkitError(f"--device {requested} was asked for but CUDA is not available here; use --device cpu")
+        raise SegkitError(f"{option} {requested} was asked for but CUDA is not available here; use {option} cpu")
     if requested != "cpu" and not requested.startswith("cuda"):
         raise SegkitError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
     return requested
+
+
+def resolve_amp(amp: str, device: str) -> str:
+    """'auto': bf16 on GPUs that support it, else fp16; none on the CPU (autocast there is slower)."""
+    if amp not in AMP_CHOICES:
+        raise SegkitError(f"unknown amp {amp!r}; choose one of {', '.join(AMP_CHOICES)}")
+    if amp != "auto":
+        return amp
+    if not device.startswith("cuda"):
+        return "none"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 class TorchEngine:
@@ -31,7 +65,7 @@ class TorchEngine:
     Args:
         model: a segkit model (logits N x K x h x w).
         device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
-        amp: 'none', 'fp16' or 'bf16' autocast (CUDA; bf16 also works on CPU).
+        amp: 'auto', 'none', 'fp16' or 'bf16' autocast (auto: bf16/fp16 on a GPU, none on the CPU).
         channel: the class whose probability is returned (1 = membrane for EM models); None returns
             the model's output as it is (denoisers).
         compile_model: torch.compile the model (max-autotune on GPUs); the first batches of each
@@ -42,26 +76,27 @@ class TorchEngine:
                  compile_model: bool = False) -> None:
         import torch
 
-        if amp not in AMP_DTYPES:
-            raise SegkitError(f"unknown --amp {amp!r}; choose one of {', '.join(AMP_DTYPES)}")
-        self.device = resolve_device(device)
-        if amp == "fp16" and not self.device.startswith("cuda"):
-            raise SegkitError("--amp fp16 needs a CUDA device; use --amp bf16 or none on the CPU")
-        self.amp = amp
+        resolved = resolve_device(device)
+        self.amp = resolve_amp(amp, resolved)
+        if self.amp == "fp16" and not resolved.startswith("cuda"):
+            raise SegkitError("amp fp16 needs a CUDA device; use bf16 or none on the CPU")
+        self.device = torch.device(resolved)
         self.channel = channel
         # channels_last: faster on GPUs (tensor cores) and on the CPU (oneDNN; 5.2 -> 4.1 s per two
         # 572-px tiles of the paper U-Net on 2 cores).
         self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
-        if self.device.startswith("cuda"):
+        if self.uses_gpu:
             torch.backends.cudnn.benchmark = True
         if compile_model:
             mode = "max-autotune-no-cudagraphs" if self.uses_gpu else None
             self.model = torch.compile(self.model, mode=mode, dynamic=False)
         self.geometry = model.geometry
+        self._autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp)
+        self.label = f"torch {resolved}" + (f" {self.amp}" if self.amp != "none" else "")
 
     @property
     def uses_gpu(self) -> bool:
-        return self.device.startswith("cuda")
+        return self.device.type == "cuda"
 
     def release_memory(self) -> None:
         """Give cached GPU memory back after an out-of-memory error, before a smaller batch."""
@@ -70,20 +105,16 @@ class TorchEngine:
         if self.uses_gpu:
             torch.cuda.empty_cache()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, x: Any) -> Any:
         import torch
 
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp)
-        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            with torch.autocast(self.device.type, dtype=self._autocast, enabled=self._autocast is not None):
                 logits = self.model(x)
             if self.channel is None:
-                return logits.float().cpu().numpy()
-            probs = torch.softmax(logits.float(), dim=1)[:, self.channel : self.channel + 1]
-            return probs.cpu().numpy()
+                return logits.float()
+            return torch.softmax(logits.float(), dim=1)[:, self.channel : self.channel + 1]
 
 
 # -- ONNX Runtime ----------------------------------------------------------------------------
@@ -134,24 +165,15 @@ def plan_providers(device: str, available: list[str], *, use_tensorrt: bool, fp1
     return providers
 
 
-class _Binding:
-    """Input and output buffers of one batch shape, allocated once on the provider's device."""
-
-    def __init__(self, session: Any, ort: Any, shape: tuple[int, ...], out_shape: tuple[int, ...], device: str,
-                 device_id: int, output_name: str) -> None:
-        self.input = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, device_id)
-        self.output = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, device, device_id)
-        self.binding = session.io_binding()
-        self.binding.bind_ortvalue_input(session.get_inputs()[0].name, self.input)
-        self.binding.bind_ortvalue_output(output_name, self.output)
-
-
 class OnnxEngine:
-    """Runs a segkit ONNX graph (from `segkit export`) on ONNX Runtime: same call as TorchEngine.
+    """Runs a segkit ONNX graph (from `segkit export`) on ONNX Runtime with the engine protocol.
 
-    One session serves every tile and file. Inputs and outputs go through IO binding into
-    buffers preallocated per batch shape; on a GPU, short batches are padded to the largest
-    batch seen so every run has the same shape (no cuDNN search or TensorRT build per shape).
+    One session serves every tile and file. Inputs and outputs are bound to torch tensors through
+    IO binding (their data pointers), so tiles stay where they are: on the GPU the CUDA provider
+    reads the tiler's device buffer and writes into a preallocated device output, on the compute
+    stream torch uses (no host round trip, no extra synchronisation). On a GPU, short batches are
+    padded to the largest batch seen so every run has the same shape (no cuDNN search or
+    TensorRT build per shape).
 
     Args:
         model: path or bytes of the ONNX file.
@@ -167,15 +189,23 @@ class OnnxEngine:
     def __init__(self, model: str | Path | bytes, geometry: Any, *, device: str = "auto", fp16: bool = False,
                  use_tensorrt: bool = True, conv_algo_search: str = "HEURISTIC", threads: int = 0,
                  tensorrt_cache: str | None = None) -> None:
+        import torch
+
         from segkit._optional import require
 
         ort = require("onnxruntime", feature="--engine onnx", package="onnxruntime-gpu")
         self._ort = ort
         self.geometry = geometry
         resolved = resolve_device(device)
+        self.device = torch.device(resolved)
         wanted = plan_providers(resolved, ort.get_available_providers(),
                                 use_tensorrt=use_tensorrt and tensorrt_loadable(), fp16=fp16,
                                 conv_algo_search=conv_algo_search, cache_dir=tensorrt_cache)
+        if self.uses_gpu:  # run on torch's stream: inputs written by the tiler are ready in stream order
+            with torch.cuda.device(self.device):
+                stream = str(torch.cuda.current_stream().cuda_stream)
+            wanted = [(name, {**opts, "user_compute_stream": stream}) if name == CUDA_PROVIDER else (name, opts)
+                      for name, opts in wanted]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
@@ -192,43 +222,44 @@ class OnnxEngine:
                               "libraries do not match this machine's; import torch first or fix LD_LIBRARY_PATH), "
                               "so it would run on the CPU; use --device cpu to do that deliberately")
         self.provider = active[0]
-        self.device = f"onnxruntime {self.provider.removesuffix('ExecutionProvider')}" + (
+        self.label = f"onnxruntime {self.provider.removesuffix('ExecutionProvider')}" + (
             f" ({resolved})" if resolved != "cpu" else "")
-        self._device_type, self._device_id = ("cpu", 0) if resolved == "cpu" else ("cuda", int(resolved.partition(":")[2] or 0))
+        self._input_name = self.session.get_inputs()[0].name
         self._output_name = self.session.get_outputs()[0].name
         channels = self.session.get_outputs()[0].shape[1]
         self._out_channels = channels if isinstance(channels, int) else 1
-        self._bindings: dict[tuple[int, ...], _Binding] = {}
         self._largest_batch = 0
 
     @property
     def uses_gpu(self) -> bool:
-        return self._device_type != "cpu"
+        return self.device.type == "cuda"
 
     def release_memory(self) -> None:
-        """After an out-of-memory error: free the device buffers and stop padding batches to the
-        size that did not fit, so the smaller batch that follows really is smaller."""
-        self._bindings.clear()
+        """After an out-of-memory error: stop padding batches to the size that did not fit, so the
+        smaller batch that follows really is smaller, and give cached device memory back."""
         self._largest_batch = 0
+        if self.uses_gpu:
+            import torch
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, np.float32)
-        count = len(batch)
+            torch.cuda.empty_cache()
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        count = len(x)
         self._largest_batch = max(self._largest_batch, count)
-        if self._device_type != "cpu" and count < self._largest_batch:
-            padding = np.zeros((self._largest_batch - count,) + batch.shape[1:], np.float32)
-            batch = np.concatenate([batch, padding])
-        binding = self._binding(batch.shape)
-        binding.input.update_inplace(batch)
-        self.session.run_with_iobinding(binding.binding)
-        return binding.output.numpy()[:count]
-
-    def _binding(self, shape: tuple[int, ...]) -> _Binding:
-        if shape not in self._bindings:
-            if len(self._bindings) >= 4:  # tile shapes rarely vary; keep device memory bounded if they do
-                self._bindings.pop(next(iter(self._bindings)))
-            margin = self.geometry.margin
-            out_shape = (shape[0], self._out_channels, shape[2] - 2 * margin, shape[3] - 2 * margin)
-            self._bindings[shape] = _Binding(self.session, self._ort, shape, out_shape, self._device_type,
-                                             self._device_id, self._output_name)
-        return self._bindings[shape]
+        if self.uses_gpu and count < self._largest_batch:
+            x = torch.cat([x, x.new_zeros((self._largest_batch - count, *x.shape[1:]))])
+        x = x.float().contiguous()
+        margin = self.geometry.margin
+        # a fresh output per call (torch's caching allocator makes this cheap): the tiler may still
+        # be reading the previous batch's output
+        output = torch.empty((x.shape[0], self._out_channels, x.shape[2] - 2 * margin, x.shape[3] - 2 * margin),
+                             dtype=torch.float32, device=self.device)
+        binding = self.session.io_binding()
+        device_type, device_id = self.device.type, self.device.index or 0
+        binding.bind_input(self._input_name, device_type, device_id, np.float32, list(x.shape), x.data_ptr())
+        binding.bind_output(self._output_name, device_type, device_id, np.float32, list(output.shape),
+                            output.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return output[:count]

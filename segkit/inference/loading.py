@@ -4,7 +4,7 @@ engine, with its record, geometry and tile, after checking that the options fit 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,26 @@ def trained_tile(info: Any, geometry: Any) -> int:
 
 
 @dataclass(frozen=True)
+class EngineRequest:
+    """How to build an engine: plain data, so a Dask worker can build its own from it.
+
+    model: checkpoint (.safetensors) or ONNX file; engine: auto | torch | onnx; denoiser: a
+    denoiser checkpoint run in front of the segmenter; halo: overrides the checkpoint's; tta:
+    none | flips | d4; kind: segmenter | denoiser (what the model must be).
+    """
+
+    model: Path
+    engine: str = "auto"
+    denoiser: Path | None = None
+    halo: int | None = None
+    device: str = "auto"
+    amp: str = "auto"
+    compile_model: bool = False
+    tta: str = "none"
+    kind: str = "segmenter"
+
+
+@dataclass(frozen=True)
 class LoadedEngine:
     """What prediction needs from a model file: the engine, its record, geometry and tile."""
 
@@ -40,58 +60,112 @@ class LoadedEngine:
     fixed_tile: bool = False
 
 
-def load_prediction_engine(model_path: Path, engine: str, *, denoiser_path: Path | None = None, tile: int | None,
-                           halo: int | None = None, device: str, amp: str, kind: str = "segmenter",
-                           compile_model: bool = False, report: Callable[[str], object] = print) -> LoadedEngine:
-    """Open a checkpoint or ONNX file of a `kind` model (segmenter or denoiser) as a torch or ONNX
-    Runtime engine, checking that the options fit."""
-    from segkit.inference.engines import OnnxEngine, TorchEngine
+def load_prediction_engine(request: EngineRequest, *, tile: int | None = None,
+                           report: Callable[[str], object] = print) -> LoadedEngine:
+    """Open the requested checkpoint or ONNX file as a torch or ONNX Runtime engine (wrapped for
+    test-time augmentation when asked), checking that the options fit together."""
+    from segkit.inference.tta import TTAForward, tta_transforms
 
+    tta_transforms(request.tta)  # an unknown mode fails before the model loads
+    loaded = _load_engine(request, tile=tile, report=report)
+    if request.tta != "none":
+        loaded = replace(loaded, engine=TTAForward(loaded.engine, request.tta))
+    return loaded
+
+
+def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[str], object]) -> LoadedEngine:
+    from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp, resolve_device
+
+    model_path, kind, amp, device = Path(request.model), request.kind, request.amp, request.device
     is_onnx = model_path.suffix.lower() == ".onnx"
-    engine = ("onnx" if is_onnx else "torch") if engine == "auto" else engine
+    engine = ("onnx" if is_onnx else "torch") if request.engine == "auto" else request.engine
     if is_onnx:
         from segkit.export import read_onnx_metadata
 
         if engine == "torch":
-            raise SegkitError(f"{model_path} is an ONNX file: run it with --engine onnx, or pass its .safetensors "
-                              "checkpoint to use --engine torch")
-        if denoiser_path is not None:
-            raise SegkitError("--denoise takes .safetensors checkpoints; for ONNX, export the pair with "
+            raise SegkitError(f"{model_path} is an ONNX file: run it with the onnx engine, or pass its .safetensors "
+                              "checkpoint to use the torch engine")
+        if request.denoiser is not None:
+            raise SegkitError("a denoiser pre-stage takes .safetensors checkpoints; for ONNX, export the pair with "
                               "`segkit export SEGMENTER --with-denoiser DENOISER`")
         info, record = read_onnx_metadata(model_path)
         if info.kind != kind:
             raise SegkitError(f"{model_path} is a {info.kind} model, but a {kind} is needed here")
         if amp == "bf16" or (amp == "fp16" and record.precision != "fp16"):
-            raise SegkitError(f"{model_path} is an {record.precision} graph; --amp {amp} needs a graph exported with "
-                              "`segkit export --fp16` (or use --amp none)")
-        tile = tile or record.tile
-        if record.spatial == "fixed" and tile != record.tile:
-            raise SegkitError(f"{model_path} was exported for tiles of {record.tile} px only; use --tile "
-                              f"{record.tile} or export again with --tile {tile}")
-        geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
+            raise SegkitError(f"{model_path} is an {record.precision} graph; amp {amp} needs a graph exported with "
+                              "`segkit export --fp16` (or use amp none)")
+        tile = _onnx_tile(model_path, record, tile)
+        geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
         geometry.check_tile(tile)
-        if compile_model:
-            raise SegkitError("--compile applies to the torch engine; an ONNX file is already compiled by onnxruntime")
+        if request.compile_model:
+            raise SegkitError("compile applies to the torch engine; an ONNX file is already compiled by onnxruntime")
         onnx_engine = OnnxEngine(model_path, geometry, device=device, fp16=record.precision == "fp16")
         return LoadedEngine(onnx_engine, info, geometry, tile, fixed_tile=record.spatial == "fixed")
-    model, info = _load_checkpoint(model_path, denoiser_path, kind)
-    geometry = info.geometry if halo is None else info.geometry.with_halo(halo)
+    model, info = _load_checkpoint(model_path, request.denoiser, kind)
+    geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
     tile = tile or trained_tile(info, geometry)
     if engine == "torch":
         channel = 1 if kind == "segmenter" else None
-        torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel, compile_model=compile_model)
+        torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel,
+                                   compile_model=request.compile_model)
         return LoadedEngine(torch_engine, info, geometry, tile)
     from segkit.export import export_onnx
 
+    resolve_amp(amp, "cpu")  # an unknown amp fails here
     if amp == "bf16":
-        raise SegkitError("--engine onnx runs fp32 or fp16 graphs; use --amp fp16 or --amp none")
-    if compile_model:
-        raise SegkitError("--compile applies to the torch engine; use --engine torch")
+        raise SegkitError("the onnx engine runs fp32 or fp16 graphs; use amp fp16 or none")
+    if request.compile_model:
+        raise SegkitError("compile applies to the torch engine; use the torch engine")
+    fp16 = amp == "fp16" or (amp == "auto" and resolve_device(device) != "cpu")  # auto: fp16 graphs on GPUs
     geometry.check_tile(tile)
-    report(f"exporting {model_path.name} to ONNX ({'fp16' if amp == 'fp16' else 'fp32'}, verified against "
+    report(f"exporting {model_path.name} to ONNX ({'fp16' if fp16 else 'fp32'}, verified against "
            "torch) for this run; `segkit export` saves the file for reuse")
-    onnx_bytes, _ = export_onnx(model, info, tile=tile, fp16=amp == "fp16")
-    return LoadedEngine(OnnxEngine(onnx_bytes, geometry, device=device, fp16=amp == "fp16"), info, geometry, tile)
+    onnx_bytes, _ = export_onnx(model, info, tile=tile, fp16=fp16)
+    return LoadedEngine(OnnxEngine(onnx_bytes, geometry, device=device, fp16=fp16), info, geometry, tile)
+
+
+def model_record(request: EngineRequest) -> tuple[Any, Any]:
+    """The record and geometry (halo applied) of the requested model, without building an engine."""
+    from segkit.checkpoint import read_info
+
+    path = Path(request.model)
+    if path.suffix.lower() == ".onnx":
+        from segkit.export import read_onnx_metadata
+
+        info = read_onnx_metadata(path)[0]
+    elif request.denoiser is not None:
+        info = _load_checkpoint(path, request.denoiser, request.kind)[1]
+    else:
+        info = read_info(path)
+    if info.kind != request.kind:
+        raise SegkitError(f"{path} is a {info.kind} model, but a {request.kind} is needed here")
+    geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
+    return info, geometry
+
+
+def planned_tile(request: EngineRequest, tile: int | None = None) -> tuple[Any, Any, int]:
+    """The record, geometry and tile that `load_prediction_engine(request, tile=tile)` would run
+    with (an ONNX file's export tile, else the trained tile), checked the same way, without
+    building an engine (the Dask path's client, whose workers build their own)."""
+    info, geometry = model_record(request)
+    path = Path(request.model)
+    if path.suffix.lower() == ".onnx":
+        from segkit.export import read_onnx_metadata
+
+        tile = _onnx_tile(path, read_onnx_metadata(path)[1], tile)
+    else:
+        tile = tile or trained_tile(info, geometry)
+    geometry.check_tile(tile)
+    return info, geometry, tile
+
+
+def _onnx_tile(path: Path, record: Any, tile: int | None) -> int:
+    """The tile of an ONNX graph: the asked one, else its export tile; a fixed-shape graph takes only that."""
+    tile = tile or record.tile
+    if record.spatial == "fixed" and tile != record.tile:
+        raise SegkitError(f"{path} was exported for tiles of {record.tile} px only; use tile "
+                          f"{record.tile} or export again with --tile {tile}")
+    return tile
 
 
 def _load_checkpoint(model_path: Path, denoiser_path: Path | None, kind: str) -> tuple[Any, Any]:

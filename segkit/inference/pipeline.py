@@ -1,8 +1,15 @@
-"""Stack prediction: TIFF planes in, normalised, overlap-tiled through an engine, TIFF planes out.
+"""Stack prediction: TIFF planes in, onto the engine's device once, tiled there, encoded there,
+TIFF planes out.
 
-A reader thread decodes planes ahead of the engine and a writer thread compresses and writes
-behind it, each through a bounded queue, so the engine never waits for the disk and host memory
-stays fixed whatever the number of planes.
+    reader thread: decode plane (parallel for compressed TIFFs) -> pinned host buffer -> device
+                   copy on a side stream (CUDA), in the plane's stored dtype
+    this thread:   normalise -> mirror-pad -> tiles -> engine -> place/blend -> encode, all on the
+                   device; only the encoded plane is copied back (pinned buffer, its own stream)
+    writer thread: waits for that copy (the one synchronisation per plane), finishes the plane on
+                   the host where an output needs it (watershed), compresses it in parallel, writes
+
+Each hand-over is a bounded queue, so the engine never waits for the disk and host memory stays
+fixed whatever the number of planes. On the CPU the same code runs without pinning or streams.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -27,12 +34,28 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class PlaneEncoding(Protocol):
+    """How a plane of engine outputs (K, H, W) becomes what is written.
+
+    `encode` runs on the device and returns the (small) tensor to copy back; `finish` runs on
+    the host in the writer thread (identity, or work that needs the CPU such as a watershed).
+    """
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def encode(self, values: Any) -> Any: ...
+
+    def finish(self, plane: np.ndarray) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class OutputSpec:
-    """How probabilities are stored: uint8 0-255, float16, or a 0/255 mask at `threshold`."""
+    """Probabilities stored as uint8 0-255, float16, or a 0/255 mask at `threshold`."""
 
     kind: str = "uint8"
     threshold: float = 0.5
+    channel: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in OUTPUT_TYPES:
@@ -44,12 +67,18 @@ class OutputSpec:
     def dtype(self) -> np.dtype:
         return np.dtype(np.float16 if self.kind == "float16" else np.uint8)
 
-    def encode(self, probability: np.ndarray) -> np.ndarray:
+    def encode(self, values: Any) -> Any:
+        import torch
+
+        probability = values[self.channel]
         if self.kind == "float16":
-            return probability.astype(np.float16)
+            return probability.to(torch.float16)
         if self.kind == "mask":
-            return np.where(probability >= self.threshold, 255, 0).astype(np.uint8)
-        return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+            return (probability >= self.threshold).to(torch.uint8).mul_(255)
+        return probability.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+
+    def finish(self, plane: np.ndarray) -> np.ndarray:
+        return plane
 
 
 @dataclass(frozen=True)
@@ -62,12 +91,19 @@ class IntensityOutput:
     normalization: Normalization
     dtype: np.dtype
 
-    def encode(self, plane: np.ndarray) -> np.ndarray:
-        raw = plane * self.normalization.std + self.normalization.mean
+    def encode(self, values: Any) -> Any:
+        import torch
+
+        raw = self.normalization.invert(values[0])
+        if self.dtype == np.uint8:
+            return raw.round_().clamp_(0, 255).to(torch.uint8)
         if self.dtype.kind in "ui":
             limits = np.iinfo(self.dtype)
-            return np.clip(np.rint(raw), limits.min, limits.max).astype(self.dtype)
-        return raw.astype(self.dtype)
+            return raw.round_().clamp_(float(limits.min), float(limits.max))  # the host casts: torch lacks uint16 math
+        return raw.float()
+
+    def finish(self, plane: np.ndarray) -> np.ndarray:
+        return plane.astype(self.dtype, copy=False)
 
 
 def stack_normalization(stack: TiffStack, *, max_planes: int = 16, max_pixels: int = 4_000_000) -> Normalization:
@@ -102,34 +138,32 @@ def choose_normalization(stack: TiffStack, info: CheckpointInfo, *, mode: str = 
     return info.normalization, ""
 
 
-def normalized_planes(stack: TiffStack, normalization: Normalization, *, prefetch: int = 2) -> Iterator[np.ndarray]:
-    """Planes as float32 (x - mean) / std, decoded ahead by a reader thread."""
-    buffer: queue.Queue = queue.Queue(maxsize=prefetch)
+def read_ahead(produce: Iterable[T], *, depth: int = 2, name: str = "segkit-reader") -> Iterator[T]:
+    """Items of `produce`, computed ahead by a thread of their own through a bounded queue; an
+    error in that thread is re-raised here, and leaving early stops it."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 
-    def read() -> None:
+    def run() -> None:
         try:
-            for index in range(len(stack)):
+            for item in produce:
                 if stop.is_set():
                     return
-                plane = stack.plane(index).astype(np.float32)
-                plane -= normalization.mean
-                plane /= normalization.std
-                buffer.put(plane)
+                buffer.put(item)
             buffer.put(done)
         except BaseException as exc:  # handed to the consumer, re-raised there
-            buffer.put(exc)
+            buffer.put(_Failure(exc))
 
-    reader = threading.Thread(target=read, name="segkit-reader", daemon=True)
+    reader = threading.Thread(target=run, name=name, daemon=True)
     reader.start()
     try:
         while True:
             item = buffer.get()
             if item is done:
                 return
-            if isinstance(item, BaseException):
-                raise item
+            if isinstance(item, _Failure):
+                raise item.error
             yield item
     finally:
         stop.set()
@@ -138,6 +172,85 @@ def normalized_planes(stack: TiffStack, normalization: Normalization, *, prefetc
                 buffer.get_nowait()
             except queue.Empty:
                 reader.join(timeout=0.05)
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """A raw plane (C, H, W) on the device and the event its copy completes at (None on the CPU)."""
+
+    tensor: Any
+    ready: Any
+
+
+def _uploads(stack: Any, device: Any) -> Iterator[_Upload]:
+    """Each raw plane, in its stored dtype, copied once to `device`: from a pinned buffer on a side
+    stream on CUDA (so the copy overlaps the engine), as a view of the numpy plane on the CPU."""
+    import torch
+
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    for index in range(len(stack)):
+        raw = stack.plane(index)
+        host = torch.from_numpy(raw if raw.ndim == 3 else raw[None])
+        if not cuda:
+            yield _Upload(host, None)
+            continue
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned.copy_(host)
+        with torch.cuda.stream(stream):
+            on_device = pinned.to(device, non_blocking=True)
+            ready = stream.record_event()
+        yield _Upload(on_device, ready)
+
+
+def device_planes(stack: Any, normalization: Normalization, device: Any, *, prefetch: int = 2) -> Iterator[Any]:
+    """Planes as normalised float32 (C, H, W) tensors on `device`; decoding and the host-to-device
+    copy run ahead in a reader thread, normalisation runs on the device."""
+    import torch
+
+    uploads = read_ahead(_uploads(stack, device), depth=prefetch)
+    try:
+        for upload in uploads:
+            raw = upload.tensor
+            if upload.ready is not None:
+                torch.cuda.current_stream(device).wait_event(upload.ready)
+                raw.record_stream(torch.cuda.current_stream(device))
+            yield normalization.apply(raw)
+    finally:
+        uploads.close()
+
+
+@dataclass(frozen=True)
+class _Download:
+    """An encoded plane on its way to the host, and the event its copy completes at (None: already there)."""
+
+    tensor: Any
+    ready: Any
+
+    def numpy(self) -> np.ndarray:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tensor.numpy()
+
+
+def _downloads(encoded: Iterable[Any], device: Any) -> Iterator[_Download]:
+    """Start copying each encoded plane back into a pinned buffer on a stream of its own (CUDA),
+    so the copy overlaps the next plane's compute; on the CPU the tensor is already there."""
+    import torch
+
+    if device.type != "cuda":
+        for tensor in encoded:
+            yield _Download(tensor, None)
+        return
+    stream = torch.cuda.Stream(device)
+    for tensor in encoded:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(stream)
+            ready = stream.record_event()
+        yield _Download(host, ready)
 
 
 def consume_behind(consume: Callable[[Iterable[T]], R], items: Iterable[T], *, depth: int = 2) -> R:
@@ -211,7 +324,7 @@ def count_tiles(stack: TiffStack, geometry: Geometry, tile: int) -> int:
 
 
 def predict_stack(
-    stack: TiffStack,
+    stack: Any,
     forward: Forward,
     geometry: Geometry,
     output: str | Path,
@@ -221,20 +334,27 @@ def predict_stack(
     tile: int,
     batch: int = 4,
     blend: str = "cosine",
-    spec: OutputSpec | IntensityOutput = OutputSpec(),
+    spec: PlaneEncoding = OutputSpec(),
     overwrite: bool = False,
+    compression: str = "zlib",
     on_tiles: Callable[[int], None] | None = None,
 ) -> Path:
-    """Run every plane of `stack` through `forward` and write channel 0, encoded by `spec`, to
-    `output` (atomically): a class probability (OutputSpec) or denoised intensities (IntensityOutput)."""
+    """Run every plane of `stack` through the engine `forward` on its device and write the planes,
+    encoded by `spec` (class probability, denoised intensities or instances), to `output`
+    atomically (a failure on any side leaves no output)."""
     plan_tiles(stack.shape[1:], geometry, tile=tile)  # fail on a bad tile before any work
-    planes = normalized_planes(stack, normalization)
-    probabilities = predict_planes(planes, forward, geometry, tile=tile, batch=batch, blend=blend, on_tiles=on_tiles)
-    encoded = (spec.encode(p[0]) for p in probabilities)
+    device = forward.device
+    planes = device_planes(stack, normalization, device)
+    values = predict_planes(planes, forward, geometry, tile=tile, batch=batch, blend=blend, on_tiles=on_tiles)
+    encoded = _downloads((spec.encode(v) for v in values), device)
     shape = stack.shape[1:] if stack.is_2d else stack.shape
 
-    def write(planes: Iterable[np.ndarray]) -> Path:
+    def write(downloads: Iterable[_Download]) -> Path:
+        planes = (spec.finish(download.numpy()) for download in downloads)
         return write_stack(output, planes, shape=shape, dtype=spec.dtype, resolution=stack.resolution,
-                           overwrite=overwrite)
+                           overwrite=overwrite, compression=compression)
 
-    return consume_behind(write, encoded)
+    try:
+        return consume_behind(write, encoded)
+    finally:  # stop the reader thread now, also after a failure (a traceback cycle would keep it alive)
+        planes.close()

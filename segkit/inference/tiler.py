@@ -1,4 +1,4 @@
-"""Overlap-tile prediction of 2D planes, driven only by the model's geometry (numpy only).
+"""Overlap-tile prediction of planes on the engine's device, driven only by the model's geometry.
 
 Each plane is mirror-extrapolated at its borders (Ronneberger et al. 2015, Fig. 2) and covered
 by tiles whose origins are multiples of the model's step (its total pooling factor).
@@ -8,21 +8,26 @@ by tiles whose origins are multiples of the model's step (its total pooling fact
   tiled output equals the whole-plane output, with no seams.
 - Same-padding models (margin 0, halo > 0): border pixels of a tile lack context, so tiles
   overlap by at least twice the halo and are blended with a window that fades at tile borders.
+
+Planning is pure Python over the geometry. Everything else works on torch tensors where the
+engine is (planes (C, H, W) in, (K, H, W) out): padding, cutting tiles (views of the padded
+plane), placing and blending outputs. The same code runs on the CPU and on a GPU.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, field
+from typing import Any
 
 from segkit.errors import TileSizeError
 from segkit.models.geometry import Geometry
 
-#: (N, C, tile, tile) float32 -> (N, K, tile - 2 margin, tile - 2 margin) float32
-Forward = Callable[[np.ndarray], np.ndarray]
+#: The engine protocol (segkit.inference.engines.Engine): (N, C, tile, tile) float32 tensor on its
+#: device -> (N, K, tile - 2 margin, tile - 2 margin) float32 tensor on the same device.
+Forward = Callable[[Any], Any]
 
 
 BLEND_WINDOWS = ("cosine", "gaussian")
@@ -90,77 +95,139 @@ def plan_tiles(plane_shape: tuple[int, int], geometry: Geometry, /, *, tile: int
         what = f"minus twice the halo ({geometry.halo}) " if geometry.halo else ""
         raise TileSizeError(
             f"tile {tile} gives a {out_tile} px output, which {what}is less than the model's step "
-            f"{geometry.step}, so tiles cannot cover the plane; use --tile {smallest} or larger"
+            f"{geometry.step}, so tiles cannot cover the plane; use tile {smallest} or larger"
         )
     (ext_y, oys), (ext_x, oxs) = (_axis_plan(n, out_tile, geometry) for n in plane_shape)
     return TilePlan(tuple(plane_shape), out_tile, geometry.margin, geometry.halo, (ext_y, ext_x), oys, oxs)
 
 
-def blend_window(size: int, overlap: int, kind: str = "cosine") -> np.ndarray:
-    """2D blending weights for a tile of `size` whose neighbours overlap it by `overlap` pixels.
+def blend_profile(size: int, overlap: int, kind: str = "cosine") -> list[float]:
+    """1D blending weights for a tile of `size` whose neighbours overlap it by `overlap` pixels.
 
     cosine: flat top with raised-cosine ramps of length `overlap`; tiles on a regular grid with
     that overlap sum to exactly 1 (a partition of unity), so blending never rescales.
     gaussian: nnU-Net's centre-weighted window (sigma = size / 8). Both stay > 0 at the border.
     """
     if kind == "cosine":
-        profile = np.ones(size, np.float64)
-        ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2 if overlap > 0 else np.ones(0)
-        profile[:overlap] = ramp
-        profile[size - overlap :] = np.minimum(profile[size - overlap :], ramp[::-1])
-    elif kind == "gaussian":
+        profile = [1.0] * size
+        ramp = [math.sin(0.5 * math.pi * (i + 0.5) / overlap) ** 2 for i in range(overlap)]
+        for i, value in enumerate(ramp):
+            profile[i] = min(profile[i], value)
+            profile[size - 1 - i] = min(profile[size - 1 - i], value)
+        return profile
+    if kind == "gaussian":
         centre = (size - 1) / 2
-        profile = np.exp(-0.5 * ((np.arange(size) - centre) / (size / 8)) ** 2)
-        profile = np.maximum(profile / profile.max(), 1e-3)
-    else:
-        raise ValueError(f"unknown blend window {kind!r}; choose one of {', '.join(BLEND_WINDOWS)}")
-    return np.outer(profile, profile).astype(np.float32)
+        values = [math.exp(-0.5 * ((i - centre) / (size / 8)) ** 2) for i in range(size)]
+        top = max(values)
+        return [max(v / top, 1e-3) for v in values]
+    raise ValueError(f"unknown blend window {kind!r}; choose one of {', '.join(BLEND_WINDOWS)}")
 
 
-def mirror_pad(plane: np.ndarray, padding: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
-    """Mirror-extrapolate a 2D plane (reflect without repeating the edge; any pad width)."""
-    mode = "reflect" if min(plane.shape) > 1 else "symmetric"
-    return np.pad(plane, padding, mode=mode)
+def blend_window(size: int, overlap: int, kind: str = "cosine", *, device: Any = "cpu") -> Any:
+    """2D blending weights (size x size float32 tensor): the outer product of `blend_profile`."""
+    import torch
+
+    profile = torch.tensor(blend_profile(size, overlap, kind), dtype=torch.float64)
+    return torch.outer(profile, profile).float().to(device)
 
 
-def pad_plane(plane: np.ndarray, plan: TilePlan) -> np.ndarray:
+def reflect_indices(size: int, before: int, after: int, *, device: Any = "cpu") -> Any:
+    """Source indices of a mirror extension by (before, after) of an axis of `size` (numpy's
+    'reflect': the edge pixel is not repeated; any pad width, by repeated reflection)."""
+    import torch
+
+    positions = torch.arange(-before, size + after, device=device)
+    if size == 1:
+        return torch.zeros_like(positions)
+    period = 2 * (size - 1)
+    folded = positions.remainder(period)
+    return torch.where(folded < size, folded, period - folded)
+
+
+def mirror_pad(plane: Any, padding: tuple[tuple[int, int], tuple[int, int]]) -> Any:
+    """Mirror-extrapolate the last two axes of a float tensor (reflect without repeating the edge;
+    any width). Pads narrower than the plane (the usual case) use torch's reflection padding;
+    wider ones reflect repeatedly through an index gather."""
+    import torch.nn.functional as F
+
+    (top, bottom), (left, right) = padding
+    height, width = plane.shape[-2:]
+    if max(top, bottom) < height and max(left, right) < width:  # torch's reflect pads 3D/4D tensors
+        flat = plane.reshape(-1, height, width)
+        padded = F.pad(flat, (left, right, top, bottom), mode="reflect")
+        return padded.reshape(*plane.shape[:-2], height + top + bottom, width + left + right)
+    rows = reflect_indices(height, top, bottom, device=plane.device)
+    cols = reflect_indices(width, left, right, device=plane.device)
+    return plane.index_select(-2, rows).index_select(-1, cols)
+
+
+def pad_plane(plane: Any, plan: TilePlan) -> Any:
     """The padded plane whose whole-plane forward equals the tiled prediction."""
     return mirror_pad(plane, plan.padding())
 
 
 @dataclass
+class _Blending:
+    """Windows and, per plan, the reciprocal of the summed window weights (computed once per plan
+    shape, on the device), so blending a plane costs one multiply-add per tile and one scale."""
+
+    kind: str
+    device: Any
+    windows: dict[tuple[int, int], Any] = field(default_factory=dict)
+    inverse_weights: dict[tuple, Any] = field(default_factory=dict)
+
+    def window(self, plan: TilePlan) -> Any:
+        key = (plan.out_tile, plan.out_tile - min(plan.stride))
+        if key not in self.windows:
+            self.windows[key] = blend_window(key[0], key[1], self.kind, device=self.device)
+        return self.windows[key]
+
+    def inverse(self, plan: TilePlan) -> Any:
+        import torch
+
+        key = (plan.extent, plan.out_tile, plan.origins_y, plan.origins_x)
+        if key not in self.inverse_weights:
+            if len(self.inverse_weights) >= 8:  # planes of many sizes: keep device memory bounded
+                self.inverse_weights.pop(next(iter(self.inverse_weights)))
+            window, size = self.window(plan), plan.out_tile
+            total = torch.zeros(plan.extent, dtype=torch.float32, device=self.device)
+            for oy in plan.origins_y:
+                for ox in plan.origins_x:
+                    total[oy : oy + size, ox : ox + size] += window
+            self.inverse_weights[key] = total.reciprocal_()
+        return self.inverse_weights[key]
+
+
+@dataclass
 class _PlaneJob:
     plan: TilePlan
-    padded: np.ndarray
-    output: np.ndarray | None = None  # (K, *extent); weighted sums when blending
-    weights: np.ndarray | None = None  # (*extent) summed window weights when blending
+    padded: Any  # (C, H + pad, W + pad) tensor on the device
+    output: Any = None  # (K, *extent); weighted sums when blending
     remaining: int = 0
 
-    def place(self, tile_output: np.ndarray, oy: int, ox: int, window: np.ndarray | None) -> None:
+    def place(self, tile_output: Any, oy: int, ox: int, window: Any) -> None:
+        import torch
+
         if self.output is None:
-            self.output = np.zeros((tile_output.shape[0], *self.plan.extent), np.float32)
-            if window is not None:
-                self.weights = np.zeros(self.plan.extent, np.float32)
+            self.output = torch.zeros((tile_output.shape[0], *self.plan.extent), dtype=torch.float32,
+                                      device=tile_output.device)
         size = tile_output.shape[-1]
-        region = (slice(oy, oy + size), slice(ox, ox + size))
+        region = self.output[:, oy : oy + size, ox : ox + size]
         if window is None:
-            self.output[(slice(None), *region)] = tile_output
+            region.copy_(tile_output)
         else:
-            self.output[(slice(None), *region)] += tile_output * window
-            self.weights[region] += window  # type: ignore[index]
+            region.addcmul_(tile_output, window)
         self.remaining -= 1
 
-    def result(self) -> np.ndarray:
-        assert self.output is not None
+    def result(self, blending: _Blending) -> Any:
         (h, w), halo = self.plan.plane_shape, self.plan.halo
-        out = self.output[:, halo : halo + h, halo : halo + w]
-        if self.weights is not None:
-            out = out / self.weights[halo : halo + h, halo : halo + w]
-        return out
+        if self.plan.blended:
+            self.output.mul_(blending.inverse(self.plan))
+        return self.output[:, halo : halo + h, halo : halo + w]
 
 
 def predict_planes(
-    planes: Iterable[np.ndarray],
+    planes: Iterable[Any],
     forward: Forward,
     geometry: Geometry,
     /,
@@ -169,9 +236,10 @@ def predict_planes(
     batch: int = 4,
     blend: str = "cosine",
     on_tiles: Callable[[int], None] | None = None,
-    pad: Callable[[np.ndarray, TilePlan], np.ndarray] | None = None,
-) -> Iterator[np.ndarray]:
-    """Predict each 2D float32 plane by overlap-tiling; yields (K, H, W) float32 per plane.
+    pad: Callable[[Any, TilePlan], Any] | None = None,
+) -> Iterator[Any]:
+    """Predict each (C, H, W) float32 plane (a tensor on the engine's device, normalised) by
+    overlap-tiling; yields a (K, H, W) float32 tensor on the same device per plane.
 
     `pad(plane, plan)` builds the padded plane the tiles are cut from (default: mirror
     extrapolation, `pad_plane`); the Dask path passes real context from neighbouring chunks.
@@ -181,42 +249,38 @@ def predict_planes(
     weights. Tiles of consecutive planes share batches, so small planes still fill the engine;
     only the planes whose tiles are in flight are held. `on_tiles(n)` reports progress.
     """
+    import torch
+
     if batch < 1:
         raise ValueError("batch must be >= 1")
     if blend not in BLEND_WINDOWS:
         raise ValueError(f"unknown blend window {blend!r}; choose one of {', '.join(BLEND_WINDOWS)}")
-    windows: dict[tuple[int, int], np.ndarray] = {}
-
-    def window_for(plan: TilePlan) -> np.ndarray | None:
-        if not plan.blended:
-            return None
-        key = (plan.out_tile, plan.out_tile - min(plan.stride))
-        if key not in windows:
-            windows[key] = blend_window(key[0], key[1], blend)
-        return windows[key]
-
+    blending: _Blending | None = None
     jobs: deque[_PlaneJob] = deque()
     pending: list[tuple[_PlaneJob, int, int]] = []
 
     def run_batch() -> None:
         chunk, pending[:] = pending[:batch], pending[batch:]
         size = chunk[0][0].plan.in_tile
-        inputs = np.stack([job.padded[oy : oy + size, ox : ox + size] for job, oy, ox in chunk])
-        outputs = forward(inputs[:, None].astype(np.float32, copy=False))
+        views = [job.padded[:, oy : oy + size, ox : ox + size] for job, oy, ox in chunk]
+        inputs = views[0].unsqueeze(0) if len(views) == 1 else torch.stack(views)
+        outputs = forward(inputs)
         for (job, oy, ox), out in zip(chunk, outputs):
-            job.place(out, oy, ox, window_for(job.plan))
+            job.place(out, oy, ox, blending.window(job.plan) if job.plan.blended else None)
         if on_tiles is not None:
             on_tiles(len(chunk))
 
-    def finished() -> Iterator[np.ndarray]:
+    def finished() -> Iterator[Any]:
         while jobs and jobs[0].remaining == 0:
-            yield jobs.popleft().result()
+            yield jobs.popleft().result(blending)
 
     for plane in planes:
-        if plane.ndim != 2:
-            raise ValueError(f"expected a 2D plane, got shape {plane.shape}")
-        plan = plan_tiles(plane.shape, geometry, tile=tile)
-        job = _PlaneJob(plan, (pad or pad_plane)(np.asarray(plane, np.float32), plan), remaining=plan.n_tiles)
+        if plane.ndim != 3:
+            raise ValueError(f"expected a (C, H, W) plane, got shape {tuple(plane.shape)}")
+        if blending is None:
+            blending = _Blending(blend, plane.device)
+        plan = plan_tiles(tuple(plane.shape[1:]), geometry, tile=tile)
+        job = _PlaneJob(plan, (pad or pad_plane)(plane, plan), remaining=plan.n_tiles)
         jobs.append(job)
         for oy in plan.origins_y:
             for ox in plan.origins_x:
@@ -229,8 +293,22 @@ def predict_planes(
     yield from finished()
 
 
-def predict_plane(
-    plane: np.ndarray, forward: Forward, geometry: Geometry, /, *, tile: int, batch: int = 4, blend: str = "cosine"
-) -> np.ndarray:
-    """Overlap-tile prediction of a single plane; returns (K, H, W) float32."""
+def predict_plane(plane: Any, forward: Forward, geometry: Geometry, /, *, tile: int, batch: int = 4,
+                  blend: str = "cosine") -> Any:
+    """Overlap-tile prediction of a single (C, H, W) plane tensor; returns (K, H, W)."""
     return next(predict_planes([plane], forward, geometry, tile=tile, batch=batch, blend=blend))
+
+
+def predict_arrays(planes: Iterable[Any], forward: Forward, geometry: Geometry, /, *, tile: int, batch: int = 4,
+                   blend: str = "cosine") -> Iterator[Any]:
+    """`predict_planes` for numpy callers (training validation, tools): normalised float32 (H, W)
+    or (C, H, W) arrays in, (K, H, W) float32 arrays out; each plane goes to the engine's device once."""
+    import torch
+
+    def tensors() -> Iterator[Any]:
+        for plane in planes:
+            tensor = torch.as_tensor(plane, dtype=torch.float32)
+            yield (tensor[None] if tensor.ndim == 2 else tensor).to(forward.device)
+
+    for values in predict_planes(tensors(), forward, geometry, tile=tile, batch=batch, blend=blend):
+        yield values.cpu().numpy()

@@ -62,7 +62,7 @@ class Geometry:
         choices = f"{below} or {above}" if below is not None else f"{above} or larger"
         valid = (f"multiples of {self.step}" if self.min_input == self.step
                  else f"{self.min_input} + {self.step}k")
-        raise TileSizeError(f"tile {tile} is not a valid input size for this model (valid: {valid}); use --tile {choices}")
+        raise TileSizeError(f"tile {tile} is not a valid input size for this model (valid: {valid}); use tile {choices}")
 
     def with_halo(self, halo: int) -> "Geometry":
         """The same geometry with another halo; valid-conv models need none (their tiles are exact).

@@ -13,7 +13,11 @@ from typing import Any
 import numpy as np
 
 from segkit.checkpoint import Normalization
-from segkit.inference.tiler import mirror_pad
+
+
+def mirror_array(array: np.ndarray, padding: Any) -> np.ndarray:
+    """Mirror-extrapolate a 2D training array (numpy's reflect, as the tiler's mirror; any width)."""
+    return np.pad(array, padding, mode="reflect" if min(array.shape) > 1 else "symmetric")
 
 
 def class_balance_weights(membrane: np.ndarray) -> tuple[float, float]:
@@ -136,9 +140,9 @@ def prepare_slices(
     for raw, membrane in zip(raw_planes, membranes):
         weight = weight_map(membrane, class_weights, w0=w0, sigma=sigma)
         grow = [(margin, margin + max(0, min_size - n)) for n in raw.shape]
-        raws.append(mirror_pad(raw.astype(np.float32) / scale, grow))
-        targets.append(mirror_pad(membrane.astype(np.uint8), grow))
-        weights.append(mirror_pad(weight, grow))
+        raws.append(mirror_array(raw.astype(np.float32) / scale, grow))
+        targets.append(mirror_array(membrane.astype(np.uint8), grow))
+        weights.append(mirror_array(weight, grow))
     return SliceSet(raws, targets, weights, margin, scale)
 
 
@@ -166,7 +170,7 @@ def sample_patch(
 
 def normalize_unit(image: np.ndarray, normalization: Normalization, scale: float) -> np.ndarray:
     """Map an image in [0, 1] units back to raw units and apply the global normalisation."""
-    return (image * scale - normalization.mean) / normalization.std
+    return normalization.apply(image * scale)
 
 
 def patch_stream(

@@ -20,10 +20,10 @@ import yaml
 
 from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
 from segkit.errors import ConfigError
-from segkit.inference.tiler import mirror_pad, predict_planes
+from segkit.inference.tiler import predict_arrays
 from segkit.io.tiff import open_stack
 from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
-from segkit.training.data import data_normalization, intensity_scale, split_planes
+from segkit.training.data import data_normalization, intensity_scale, mirror_array, split_planes
 from segkit.training.runs import (
     RunFiles,
     amp_setup,
@@ -85,10 +85,10 @@ def denoise_planes(model: Any, planes: list[np.ndarray], *, normalization: Norma
     """Denoise planes given in [0, 1] units through the tiler; returns [0, 1] units."""
     from segkit.inference.engines import TorchEngine
 
-    engine = TorchEngine(model, device=device, channel=None)
-    normalized = [((p * scale - normalization.mean) / normalization.std).astype(np.float32) for p in planes]
-    outputs = predict_planes(normalized, engine, model.geometry, tile=tile, batch=batch)
-    return [(o[0] * normalization.std + normalization.mean) / scale for o in outputs]
+    engine = TorchEngine(model, device=device, amp="none", channel=None)
+    normalized = [normalization.apply(p * scale) for p in planes]
+    outputs = predict_arrays(normalized, engine, model.geometry, tile=tile, batch=batch)
+    return [normalization.invert(o[0]) / scale for o in outputs]
 
 
 def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True,
@@ -122,7 +122,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     scale = intensity_scale(train_raw[0].dtype)
     normalization = data_normalization(train_raw)
     unit = lambda plane: plane.astype(np.float32) / scale  # noqa: E731
-    padded = [mirror_pad(unit(p), [(geometry.margin, geometry.margin + max(0, out_tile - n)) for n in p.shape])
+    padded = [mirror_array(unit(p), [(geometry.margin, geometry.margin + max(0, out_tile - n)) for n in p.shape])
               for p in train_raw]
     val_clean = [unit(p) for p in val_raw]
     val_rng = np.random.default_rng(VALIDATION_SEED)
@@ -158,7 +158,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
         save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_psnr": best_psnr, "history": history})
 
     def to_model_units(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy((x * scale - normalization.mean) / normalization.std).to(device)
+        return torch.from_numpy(normalization.apply(x * scale)).to(device)
 
     try:
         for epoch in range(start_epoch, cfg_train["epochs"] + 1):

@@ -64,12 +64,12 @@ def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *,
              tile: int, batch: int, device: str, thresholds: tuple[float, ...]) -> dict[float, dict[str, float]]:
     """Tiled prediction of whole validation slices (exactly as `segkit predict`); scores per threshold."""
     from segkit.inference.engines import TorchEngine
-    from segkit.inference.tiler import predict_planes
+    from segkit.inference.tiler import predict_arrays
 
-    engine = TorchEngine(model, device=device)
-    planes = [((raw.astype(np.float32) - normalization.mean) / normalization.std) for raw in raws]
+    engine = TorchEngine(model, device=device, amp="none")
+    planes = [normalization.apply(raw) for raw in raws]
     scores: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
-    for probability, membrane in zip(predict_planes(planes, engine, model.geometry, tile=tile, batch=batch), membranes):
+    for probability, membrane in zip(predict_arrays(planes, engine, model.geometry, tile=tile, batch=batch), membranes):
         for t, slice_scores in score_thresholds(probability[0], membrane, thresholds).items():
             scores[t].append(slice_scores)
     return {t: mean_scores(s) for t, s in scores.items()}

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from segkit.checkpoint import CheckpointInfo
 from segkit.errors import InputError, OutputExistsError, SegkitError
-from segkit.inference.adapt import with_smaller_tiles
-from segkit.inference.pipeline import IntensityOutput, OutputSpec, choose_normalization, count_tiles, predict_stack
-from segkit.inference.tiler import Forward
+from segkit.inference.pipeline import count_tiles
 from segkit.io.tiff import list_tiff_files, open_stack
 from segkit.models.geometry import Geometry
 
@@ -49,7 +45,7 @@ def plan_file_jobs(sources: Sequence[str], output_dir: Path, *, overwrite: bool 
     if not output_dir.parent.exists():
         raise InputError(f"output folder {output_dir} cannot be created: {output_dir.parent} does not exist")
     if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"-o {output_dir} is a file; several inputs need an output folder")
+        raise InputError(f"output {output_dir} is a file; several inputs need an output folder")
     jobs: dict[str, FileJob] = {}
     for resolved, name in files.items():
         output = output_dir / f"{Path(name).stem}.tif"
@@ -85,23 +81,9 @@ def count_file_tiles(jobs: Sequence[FileJob], geometry: Geometry, tile: int) -> 
     return counts, failed
 
 
-def predict_files(
-    jobs: Sequence[FileJob],
-    forward: Forward,
-    geometry: Geometry,
-    /,
-    *,
-    info: CheckpointInfo,
-    normalize: str = "auto",
-    tile: int,
-    batch: int = 4,
-    blend: str = "cosine",
-    spec: OutputSpec | IntensityOutput,
-    overwrite: bool = False,
-    on_tiles: Callable[[int], None] | None = None,
-    echo: Callable[[str], Any] = print,
-) -> list[FileOutcome]:
-    """Predict each file into its own output (atomically), one after the other with one engine.
+def predict_files(jobs: Sequence[FileJob], predict_one: Callable[[FileJob], Any], *,
+                  echo: Callable[[str], Any] = print) -> list[FileOutcome]:
+    """`predict_one(job)` for each file, one after the other (each writes its output atomically).
 
     A file that fails (unreadable, truncated, wrong type, ...) is reported through `echo` and
     skipped; its output is not written, and the other files carry on.
@@ -109,13 +91,7 @@ def predict_files(
     outcomes: list[FileOutcome] = []
     for job in jobs:
         try:
-            with open_stack(job.source) as stack:
-                normalization, note = choose_normalization(stack, info, mode=normalize)
-                if note:
-                    echo(f"{job.source}: {note}")
-                run = partial(predict_stack, stack, forward, geometry, job.output, normalization=normalization,
-                              batch=batch, blend=blend, spec=spec, overwrite=overwrite, on_tiles=on_tiles)
-                with_smaller_tiles(lambda size, run=run: run(tile=size), tile, geometry, report=echo)
+            predict_one(job)
             outcomes.append(FileOutcome(job))
         except Exception as exc:  # reported per file; the others go on
             outcomes.append(FileOutcome(job, _reason(exc)))

@@ -1,0 +1,383 @@
+"""The one entry point for prediction: `segkit.predict(sources, output, model=..., **options)`.
+
+The CLI, `segkit demo`, tools/ and the Dask path all come through here, so every option works
+on every path:
+
+- one stack (a TIFF, a folder or a glob of 2D TIFFs read as one stack) into one TIFF;
+- many files into an output folder (one output each; a failing file is reported and skipped): an
+  existing folder, a path ending in '/', or, given several inputs, any path not ending in .tif;
+- a stack into an OME-Zarr store on Dask (`workers`, `scheduler`, or an output ending in .zarr).
+
+Example:
+    >>> import segkit
+    >>> result = segkit.predict("stack.tif", "membranes.tif", tile=572)       # doctest: +SKIP
+    >>> result.outputs, result.tile, result.batch, result.engine              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from segkit.errors import SegkitError
+
+OUTPUT_TYPES = ("uint8", "float16")
+DENOISED_TYPES = ("same", "float32")
+
+
+class Progress(Protocol):
+    """What predict reports progress to (a tqdm bar fits): the total number of tiles, then each batch."""
+
+    def reset(self, total: int | None = None) -> Any: ...
+
+    def update(self, n: int = 1) -> Any: ...
+
+
+@dataclass
+class PredictResult:
+    """What a prediction did: files written, files that failed (path, reason), the tile and batch
+    it ran at, the engine in words, seconds in all and until the first tile batch finished."""
+
+    outputs: list[Path] = field(default_factory=list)
+    folder: Path | None = None  # the output folder, when many files were predicted into one
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    tile: int = 0
+    batch: int = 0
+    engine: str = ""
+    seconds: float = 0.0
+    first_tiles_seconds: float | None = None
+
+
+def default_output(source: str, suffix: str = "membranes") -> Path:
+    """<stem>_<suffix>.tif beside a file or folder; a glob needs an explicit output."""
+    if any(ch in source for ch in "*?["):
+        raise SegkitError(f"input {source!r} is a pattern; name the output file")
+    base = Path(source.rstrip("/"))
+    return base.with_name(f"{base.stem}_{suffix}.tif")
+
+
+def predict(
+    sources: str | Path | Sequence[str | Path],
+    output: str | Path | None = None,
+    *,
+    model: str | Path | Any | None = None,
+    engine: str = "auto",
+    denoise: str | Path | None = None,
+    tile: int | str | None = None,
+    batch: int | None = None,
+    device: str = "auto",
+    amp: str = "auto",
+    compile_model: bool = False,
+    blend: str = "cosine",
+    halo: int | None = None,
+    output_type: str | None = None,
+    threshold: float | str | None = None,
+    normalize: str = "auto",
+    tta: str = "none",
+    instances: bool = False,
+    compression: str = "zlib",
+    kind: str = "segmenter",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    chunk: int = 1024,
+    resume: bool = False,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    report: Callable[[str], object] = print,
+    progress: Progress | None = None,
+) -> PredictResult:
+    """Predict `sources` into `output` with `model` and return what was done.
+
+    model: a checkpoint (.safetensors), an ONNX file, or an already built engine (anything with
+      the engine protocol plus `geometry`, e.g. a benchmark's); default: the bundled demo U-Net.
+    tile: a valid input size, 'auto' (measure sizes and batches on this device), or None (the
+      model's trained tile). batch: tiles per forward; None: 4 on the CPU, from the free memory
+      on a GPU (or measured with tile 'auto').
+    amp: auto (bf16 on GPUs that support it, else fp16; none on the CPU), none, fp16, bf16.
+    output_type: uint8 (default) or float16 probabilities; threshold: a 0/255 mask at a number or 'auto'
+      (the checkpoint's); instances: uint32 labels by seeded watershed. kind 'denoiser' with
+      output_type same (default: the input's dtype) or float32 writes denoised intensities instead.
+    compression: zlib (default; Fiji opens it), zstd, lzw or none.
+    workers / scheduler / an output ending in .zarr: the Dask path into OME-Zarr (resumable).
+    """
+    from segkit.inference.loading import EngineRequest, default_model_path
+
+    started = time.perf_counter()
+    sources = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
+    if not sources:
+        raise SegkitError("no input given")
+    if output_type is None:
+        output_type = DENOISED_TYPES[0] if kind == "denoiser" else OUTPUT_TYPES[0]
+    _check_choices(output_type=output_type, kind=kind, instances=instances, compression=compression)
+    request = None
+    if not _is_engine(model):
+        request = EngineRequest(Path(model) if model is not None else default_model_path(), engine=engine,
+                                denoiser=Path(denoise) if denoise is not None else None, halo=halo, device=device,
+                                amp=amp, compile_model=compile_model, tta=tta, kind=kind)
+    text_output = str(output) if output is not None else ""
+    if text_output.rstrip("/").endswith(".zarr") or scheduler or workers:
+        return _predict_on_dask(sources, text_output, request, tile=tile, batch=batch, threshold=threshold,
+                                output_type=output_type, instances=instances, normalize=normalize, blend=blend,
+                                chunk=chunk, scheduler=scheduler, workers=workers, resume=resume,
+                                overwrite=overwrite, report=report, started=started)
+    # an output folder: an existing one, a path ending in a slash, or (several inputs) a path that is not a TIFF
+    to_folder = output is not None and (text_output.endswith(("/", "\\")) or Path(text_output).is_dir() or (
+        len(sources) > 1 and Path(text_output).suffix.lower() not in (".tif", ".tiff")))
+    if len(sources) > 1 and not to_folder:
+        raise SegkitError(f"{len(sources)} inputs given: give an output folder for one output per input file, or "
+                          "quote a glob ('dir/*.tif') to read the files as one stack")
+    if not to_folder:
+        from segkit.io.tiff import check_output_path
+
+        suffix = "denoised" if kind == "denoiser" else "instances" if instances else "membranes"
+        out_path = Path(output) if output is not None else default_output(sources[0], suffix)
+        check_output_path(out_path, overwrite=overwrite)
+    loaded = _load(model, request, tile=tile, report=report)
+    chosen_tile, batch = _fit_to_device(loaded, sources[0], tile=tile, batch=batch, report=report)
+    result = PredictResult(tile=chosen_tile, batch=batch, engine=loaded.engine.label)
+    run = _Runner(loaded, tile=chosen_tile, batch=batch, blend=blend, normalize=normalize, compression=compression,
+                  overwrite=overwrite, spec_for=_spec_factory(loaded.info, kind=kind, output_type=output_type,
+                                                              threshold=threshold, instances=instances),
+                  report=report, progress=progress, started=started, result=result)
+    if to_folder:
+        result.folder = Path(text_output)
+        run.many(sources, result.folder, skip_existing=skip_existing)
+    else:
+        run.one(sources[0], out_path, header=True)
+        result.outputs.append(out_path)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check_choices(*, output_type: str, kind: str, instances: bool, compression: str) -> None:
+    from segkit.io.tiff import COMPRESSIONS
+
+    if kind not in ("segmenter", "denoiser"):
+        raise SegkitError(f"unknown model kind {kind!r}; choose segmenter or denoiser")
+    allowed = DENOISED_TYPES if kind == "denoiser" else OUTPUT_TYPES
+    if output_type not in allowed:
+        raise SegkitError(f"unknown output type {output_type!r}; choose one of {', '.join(allowed)}")
+    if instances and kind == "denoiser":
+        raise SegkitError("instances come from a segmenter's probabilities, not from a denoiser")
+    if compression not in COMPRESSIONS:
+        raise SegkitError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+
+
+def _is_engine(model: Any) -> bool:
+    return model is not None and not isinstance(model, (str, Path))
+
+
+def _load(model: Any, request: Any, *, tile: int | str | None, report: Callable[[str], object]) -> Any:
+    """The LoadedEngine for a model file, or for an engine passed in directly."""
+    from segkit.checkpoint import CheckpointInfo, Normalization
+    from segkit.inference.loading import LoadedEngine, default_tile, load_prediction_engine
+
+    if request is not None:
+        return load_prediction_engine(request, tile=_fixed_tile(tile), report=report)
+    info = getattr(model, "info", None) or CheckpointInfo("segmenter", "engine", {}, model.geometry,
+                                                          Normalization(0.0, 1.0))
+    return LoadedEngine(model, info, model.geometry, _fixed_tile(tile) or default_tile(model.geometry))
+
+
+def _fixed_tile(tile: int | str | None) -> int | None:
+    if tile is None or tile == "auto":
+        return None
+    try:
+        return int(tile)
+    except (TypeError, ValueError):
+        raise SegkitError(f"tile {tile!r} must be a whole number of pixels or 'auto'") from None
+
+
+def _fit_to_device(loaded: Any, first_source: str, *, tile: int | str | None, batch: int | None,
+                   report: Callable[[str], object]) -> tuple[int, int]:
+    """The (tile, batch) to run: measured with tile 'auto', else the given or trained tile and the
+    given batch or one chosen from the free device memory."""
+    from segkit.inference.adapt import choose_batch, choose_tile
+
+    if tile == "auto":
+        from segkit.io.tiff import list_tiff_files
+        from segkit.io.zarr import open_volume
+
+        is_zarr = first_source.rstrip("/").endswith(".zarr")  # the Dask path reads zarr stores too
+        with open_volume(first_source if is_zarr else list_tiff_files(first_source)[0]) as first:
+            plane_shape = first.shape[1:]
+        return choose_tile(loaded.engine, loaded.geometry, plane_shape, batch=batch,
+                           only=loaded.tile if loaded.fixed_tile else None, report=report)
+    loaded.geometry.check_tile(loaded.tile)
+    return loaded.tile, batch or choose_batch(loaded.engine, loaded.geometry, loaded.tile, report=report)
+
+
+def _spec_factory(info: Any, *, kind: str, output_type: str, threshold: float | str | None,
+                  instances: bool) -> Callable[[Any], Any]:
+    """How planes of a given stack are encoded (denoised intensities depend on the stack's dtype)."""
+    from segkit.inference.pipeline import IntensityOutput
+
+    if kind == "denoiser":
+        return lambda stack: IntensityOutput(info.normalization, stack.dtype if output_type == "same"
+                                             else np.dtype(np.float32))
+    spec = output_spec(info.inference, output_type=output_type, threshold=threshold, instances=instances)
+    return lambda stack: spec
+
+
+def output_spec(inference: dict[str, Any], *, output_type: str = "uint8", threshold: float | str | None = None,
+                instances: bool = False, watershed: dict[str, Any] | None = None) -> Any:
+    """Probabilities as `output_type`, a 0/255 mask at `threshold` (a number, or 'auto' for the
+    checkpoint's), or instance labels with the checkpoint's watershed settings (`threshold` and
+    `watershed` override them)."""
+    from segkit.inference.pipeline import OutputSpec
+    from segkit.instances import InstanceOutput, WatershedParams
+
+    if instances:
+        stored = dict(inference.get("watershed") or {})
+        if threshold is not None:
+            stored["threshold"] = parse_threshold(threshold, stored.get("threshold", inference.get("threshold", 0.5)))
+        stored.update({k: v for k, v in (watershed or {}).items() if v is not None})
+        return InstanceOutput(WatershedParams.from_dict(stored))
+    if threshold is None:
+        return OutputSpec(output_type)
+    return OutputSpec("mask", parse_threshold(threshold, inference.get("threshold", 0.5)))
+
+
+def parse_threshold(value: float | str, auto: float) -> float:
+    """A threshold given as a number or 'auto' (then `auto`, the checkpoint's)."""
+    if value == "auto":
+        return float(auto)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SegkitError(f"threshold {value!r} must be a number between 0 and 1 or 'auto'") from None
+
+
+@dataclass
+class _Runner:
+    """Streams stacks through one loaded engine with the run's settings."""
+
+    loaded: Any
+    tile: int
+    batch: int
+    blend: str
+    normalize: str
+    compression: str
+    overwrite: bool
+    spec_for: Callable[[Any], Any]
+    report: Callable[[str], object]
+    progress: Progress | None
+    started: float
+    result: PredictResult
+
+    def __post_init__(self) -> None:
+        from segkit.inference.adapt import BackoffForward
+
+        engine = self.loaded.engine
+        self.forward = BackoffForward(engine, report=self.report, release=getattr(engine, "release_memory", None))
+
+    def on_tiles(self, count: int) -> None:
+        if self.result.first_tiles_seconds is None:
+            self.result.first_tiles_seconds = time.perf_counter() - self.started
+        if self.progress is not None:
+            self.progress.update(count)
+
+    def one(self, source: str, output: Path, *, header: bool) -> Path:
+        from segkit.inference.adapt import with_smaller_tiles
+        from segkit.inference.pipeline import choose_normalization, count_tiles, predict_stack
+        from segkit.io.tiff import open_stack
+
+        geometry = self.loaded.geometry
+        with open_stack(source) as stack:
+            normalization, note = choose_normalization(stack, self.loaded.info, mode=self.normalize)
+            if note:
+                self.report(f"{source}: {note}")
+            if header:
+                z, h, w = stack.shape
+                self.report(f"{source}: {z} x {h} x {w} {stack.dtype}, {count_tiles(stack, geometry, self.tile)} "
+                            f"tiles of {self.tile} px, batch {self.batch}, on {self.loaded.engine.label}")
+            spec = self.spec_for(stack)
+
+            def run(size: int) -> Path:
+                if header and self.progress is not None:
+                    self.progress.reset(total=count_tiles(stack, geometry, size))
+                self.tile = self.result.tile = size
+                return predict_stack(stack, self.forward, geometry, output, normalization=normalization, tile=size,
+                                     batch=self.batch, blend=self.blend, spec=spec, overwrite=self.overwrite,
+                                     compression=self.compression, on_tiles=self.on_tiles)
+
+            written = with_smaller_tiles(run, self.tile, geometry, report=self.report)
+        self.result.batch = self.forward.max_batch or self.batch
+        return written
+
+    def many(self, sources: Sequence[str], output_dir: Path, *, skip_existing: bool) -> None:
+        from segkit.inference.files import count_file_tiles, plan_file_jobs, predict_files
+
+        jobs, skipped = plan_file_jobs(sources, output_dir, overwrite=self.overwrite, skip_existing=skip_existing)
+        output_dir.mkdir(exist_ok=True)
+        if skipped:
+            self.report(f"skipping {len(skipped)} files whose output exists")
+        counts, failed = count_file_tiles(jobs, self.loaded.geometry, self.tile)
+        for outcome in failed:
+            self.report(f"failed: {outcome.job.source}: {outcome.error}")
+        runnable = [job for job in jobs if job in counts]
+        self.report(f"{len(runnable)} files, {sum(counts.values())} tiles of {self.tile} px, batch {self.batch}, "
+                    f"on {self.loaded.engine.label}")
+        if self.progress is not None:
+            self.progress.reset(total=sum(counts.values()))
+        outcomes = failed + predict_files(runnable, lambda job: self.one(job.source, job.output, header=False),
+                                          echo=self.report)
+        self.result.outputs.extend(o.job.output for o in outcomes if o.ok)
+        self.result.failed.extend((o.job.source, o.error or "") for o in outcomes if not o.ok)
+
+
+def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int | str | None, batch: int | None,
+                     threshold: float | str | None, output_type: str, instances: bool, normalize: str, blend: str,
+                     chunk: int, scheduler: str | None, workers: int | None, resume: bool, overwrite: bool,
+                     report: Callable[[str], object], started: float) -> PredictResult:
+    """One stack into an OME-Zarr store on Dask, chunk by chunk, resumable. Tile 'auto' and the
+    batch are decided here, once, on this machine's device; each worker builds its own engine."""
+    from segkit.inference.distributed import predict_to_zarr
+    from segkit.inference.engines import resolve_device
+    from segkit.inference.loading import planned_tile
+
+    if not output.rstrip("/").endswith(".zarr"):
+        raise SegkitError("the Dask path (scheduler/workers) writes OME-Zarr: name the output NAME.ome.zarr "
+                          "(then `segkit convert NAME.ome.zarr NAME.tif` for a BigTIFF)")
+    if len(sources) > 1:
+        raise SegkitError("the Dask path predicts one stack; quote a glob to read 2D files as one stack")
+    if request is None:
+        raise SegkitError("the Dask path builds its engines on the workers: pass a model file, not an engine")
+    if request.kind != "segmenter":
+        raise SegkitError("the Dask path predicts segmenters; denoise into a TIFF instead")
+    if tile != "auto" and batch is None and resolve_device(request.device) == "cpu":
+        batch = 4  # what choose_batch says on the CPU, without loading (or exporting) the model here
+    if tile == "auto" or batch is None:
+        loaded = _load(None, request, tile=tile, report=report)
+        chosen_tile, batch = _fit_to_device(loaded, sources[0], tile=tile, batch=batch, report=report)
+        info = loaded.info
+        del loaded
+        _release_device_memory()
+    else:  # the model's record and tile, checked as the workers will, without building an engine here
+        info, _, chosen_tile = planned_tile(request, _fixed_tile(tile))
+    spec = output_spec(info.inference, output_type=output_type, threshold=threshold, instances=instances)
+    where = scheduler or (f"a local Dask cluster of {workers} workers" if workers else "local Dask threads")
+    report(f"{sources[0]} -> {output} on {where}, device {request.device}, tile {chosen_tile}, batch {batch}")
+    written = predict_to_zarr(sources[0], output.rstrip("/"), request, tile=chosen_tile, batch=batch, chunk=chunk,
+                              spec=spec, blend=blend, normalize=normalize, scheduler=scheduler, workers=workers,
+                              resume=resume, overwrite=overwrite, report=report)
+    return PredictResult(outputs=[written], tile=chosen_tile, batch=batch, engine=f"Dask ({where})",
+                         seconds=time.perf_counter() - started)
+
+
+def _release_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass

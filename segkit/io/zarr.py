@@ -1,0 +1,152 @@
+"""Zarr and OME-Zarr: read a volume plane by plane, create the OME-Zarr store the Dask path writes
+into, and convert a store to a tiled BigTIFF.
+
+Stores are zarr format 2 with NGFF 0.4 multiscales metadata (one level, array "0", axes z, y, x),
+which napari, Fiji (MoBIE / n5-viewer) and neuroglancer open. zarr is optional (the `dask` extra):
+it is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segkit._optional import require
+from segkit.errors import InputError
+from segkit.io.tiff import Resolution, check_finite, open_stack, write_stack
+
+#: dtypes a zarr input may have (those of a TIFF input).
+ZARR_DTYPES = (np.uint8, np.uint16, np.float32)
+
+
+class ZarrStack:
+    """A ZYX (or YX) zarr array, or the level 0 of an OME-Zarr group, with the plane interface of
+    TiffStack, so normalisation and reading work the same for both inputs."""
+
+    def __init__(self, source: str | Path) -> None:
+        require("zarr", feature="zarr input", package="zarr")
+        import zarr
+
+        self.source = str(source)
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"input {source} does not exist; check the path")
+        try:
+            node = zarr.open(str(path), mode="r")
+        except Exception as exc:  # zarr raises several types for a folder that is not a store
+            raise InputError(f"{source} is not a zarr store ({type(exc).__name__}); pass a TIFF or a zarr array") from exc
+        if not hasattr(node, "shape"):
+            if "0" not in node:
+                raise InputError(f"{source} is a zarr group without a level-0 array '0'; pass the array itself")
+            node = node["0"]
+        if node.ndim not in (2, 3) or node.dtype not in ZARR_DTYPES:
+            raise InputError(f"{source}: a zarr input must be a YX or ZYX array of uint8, uint16 or float32, "
+                             f"not {node.ndim}D {node.dtype}")
+        self.array = node
+        self.is_2d = node.ndim == 2
+        self.shape: tuple[int, int, int] = (1, *node.shape) if self.is_2d else tuple(node.shape)
+        self.dtype = np.dtype(node.dtype)
+        self.resolution = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def plane(self, index: int) -> np.ndarray:
+        """Plane `index` as a 2D array, checked for NaN/inf."""
+        if not 0 <= index < self.shape[0]:
+            raise IndexError(index)
+        return check_finite(np.asarray(self.array[...] if self.is_2d else self.array[index]), self.source, index)
+
+    def __enter__(self) -> "ZarrStack":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def open_volume(source: str | Path) -> Any:
+    """A TIFF stack, or a zarr / OME-Zarr store (a path ending in .zarr)."""
+    source = str(source)
+    return ZarrStack(source) if source.rstrip("/").endswith(".zarr") else open_stack(source)
+
+
+def plane_reader(source: str) -> Callable[[int], np.ndarray]:
+    """A picklable-by-cloudpickle function reading plane `index` of `source` (opens it per call,
+    so a Dask task needs no open file handle)."""
+
+    def read(index: int) -> np.ndarray:
+        with open_volume(source) as stack:
+            return stack.plane(index)
+
+    return read
+
+
+def ome_zarr_attributes(shape: tuple[int, int, int], resolution_um: tuple[float, float] | None) -> dict[str, Any]:
+    """NGFF 0.4 multiscales metadata: one level, axes z, y, x (micrometres when known)."""
+    scale = [1.0, *(resolution_um or (1.0, 1.0))]
+    axes = [{"name": "z", "type": "space"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    if resolution_um is not None:
+        for axis in axes[1:]:
+            axis["unit"] = "micrometer"
+    return {"multiscales": [{"version": "0.4", "name": "segkit", "axes": axes,
+                             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale",
+                                                                                       "scale": scale}]}]}]}
+
+
+def resolution_um(resolution: Resolution | None) -> tuple[float, float] | None:
+    """Pixel size (y, x) in micrometres from TIFF resolution tags, when they are in pixels per centimetre."""
+    if resolution is not None and resolution.unit == 3 and resolution.x > 0 and resolution.y > 0:
+        return (1e4 / resolution.y, 1e4 / resolution.x)
+    return None
+
+
+def create_ome_zarr(path: str | Path, shape: tuple[int, int, int], chunks: tuple[int, int, int],
+                    dtype: np.dtype | type | str, resolution: Resolution | None) -> None:
+    """Create an empty OME-Zarr store at `path` (replacing what is there): a zarr v2 group holding the
+    level-0 array "0" (filled with 0) and its multiscales attributes (pixel size from `resolution`)."""
+    require("zarr", feature="OME-Zarr output", package="zarr")
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.create_array("0", shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0)
+    group.attrs.update(ome_zarr_attributes(tuple(shape), resolution_um(resolution)))
+
+
+def create_array(store: str | Path, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
+                 dtype: np.dtype | type | str) -> None:
+    """Add an array `name` (filled with 0) to an existing zarr group."""
+    require("zarr", feature="OME-Zarr output", package="zarr")
+    import zarr
+
+    zarr.open_group(str(store), mode="r+").create_array(name, shape=tuple(shape), chunks=tuple(chunks),
+                                                         dtype=dtype, fill_value=0)
+
+
+def open_array(store: str | Path, name: str = "0", *, mode: str = "r") -> Any:
+    """The array `name` of a zarr group."""
+    require("zarr", feature="OME-Zarr", package="zarr")
+    import zarr
+
+    return zarr.open_array(str(Path(store) / name), mode=mode)
+
+
+def open_level0(store: str | Path, *, mode: str = "r") -> Any:
+    """The level-0 array of an OME-Zarr store (InputError when the store has none)."""
+    if not (Path(store) / "0").exists():
+        raise InputError(f"{store} is not a segkit OME-Zarr store (no level 0 array); pass a store from "
+                         "`segkit predict ... -o out.ome.zarr`")
+    return open_array(store, "0", mode=mode)
+
+
+def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bool = False,
+                         compression: str = "zlib") -> Path:
+    """Stream the level-0 array of an OME-Zarr store into a tiled BigTIFF, plane by plane
+    (`compression`: one of segkit.io.tiff.COMPRESSIONS)."""
+    array = open_level0(store)
+    planes = ((np.asarray(array[...]),) if array.ndim == 2
+              else (np.asarray(array[z]) for z in range(array.shape[0])))
+    return write_stack(output, planes, shape=tuple(array.shape), dtype=array.dtype, overwrite=overwrite,
+                       compression=compression)

@@ -1,0 +1,134 @@
+"""segkit.io.zarr: zarr / OME-Zarr inputs with the TiffStack plane interface, the OME-Zarr store the
+Dask path writes into, and its conversion to a BigTIFF."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from segkit.errors import InputError, OutputExistsError
+from segkit.io.tiff import Resolution, TiffStack
+
+zarr = pytest.importorskip("zarr")
+
+from segkit.io.zarr import (  # noqa: E402  (after the skip: zarr is optional)
+    ZarrStack,
+    convert_zarr_to_tiff,
+    create_array,
+    create_ome_zarr,
+    ome_zarr_attributes,
+    open_array,
+    open_level0,
+    open_volume,
+    plane_reader,
+)
+
+
+@pytest.fixture
+def volume():
+    return np.random.default_rng(3).integers(0, 256, (3, 30, 40), dtype=np.uint8)
+
+
+def test_zarr_array_ome_group_and_2d_read_like_a_tiff_stack(tmp_path, volume):
+    zarr.save_array(str(tmp_path / "raw.zarr"), volume, zarr_format=2)
+    group = zarr.open_group(str(tmp_path / "raw.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=volume.shape, chunks=(1, 16, 16), dtype=volume.dtype)[:] = volume
+    for name in ("raw.zarr", "raw.ome.zarr"):
+        with open_volume(tmp_path / name) as stack:
+            assert isinstance(stack, ZarrStack) and stack.shape == (3, 30, 40) and stack.dtype == np.uint8
+            assert len(stack) == 3 and stack.resolution is None and not stack.is_2d
+            np.testing.assert_array_equal(stack.plane(2), volume[2])
+            with pytest.raises(IndexError):
+                stack.plane(3)
+    np.testing.assert_array_equal(plane_reader(str(tmp_path / "raw.zarr"))(1), volume[1])
+    zarr.save_array(str(tmp_path / "flat.zarr"), volume[0].astype(np.float32), zarr_format=2)
+    with ZarrStack(tmp_path / "flat.zarr") as flat:
+        assert flat.is_2d and flat.shape == (1, 30, 40)
+        np.testing.assert_array_equal(flat.plane(0), volume[0])
+
+
+def test_open_volume_opens_tiffs_as_tiff_stacks(tmp_path, uint8_stack):
+    with open_volume(uint8_stack) as stack:
+        assert isinstance(stack, TiffStack) and stack.shape == (3, 70, 91)
+
+
+def test_zarr_inputs_refused_with_the_reason(tmp_path):
+    zarr.save_array(str(tmp_path / "rgb.zarr"), np.zeros((2, 8, 8, 3), np.uint8), zarr_format=2)
+    zarr.save_array(str(tmp_path / "int.zarr"), np.zeros((2, 8, 8), np.int64), zarr_format=2)
+    zarr.open_group(str(tmp_path / "empty.ome.zarr"), mode="w", zarr_format=2)
+    (tmp_path / "plain.zarr").mkdir()
+    with_nan = np.ones((1, 40, 40), np.float32)
+    with_nan[0, 3, 3] = np.nan
+    zarr.save_array(str(tmp_path / "nan.zarr"), with_nan, zarr_format=2)
+    for name, message in [("rgb.zarr", "YX or ZYX array"), ("int.zarr", "not 3D int64"),
+                          ("empty.ome.zarr", "without a level-0 array"), ("plain.zarr", "not a zarr store"),
+                          ("missing.zarr", "does not exist")]:
+        with pytest.raises(InputError, match=message):
+            ZarrStack(tmp_path / name)
+    with pytest.raises(InputError, match="plane 0 contains NaN or inf"):
+        ZarrStack(tmp_path / "nan.zarr").plane(0)
+
+
+def test_ome_zarr_attributes():
+    attrs = ome_zarr_attributes((3, 30, 40), (5.0, 4.0))["multiscales"][0]
+    assert attrs["version"] == "0.4" and [a["name"] for a in attrs["axes"]] == ["z", "y", "x"]
+    assert [a.get("unit") for a in attrs["axes"]] == [None, "micrometer", "micrometer"]
+    assert attrs["datasets"] == [{"path": "0", "coordinateTransformations": [{"type": "scale",
+                                                                              "scale": [1.0, 5.0, 4.0]}]}]
+    plain = ome_zarr_attributes((3, 30, 40), None)["multiscales"][0]
+    assert "unit" not in plain["axes"][1] and plain["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0] * 3
+
+
+@pytest.mark.parametrize("resolution, scale", [(Resolution(2000.0, 2500.0, 3), [1.0, 4.0, 5.0]),
+                                               (Resolution(300.0, 300.0, 2), [1.0, 1.0, 1.0]), (None, [1.0] * 3)])
+def test_create_ome_zarr(tmp_path, resolution, scale):
+    store = tmp_path / "out.ome.zarr"
+    create_ome_zarr(store, (3, 30, 40), (1, 16, 16), "float16", resolution)
+    array = zarr.open_array(str(store / "0"), mode="r")
+    assert array.shape == (3, 30, 40) and array.chunks == (1, 16, 16) and array.dtype == np.float16
+    assert not array[:].any()  # filled with 0
+    attrs = json.loads((store / ".zattrs").read_text())["multiscales"][0]
+    assert attrs["datasets"][0]["coordinateTransformations"][0]["scale"] == scale  # 2000 px/cm = 5 um (x)
+
+
+def test_extra_array_and_chunk_writes(tmp_path):
+    store = tmp_path / "out.ome.zarr"
+    create_ome_zarr(store, (2, 20, 20), (1, 10, 10), np.uint32, None)
+    create_array(store, "probability", (2, 20, 20), (1, 10, 10), np.float16)
+    open_array(store, "probability", mode="r+")[1, 10:20, 0:10] = 0.5
+    open_level0(store, mode="r+")[0, 0:10, 10:20] = 7
+    assert open_array(store, "probability").dtype == np.float16 and open_array(store).dtype == np.uint32
+    assert open_array(store, "probability")[:].sum() == 50 and open_level0(store)[:].sum() == 700
+    assert "multiscales" in json.loads((store / ".zattrs").read_text())  # adding an array keeps the attributes
+
+
+@pytest.mark.parametrize("compression, tag", [("zlib", 8), ("zstd", 50000)])
+def test_convert_to_tiff(tmp_path, volume, compression, tag):
+    if compression == "zstd":
+        pytest.importorskip("imagecodecs")
+    store = tmp_path / "out.ome.zarr"
+    create_ome_zarr(store, volume.shape, (1, 16, 16), volume.dtype, None)
+    zarr.open_array(str(store / "0"), mode="r+")[:] = volume
+    out = convert_zarr_to_tiff(store, tmp_path / "back.tif", compression=compression)
+    with tifffile.TiffFile(out) as tif:
+        assert tif.is_bigtiff and tif.pages[0].compression == tag
+        np.testing.assert_array_equal(tif.asarray(), volume)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        convert_zarr_to_tiff(store, out)
+    with pytest.raises(InputError, match="not a segkit OME-Zarr"):
+        convert_zarr_to_tiff(tmp_path / "missing.ome.zarr", tmp_path / "x.tif")
+
+
+def test_io_imports_no_torch_and_distributed_keeps_the_names():
+    code = ("import sys, segkit.io.zarr, segkit.io.tiff, segkit.inference.distributed; "
+            "print(sorted(m for m in ('torch', 'dask', 'zarr') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+    from segkit.inference import distributed
+    from segkit.io import zarr as io_zarr
+
+    for name in ("ZarrStack", "open_volume", "convert_zarr_to_tiff", "ome_zarr_attributes"):
+        assert getattr(distributed, name) is getattr(io_zarr, name)
