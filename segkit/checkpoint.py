@@ -31,8 +31,10 @@ class Normalization:
     def apply(self, raw: Any) -> Any:
         """(raw - mean) / std as float32, for a numpy array or a torch tensor of any stored dtype
         (uint8, uint16, float32), on whatever device the tensor is. The one place segkit normalises."""
-        return _as_float32(raw).sub_(self.mean).mul_(1.0 / self.std) if _is_tensor(raw) else \
-            (np.asarray(raw, np.float32) - np.float32(self.mean)) * np.float32(1.0 / self.std)
+        if not _is_tensor(raw):
+            return (np.asarray(raw, np.float32) - np.float32(self.mean)) * np.float32(1.0 / self.std)
+        # the same float32 arithmetic as for numpy, so every dtype and device gives the same values
+        return _as_float32(raw).sub_(self.mean).mul_(1.0 / self.std)
 
     def invert(self, normalized: Any) -> Any:
         """raw = normalized * std + mean (a denoiser's output back in raw units); numpy or torch."""

@@ -10,6 +10,7 @@ device buffers through IO binding.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,6 +93,9 @@ class TorchEngine:
             self.model = torch.compile(self.model, mode=mode, dynamic=False)
         self.geometry = model.geometry
         self._autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp)
+        # amp none means full precision: cuDNN would otherwise run fp32 convolutions as TF32 on
+        # Ampere and newer GPUs (10-bit mantissa), which moves probabilities by a few uint8 levels
+        self._full_precision = self.amp == "none" and self.uses_gpu
         self.label = f"torch {resolved}" + (f" {self.amp}" if self.amp != "none" else "")
 
     @property
@@ -108,7 +112,9 @@ class TorchEngine:
     def __call__(self, x: Any) -> Any:
         import torch
 
-        with torch.inference_mode():
+        precision = (torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=False)
+                     if self._full_precision else contextlib.nullcontext())
+        with torch.inference_mode(), precision:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self._autocast, enabled=self._autocast is not None):
                 logits = self.model(x)

@@ -75,7 +75,9 @@ class OutputSpec:
             return probability.to(torch.float16)
         if self.kind == "mask":
             return (probability >= self.threshold).to(torch.uint8).mul_(255)
-        return probability.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+        # 255 p + 0.5, clipped and truncated: round half up, in three passes
+        half = torch.tensor(0.5, dtype=torch.float32, device=probability.device)
+        return torch.add(half, probability, alpha=255.0).clamp_(0.0, 255.0).to(torch.uint8)
 
     def finish(self, plane: np.ndarray) -> np.ndarray:
         return plane

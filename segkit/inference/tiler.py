@@ -208,9 +208,10 @@ class _PlaneJob:
     def place(self, tile_output: Any, oy: int, ox: int, window: Any) -> None:
         import torch
 
-        if self.output is None:
-            self.output = torch.zeros((tile_output.shape[0], *self.plan.extent), dtype=torch.float32,
-                                      device=tile_output.device)
+        if self.output is None:  # valid-conv tiles cover the extent exactly; blended ones are summed
+            make = torch.zeros if window is not None else torch.empty
+            self.output = make((tile_output.shape[0], *self.plan.extent), dtype=torch.float32,
+                               device=tile_output.device)
         size = tile_output.shape[-1]
         region = self.output[:, oy : oy + size, ox : ox + size]
         if window is None:
@@ -221,9 +222,11 @@ class _PlaneJob:
 
     def result(self, blending: _Blending) -> Any:
         (h, w), halo = self.plan.plane_shape, self.plan.halo
-        if self.plan.blended:
-            self.output.mul_(blending.inverse(self.plan))
-        return self.output[:, halo : halo + h, halo : halo + w]
+        crop = (slice(halo, halo + h), slice(halo, halo + w))
+        values = self.output[(slice(None), *crop)]
+        if self.plan.blended:  # weighted sums / summed weights, on the plane's pixels only
+            values.mul_(blending.inverse(self.plan)[crop])
+        return values
 
 
 def predict_planes(

@@ -355,11 +355,11 @@ def write_stack(
     count_expected = int(np.prod(shape[:-2], dtype=np.int64))
     # tifffile pulls max(maxworkers, buffersize // block bytes) blocks from `planes`, encodes them on
     # maxworkers threads, writes them, and repeats; its default buffersize (512 MiB) would hold about
-    # a hundred 4 Mpx planes. Batches of two planes' blocks keep memory flat in the number of planes,
-    # and no more threads than blocks in a batch (small planes) keeps it at two planes.
+    # a hundred 4 Mpx planes. Batches of one plane's blocks keep memory flat in the number of planes
+    # (and start compressing as soon as the first plane arrives).
     blocks_per_plane = -(-height // block) * -(-width // block)
     workers = min(_worker_count(workers, ENCODE_WORKERS), 2 * blocks_per_plane)
-    buffersize = 2 * blocks_per_plane * block * block * dtype.itemsize
+    buffersize = blocks_per_plane * block * block * dtype.itemsize
 
     def blocks() -> Iterator[np.ndarray]:
         count = 0

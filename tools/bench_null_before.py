@@ -1,0 +1,93 @@
+"""The null run of tools/bench_predict.py, before and after the device-resident pipeline, in one
+harness, for the before/after CPU figure in README. Before: commit 2af01e0 (numpy tiler, a
+one-thread zlib writer); after: this checkout (segkit.predict).
+
+Usage (the old code in a worktree of its own, this script from the new one):
+  git worktree add /tmp/segkit-before 2af01e0
+  python tools/bench_null_before.py /tmp/segkit-before                 # as that commit installs: Python's zlib
+  python tools/bench_null_before.py /tmp/segkit-before --imagecodecs   # with imagecodecs (libdeflate) added by hand
+  python tools/bench_null_before.py --after                            # this checkout
+
+Same stack (8 x 2048 x 2048 uint8, tools/bench_predict.make_stack), same smp geometry (halo 64,
+tile 1152, batch 2, cosine blending), same null engine (sigmoid(8 x) of each tile), zlib output.
+Prints one JSON line: seconds of the best of 3 runs in one process, Mpx/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkout", type=Path, nargs="?", help="a checkout of the old commit")
+    parser.add_argument("--after", action="store_true", help="measure this checkout instead")
+    parser.add_argument("--imagecodecs", action="store_true", help="let tifffile use imagecodecs (libdeflate)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/segkit-null"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(TOOLS))
+    if args.after:
+        after(args.workdir)
+        return
+    if not args.imagecodecs:
+        sys.modules["imagecodecs"] = None  # the last commit did not depend on it: tifffile uses Python's zlib
+    sys.path.insert(0, str(args.checkout))
+    import torch
+    from bench_predict import SMP_KWARGS, SMP_NAME, fewest_pixels_tile, make_stack
+
+    from segkit.checkpoint import Normalization
+    from segkit.inference.pipeline import OutputSpec, predict_stack
+    from segkit.io.tiff import open_stack
+    from segkit.models import create_model
+
+    assert Path(sys.modules["segkit"].__file__).is_relative_to(args.checkout), "the old segkit was not imported"
+    geometry = create_model(SMP_NAME, **SMP_KWARGS).geometry
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    stack_path = make_stack(args.workdir / "stack_8x2048.tif", 8, 2048)
+    tile = fewest_pixels_tile(2048)
+
+    def null(x):  # numpy in and out, as that commit's engines
+        return torch.sigmoid(8 * torch.from_numpy(x)).numpy()
+
+    seconds = []
+    for _ in range(3):
+        with open_stack(stack_path) as stack:
+            started = time.perf_counter()
+            predict_stack(stack, null, geometry, args.workdir / "out_before.tif", normalization=Normalization(110.0, 60.0),
+                          tile=tile, batch=2, spec=OutputSpec(), overwrite=True)
+            seconds.append(time.perf_counter() - started)
+    print(json.dumps({"run": "null-before", "imagecodecs": args.imagecodecs, "tile": tile,
+                      "seconds": [round(s, 3) for s in seconds],
+                      "mpx_per_s": round(8 * 2048**2 / min(seconds) / 1e6, 1)}))
+
+
+def after(workdir: Path) -> None:
+    from bench_predict import SMP_KWARGS, SMP_NAME, NullEngine, fewest_pixels_tile, make_stack
+
+    import segkit
+    from segkit.checkpoint import CheckpointInfo, Normalization
+    from segkit.models import create_model
+
+    geometry = create_model(SMP_NAME, **SMP_KWARGS).geometry
+    info = CheckpointInfo("segmenter", SMP_NAME, SMP_KWARGS, geometry, Normalization(110.0, 60.0))
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack_path = make_stack(workdir / "stack_8x2048.tif", 8, 2048)
+    tile = fewest_pixels_tile(2048)
+    seconds = []
+    for _ in range(3):
+        started = time.perf_counter()
+        segkit.predict(stack_path, workdir / "out_after.tif", model=NullEngine(geometry, info, "cpu"), tile=tile,
+                       batch=2, overwrite=True, report=lambda _: None)
+        seconds.append(time.perf_counter() - started)
+    print(json.dumps({"run": "null-after", "tile": tile, "seconds": [round(s, 3) for s in seconds],
+                      "mpx_per_s": round(8 * 2048**2 / min(seconds) / 1e6, 1)}))
+
+
+if __name__ == "__main__":
+    main()
