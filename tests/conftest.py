@@ -134,3 +134,20 @@ def as_plane(array):
 
     tensor = torch.as_tensor(np.asarray(array, dtype=np.float32))
     return tensor[None] if tensor.ndim == 2 else tensor
+
+
+# == A tiny training recipe on the bundled ISBI crop (test_training, test_denoiser) ==================
+
+
+def tiny_recipe(tmp_path, base=4, **train):
+    """A validated recipe for a base-`base` U-Net trained for a few iterations on the bundled crop."""
+    from segkit.config import validate_recipe
+    from segkit.demo import SAMPLE_LABELS, SAMPLE_RAW
+
+    return validate_recipe({
+        "model": {"name": "unet", "params": {"base": base, "batch_norm": True}},
+        "data": {"root": str(SAMPLE_RAW.parent), "raw": SAMPLE_RAW.name, "labels": SAMPLE_LABELS.name,
+                 "tile": 236, "train_slices": [0, 3], "val_slices": [3, 4], "test_slices": [4, 5]},
+        "train": {"epochs": 2, "iters_per_epoch": 2, "batch": 2, "device": "cpu", "out": str(tmp_path / "run"),
+                  "lr": 1e-3, **train},
+    })

@@ -135,7 +135,7 @@ def test_cli_train_denoiser(tmp_path):
 def test_segmentation_training_with_frozen_denoiser_in_front(tmp_path, denoiser_and_segmenter, uint8_stack):
     from segkit.checkpoint import load_model
     from segkit.training.loop import train
-    from tests.test_training import tiny_recipe
+    from tests.conftest import tiny_recipe
 
     den_path, _ = denoiser_and_segmenter
     den_before, _ = load_model(den_path, expect_kind="denoiser")

@@ -7,6 +7,7 @@ from segkit.demo import SAMPLE_LABELS, SAMPLE_RAW
 from segkit.errors import SegkitError
 from segkit.training.data import border_weight_map, class_balance_weights, prepare_slices, sample_patch
 from segkit.training.losses import segmentation_loss, weighted_cross_entropy
+from tests.conftest import tiny_recipe
 
 
 def test_border_weights_peak_between_touching_cells():
@@ -43,16 +44,6 @@ def test_patches_have_context_and_targets():
     image, target, weight = sample_patch(slices, rng, tile=204, out_tile=20, augment=None)
     assert image.shape == (204, 204) and target.shape == (20, 20) and weight.shape == (20, 20)
     assert 0 <= image.min() and image.max() <= 1 and set(np.unique(target)) <= {0, 1}
-
-
-def tiny_recipe(tmp_path, base=4, **train):
-    return validate_recipe({
-        "model": {"name": "unet", "params": {"base": base, "batch_norm": True}},
-        "data": {"root": str(SAMPLE_RAW.parent), "raw": SAMPLE_RAW.name, "labels": SAMPLE_LABELS.name,
-                 "tile": 236, "train_slices": [0, 3], "val_slices": [3, 4], "test_slices": [4, 5]},
-        "train": {"epochs": 2, "iters_per_epoch": 2, "batch": 2, "device": "cpu", "out": str(tmp_path / "run"),
-                  "lr": 1e-3, **train},
-    })
 
 
 def test_training_lowers_the_loss():

@@ -73,7 +73,9 @@ def main() -> None:
     segmenter, seg_info = load_model(args.segmenter)
     engine = TorchEngine(segmenter, device=device, amp="none")
     threshold = float(seg_info.inference.get("threshold", 0.5))
-    tile = int(seg_info.inference.get("tile", 572))
+    from segkit.inference.loading import trained_tile
+
+    tile = trained_tile(seg_info, segmenter.geometry)  # the one place the default tile is decided
     norm = seg_info.normalization
 
     def segmentation(planes: list[np.ndarray]) -> dict[str, float]:

@@ -36,7 +36,9 @@ def predict_slices(checkpoint: Path, raw: np.ndarray, *, tta: str, device: str, 
     engine = TorchEngine(model, device=device, amp="none")
     forward = engine if tta == "none" else TTAForward(engine, tta)
     planes = (info.normalization.apply(plane) for plane in raw)
-    tile = int(info.inference.get("tile") or 572)
+    from segkit.inference.loading import trained_tile
+
+    tile = trained_tile(info, model.geometry)  # the one place the default tile is decided
     return np.stack([p[0] for p in predict_arrays(planes, forward, model.geometry, tile=tile, batch=batch)])
 
 

@@ -32,7 +32,9 @@ def held_out_scores(checkpoint: Path, root: Path, test_slices: tuple[int, int], 
     from segkit.inference.api import predict
 
     info = read_info(checkpoint)
-    tile = int(info.inference.get("tile", 572))
+    from segkit.inference.loading import trained_tile
+
+    tile = trained_tile(info, info.geometry)  # the one place the default tile is decided
     threshold = float(info.inference.get("threshold", 0.5))
     start, stop = test_slices
     with tempfile.TemporaryDirectory() as tmp:
