@@ -287,3 +287,48 @@ def test_errors_on_either_side_stop_both_and_leave_no_output(tmp_path):
     for thread in started:
         thread.join(timeout=2.0)
     assert not [t.name for t in started if t.is_alive()]
+
+
+def test_cpu_pipeline_gives_the_engine_every_thread_and_restores_the_count(tmp_path):
+    """On the CPU the pipeline's own tensor work runs on one thread (the other cores compress), the
+    engine's forward on all of torch's threads; the thread count is restored afterwards, also after a failure."""
+    path = tmp_path / "in.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (3, 70, 90), dtype=np.uint8), photometric="minisblack")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def forward(x):
+            seen.append(torch.get_num_threads())
+            return x[:, :, 3:-3, 3:-3].clone()
+
+        encoding_threads = []
+
+        class RecordingSpec:  # the output-spec interface; encode runs in the pipeline's own thread
+            dtype = np.dtype(np.uint8)
+
+            def encode(self, values):
+                encoding_threads.append(torch.get_num_threads())
+                return OutputSpec().encode(values)
+
+            def finish(self, plane):
+                return plane
+
+        engine = FakeEngine(forward)
+        with open_stack(path) as stack:
+            predict_stack(stack, engine, GEOMETRY, tmp_path / "out.tif", normalization=Normalization(0.0, 255.0),
+                          tile=GEOMETRY.min_input + 16, batch=2, spec=RecordingSpec())
+        assert seen and set(seen) == {2}
+        assert encoding_threads and set(encoding_threads) == {1}
+        assert torch.get_num_threads() == 2
+
+        def failing(x):
+            raise RuntimeError("engine failed")
+
+        with open_stack(path) as stack, pytest.raises(RuntimeError, match="engine failed"):
+            predict_stack(stack, FakeEngine(failing), GEOMETRY, tmp_path / "out2.tif",
+                          normalization=Normalization(0.0, 255.0), tile=GEOMETRY.min_input + 16, batch=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -9,7 +9,8 @@ Usage (the old code in a worktree of its own, this script from the new one):
   python tools/bench_null_before.py --after                            # this checkout
 
 Same stack (8 x 2048 x 2048 uint8, tools/bench_predict.make_stack), same smp geometry (halo 64,
-tile 1152, batch 2, cosine blending), same null engine (sigmoid(8 x) of each tile), zlib output.
+tile 1152, batch 2, cosine blending), same null engine (sigmoid(8 x) of each tile, on one thread:
+it stands for an engine that costs nothing), zlib output.
 Prints one JSON line: seconds of the best of 3 runs in one process, Mpx/s.
 """
 
@@ -39,7 +40,7 @@ def main() -> None:
         sys.modules["imagecodecs"] = None  # the last commit did not depend on it: tifffile uses Python's zlib
     sys.path.insert(0, str(args.checkout))
     import torch
-    from bench_predict import SMP_KWARGS, SMP_NAME, fewest_pixels_tile, make_stack
+    from bench_predict import SMP_KWARGS, SMP_NAME, fewest_pixels_tile, make_stack, on_one_thread
 
     from segkit.checkpoint import Normalization
     from segkit.inference.pipeline import OutputSpec, predict_stack
@@ -52,8 +53,8 @@ def main() -> None:
     stack_path = make_stack(args.workdir / "stack_8x2048.tif", 8, 2048)
     tile = fewest_pixels_tile(2048)
 
-    def null(x):  # numpy in and out, as that commit's engines
-        return torch.sigmoid(8 * torch.from_numpy(x)).numpy()
+    def null(x):  # numpy in and out, as that commit's engines; on one thread, as bench_predict.NullEngine
+        return on_one_thread(lambda: torch.sigmoid(8 * torch.from_numpy(x)).numpy(), "cpu")
 
     seconds = []
     for _ in range(3):

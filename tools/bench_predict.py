@@ -204,7 +204,22 @@ class NullEngine:
 
         m = self.geometry.margin
         centre = x[:, :1, m : x.shape[2] - m, m : x.shape[3] - m] if m else x[:, :1]
-        return torch.sigmoid(centre * 8.0)
+        return on_one_thread(lambda: torch.sigmoid(centre * 8.0), x.device)
+
+
+def on_one_thread(compute, device):
+    """Run a stand-in computation on one CPU thread: a zero-cost engine should not compete with
+    the pipeline for cores (on a GPU it runs on the device and this changes nothing)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cpu":
+        return compute()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return compute()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def peak_rss_mb() -> float:
