@@ -151,3 +151,20 @@ def tiny_recipe(tmp_path, base=4, **train):
         "train": {"epochs": 2, "iters_per_epoch": 2, "batch": 2, "device": "cpu", "out": str(tmp_path / "run"),
                   "lr": 1e-3, **train},
     })
+
+
+@pytest.fixture(scope="module")
+def tiny_denoiser(tmp_path_factory):
+    """A base-4 denoiser checkpoint (random weights) trained on uint8 data, for the pre-stage paths."""
+    import torch
+
+    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("denoiser", base=4)
+    path = tmp_path_factory.mktemp("den") / "den.safetensors"
+    save_checkpoint(path, model, CheckpointInfo("denoiser", "denoiser", {"base": 4}, model.geometry,
+                                                Normalization(110.0, 30.0), classes=[],
+                                                inference={"tile": 108, "input_dtype": "uint8"}))
+    return path

@@ -141,20 +141,6 @@ def test_output_encodings(tmp_path, uint8_stack, tiny_checkpoint):
     assert not (tmp_path / "x.tif").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_denoiser(tmp_path_factory):
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
-    from segkit.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("denoiser", base=4)
-    path = tmp_path_factory.mktemp("den") / "den.safetensors"
-    save_checkpoint(path, model, CheckpointInfo("denoiser", "denoiser", {"base": 4}, model.geometry,
-                                                Normalization(110.0, 30.0), classes=[],
-                                                inference={"tile": 108, "input_dtype": "uint8"}))
-    return path
-
-
 def test_denoiser_kind(tmp_path, uint8_stack, tiny_denoiser, tiny_checkpoint):
     same = predict(uint8_stack, model=tiny_denoiser, kind="denoiser")
     assert same.outputs == [tmp_path / "stack_denoised.tif"] and same.tile == 108 and same.batch == 4

@@ -139,21 +139,6 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_denoiser(tmp_path_factory):
-    import torch
-
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
-    from segkit.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("denoiser", base=4)
-    path = tmp_path_factory.mktemp("den") / "den.safetensors"
-    save_checkpoint(path, model, CheckpointInfo("denoiser", "denoiser", {"base": 4}, model.geometry,
-                                                Normalization(110.0, 30.0), classes=[], inference={"tile": 108}))
-    return path
-
-
 @pytest.mark.parametrize("option", OPTIONS)
 def test_dask_path_options_match_the_single_process_path(tmp_path, chunky_stack, tiny_checkpoint, option,
                                                         monkeypatch, request):
