@@ -341,11 +341,12 @@ def denoise(source: str, output: Path | None, model_path: Path, engine: str, til
 @click.option("--min-seed-size", type=click.IntRange(min=1), default=None, show_default="10", help="Smallest seed (px).")
 @click.option("--min-size", type=click.IntRange(min=0), default=None, show_default="50",
               help="Segments smaller than this (px) are merged into their neighbours.")
+@COMPRESSION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def segment(source: str, output: Path | None, model_path: Path | None, threshold: str | None,
-            seed_distance: float | None, min_seed_size: int | None, min_size: int | None, overwrite: bool,
-            quiet: bool) -> None:
+            seed_distance: float | None, min_seed_size: int | None, min_size: int | None, compression: str,
+            overwrite: bool, quiet: bool) -> None:
     """Neuron instances of a membrane probability stack SOURCE: seeded watershed per slice, uint32 labels.
 
     Seeds are the interior pixels far enough from predicted membrane; segments grow over the
@@ -374,7 +375,8 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     with open_stack(source, labels=True) as stack:  # label dtypes are refused by segment_stack, with a clear message
         planes = len(stack)
     with tqdm(total=planes, unit="slice", disable=quiet, file=sys.stderr) as bar:
-        written = segment_stack(source, output, params, overwrite=overwrite, on_plane=bar.update)
+        written = segment_stack(source, output, params, overwrite=overwrite, on_plane=bar.update,
+                                compression=compression)
     click.echo(f"wrote {written} (watershed: {params.to_dict()})")
 
 
@@ -383,17 +385,19 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
+@COMPRESSION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def convert(store: Path, output: Path, overwrite: bool) -> None:
+def convert(store: Path, output: Path, compression: str, overwrite: bool) -> None:
     """Convert an OME-Zarr STORE (from `segkit predict -o x.ome.zarr`) to a tiled BigTIFF OUTPUT, streaming.
 
     \b
     Example:
       segkit convert big.ome.zarr big_membranes.tif
+      segkit convert big.ome.zarr big_membranes.tif --compression zstd
     """
-    from segkit.inference.distributed import convert_zarr_to_tiff
+    from segkit.io.zarr import convert_zarr_to_tiff
 
-    click.echo(f"wrote {convert_zarr_to_tiff(store, output, overwrite=overwrite)}")
+    click.echo(f"wrote {convert_zarr_to_tiff(store, output, overwrite=overwrite, compression=compression)}")
 
 
 # -- evaluate ------------------------------------------------------------------------------

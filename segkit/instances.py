@@ -99,7 +99,7 @@ class InstanceOutput:
 
 
 def segment_stack(source: str, output: str | Path, params: WatershedParams, *, overwrite: bool = False,
-                  on_plane: Callable[[int], object] | None = None) -> Path:
+                  on_plane: Callable[[int], object] | None = None, compression: str = "zlib") -> Path:
     """Watershed every plane of a probability stack (streaming) into a uint32 label stack."""
     from segkit.io.tiff import open_stack, write_stack
     from segkit.metrics import to_probability
@@ -115,4 +115,4 @@ def segment_stack(source: str, output: str | Path, params: WatershedParams, *, o
 
         shape = stack.shape[1:] if stack.is_2d else stack.shape
         return write_stack(output, planes(), shape=shape, dtype=np.uint32, resolution=stack.resolution,
-                           overwrite=overwrite)
+                           overwrite=overwrite, compression=compression)

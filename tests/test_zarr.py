@@ -132,3 +132,23 @@ def test_io_imports_no_torch_and_distributed_keeps_the_names():
 
     for name in ("ZarrStack", "open_volume", "convert_zarr_to_tiff", "ome_zarr_attributes"):
         assert getattr(distributed, name) is getattr(io_zarr, name)
+
+
+def test_cli_convert_and_segment_take_compression(tmp_path, volume):
+    """`segkit convert` and `segkit segment` write with --compression like predict (the TIFF tag says which)."""
+    from tests.conftest import run
+
+    store = tmp_path / "out.ome.zarr"
+    create_ome_zarr(store, volume.shape, (1, 16, 16), volume.dtype, None)
+    zarr.open_array(str(store / "0"), mode="r+")[:] = volume
+    result = run("convert", str(store), str(tmp_path / "plain.tif"), "--compression", "none")
+    assert result.exit_code == 0, result.output
+    with tifffile.TiffFile(tmp_path / "plain.tif") as tif:
+        assert tif.pages[0].compression == 1
+    probability = (np.random.default_rng(0).random((2, 40, 40)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "prob.tif", probability, photometric="minisblack")
+    result = run("segment", str(tmp_path / "prob.tif"), "-o", str(tmp_path / "labels.tif"), "--compression", "lzw", "-q")
+    assert result.exit_code == 0, result.output
+    with tifffile.TiffFile(tmp_path / "labels.tif") as tif:
+        assert tif.pages[0].compression == 5 and tif.pages[0].dtype == np.uint32
+    assert run("convert", str(store), str(tmp_path / "x.tif"), "--compression", "gzip").exit_code == 2
