@@ -168,3 +168,18 @@ def tiny_denoiser(tmp_path_factory):
                                                 Normalization(110.0, 30.0), classes=[],
                                                 inference={"tile": 108, "input_dtype": "uint8"}))
     return path
+
+
+def assert_plane_matches_library(written, stack_path, checkpoint, *, index: int, tile: int) -> None:
+    """Plane `index` of a written uint8 prediction is the library's overlap-tiled probability of
+    that input plane (predict_plane with a TorchEngine), to within one uint8 level."""
+    import torch
+
+    from segkit.checkpoint import load_model
+    from segkit.inference.engines import TorchEngine
+    from segkit.inference.tiler import predict_plane
+
+    model, info = load_model(checkpoint)
+    plane = info.normalization.apply(torch.from_numpy(tifffile.imread(stack_path)[index]))[None]
+    expected = predict_plane(plane, TorchEngine(model, device="cpu"), info.geometry, tile=tile)[0].numpy()
+    assert np.abs(written[index].astype(int) - np.rint(expected * 255)).max() <= 1

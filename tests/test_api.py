@@ -12,6 +12,7 @@ import torch
 
 import segkit
 from segkit.errors import OutputExistsError, SegkitError
+from tests.conftest import assert_plane_matches_library
 
 
 class Progress:
@@ -34,9 +35,6 @@ def predict(sources, output=None, **options):
 
 
 def test_one_stack_into_one_tiff(tmp_path, uint8_stack, tiny_checkpoint):
-    from segkit.checkpoint import load_model
-    from segkit.inference.engines import TorchEngine
-    from segkit.inference.tiler import predict_plane
 
     progress = Progress()
     out = tmp_path / "out.tif"
@@ -49,10 +47,7 @@ def test_one_stack_into_one_tiff(tmp_path, uint8_stack, tiny_checkpoint):
     assert any("3 x 70 x 91 uint8, 12 tiles of 236 px, batch 4, on torch cpu" in m for m in predict.messages)
     written = tifffile.imread(out)
     assert written.shape == (3, 70, 91) and written.dtype == np.uint8
-    model, info = load_model(tiny_checkpoint)
-    plane = torch.from_numpy((tifffile.imread(uint8_stack)[2].astype(np.float32) - 120) / 40)[None]
-    expected = predict_plane(plane, TorchEngine(model, device="cpu"), info.geometry, tile=236)[0].numpy()
-    assert np.abs(written[2].astype(int) - np.rint(expected * 255)).max() <= 1
+    assert_plane_matches_library(written, uint8_stack, tiny_checkpoint, index=2, tile=236)
     with tifffile.TiffFile(out) as tif:
         assert tif.pages[0].resolution == pytest.approx((250.0, 250.0))
     # an existing output is kept unless overwrite; the default output sits beside the input

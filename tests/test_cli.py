@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.conftest import assert_user_error, run  # (test_adapt, test_denoiser, test_instances import these from here)
+from tests.conftest import assert_plane_matches_library, assert_user_error, run
 
 COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export", "segment", "convert"]
 
@@ -38,21 +38,14 @@ def test_models_lists_every_architecture():
 
 
 def test_predict_end_to_end_matches_library(tmp_path, uint8_stack, tiny_checkpoint):
-    import torch
 
-    from segkit.checkpoint import load_model
-    from segkit.inference.engines import TorchEngine
-    from segkit.inference.tiler import predict_plane
 
     out = tmp_path / "out.tif"
     result = run("predict", uint8_stack, "-o", out, "-m", tiny_checkpoint, "--tile", 220, "--batch", 3, "-q")
     assert result.exit_code == 0, result.output
     written = tifffile.imread(out)
     assert written.shape == (3, 70, 91) and written.dtype == np.uint8
-    model, info = load_model(tiny_checkpoint)
-    plane = torch.from_numpy((tifffile.imread(uint8_stack)[1].astype(np.float32) - 120) / 40)[None]
-    expected = predict_plane(plane, TorchEngine(model, device="cpu"), info.geometry, tile=220)[0].numpy()
-    assert np.abs(written[1].astype(int) - np.rint(expected * 255)).max() <= 1
+    assert_plane_matches_library(written, uint8_stack, tiny_checkpoint, index=1, tile=220)
     with tifffile.TiffFile(out) as tif:
         assert tif.pages[0].resolution == pytest.approx((250.0, 250.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tif", "stack.tif"]

@@ -355,17 +355,17 @@ def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int
     if tile == "auto" or batch is None:
         loaded = _load(None, request, tile=tile, report=report)
         chosen_tile, batch = _fit_to_device(loaded, sources[0], tile=tile, batch=batch, report=report)
-        info = loaded.info
+        info, geometry = loaded.info, loaded.geometry
         del loaded
         _release_device_memory()
     else:  # the model's record and tile, checked as the workers will, without building an engine here
-        info, _, chosen_tile = planned_tile(request, _fixed_tile(tile))
+        info, geometry, chosen_tile = planned_tile(request, _fixed_tile(tile))
     spec = output_spec(info.inference, output_type=output_type, threshold=threshold, instances=instances)
     where = scheduler or (f"a local Dask cluster of {workers} workers" if workers else "local Dask threads")
     report(f"{sources[0]} -> {output} on {where}, device {request.device}, tile {chosen_tile}, batch {batch}")
     written = predict_to_zarr(sources[0], output.rstrip("/"), request, tile=chosen_tile, batch=batch, chunk=chunk,
                               spec=spec, blend=blend, normalize=normalize, scheduler=scheduler, workers=workers,
-                              resume=resume, overwrite=overwrite, report=report)
+                              resume=resume, overwrite=overwrite, record=(info, geometry), report=report)
     return PredictResult(outputs=[written], tile=chosen_tile, batch=batch, engine=f"Dask ({where})",
                          seconds=time.perf_counter() - started)
 

@@ -224,17 +224,18 @@ def _label_plane(z: int, *, store: str, spec: Any, after: Any = None) -> int:
 
 
 @dataclass(frozen=True)
-class _Probability:
-    """The chunk stage of an instance run: the probability as float32, finished later per plane."""
+class _DeviceHalf:
+    """The chunk stage of an instance run: the spec's device half (the float32 probability), whose
+    host half (the watershed) runs later on whole planes (`_label_plane`)."""
 
-    channel: int = 0
+    spec: Any
 
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(np.float32)
 
     def encode(self, values: Any) -> Any:
-        return values[self.channel].float()
+        return self.spec.encode(values)
 
     def finish(self, plane: np.ndarray) -> np.ndarray:
         return plane
@@ -243,14 +244,16 @@ class _Probability:
 def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: int, batch: int = 4,
                     chunk: int = 1024, spec: Any = None, blend: str = "cosine", normalize: str = "auto",
                     scheduler: str | None = None, workers: int | None = None, resume: bool = False,
-                    overwrite: bool = False, report: Callable[[str], object] = print) -> Path:
+                    overwrite: bool = False, record: tuple[Any, Any] | None = None,
+                    report: Callable[[str], object] = print) -> Path:
     """Predict `source` (TIFF stack, or zarr/OME-Zarr store) with the engine of `request` (an
     EngineRequest) into an OME-Zarr store on Dask.
 
     `scheduler` is a dask.distributed address (tcp://host:8786); `workers` starts a local cluster
     of that many worker processes; neither: the current dask scheduler (threads). The store is
     built under `<output>.partial` and renamed when every chunk (and, for instances, every
-    plane's labels) is written.
+    plane's labels) is written. `record`: the model's (record, geometry) when the caller already
+    has them (else read from the model files).
     """
     require("dask", feature="the Dask path (--scheduler/--workers or an .ome.zarr output)", package="dask[distributed]")
     require("zarr", feature="OME-Zarr output", package="zarr")
@@ -269,7 +272,7 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
         raise InputError(f"output {output} would replace its input; choose another output path")
     if output.exists() and not overwrite:
         raise OutputExistsError(f"output {output} already exists; pass --overwrite or choose another path")
-    info, geometry = model_record(request)
+    info, geometry = record or model_record(request)
     geometry.check_tile(tile)
     context = _context(geometry)
     with open_volume(source) as stack:
@@ -284,7 +287,7 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
     layout = ((1,) * shape[0], axis_chunks(shape[1], chunks[1], context + 1), axis_chunks(shape[2], chunks[2], context + 1))
     starts = tuple(tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)])) for sizes in layout)
     instances = isinstance(spec, InstanceOutput)
-    chunk_spec = _Probability(spec.channel) if instances else spec
+    chunk_spec = _DeviceHalf(spec) if instances else spec
     models = [request.model] + ([request.denoiser] if request.denoiser is not None else [])
     manifest = RunManifest("+".join(file_sha256(m) for m in models), str(Path(source).resolve()), tile,
                            normalization.to_dict(), shape, chunks, repr(spec),

@@ -126,13 +126,20 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
 
 def model_record(request: EngineRequest) -> tuple[Any, Any]:
     """The record and geometry (halo applied) of the requested model, without building an engine."""
+    info, geometry, _ = _records(request)
+    return info, geometry
+
+
+def _records(request: EngineRequest) -> tuple[Any, Any, Any]:
+    """`model_record` plus an ONNX file's export record (None for checkpoints), each file read once."""
     from segkit.checkpoint import read_info
 
     path = Path(request.model)
+    export_record = None
     if path.suffix.lower() == ".onnx":
         from segkit.export import read_onnx_metadata
 
-        info = read_onnx_metadata(path)[0]
+        info, export_record = read_onnx_metadata(path)
     elif request.denoiser is not None:
         info = _load_checkpoint(path, request.denoiser, request.kind)[1]
     else:
@@ -140,19 +147,16 @@ def model_record(request: EngineRequest) -> tuple[Any, Any]:
     if info.kind != request.kind:
         raise SegkitError(f"{path} is a {info.kind} model, but a {request.kind} is needed here")
     geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
-    return info, geometry
+    return info, geometry, export_record
 
 
 def planned_tile(request: EngineRequest, tile: int | None = None) -> tuple[Any, Any, int]:
     """The record, geometry and tile that `load_prediction_engine(request, tile=tile)` would run
     with (an ONNX file's export tile, else the trained tile), checked the same way, without
     building an engine (the Dask path's client, whose workers build their own)."""
-    info, geometry = model_record(request)
-    path = Path(request.model)
-    if path.suffix.lower() == ".onnx":
-        from segkit.export import read_onnx_metadata
-
-        tile = _onnx_tile(path, read_onnx_metadata(path)[1], tile)
+    info, geometry, export_record = _records(request)
+    if export_record is not None:
+        tile = _onnx_tile(Path(request.model), export_record, tile)
     else:
         tile = tile or trained_tile(info, geometry)
     geometry.check_tile(tile)

@@ -77,7 +77,7 @@ class OutputSpec:
         if self.kind == "mask":
             return (probability >= self.threshold).to(torch.uint8).mul_(255)
         # 255 p + 0.5, clipped and truncated: round half up, in three passes
-        half = torch.tensor(0.5, dtype=torch.float32, device=probability.device)
+        half = probability.new_full((), 0.5)  # filled on the device: no host copy, no synchronisation
         return torch.add(half, probability, alpha=255.0).clamp_(0.0, 255.0).to(torch.uint8)
 
     def finish(self, plane: np.ndarray) -> np.ndarray:
@@ -178,14 +178,21 @@ def read_ahead(produce: Iterable[T], *, depth: int = 2, name: str = "segkit-read
 
 
 @dataclass(frozen=True)
-class _Upload:
-    """A raw plane (C, H, W) on the device and the event its copy completes at (None on the CPU)."""
+class _Copy:
+    """A tensor being copied between host and device, and the CUDA event the copy completes at
+    (None: no copy, the tensor is already there)."""
 
     tensor: Any
     ready: Any
 
+    def numpy(self) -> np.ndarray:
+        """The host tensor as numpy, once its copy is complete (the writer's one wait per plane)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tensor.numpy()
 
-def _uploads(stack: Any, device: Any) -> Iterator[_Upload]:
+
+def _uploads(stack: Any, device: Any) -> Iterator[_Copy]:
     """Each raw plane, in its stored dtype, copied once to `device`: from a pinned buffer on a side
     stream on CUDA (so the copy overlaps the engine), as a view of the numpy plane on the CPU."""
     import torch
@@ -196,14 +203,14 @@ def _uploads(stack: Any, device: Any) -> Iterator[_Upload]:
         raw = stack.plane(index)
         host = torch.from_numpy(raw if raw.ndim == 3 else raw[None])
         if not cuda:
-            yield _Upload(host, None)
+            yield _Copy(host, None)
             continue
         pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
         pinned.copy_(host)
         with torch.cuda.stream(stream):
             on_device = pinned.to(device, non_blocking=True)
             ready = stream.record_event()
-        yield _Upload(on_device, ready)
+        yield _Copy(on_device, ready)
 
 
 def device_planes(stack: Any, normalization: Normalization, device: Any, *, prefetch: int = 2) -> Iterator[Any]:
@@ -223,27 +230,14 @@ def device_planes(stack: Any, normalization: Normalization, device: Any, *, pref
         uploads.close()
 
 
-@dataclass(frozen=True)
-class _Download:
-    """An encoded plane on its way to the host, and the event its copy completes at (None: already there)."""
-
-    tensor: Any
-    ready: Any
-
-    def numpy(self) -> np.ndarray:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.tensor.numpy()
-
-
-def _downloads(encoded: Iterable[Any], device: Any) -> Iterator[_Download]:
+def _downloads(encoded: Iterable[Any], device: Any) -> Iterator[_Copy]:
     """Start copying each encoded plane back into a pinned buffer on a stream of its own (CUDA),
     so the copy overlaps the next plane's compute; on the CPU the tensor is already there."""
     import torch
 
     if device.type != "cuda":
         for tensor in encoded:
-            yield _Download(tensor, None)
+            yield _Copy(tensor, None)
         return
     stream = torch.cuda.Stream(device)
     for tensor in encoded:
@@ -253,7 +247,7 @@ def _downloads(encoded: Iterable[Any], device: Any) -> Iterator[_Download]:
             host.copy_(tensor, non_blocking=True)
             tensor.record_stream(stream)
             ready = stream.record_event()
-        yield _Download(host, ready)
+        yield _Copy(host, ready)
 
 
 def consume_behind(consume: Callable[[Iterable[T]], R], items: Iterable[T], *, depth: int = 2) -> R:
@@ -354,7 +348,7 @@ def predict_stack(
     encoded = _downloads((spec.encode(v) for v in values), device)
     shape = stack.shape[1:] if stack.is_2d else stack.shape
 
-    def write(downloads: Iterable[_Download]) -> Path:
+    def write(downloads: Iterable[_Copy]) -> Path:
         planes = (spec.finish(download.numpy()) for download in downloads)
         return write_stack(output, planes, shape=shape, dtype=spec.dtype, resolution=stack.resolution,
                            overwrite=overwrite, compression=compression)
