@@ -154,7 +154,7 @@ def test_stack_normalization_is_global(tmp_path):
 
 def test_output_spec_encodes_tensors_on_the_device():
     p = torch.tensor([[0.0, 0.49, 0.5, 1.0]])  # (K=1, ...) values of one plane
-    uint8 = OutputSpec("uint8").encode(p)
+    uint8 = OutputSpec("uint8").encode(p.clone())
     assert isinstance(uint8, torch.Tensor) and uint8.dtype == torch.uint8 and uint8.device == p.device
     assert uint8.tolist() == [0, 125, 128, 255]
     assert OutputSpec("mask", 0.5).encode(p).tolist() == [0, 0, 255, 255]
@@ -168,14 +168,16 @@ def test_output_spec_encodes_tensors_on_the_device():
         spec = OutputSpec("uint8", channel=channel)
         assert spec.dtype == np.uint8
         expected = np.rint(np.clip(values[channel], 0, 1) * 255).astype(np.uint8)
-        np.testing.assert_array_equal(spec.encode(tensor).numpy(), expected)
+        np.testing.assert_array_equal(spec.encode(tensor.clone()).numpy(), expected)
         mask = OutputSpec("mask", 0.3, channel=channel)
         assert mask.dtype == np.uint8
         np.testing.assert_array_equal(mask.encode(tensor).numpy(), np.where(values[channel] >= 0.3, 255, 0))
         half = OutputSpec("float16", channel=channel)
         assert half.dtype == np.float16 and half.encode(tensor).dtype == torch.float16
         np.testing.assert_array_equal(half.encode(tensor).numpy(), values[channel].astype(np.float16))
-    assert torch.equal(tensor, torch.from_numpy(values))  # the engine's output is left alone
+    assert torch.equal(tensor, torch.from_numpy(values))  # masks and float16 leave the values alone
+    spec.encode(tensor)  # uint8 encodes in place (the tiler's accumulator): one float32 plane less per plane
+    assert not torch.equal(tensor[3], torch.from_numpy(values[3])) and torch.equal(tensor[0], torch.from_numpy(values[0]))
     assert OutputSpec().finish(expected) is expected  # nothing left to do on the host
 
 

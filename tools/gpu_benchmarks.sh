@@ -3,6 +3,7 @@
 #
 #   bash tools/gpu_benchmarks.sh [PLANES]        # default 64 planes of 4096 x 4096 uint8 = 1 Gpx
 #   QUICK=1 SECONDS_MODEL=5 bash tools/gpu_benchmarks.sh 32   # the short form (what fits 4 device minutes)
+#   RUNS=... FP16_RUNS=... choose the runs of steps 2 and 3 (FP16_RUNS= skips step 3)
 #
 # Expects the wheels of ../shared/tools/gpu-bench.md (plus imagecodecs) in .whl/ when segkit's
 # dependencies are not installed. Each step logs and goes on when one fails.
@@ -25,10 +26,15 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, report the exit cod
   echo "$name: exit $? in $((SECONDS - started)) s" | tee -a "$OUT/steps.txt"
 }
 
-# 1. correctness on the GPU: device pipeline == CPU pipeline, what the fast defaults change
-step gpu_checks python3 tools/gpu_checks.py ${QUICK:+--quick}
+# 1. correctness on the GPU: device pipeline == CPU pipeline, what the fast defaults change,
+#    ONNX Runtime's CUDA provider when onnxruntime-gpu is importable
+step gpu_checks timeout 240 python3 tools/gpu_checks.py ${QUICK:+--quick}
 # 2. end to end against the model alone, the null engine and MONAI (same precision, same weights);
 #    segkit-default is `segkit predict stack.tif --tile T` with no other flag (amp and batch chosen)
-step bench_predict python3 tools/bench_predict.py --planes "$PLANES" --size 4096 --workdir /tmp/bp \
-  --seconds "${SECONDS_MODEL:-10}" --runs "${RUNS:-model-device,model-only,null,segkit-default,monai-best,unet-572}"
+step bench_predict timeout 360 python3 tools/bench_predict.py --planes "$PLANES" --size 4096 --workdir /tmp/bp \
+  --seconds "${SECONDS_MODEL:-10}" --runs "${RUNS:-model-device,model-only,null,segkit-default,monai-best}"
+# 3. in fp16: the paper U-Net at its tile (goal 100 Mpx/s) and ONNX Runtime, on the same stack
+[ -n "${FP16_RUNS-unet-572,segkit-onnx}" ] && step bench_fp16 timeout 240 python3 tools/bench_predict.py \
+  --planes "$PLANES" --size 4096 --workdir /tmp/bp --amp fp16 --seconds "${SECONDS_MODEL:-10}" \
+  --runs "${FP16_RUNS-unet-572,segkit-onnx}"
 tail -n 1 "$OUT"/bench_*.log

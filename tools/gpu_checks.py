@@ -51,6 +51,7 @@ def main(quick: bool = False) -> None:
         fast = run(f"gpu-{amp}", SAMPLE, device="cuda", amp=amp)
         print(json.dumps({"check": f"gpu amp {amp} vs cpu fp32", **levels(fast, cpu)}), flush=True)
     print(json.dumps({"amp_auto_resolves_to": "bf16" if torch.cuda.is_bf16_supported() else "fp16"}), flush=True)
+    onnx_gpu(run, cpu)
     if quick:
         return
 
@@ -97,6 +98,24 @@ def main(quick: bool = False) -> None:
     result = segkit.predict(str(folder / "*.tif"), str(tmp / "many_out") + "/", device="cuda", **quiet)
     print(json.dumps({"check": "many files on the gpu", "written": len(result.outputs),
                       "failed": result.failed}), flush=True)
+
+
+def onnx_gpu(run, cpu: np.ndarray) -> None:
+    """ONNX Runtime's CUDA provider through IO binding (needs onnxruntime-gpu): the exported graph,
+    fp32 and fp16, against the CPU in full precision."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print(json.dumps({"check": "onnx gpu", "skipped": "no onnxruntime"}), flush=True)
+        return
+    print(json.dumps({"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}), flush=True)
+    for amp in ("none", "fp16"):
+        try:
+            out = run(f"onnx-gpu-{amp}", SAMPLE, device="cuda", amp=amp, engine="onnx")
+        except Exception as exc:  # report and go on to the other checks
+            print(json.dumps({"check": f"onnx gpu amp {amp}", "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+            continue
+        print(json.dumps({"check": f"onnx gpu amp {amp} vs cpu fp32", **levels(out, cpu)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,21 @@ class TilePlan:
     def stride(self) -> tuple[int, int]:
         return tuple(o[1] - o[0] if len(o) > 1 else self.out_tile for o in (self.origins_y, self.origins_x))
 
+    def covered(self, oy: int, ox: int) -> tuple[int, int]:
+        """How much of the tile at (oy, ox) earlier tiles cover, when tiles are placed row by row:
+        its first `top` rows (the row of tiles above spans the whole width) and, below those, its
+        first `left` columns (the tile to its left)."""
+        iy, ix = self.origins_y.index(oy), self.origins_x.index(ox)
+        top = max(0, self.origins_y[iy - 1] + self.out_tile - oy) if iy else 0
+        left = max(0, self.origins_x[ix - 1] + self.out_tile - ox) if ix else 0
+        return top, left
+
+    def on_plane(self, origin: int, axis: int, size: int) -> tuple[int, int]:
+        """The part [start, stop) of a tile output at `origin` (buffer coordinates) along `axis`
+        that falls on the plane; the rest is the halo border or rounding beyond it."""
+        first, last = self.halo, self.halo + self.plane_shape[axis]
+        return max(0, first - origin), max(0, min(size, last - origin))
+
     def padding(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """Mirror padding (before, after) per axis that turns the plane into the padded plane."""
         before = self.margin + self.halo
@@ -168,13 +183,17 @@ def pad_plane(plane: Any, plan: TilePlan) -> Any:
 
 @dataclass
 class _Blending:
-    """Windows and, per plan, the reciprocal of the summed window weights (computed once per plan
-    shape, on the device), so blending a plane costs one multiply-add per tile and one scale."""
+    """Blending windows and, per plan, the reciprocal of the summed window weights.
+
+    A window is the outer product of a 1D profile, and the tiles form a grid, so the summed weights
+    are the outer product of two 1D sums (one per axis): dividing by them is one scale along y and
+    one along x, and only where a sum is not exactly 1 (the plane's borders, where windows fade, and
+    the overlaps between tiles). Computed once per plan, on the device."""
 
     kind: str
     device: Any
     windows: dict[tuple[int, int], Any] = field(default_factory=dict)
-    inverse_weights: dict[tuple, Any] = field(default_factory=dict)
+    scales: dict[tuple, tuple[list, list]] = field(default_factory=dict)
 
     def window(self, plan: TilePlan) -> Any:
         key = (plan.out_tile, plan.out_tile - min(plan.stride))
@@ -182,51 +201,79 @@ class _Blending:
             self.windows[key] = blend_window(key[0], key[1], self.kind, device=self.device)
         return self.windows[key]
 
-    def inverse(self, plan: TilePlan) -> Any:
+    def normalize(self, values: Any, plan: TilePlan) -> Any:
+        """Divide the weighted sums `values` (K, H, W) of a plane by the summed weights, in place."""
+        key = (plan.plane_shape, plan.extent, plan.out_tile, plan.origins_y, plan.origins_x)
+        if key not in self.scales:
+            if len(self.scales) >= 8:  # planes of many sizes: keep device memory bounded
+                self.scales.pop(next(iter(self.scales)))
+            self.scales[key] = tuple(self._axis_scales(plan, axis) for axis in (0, 1))
+        rows, columns = self.scales[key]
+        for run, inverse in rows:
+            values[:, run, :].mul_(inverse[:, None])
+        for run, inverse in columns:
+            values[:, :, run].mul_(inverse)
+        return values
+
+    def _axis_scales(self, plan: TilePlan, axis: int) -> list[tuple[slice, Any]]:
+        """(run of the plane's pixels, 1 / summed weights there) along one axis, where that is not 1."""
         import torch
 
-        key = (plan.extent, plan.out_tile, plan.origins_y, plan.origins_x)
-        if key not in self.inverse_weights:
-            if len(self.inverse_weights) >= 8:  # planes of many sizes: keep device memory bounded
-                self.inverse_weights.pop(next(iter(self.inverse_weights)))
-            window, size = self.window(plan), plan.out_tile
-            total = torch.zeros(plan.extent, dtype=torch.float32, device=self.device)
-            for oy in plan.origins_y:
-                for ox in plan.origins_x:
-                    total[oy : oy + size, ox : ox + size] += window
-            self.inverse_weights[key] = total.reciprocal_()
-        return self.inverse_weights[key]
+        size, overlap = plan.out_tile, plan.out_tile - min(plan.stride)
+        profile = torch.tensor(blend_profile(size, overlap, self.kind), dtype=torch.float64)
+        total = torch.zeros(plan.extent[axis], dtype=torch.float64)
+        for origin in (plan.origins_y, plan.origins_x)[axis]:
+            total[origin : origin + size] += profile
+        inverse = total[plan.halo : plan.halo + plan.plane_shape[axis]].reciprocal().float()
+        return [(run, inverse[run].to(self.device)) for run in _runs((inverse != 1).tolist())]
+
+
+def _runs(flags: list[bool]) -> list[slice]:
+    """The runs of consecutive True values, as slices."""
+    runs, start = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append(slice(start, i))
+            start = None
+    return runs
 
 
 @dataclass
 class _PlaneJob:
     plan: TilePlan
     padded: Any  # (C, H + pad, W + pad) tensor on the device
-    output: Any = None  # (K, *extent); weighted sums when blending
+    output: Any = None  # (K, H, W): the plane only (tiles are clipped to it); weighted sums when blending
     remaining: int = 0
 
     def place(self, tile_output: Any, oy: int, ox: int, window: Any) -> None:
+        """Write (or, blending, add) the part of a tile's output that falls on the plane."""
         import torch
 
-        if self.output is None:  # valid-conv tiles cover the extent exactly; blended ones are summed
-            make = torch.zeros if window is not None else torch.empty
-            self.output = make((tile_output.shape[0], *self.plan.extent), dtype=torch.float32,
-                               device=tile_output.device)
+        plan = self.plan
+        if self.output is None:  # every pixel of the plane is written before it is read
+            self.output = torch.empty((tile_output.shape[0], *plan.plane_shape), dtype=torch.float32,
+                                      device=tile_output.device)
         size = tile_output.shape[-1]
-        region = self.output[:, oy : oy + size, ox : ox + size]
+        (y0, y1), (x0, x1) = (plan.on_plane(origin, axis, size) for axis, origin in enumerate((oy, ox)))
+        region = self.output[:, oy + y0 - plan.halo : oy + y1 - plan.halo, ox + x0 - plan.halo : ox + x1 - plan.halo]
+        tile_output = tile_output[:, y0:y1, x0:x1]
         if window is None:
             region.copy_(tile_output)
-        else:
-            region.addcmul_(tile_output, window)
+        else:  # add where earlier tiles wrote, write the rest: no zero fill, no reading zeros
+            window = window[y0:y1, x0:x1]
+            covered_rows, covered_columns = plan.covered(oy, ox)
+            top, left = max(0, covered_rows - y0), max(0, covered_columns - x0)
+            region[:, :top].addcmul_(tile_output[:, :top], window[:top])
+            region[:, top:, :left].addcmul_(tile_output[:, top:, :left], window[top:, :left])
+            torch.mul(tile_output[:, top:, left:], window[top:, left:], out=region[:, top:, left:])
         self.remaining -= 1
 
     def result(self, blending: _Blending) -> Any:
-        (h, w), halo = self.plan.plane_shape, self.plan.halo
-        crop = (slice(halo, halo + h), slice(halo, halo + w))
-        values = self.output[(slice(None), *crop)]
-        if self.plan.blended:  # weighted sums / summed weights, on the plane's pixels only
-            values.mul_(blending.inverse(self.plan)[crop])
-        return values
+        if self.plan.blended:  # weighted sums / summed weights
+            blending.normalize(self.output, self.plan)
+        return self.output
 
 
 def predict_planes(
@@ -261,12 +308,19 @@ def predict_planes(
     blending: _Blending | None = None
     jobs: deque[_PlaneJob] = deque()
     pending: list[tuple[_PlaneJob, int, int]] = []
+    buffers: dict[tuple[int, ...], Any] = {}
 
     def run_batch() -> None:
         chunk, pending[:] = pending[:batch], pending[batch:]
         size = chunk[0][0].plan.in_tile
         views = [job.padded[:, oy : oy + size, ox : ox + size] for job, oy, ox in chunk]
-        inputs = views[0].unsqueeze(0) if len(views) == 1 else torch.stack(views)
+        if len(views) == 1:
+            inputs = views[0].unsqueeze(0)
+        else:  # one input buffer per tile shape for the whole run: engines do not keep their input
+            shape = (batch, *views[0].shape)
+            if shape not in buffers:
+                buffers[shape] = views[0].new_empty(shape)
+            inputs = torch.stack(views, out=buffers[shape][: len(views)])
         outputs = forward(inputs)
         for (job, oy, ox), out in zip(chunk, outputs):
             job.place(out, oy, ox, blending.window(job.plan) if job.plan.blended else None)
