@@ -98,8 +98,10 @@ def test_provider_plan_prefers_tensorrt_then_cuda_and_never_guesses():
     assert [name for name, _ in plan] == [TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER]
     assert plan[0][1]["trt_fp16_enable"] and plan[0][1]["device_id"] == 1
     assert plan[1][1]["cudnn_conv_algo_search"] == "EXHAUSTIVE" and plan[1][1]["device_id"] == 1
+    assert plan[1][1]["use_tf32"] == "1"  # an fp16 graph: TF32 irrelevant, left at the provider's default
     no_trt = plan_providers("cuda", [TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER], use_tensorrt=False, fp16=False)
     assert [name for name, _ in no_trt] == [CUDA_PROVIDER, CPU_PROVIDER]
+    assert no_trt[0][1]["use_tf32"] == "0"  # an fp32 graph in full precision (the provider's default is TF32)
     with pytest.raises(SegkitError, match="pip install onnxruntime-gpu"):
         plan_providers("cuda", [CPU_PROVIDER], use_tensorrt=True, fp16=False)
     with pytest.raises(SegkitError, match="algorithm search"):

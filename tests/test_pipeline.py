@@ -334,3 +334,13 @@ def test_cpu_pipeline_gives_the_engine_every_thread_and_restores_the_count(tmp_p
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_queues_hold_the_planes_one_batch_spans():
+    """A batch of 64 tiles of 16 per plane finishes 4 planes at once: the reader and writer queues
+    hold them plus two, so the next batch starts before the writer has caught up."""
+    from segkit.inference.pipeline import _planes_in_flight
+
+    assert _planes_in_flight(64, 16) == 6
+    assert _planes_in_flight(4, 16) == 3
+    assert _planes_in_flight(17, 16) == 4

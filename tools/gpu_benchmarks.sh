@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/segkit-gpu-out}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}  # keeps a caller's (onnxruntime-gpu)
 fi
 export PYTHONUNBUFFERED=1
 python3 -m compileall -q -j 0 /tmp/site segkit tools >/dev/null 2>&1
@@ -28,13 +28,13 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, report the exit cod
 
 # 1. correctness on the GPU: device pipeline == CPU pipeline, what the fast defaults change,
 #    ONNX Runtime's CUDA provider when onnxruntime-gpu is importable
-step gpu_checks timeout 240 python3 tools/gpu_checks.py ${QUICK:+--quick}
+step gpu_checks timeout 150 python3 tools/gpu_checks.py ${QUICK:+--quick}
 # 2. end to end against the model alone, the null engine and MONAI (same precision, same weights);
 #    segkit-default is `segkit predict stack.tif --tile T` with no other flag (amp and batch chosen)
-step bench_predict timeout 360 python3 tools/bench_predict.py --planes "$PLANES" --size 4096 --workdir /tmp/bp \
+step bench_predict timeout 300 python3 tools/bench_predict.py --planes "$PLANES" --size 4096 --workdir /tmp/bp \
   --seconds "${SECONDS_MODEL:-10}" --runs "${RUNS:-model-device,model-only,null,segkit-default,monai-best}"
 # 3. in fp16: the paper U-Net at its tile (goal 100 Mpx/s) and ONNX Runtime, on the same stack
-[ -n "${FP16_RUNS-unet-572,segkit-onnx}" ] && step bench_fp16 timeout 240 python3 tools/bench_predict.py \
+[ -n "${FP16_RUNS-unet-572,segkit-onnx}" ] && step bench_fp16 timeout 150 python3 tools/bench_predict.py \
   --planes "$PLANES" --size 4096 --workdir /tmp/bp --amp fp16 --seconds "${SECONDS_MODEL:-10}" \
   --runs "${FP16_RUNS-unet-572,segkit-onnx}"
 tail -n 1 "$OUT"/bench_*.log

@@ -353,11 +353,12 @@ def predict_stack(
     """Run every plane of `stack` through the engine `forward` on its device and write the planes,
     encoded by `spec` (class probability, denoised intensities or instances), to `output`
     atomically (a failure on any side leaves no output)."""
-    plan_tiles(stack.shape[1:], geometry, tile=tile)  # fail on a bad tile before any work
+    plan = plan_tiles(stack.shape[-2:], geometry, tile=tile)  # fails on a bad tile before any work
     device = forward.device
     if device.type == "cpu":
         forward = _AllThreads(forward)
-    planes = raw_planes(stack, device)
+    depth = _planes_in_flight(batch, plan.n_tiles)
+    planes = raw_planes(stack, device, prefetch=depth)
     values = predict_planes(planes, forward, geometry, tile=tile, batch=batch, blend=blend, on_tiles=on_tiles,
                             pad=partial(_pad_and_normalize, normalization=normalization))
     encoded = _downloads((spec.encode(v) for v in values), device)
@@ -370,9 +371,17 @@ def predict_stack(
 
     try:
         with _one_thread_outside_the_engine(device):
-            return consume_behind(write, encoded)
+            return consume_behind(write, encoded, depth=depth)
     finally:  # stop the reader thread now, also after a failure (a traceback cycle would keep it alive)
         planes.close()
+
+
+def _planes_in_flight(batch: int, tiles_per_plane: int) -> int:
+    """Queue depth for the reader and the writer: the planes one batch spans, plus two. A batch that
+    spans several planes finishes them together; with shorter queues this thread would wait for
+    the writer (that is, for the device to finish the batch) before it could start the next batch,
+    and the device would idle meanwhile."""
+    return -(-batch // tiles_per_plane) + 2
 
 
 def _compression_workers(device: Any) -> int | None:
