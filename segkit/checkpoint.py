@@ -248,8 +248,8 @@ def update_inference_defaults(path: str | Path, updates: dict[str, Any], *, chos
     info = read_info(path)
     val = info.recipe.get("data", {}).get("val_slices")
     if val is not None and not (val[0] <= chosen_on[0] and chosen_on[1] <= val[1]):
-        raise CheckpointError(f"--write-defaults: settings must be chosen on the validation slices {val[0]}:{val[1]} "
-                              f"of {path.name}'s recipe, not {chosen_on[0]}:{chosen_on[1]}; pass --slices {val[0]}:{val[1]}")
+        raise CheckpointError(f"{path.name}: inference defaults must be chosen on the validation slices {val[0]}:{val[1]} "
+                              f"of its recipe, not {chosen_on[0]}:{chosen_on[1]}; choose them on slices=({val[0]}, {val[1]})")
     info.inference = {**info.inference, **updates}
     tensors = load_file(str(path))
     tmp = path.with_name(f".{path.name}.partial")

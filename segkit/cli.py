@@ -7,7 +7,9 @@ traceback, because it is a bug.
 from __future__ import annotations
 
 import json
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +18,71 @@ import click
 from segkit import __version__
 from segkit.errors import SegkitError
 
+#: A library setting as a Python keyword: `overwrite=True`, `device='cpu'`, `opset=12`, `slices=(20, 25)`;
+#: not a recipe key (`train.out=...`) nor part of a longer name.
+_SETTING = re.compile(r"""(?<![\w.-])([a-z][a-z0-9_]*)=(True\b|'[^']*'|"[^"]*"|\(\w+, \w+\)|[^\s,;:()'"]+)""")
+
+
+def cli_message(text: str, options: set[str], *, recipe: bool = False) -> str:
+    """A library message (which names settings as Python keywords) in the words of the command line.
+
+    For the names in `options` (the invoked command's option names): `name=True` -> `--name`,
+    `name=value` or `name='value'` -> `--name value`, `name=(a, b)` -> `--name a:b`, with
+    underscores as hyphens; `name=False`/`None` and other names stay. "use tile 556 or 572" names
+    the --tile flag, or with `recipe` (training) the recipe key data.tile.
+    """
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.groups()
+        if name not in options or value in ("False", "None"):
+            return match.group(0)
+        option = "--" + name.replace("_", "-")
+        if value == "True":
+            return option
+        if value[0] in "'\"":
+            value = value[1:-1]
+        elif value[0] == "(":
+            value = ":".join(part.strip() for part in value[1:-1].split(","))
+        return f"{option} {value}"
+
+    text = _SETTING.sub(flag, text)
+    if recipe:
+        return text.replace("use tile ", "use data.tile ")
+    return text.replace("use tile ", "use --tile ") if "tile" in options else text
+
+
+def option_names(command: click.Command | None) -> set[str]:
+    """The Python names of a command's options (`skip_existing` for --skip-existing)."""
+    return {param.name for param in command.params if isinstance(param, click.Option) and param.name} if command else set()
+
+
+def _is_recipe_command(name: str) -> bool:
+    return name.startswith("train")
+
+
+def _cli_echo(*, err: bool = False) -> Callable[[str], None]:
+    """click.echo for the library's progress lines (`echo`, `report`), in the running command's words.
+
+    The options are read here, in the command, so the function also works from other threads."""
+    ctx = click.get_current_context()
+    options, recipe = option_names(ctx.command), _is_recipe_command(ctx.info_name or "")
+    return lambda text: click.echo(cli_message(text, options, recipe=recipe), err=err)
+
 
 class SegkitGroup(click.Group):
     """A group that turns SegkitError into a one-line message and exit code 2.
 
-    Library messages speak of settings ("use tile 556 or 572"); here they get the name the user
-    types: the --tile flag, or the recipe key data.tile for training.
+    Library messages name settings as Python keywords ("pass overwrite=True", "use tile 556 or
+    572"); cli_message gives them the names the user types: the flags of the invoked command, or
+    the recipe key data.tile for training.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SegkitError as exc:
-            command = ctx.invoked_subcommand or ""
-            tile_name = "data.tile" if command.startswith("train") else "--tile"
-            click.echo(f"error: {str(exc).replace('use tile ', f'use {tile_name} ')}", err=True)
+            name = ctx.invoked_subcommand or ""
+            options = option_names(self.get_command(ctx, name) if name else None)
+            click.echo(f"error: {cli_message(str(exc), options, recipe=_is_recipe_command(name))}", err=True)
             ctx.exit(2)
 
 
@@ -74,15 +126,11 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -
     from segkit.training.loop import train as run_training
 
     resolved = load_recipe(recipe, overrides)
-    files = run_training(resolved, resume=resume, progress=not quiet, echo=click.echo)
+    files = run_training(resolved, resume=resume, progress=not quiet, echo=_cli_echo())
     click.echo(f"best checkpoint: {files.best}\nlast checkpoint: {files.last}\ncurve: {files.curve}")
 
 
 # -- predict -------------------------------------------------------------------------------
-
-def _note(text: str) -> None:
-    click.echo(text, err=True)
-
 
 def _progress(quiet: bool, unit: str = "tile") -> Any:
     from tqdm import tqdm
@@ -180,7 +228,7 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
             device=device, amp=amp, compile_model=compile_model, blend=blend, halo=halo, output_type=output_type,
             threshold=threshold, normalize=normalize, tta=tta, instances=instances, compression=compression,
             workers=workers, scheduler=scheduler, chunk=chunk, resume=resume, overwrite=overwrite,
-            skip_existing=skip_existing, report=_note, progress=bar)
+            skip_existing=skip_existing, report=_cli_echo(err=True), progress=bar)
     _print_result(result)
 
 
@@ -284,7 +332,7 @@ def train_denoiser(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet
     from segkit.training.denoise_loop import train_denoiser as run_training
 
     resolved = load_recipe(recipe, overrides, schema=DENOISE_SCHEMA)
-    files = run_training(resolved, resume=resume, progress=not quiet, echo=click.echo)
+    files = run_training(resolved, resume=resume, progress=not quiet, echo=_cli_echo())
     click.echo(f"best checkpoint: {files.best}\nlast checkpoint: {files.last}\ncurve: {files.curve}")
 
 
@@ -322,7 +370,7 @@ def denoise(source: str, output: Path | None, model_path: Path, engine: str, til
     with _progress(quiet) as bar:
         result = run_prediction(source, output, model=model_path, engine=engine, tile=tile, batch=batch,
                                 device=device, amp=amp, kind="denoiser", output_type=output_type,
-                                compression=compression, overwrite=overwrite, report=_note, progress=bar)
+                                compression=compression, overwrite=overwrite, report=_cli_echo(err=True), progress=bar)
     _print_result(result)
 
 
@@ -550,7 +598,7 @@ def demo(output_dir: Path, device: str, overwrite: bool) -> None:
     """
     from segkit.demo import run_demo
 
-    result = run_demo(output_dir, device=device, overwrite=overwrite, echo=click.echo)
+    result = run_demo(output_dir, device=device, overwrite=overwrite, echo=_cli_echo())
     click.echo(format_scores(result["scores"], "scores on the bundled crop (ISBI 2012 held-out slices 25-29)"))
     click.echo(format_scores(result["instance_scores"], "neuron instances (seeded watershed, `segkit segment`)"))
     for key in ("prediction", "instances", "overlay", "scores_json"):

@@ -53,7 +53,7 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
     scores_json = output_dir / "scores.json"
     existing = [p for p in (prediction, instances, overlay, scores_json) if p.exists()]
     if existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite or choose another --output-dir")
+        raise OutputExistsError(f"{existing[0]} already exists; pass overwrite=True or choose another output_dir=DIR")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     info = read_info(DEMO_MODEL)

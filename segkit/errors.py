@@ -22,7 +22,7 @@ class CheckpointError(SegkitError):
 
 
 class OutputExistsError(SegkitError):
-    """The output path exists and --overwrite was not given."""
+    """The output path exists and overwriting it was not asked for."""
 
 
 class MissingDependencyError(SegkitError):

@@ -33,7 +33,7 @@ def _check_labels(stack: TiffStack, source: str) -> None:
 def _paired_planes(pred: TiffStack, labels: TiffStack, slices: tuple[int, int] | None) -> list[tuple[int, int]]:
     start, stop = slices if slices is not None else (0, len(labels))
     if stop > len(labels):
-        raise InputError(f"--slices {start}:{stop} exceeds the {len(labels)} slices of the label stack")
+        raise InputError(f"slices=({start}, {stop}) exceeds the {len(labels)} slices of the label stack")
     count = stop - start
     if pred.shape[1:] != labels.shape[1:]:
         raise InputError(f"prediction planes {pred.shape[1:]} and label planes {labels.shape[1:]} differ in size")
@@ -43,7 +43,7 @@ def _paired_planes(pred: TiffStack, labels: TiffStack, slices: tuple[int, int] |
         return [(i, start + i) for i in range(count)]
     raise InputError(
         f"prediction has {len(pred)} planes but the labels have {len(labels)} (selected {count}); "
-        "use --slices START:STOP to pick the labelled slices that were predicted"
+        "use slices=(START, STOP) to pick the labelled slices that were predicted"
     )
 
 
@@ -53,7 +53,7 @@ def evaluate_stacks(
 ) -> dict[str, Any]:
     """Mean per-slice scores at `threshold` and, with `sweep`, at every threshold of a sweep."""
     if not 0.0 < threshold < 1.0:
-        raise InputError(f"--threshold {threshold} must be between 0 and 1")
+        raise InputError(f"threshold={threshold!r} must be between 0 and 1")
     thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
     per_threshold: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
     with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
@@ -115,7 +115,8 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
         _check_labels(label_stack, labels)
         if pred_stack.dtype.kind not in "iu" or pred_stack.dtype.itemsize < 2:
             raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like membrane probabilities, "
-                             "not instance labels (segkit writes uint32 labels); drop --instances, or run "
+                             "not instance labels (segkit writes uint32 labels); score them with `segkit evaluate PREDICTION LABELS`, "
+                             "or run "
                              "`segkit segment` on it first (labels of your own: save them as uint16/uint32)")
         for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
             rows.append(_instance_scores(_true_cells(label_stack, label_index, labels),

@@ -158,11 +158,11 @@ def check_parity(onnx_bytes: bytes, reference: Any, inputs: dict[str, np.ndarray
         scale = max(1.0, float(np.abs(want).max()))
         if not fp16 and diff.max() > FP32_TOLERANCE * scale:
             raise ExportError(f"exported graph differs from torch by {diff.max():.2e} on the {name} input "
-                              f"(allowed {FP32_TOLERANCE:.0e}); try another --opset")
+                              f"(allowed {FP32_TOLERANCE:.0e}); try another opset=N ({OPSETS.start} to {OPSETS.stop - 1})")
         if fp16 and (diff.mean() > FP16_MEAN_TOLERANCE * scale or diff.max() > FP16_MAX_TOLERANCE * scale):
             raise ExportError(f"fp16 graph differs from the fp32 model by {diff.mean():.2e} on average, "
                               f"{diff.max():.2e} at most, on the {name} input (allowed {FP16_MEAN_TOLERANCE:.0e} and "
-                              f"{FP16_MAX_TOLERANCE:.0e}); export without --fp16")
+                              f"{FP16_MAX_TOLERANCE:.0e}); export without fp16=True")
     return parity
 
 
@@ -190,7 +190,7 @@ def export_onnx(model: Any, info: CheckpointInfo, /, *, tile: int, fp16: bool = 
     import onnx
 
     if opset not in OPSETS:
-        raise ExportError(f"--opset {opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1} (17 is tested)")
+        raise ExportError(f"opset={opset!r} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1} (17 is tested)")
     info.geometry.check_tile(tile)
     output = "intensity" if info.kind == "denoiser" else "probability"
     head = _inference_head(model.cpu().float().eval(), output=output)

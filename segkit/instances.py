@@ -76,7 +76,8 @@ def check_probability_stack(dtype: np.dtype, source: str) -> None:
     """Instance label stacks (16/32-bit integers) passed where probabilities belong get a clear error."""
     if dtype.kind in "iu" and dtype.itemsize > 1 and dtype != np.uint16:
         raise InputError(f"{source} is a {dtype} stack, which looks like instance labels, not membrane "
-                         "probabilities; pass the output of `segkit predict` (or use --instances to evaluate labels)")
+                         "probabilities; pass the output of `segkit predict` (score label stacks with "
+                         "`segkit evaluate --instances`)")
 
 
 @dataclass(frozen=True)

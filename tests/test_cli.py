@@ -118,6 +118,46 @@ def test_predict_bad_tile_checkpoint_and_existing_output(tmp_path, uint8_stack, 
                "-q").exit_code == 0
 
 
+def test_existing_output_refusal_names_the_flag_on_the_cli_and_the_keyword_in_python(tmp_path, uint8_stack,
+                                                                                    tiny_checkpoint):
+    import segkit
+    from segkit.errors import OutputExistsError
+
+    out = tmp_path / "o.tif"
+    out.write_bytes(b"old")
+    result = run("predict", uint8_stack, "-o", out, "-m", tiny_checkpoint)
+    assert_user_error(result, "already exists", "pass --overwrite")
+    with pytest.raises(OutputExistsError, match="pass overwrite=True") as refused:
+        segkit.predict(uint8_stack, out, model=tiny_checkpoint)
+    # the same refusal, the keyword in Python and the flag on the command line
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line == f"error: {refused.value}".replace("overwrite=True", "--overwrite")
+    assert out.read_bytes() == b"old"
+
+
+def test_cli_message_names_the_flags_of_the_invoked_command():
+    from segkit.cli import cli_message, main, option_names
+
+    options = option_names(main.commands["predict"])
+    assert {"overwrite", "skip_existing", "device", "tile", "resume"} <= options and "sources" not in options
+    assert (cli_message("pass overwrite=True, or skip_existing=True to do only the rest", options)
+            == "pass --overwrite, or --skip-existing to do only the rest")
+    assert (cli_message("device='cuda:0' needs the CUDA provider; use device='cpu'", options)
+            == "--device cuda:0 needs the CUDA provider; use --device cpu")
+    assert (cli_message("tile 570 is not valid; use tile 556 or 572, or export again with tile=236", options)
+            == "tile 570 is not valid; use --tile 556 or 572, or export again with --tile 236")
+    evaluate = option_names(main.commands["evaluate"])
+    assert (cli_message("slices=(3, 9) exceeds 5 slices; use slices=(START, STOP); threshold=2.0 is out", evaluate)
+            == "--slices 3:9 exceeds 5 slices; use --slices START:STOP; --threshold 2.0 is out")
+    # names the command lacks, recipe keys, longer names and False/None stay as they are
+    untouched = ("opset=12 and fp16=True; set train.out=<new folder>; train.time_limit_min=5 reached; "
+                 "overwrite=False; device=None; my_device='cpu'; WatershedParams(threshold=0.5)")
+    assert cli_message(untouched, evaluate - {"threshold"}) == untouched
+    # training has no --tile: the recipe key names the tile
+    assert (cli_message("pass resume=True; use tile 556 or 572", option_names(main.commands["train"]), recipe=True)
+            == "pass --resume; use data.tile 556 or 572")
+
+
 def test_predict_checkpoint_of_another_model(tmp_path, uint8_stack, tiny_unet):
     from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
 
@@ -247,6 +287,6 @@ def test_blend_and_halo_options(tmp_path, uint8_stack, tiny_checkpoint):
     assert not np.array_equal(outputs["cosine16"], outputs["gaussian16"])
     assert not np.array_equal(outputs["cosine16"], outputs["cosine0"])
     assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "u.tif", "-m", tiny_checkpoint, "--halo", 8),
-                      "same-padding")
+                      "--halo 8 applies to same-padding")
     assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "u.tif", "-m", tmp_path / "fcn.safetensors",
                           "--tile", 48), "multiple", "32")

@@ -159,7 +159,7 @@ def test_denoiser_training_resumes(tmp_path):
 
     files = train_denoiser(tiny_denoise_recipe(tmp_path, epochs=1, iters_per_epoch=3), progress=False,
                            echo=lambda _: None)
-    with pytest.raises(SegkitError, match="--resume"):
+    with pytest.raises(SegkitError, match="pass resume=True"):
         train_denoiser(tiny_denoise_recipe(tmp_path, epochs=1, iters_per_epoch=3), progress=False)
     messages = []
     train_denoiser(tiny_denoise_recipe(tmp_path, epochs=2, iters_per_epoch=3), resume=True, progress=False,

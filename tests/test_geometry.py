@@ -52,5 +52,5 @@ def test_roundtrip_dict():
 def test_with_halo():
     g = Geometry(margin=0, step=32, min_output=32, halo=64)
     assert g.with_halo(16).halo == 16
-    with pytest.raises(TileSizeError, match="same-padding"):
+    with pytest.raises(TileSizeError, match="halo=16 applies to same-padding"):
         valid_unet_geometry(4).with_halo(16)

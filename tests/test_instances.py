@@ -152,7 +152,7 @@ def test_write_defaults_refuses_test_slices(tmp_path, tiny_unet):
         "segmenter", "unet", {"base": 4, "depth": 4}, tiny_unet.geometry, Normalization(0.0, 1.0),
         recipe={"data": {"val_slices": [20, 25], "test_slices": [25, 30]}}))
     assert_user_error(run("evaluate", prob, truth, "--sweep", "--slices", "25:30", "--write-defaults", checkpoint),
-                      "validation slices 20:25")
+                      "validation slices 20:25", "choose them on --slices 20:25")
     assert run("evaluate", prob, truth, "--sweep", "--slices", "20:25", "--write-defaults",
                checkpoint).exit_code == 0
 

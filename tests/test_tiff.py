@@ -144,7 +144,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 def test_refuses_to_overwrite(tmp_path):
     (tmp_path / "o.tif").write_bytes(b"keep me")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="pass overwrite=True"):
         write_stack(tmp_path / "o.tif", [np.zeros((2, 2), np.uint8)], shape=(1, 2, 2), dtype=np.uint8)
     assert (tmp_path / "o.tif").read_bytes() == b"keep me"
 

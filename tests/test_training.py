@@ -85,7 +85,7 @@ def test_train_run_writes_everything_and_resumes(tmp_path):
     assert info.training["epoch"] >= 1 and "adapted_rand_error" in info.training["validation"]
     assert info.inference["threshold"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     assert info.normalization.std > 0
-    with pytest.raises(SegkitError, match="--resume"):
+    with pytest.raises(SegkitError, match="pass resume=True"):
         train(tiny_recipe(tmp_path), progress=False, echo=lambda _: None)
     train(tiny_recipe(tmp_path, epochs=3, workers=1), resume=True, progress=False, echo=lambda _: None)
     with pytest.raises(SegkitError, match="not this recipe's"):

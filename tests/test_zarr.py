@@ -116,7 +116,7 @@ def test_convert_to_tiff(tmp_path, volume, compression, tag):
     with tifffile.TiffFile(out) as tif:
         assert tif.is_bigtiff and tif.pages[0].compression == tag
         np.testing.assert_array_equal(tif.asarray(), volume)
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="pass overwrite=True"):
         convert_zarr_to_tiff(store, out)
     with pytest.raises(InputError, match="not a segkit OME-Zarr"):
         convert_zarr_to_tiff(tmp_path / "missing.ome.zarr", tmp_path / "x.tif")

@@ -159,7 +159,7 @@ def measure_tiles(forward: Forward, geometry: Geometry, plane_shape: tuple[int, 
 def best_trial(trials: Sequence[Trial]) -> Trial:
     fitting = [t for t in trials if t.seconds_per_plane is not None]
     if not fitting:
-        raise SegkitError("no tile size fits in device memory even at the smallest batch; use --device cpu")
+        raise SegkitError("no tile size fits in device memory even at the smallest batch; use device='cpu'")
     return min(fitting, key=lambda t: (t.seconds_per_plane, t.batch))
 
 

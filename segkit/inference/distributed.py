@@ -255,7 +255,7 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
     plane's labels) is written. `record`: the model's (record, geometry) when the caller already
     has them (else read from the model files).
     """
-    require("dask", feature="the Dask path (--scheduler/--workers or an .ome.zarr output)", package="dask[distributed]")
+    require("dask", feature="the Dask path (workers=N, scheduler=ADDRESS or an .ome.zarr output)", package="dask[distributed]")
     require("zarr", feature="OME-Zarr output", package="zarr")
     import dask
     import dask.array as da
@@ -271,7 +271,7 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
     if output.resolve() == Path(source).resolve():
         raise InputError(f"output {output} would replace its input; choose another output path")
     if output.exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists; pass --overwrite or choose another path")
+        raise OutputExistsError(f"output {output} already exists; pass overwrite=True or choose another path")
     info, geometry = record or model_record(request)
     geometry.check_tile(tile)
     context = _context(geometry)
@@ -294,7 +294,7 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
                            f"{request.engine} {request.amp} tta {request.tta} halo {request.halo} blend {blend}")
     if partial_store.exists():
         if not resume:
-            raise OutputExistsError(f"{partial_store} holds an interrupted run; pass --resume to finish it, "
+            raise OutputExistsError(f"{partial_store} holds an interrupted run; pass resume=True to finish it, "
                                     "or delete it")
         found = (RunManifest.from_json((partial_store / MANIFEST).read_text())
                  if (partial_store / MANIFEST).exists() else None)

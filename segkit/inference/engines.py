@@ -31,7 +31,7 @@ class Engine(Protocol):
     def __call__(self, x: Any) -> Any: ...
 
 
-def resolve_device(requested: str, *, option: str = "--device") -> str:
+def resolve_device(requested: str, *, option: str = "device") -> str:
     """'auto' -> cuda:N (the current GPU) when available, else cpu; 'cuda' -> cuda:N, so the name
     equals the device of the tensors placed there; 'cuda' without a GPU is an error, not a fallback."""
     import torch
@@ -41,7 +41,7 @@ def resolve_device(requested: str, *, option: str = "--device") -> str:
     if requested == "auto":
         return "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise SegkitError(f"{option} {requested} was asked for but CUDA is not available here; use {option} cpu")
+        raise SegkitError(f"{option}={requested!r} was asked for but CUDA is not available here; use {option}='cpu'")
     if requested != "cpu" and not requested.startswith("cuda"):
         raise SegkitError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
     return requested
@@ -154,8 +154,8 @@ def plan_providers(device: str, available: list[str], *, use_tensorrt: bool, fp1
     if device == "cpu":
         return [(CPU_PROVIDER, {})]
     if CUDA_PROVIDER not in available:
-        raise SegkitError(f"--device {device} needs onnxruntime's CUDA provider, but this onnxruntime offers only "
-                          f"{', '.join(available)}; pip install onnxruntime-gpu, or use --device cpu")
+        raise SegkitError(f"device={device!r} needs onnxruntime's CUDA provider, but this onnxruntime offers only "
+                          f"{', '.join(available)}; pip install onnxruntime-gpu, or use device='cpu'")
     if conv_algo_search not in CONV_ALGO_SEARCH:
         raise SegkitError(f"unknown cuDNN algorithm search {conv_algo_search!r}; choose {', '.join(CONV_ALGO_SEARCH)}")
     device_id = int(device.partition(":")[2] or 0)
@@ -203,7 +203,7 @@ class OnnxEngine:
 
         from segkit._optional import require
 
-        ort = require("onnxruntime", feature="--engine onnx", package="onnxruntime-gpu")
+        ort = require("onnxruntime", feature="engine='onnx'", package="onnxruntime-gpu")
         self._ort = ort
         self.geometry = geometry
         resolved = resolve_device(device)
@@ -231,9 +231,9 @@ class OnnxEngine:
             raise SegkitError(f"onnxruntime cannot load the model: {first}") from exc
         active = self.session.get_providers()
         if resolved != "cpu" and CUDA_PROVIDER not in active and TENSORRT_PROVIDER not in active:
-            raise SegkitError(f"onnxruntime's CUDA provider failed to load for --device {device} (its CUDA/cuDNN "
+            raise SegkitError(f"onnxruntime's CUDA provider failed to load for device={device!r} (its CUDA/cuDNN "
                               "libraries do not match this machine's; import torch first or fix LD_LIBRARY_PATH), "
-                              "so it would run on the CPU; use --device cpu to do that deliberately")
+                              "so it would run on the CPU; use device='cpu' to do that deliberately")
         self.provider = active[0]
         self.label = f"onnxruntime {self.provider.removesuffix('ExecutionProvider')}" + (
             f" ({resolved})" if resolved != "cpu" else "")

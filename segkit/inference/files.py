@@ -35,8 +35,8 @@ def plan_file_jobs(sources: Sequence[str], output_dir: Path, *, overwrite: bool 
     """One job per input file (folders and globs expanded), written to `output_dir/<name>.tif`.
 
     Returns (jobs to run, jobs skipped because their output exists). Two inputs with the same
-    name, an output that would replace its input, or existing outputs without --overwrite or
-    --skip-existing are refused before any work.
+    name, an output that would replace its input, or existing outputs without `overwrite` or
+    `skip_existing` are refused before any work.
     """
     files: dict[Path, str] = {}
     for source in sources:
@@ -58,7 +58,7 @@ def plan_file_jobs(sources: Sequence[str], output_dir: Path, *, overwrite: bool 
     existing = [job for job in jobs.values() if job.output.exists()]
     if existing and not (overwrite or skip_existing):
         raise OutputExistsError(f"{len(existing)} of the outputs already exist in {output_dir} (first: "
-                                f"{existing[0].output.name}); pass --overwrite, or --skip-existing to do only the rest")
+                                f"{existing[0].output.name}); pass overwrite=True, or skip_existing=True to do only the rest")
     skipped = existing if skip_existing and not overwrite else []
     return [job for job in jobs.values() if job not in skipped], skipped
 

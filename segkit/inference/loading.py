@@ -92,8 +92,8 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
         if info.kind != kind:
             raise SegkitError(f"{model_path} is a {info.kind} model, but a {kind} is needed here")
         if amp == "bf16" or (amp == "fp16" and record.precision != "fp16"):
-            raise SegkitError(f"{model_path} is an {record.precision} graph; amp {amp} needs a graph exported with "
-                              "`segkit export --fp16` (or use amp none)")
+            raise SegkitError(f"{model_path} is an {record.precision} graph; amp={amp!r} needs a graph exported with "
+                              "`segkit export --fp16` (or use amp='none')")
         tile = _onnx_tile(model_path, record, tile)
         geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
         geometry.check_tile(tile)
@@ -168,7 +168,7 @@ def _onnx_tile(path: Path, record: Any, tile: int | None) -> int:
     tile = tile or record.tile
     if record.spatial == "fixed" and tile != record.tile:
         raise SegkitError(f"{path} was exported for tiles of {record.tile} px only; use tile "
-                          f"{record.tile} or export again with --tile {tile}")
+                          f"{record.tile} or export again with tile={tile}")
     return tile
 
 

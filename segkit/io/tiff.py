@@ -293,7 +293,7 @@ def check_output_path(path: str | Path, *, overwrite: bool) -> Path:
     """Refuse to clobber an existing output unless asked; make sure the folder exists."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} already exists; pass --overwrite or choose another path")
+        raise OutputExistsError(f"output {path} already exists; pass overwrite=True or choose another path")
     if not path.parent.exists():
         raise InputError(f"output folder {path.parent} does not exist; create it first")
     return path

@@ -70,7 +70,7 @@ class Geometry:
         A denoiser in front of a same-padding segmenter has both a margin and a halo; its halo can change.
         """
         if self.margin > 0 and self.halo == 0:
-            raise TileSizeError("--halo applies to same-padding models (FCN, smp); valid-conv models have exact "
+            raise TileSizeError(f"halo={halo} applies to same-padding models (FCN, smp); valid-conv models have exact "
                                 "tiles and need no halo")
         if halo < 0:
             raise TileSizeError(f"halo must be >= 0, got {halo}")

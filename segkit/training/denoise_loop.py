@@ -109,7 +109,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                           "train.mode: blind_spot")
     files = open_run(cfg_train["out"], resume=resume)
 
-    device = resolve_device(cfg_train["device"])
+    device = resolve_device(cfg_train["device"], option="train.device")
     torch.manual_seed(cfg_train["seed"])
     model_kwargs = {"in_channels": 1, **recipe["model"]["params"]}
     model = create_model(recipe["model"]["name"], **model_kwargs)
@@ -204,6 +204,6 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                 break
     except KeyboardInterrupt:
         save_last()
-        echo(f"interrupted; last checkpoint kept in {files.root} (continue with --resume)")
+        echo(f"interrupted; last checkpoint kept in {files.root} (continue with resume=True)")
         raise
     return files

@@ -124,7 +124,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     files = open_run(recipe["train"]["out"], resume=resume)
 
     cfg_data, cfg_train, cfg_loss = recipe["data"], recipe["train"], recipe["loss"]
-    device = resolve_device(cfg_train["device"])
+    device = resolve_device(cfg_train["device"], option="train.device")
     torch.manual_seed(cfg_train["seed"])
     echo(f"loading data from {cfg_data['root']}")
     train_raw, train_mem = load_split(cfg_data, "train")
@@ -217,7 +217,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                 echo(f"stopping after epoch {epoch}: train.time_limit_min={limit} reached")
                 break
     except KeyboardInterrupt:
-        save_last()  # weights of the unfinished epoch; --resume reruns that epoch
-        echo(f"interrupted; last checkpoint kept in {files.root} (continue with --resume)")
+        save_last()  # weights of the unfinished epoch; resume=True reruns that epoch
+        echo(f"interrupted; last checkpoint kept in {files.root} (continue with resume=True)")
         raise
     return files

@@ -52,9 +52,9 @@ def open_run(out: str | Path, *, resume: bool) -> RunFiles:
     """The run folder, created if needed; never overwrites a run unless resuming it."""
     files = RunFiles(Path(out))
     if files.last.exists() and not resume:
-        raise SegkitError(f"{files.root} already holds a run; pass --resume to continue it or set train.out=<new folder>")
+        raise SegkitError(f"{files.root} already holds a run; pass resume=True to continue it or set train.out=<new folder>")
     if resume and not files.last.exists():
-        raise SegkitError(f"--resume: no last checkpoint in {files.root}; start without --resume")
+        raise SegkitError(f"resume=True: no last checkpoint in {files.root}; start without resume=True")
     files.root.mkdir(parents=True, exist_ok=True)
     return files
 
@@ -69,7 +69,7 @@ def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs
 
     previous = read_info(files.last)
     if previous.model != name or previous.model_kwargs != kwargs:
-        raise CheckpointError(f"--resume: {files.last} holds model {previous.model} {previous.model_kwargs}, "
+        raise CheckpointError(f"resume=True: {files.last} holds model {previous.model} {previous.model_kwargs}, "
                               f"not this recipe's {name} {kwargs}")
     model.load_state_dict(load_file(str(files.last)))
     meta = load_optimizer(files.optimizer, optimizer)
@@ -143,7 +143,7 @@ def load_optimizer(path: Path, optimizer: Any) -> dict[str, Any]:
             meta = json.loads(handle.metadata()["segkit-optimizer"])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (OSError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read the optimizer state for --resume: {exc}") from exc
+        raise CheckpointError(f"{path}: cannot read the optimizer state for resume=True: {exc}") from exc
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta.pop("scalars").items()):
         index, name = key.split(".", 1)
