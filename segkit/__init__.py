@@ -2,9 +2,17 @@
 
 Importing segkit pulls in no torch, onnxruntime or albumentations; heavy modules are imported
 by the functions that need them.
+
+segkit makes no network call: albumentations' update check (a request to pypi.org at every
+import, in every DataLoader worker) is switched off through its documented environment switch,
+set here, before any import of it, so worker processes inherit it. A value the user set is kept.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: `segkit.predict` imports torch only when called

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from segkit import __version__
-from segkit.errors import CheckpointError
+from segkit.errors import CheckpointError, SegkitError
 from segkit.models.geometry import Geometry
 
 FORMAT = "segkit-checkpoint/1"
@@ -97,12 +97,15 @@ class CheckpointInfo:
     def from_json(cls, text: str, source: str) -> "CheckpointInfo":
         try:
             data = json.loads(text)
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{source}: its segkit record is a JSON {type(data).__name__}, not an object; "
+                                      "the checkpoint is damaged: use another one or train again")
             if data.get("format") != FORMAT:
                 raise CheckpointError(
                     f"{source}: unsupported checkpoint format {data.get('format')!r}, "
                     f"expected {FORMAT!r}"
                 )
-            return cls(
+            info = cls(
                 kind=data["kind"],
                 model=data["model"],
                 model_kwargs=dict(data["model_kwargs"]),
@@ -114,8 +117,90 @@ class CheckpointInfo:
                 training=dict(data.get("training", {})),
                 segkit_version=str(data.get("segkit_version", "unknown")),
             )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{source}: malformed segkit record in checkpoint: {exc}") from exc
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            detail = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:200]
+            raise CheckpointError(f"{source}: malformed segkit record in checkpoint: {detail}; the checkpoint is "
+                                  "damaged: use another one or train again") from exc
+        except CheckpointError as exc:
+            if str(exc).startswith(source):
+                raise
+            raise CheckpointError(f"{source}: {exc}; the checkpoint is damaged: use another one or train again") from exc
+        check_record(info, source)
+        return info
+
+
+def check_record(info: CheckpointInfo, source: str) -> None:
+    """Refuse a record that would run wrongly or not at all (CheckpointError, one line): an unknown
+    model or kind, parameters out of range, a normalisation that is not finite or has std <= 0
+    (which would write all-zero outputs), or an inference tile or threshold the model cannot use.
+    No torch: the model is only looked up in the registry."""
+    fix = "the checkpoint is damaged or was edited: use another one or train again"
+    if info.kind not in ("segmenter", "denoiser"):
+        raise CheckpointError(f"{source}: unknown kind {info.kind!r} in its record (segmenter or denoiser); {fix}")
+    _check_model(info.model, info.model_kwargs, source, fix)  # the kind is checked where it matters (load_model)
+    _check_normalization(info.normalization.mean, info.normalization.std, source, fix)
+    tile = info.inference.get("tile")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or not info.geometry.is_valid_input(tile)):
+        below, above = info.geometry.nearest_valid(tile) if isinstance(tile, int) and tile > 0 else (None, None)
+        near = f" (nearest valid: {below} or {above})" if above is not None else ""
+        raise CheckpointError(f"{source}: its record's inference tile {tile!r} is not a valid tile of this model{near}; "
+                              f"{fix}")
+    threshold = info.inference.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 <= threshold <= 1.0):
+        raise CheckpointError(f"{source}: its record's inference threshold {threshold!r} is not a number between 0 "
+                              f"and 1; {fix}")
+
+
+#: Integer model parameters and their allowed ranges (the registry's models; others are checked when built).
+_INT_RANGES = {"base": (1, None), "width": (1, None), "fc": (1, None), "classes": (1, 1000), "in_channels": (1, 64),
+               "depth": (1, 8), "halo": (0, 4096)}
+
+
+def _check_model(name: Any, kwargs: dict[str, Any], source: str, fix: str, *, kind: str | None = None) -> None:
+    from segkit.errors import ConfigError
+    from segkit.models import COMPOSED, model_kind
+
+    try:
+        actual = "segmenter" if name == COMPOSED else model_kind(str(name))
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: its record names the unknown model {str(name)[:100]!r} (`segkit models` "
+                              f"lists the known ones); {fix}") from exc
+    if kind is not None and actual != kind:
+        raise CheckpointError(f"{source}: its record says {kind} but names the {actual} model {name!r}; {fix}")
+    if name == COMPOSED:
+        for part in ("denoiser", "segmenter"):
+            entry = kwargs.get(part)
+            if not isinstance(entry, dict) or not isinstance(entry.get("kwargs"), dict) \
+                    or not isinstance(entry.get("normalization"), dict):
+                raise CheckpointError(f"{source}: its record's {part} entry is malformed; {fix}")
+            _check_model(entry.get("name"), entry["kwargs"], source, fix, kind=part)
+            norm = entry["normalization"]
+            _check_normalization(norm.get("mean"), norm.get("std"), source, fix)
+        return
+    for key, value in kwargs.items():
+        if key not in _INT_RANGES:
+            continue
+        low, high = _INT_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            allowed = f"{low} to {high}" if high is not None else f"{low} or more"
+            raise CheckpointError(f"{source}: its record's model parameter {key}={value!r} is out of range ({allowed} "
+                                  f"for {name}); {fix}")
+    dropout = kwargs.get("dropout")
+    if dropout is not None and (not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0):
+        raise CheckpointError(f"{source}: its record's model parameter dropout={dropout!r} is out of range (0 to "
+                              f"below 1); {fix}")
+
+
+def _check_normalization(mean: Any, std: Any, source: str, fix: str) -> None:
+    try:
+        mean, std = float(mean), float(std)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: its record's normalisation (mean {mean!r}, std {std!r}) is not a pair of "
+                              f"numbers; {fix}") from None
+    if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+        raise CheckpointError(f"{source}: its record's normalisation has mean {mean} and std {std}; segkit needs a "
+                              f"finite mean and a finite std above 0 (std 0 or NaN would give all-zero output); {fix}")
 
 
 def save_checkpoint(path: str | Path, model: Any, info: CheckpointInfo) -> None:
@@ -139,26 +224,105 @@ def match_umask(path: Path) -> None:
 
 
 def read_info(path: str | Path) -> CheckpointInfo:
-    """Read only the JSON record of a checkpoint (fast; no weights, no torch)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .safetensors file")
+    """Read only the JSON record of a checkpoint (fast; no weights, no torch), after checking that
+    the file holds every byte its tensor table points to; the record is validated (`check_record`)."""
+    header = _read_header(Path(path))
     try:
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            if header_len <= 0 or header_len > 100_000_000 or header_len > path.stat().st_size:
-                raise ValueError("bad header length")
-            header = json.loads(handle.read(header_len))
         record = header["__metadata__"]["segkit"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{path} is not a segkit checkpoint (safetensors with a segkit record): {exc}"
-        ) from exc
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a segkit checkpoint (safetensors with a segkit record): "
+                              f"it has no segkit record; pass a checkpoint from `segkit train`") from exc
     return CheckpointInfo.from_json(record, str(path))
 
 
+#: safetensors dtype names and their sizes in bytes.
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file: every tensor's byte range
+    lies inside the data, matches its shape and dtype, and the data is exactly covered (a truncated
+    or damaged file fails here, with one line, before any weight is read)."""
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist; check the path (segkit reads .safetensors "
+                              "checkpoints from `segkit train` and .onnx files from `segkit export`)")
+    not_ours = f"{path} is not a segkit checkpoint (safetensors with a segkit record)"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_len <= 0 or header_len > 100_000_000 or 8 + header_len > size:
+                raise ValueError(f"its header length {header_len} does not fit a file of {size} bytes")
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{not_ours}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{not_ours}: its header is a JSON {type(header).__name__}, not a table of tensors")
+    data_size = size - 8 - header_len
+    damaged = f"{path} is truncated or damaged"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(v) for v in entry["data_offsets"])
+            count = int(np.prod([int(n) for n in entry["shape"]], dtype=np.int64)) * _DTYPE_SIZES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{damaged}: the entry of tensor {name!r} is malformed; copy the checkpoint again "
+                                  "or use another one") from exc
+        if not 0 <= begin <= stop or stop - begin != count:
+            raise CheckpointError(f"{damaged}: tensor {name!r} has byte range {begin}-{stop}, but its shape and dtype "
+                                  f"need {count} bytes; copy the checkpoint again or use another one")
+        if stop > data_size:
+            raise CheckpointError(f"{damaged}: tensor {name!r} ends at byte {stop} of the weights, but the file holds "
+                                  f"{data_size} bytes of weights; copy the checkpoint again or use another one")
+        end = max(end, stop)
+    if end != data_size:
+        raise CheckpointError(f"{damaged}: its tensors cover {end} of its {data_size} bytes of weights; copy the "
+                              "checkpoint again or use another one")
+    return header
+
+
+def check_weights_fit(path: str | Path, info: CheckpointInfo) -> Any:
+    """Before anything is allocated: build the record's model on torch's meta device (shapes only),
+    and refuse (CheckpointError, with the numbers) a model that does not match the file's tensors
+    or whose parameters do not fit in the memory available. Returns the meta model."""
+    from segkit.memory import available_memory, format_bytes, meta_model, parameter_bytes
+
+    fix = "the checkpoint is damaged or was edited: use another one or train again"
+    try:
+        meta = meta_model(info.model, info.model_kwargs)
+    except SegkitError as exc:
+        raise CheckpointError(f"{path}: {exc}; {fix}") from exc
+    header = _read_header(Path(path))
+    stored = sum(int(np.prod([int(n) for n in entry["shape"]], dtype=np.int64))
+                 for name, entry in header.items() if name != "__metadata__")
+    wanted = sum(t.numel() for t in meta.state_dict().values())
+    params = parameter_bytes(meta)
+    available = available_memory()
+    if available is not None and params > available:
+        why = (f" (and the file holds only {stored:,} values: its weights do not match its record); {fix}"
+               if stored != wanted else "; use a machine with more memory")
+        raise CheckpointError(f"{path}: its record describes a {info.model} model ({_kwargs_text(info.model_kwargs)}) of "
+                              f"{format_bytes(params)} of parameters, but {format_bytes(available)} of memory is "
+                              f"available{why}")
+    if stored != wanted:
+        raise CheckpointError(f"{path}: its weights do not match its record: the record describes a {info.model} model "
+                              f"({_kwargs_text(info.model_kwargs)}) of {wanted:,} values, but the file holds {stored:,}; "
+                              f"{fix}")
+    return meta
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if not isinstance(v, dict)) or "defaults"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def load_model(path: str | Path, *, expect_kind: str = "segmenter") -> tuple[Any, CheckpointInfo]:
-    """Rebuild the model from a checkpoint and load its weights (strict)."""
+    """Rebuild the model from a checkpoint and load its weights (strict), after checking that the
+    record's model matches the file and fits in memory (`check_weights_fit`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from segkit.models import create_model
@@ -168,16 +332,20 @@ def load_model(path: str | Path, *, expect_kind: str = "segmenter") -> tuple[Any
         use = {"denoiser": "use it with `segkit denoise`, or in front of a segmenter with `segkit predict --denoise`",
                "segmenter": "use it with `segkit predict`"}.get(info.kind, "")
         raise CheckpointError(f"{path} is a {info.kind} checkpoint, but a {expect_kind} checkpoint is needed here; {use}")
-    model = create_model(info.model, **info.model_kwargs)
+    meta = check_weights_fit(path, info)
+    if meta.geometry != info.geometry:
+        raise CheckpointError(f"{path}: recorded geometry {info.geometry} differs from the model's {meta.geometry}; "
+                              "the checkpoint is damaged or was edited: use another one or train again")
+    try:
+        model = create_model(info.model, **info.model_kwargs)
+    except SegkitError as exc:
+        raise CheckpointError(f"{path}: {exc}; the checkpoint is damaged or was edited: use another one or "
+                              "train again") from exc
     try:
         model.load_state_dict(load_file(str(path)), strict=True)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match model '{info.model}': {first}") from exc
-    if model.geometry != info.geometry:
-        raise CheckpointError(
-            f"{path}: recorded geometry {info.geometry} differs from the model's {model.geometry}"
-        )
     model.eval()
     return model, info
 

@@ -1,15 +1,19 @@
 """The `segkit` command line: parses options, calls the library, prints. No logic of its own.
 
-User errors (SegkitError) print as one line and exit with code 2; anything else keeps its
-traceback, because it is a bug.
+User errors (SegkitError) print as one line and exit with code 2; Ctrl-C and SIGTERM (SLURM, `kill`)
+stop a command the same way (unfinished files removed) with one "interrupted" line and exit code 130
+or 143; anything else keeps its traceback, because it is a bug.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +72,51 @@ def _cli_echo(*, err: bool = False) -> Callable[[str], None]:
     return lambda text: click.echo(cli_message(text, options, recipe=recipe), err=err)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, SLURM's scancel or time limit), raised in the main thread as Ctrl-C raises
+    KeyboardInterrupt: every command then stops as on Ctrl-C (atomic writes delete their temporary
+    files, training keeps its last checkpoint)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated while the CLI runs; the previous handler is restored after. Only
+    in the main thread (the only one Python delivers signals to), and not where SIGTERM is ignored."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+#: Exit codes of an interrupted command, as a shell reports a process killed by the signal (128 + number).
+EXIT_INTERRUPTED = 130  # SIGINT, Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM
+
+
 class SegkitGroup(click.Group):
-    """A group that turns SegkitError into a one-line message and exit code 2.
+    """A group that turns SegkitError into a one-line message and exit code 2, and Ctrl-C or
+    SIGTERM into one "interrupted" line and exit code 130 or 143.
 
     Library messages name settings as Python keywords ("pass overwrite=True", "use tile 556 or
     572"); cli_message gives them the names the user types: the flags of the invoked command, or
     the recipe key data.tile for training.
     """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        with _sigterm_as_interrupt():
+            return super().main(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -84,6 +126,13 @@ class SegkitGroup(click.Group):
             options = option_names(self.get_command(ctx, name) if name else None)
             click.echo(f"error: {cli_message(str(exc), options, recipe=_is_recipe_command(name))}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt as exc:  # the command has cleaned up on its way out (as on Ctrl-C)
+            how, code = ("SIGTERM", EXIT_TERMINATED) if isinstance(exc, Terminated) else ("Ctrl-C", EXIT_INTERRUPTED)
+            if how == "Ctrl-C" and sys.stderr.isatty():
+                click.echo(err=True)  # end the line the terminal's ^C (or a progress bar) left open
+            command = f"segkit {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "segkit"
+            click.echo(f"interrupted by {how}: {command} stopped (exit code {code})", err=True)
+            ctx.exit(code)
 
 
 @click.group(cls=SegkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,7 +176,7 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -
 
     resolved = load_recipe(recipe, overrides)
     files = run_training(resolved, resume=resume, progress=not quiet, echo=_cli_echo())
-    click.echo(f"best checkpoint: {files.best}\nlast checkpoint: {files.last}\ncurve: {files.curve}")
+    click.echo(cli_message(files.summary(), {"resume"}))
 
 
 # -- predict -------------------------------------------------------------------------------
@@ -296,10 +345,10 @@ def export(checkpoint: Path, output: Path | None, denoiser_path: Path | None, ti
     from segkit.checkpoint import compose_with_denoiser, load_model, read_info
     from segkit.export import export_onnx, write_onnx
     from segkit.inference.loading import trained_tile
-    from segkit.io.tiff import check_output_path
+    from segkit.io.outputs import check_output
 
     output = output or checkpoint.with_suffix(".onnx")
-    check_output_path(output, overwrite=overwrite)
+    check_output(output, kind="onnx", inputs=[checkpoint, denoiser_path], overwrite=overwrite, report=_cli_echo(err=True))
     if denoiser_path is not None:
         model, info = compose_with_denoiser(denoiser_path, checkpoint)
     else:
@@ -333,7 +382,7 @@ def train_denoiser(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet
 
     resolved = load_recipe(recipe, overrides, schema=DENOISE_SCHEMA)
     files = run_training(resolved, resume=resume, progress=not quiet, echo=_cli_echo())
-    click.echo(f"best checkpoint: {files.best}\nlast checkpoint: {files.last}\ncurve: {files.curve}")
+    click.echo(cli_message(files.summary(), {"resume"}))
 
 
 @main.command()
@@ -411,10 +460,11 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     from segkit.checkpoint import read_info
     from segkit.inference.api import default_output
     from segkit.instances import segment_stack
-    from segkit.io.tiff import check_output_path, open_stack
+    from segkit.io.outputs import check_output
+    from segkit.io.tiff import open_stack
 
     output = output or default_output(source, "instances")
-    check_output_path(output, overwrite=overwrite)
+    check_output(output, kind="tiff", inputs=[source], overwrite=overwrite, report=_cli_echo(err=True))
     inference = read_info(model_path).inference if model_path is not None else {}
     if threshold == "auto" and model_path is None:
         raise SegkitError("--threshold auto takes the checkpoint's threshold; pass -m CHECKPOINT")
@@ -445,7 +495,7 @@ def convert(store: Path, output: Path, compression: str, overwrite: bool) -> Non
     """
     from segkit.io.zarr import convert_zarr_to_tiff
 
-    click.echo(f"wrote {convert_zarr_to_tiff(store, output, overwrite=overwrite, compression=compression)}")
+    click.echo(f"wrote {convert_zarr_to_tiff(store, output, overwrite=overwrite, compression=compression, report=_cli_echo(err=True))}")
 
 
 # -- evaluate ------------------------------------------------------------------------------
@@ -495,6 +545,7 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
     from segkit.evaluation import evaluate_instances, evaluate_stacks, evaluate_watershed, sweep_watershed
 
     chosen = _parse_slices(slices)
+    _check_json_output(json_path, prediction, labels)
     if write_defaults is not None and not (sweep and chosen):
         raise SegkitError("--write-defaults stores the best setting of a sweep: add --sweep and --slices (validation)")
     if instances and (sweep or watershed):
@@ -527,8 +578,23 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
         if write_defaults is not None:
             _store_defaults(write_defaults, {"threshold": best["threshold"]}, chosen)
     if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=1))
-        click.echo(f"wrote {json_path}")
+        _write_json(json_path, report)
+
+
+def _check_json_output(path: Path | None, *inputs: str) -> None:
+    """--json FILE: a .json name in a writable folder, not one of the inputs (checked before scoring)."""
+    if path is not None and str(path) != "-":
+        from segkit.io.outputs import check_output
+
+        check_output(path, kind="json", inputs=inputs, overwrite=True, report=_cli_echo(err=True))
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    from segkit.io.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    click.echo(f"wrote {path}")
 
 
 def _report(report: dict[str, Any], json_path: Path | None, title: str) -> None:
@@ -537,8 +603,7 @@ def _report(report: dict[str, Any], json_path: Path | None, title: str) -> None:
         return
     click.echo(format_scores(report["scores"], title))
     if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=1))
-        click.echo(f"wrote {json_path}")
+        _write_json(json_path, report)
 
 
 def _store_defaults(path: Path, updates: dict[str, Any], slices: tuple[int, int]) -> None:
@@ -599,10 +664,30 @@ def demo(output_dir: Path, device: str, overwrite: bool) -> None:
     from segkit.demo import run_demo
 
     result = run_demo(output_dir, device=device, overwrite=overwrite, echo=_cli_echo())
-    click.echo(format_scores(result["scores"], "scores on the bundled crop (ISBI 2012 held-out slices 25-29)"))
-    click.echo(format_scores(result["instance_scores"], "neuron instances (seeded watershed, `segkit segment`)"))
+    click.echo(format_scores(result["scores"], "scores on the bundled crop (ISBI 2012 held-out slices 25-29) at "
+                                               f"membrane threshold {result['threshold']:g} (the bundled model's)"))
+    watershed = ", ".join(f"{key.replace('_', ' ')} {value:g}" for key, value in result["watershed"].items())
+    click.echo(format_scores(result["instance_scores"], f"neuron instances (seeded watershed, `segkit segment`: "
+                                                        f"{watershed})"))
     for key in ("prediction", "instances", "overlay", "scores_json"):
         click.echo(f"wrote {result[key]}")
+
+
+# -- info ----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+def info(as_json: bool) -> None:
+    """Versions, torch's devices and ONNX Runtime's providers: what segkit will run on.
+
+    \b
+    Example (paste its output into a bug report):
+      segkit info
+    """
+    from segkit.info import describe, format_info
+
+    details = describe()
+    click.echo(json.dumps(details) if as_json else format_info(details))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import os
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +132,35 @@ CHOICES = {
     "corruption.noise": ("none", "gaussian", "poisson_gaussian", "masking", "salt_pepper"),
 }
 POSITIVE = {"data.tile", "train.epochs", "train.iters_per_epoch", "train.batch", "train.val_batch", "train.lr",
-            "corruption.gain", "train.blind_spot_fraction", "train.blind_spot_radius"}
+            "corruption.gain", "train.blind_spot_fraction", "train.blind_spot_radius", "loss.border_sigma",
+            "augment.elastic_sigma", "train.time_limit_min"}
+NON_NEGATIVE = {"train.workers", "train.seed", "train.weight_decay", "loss.border_w0", "loss.dice_weight",
+                "augment.elastic_alpha", "corruption.sigma"}
+#: Bounded settings: path -> (low, high, low excluded, high excluded).
+RANGES = {
+    "train.val_threshold": (0.0, 1.0, True, True),
+    "train.momentum": (0.0, 1.0, False, True),
+    "train.blind_spot_fraction": (0.0, 1.0, True, False),
+    "corruption.fraction": (0.0, 1.0, False, False),
+    "augment.brightness_contrast": (0.0, 1.0, False, False),
+    "augment.noise_std": (0.0, 1.0, False, False),
+}
+#: Recipe files are a few hundred bytes; anything this large is not a recipe.
+MAX_RECIPE_BYTES = 1_000_000
+#: Values (scalars, lists, mappings) a recipe may hold once its YAML aliases are expanded.
+MAX_RECIPE_NODES = 100_000
+#: Recipe keys that name input data: a relative path in a recipe file is relative to the file's folder.
+#: Run paths (train.out, model.init_from, model.denoiser) stay relative to the working directory.
+RECIPE_RELATIVE = (("data", "root"), ("model", "pretrained"))
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 50, 50, 4, 8, 2
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters: messages never print a whole (possibly huge) value."""
+    text = _SHORT.repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def default_recipe(schema: dict[str, dict[str, Leaf]] = SCHEMA) -> dict[str, Any]:
@@ -139,6 +170,7 @@ def default_recipe(schema: dict[str, dict[str, Leaf]] = SCHEMA) -> dict[str, Any
 def _unknown(path: str, key: str, allowed: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
+    key = key if len(key) <= 60 else key[:57] + "..."
     where = f"{path}.{key}" if path else key
     return ConfigError(f"{where}: unknown key{hint} allowed: {', '.join(allowed)}")
 
@@ -170,17 +202,40 @@ def validate_recipe(raw: Any, schema: dict[str, dict[str, Leaf]] = SCHEMA) -> di
             if isinstance(value, bool) and bool not in types:
                 raise ConfigError(f"{path}: expected {_type_name(types)}, got a boolean ({value})")
             if not isinstance(value, types):
-                raise ConfigError(f"{path}: expected {_type_name(types)}, got {type(value).__name__} ({value!r})")
+                raise ConfigError(f"{path}: expected {_type_name(types)}, got {type(value).__name__} ({short(value)})")
             if path in CHOICES and value not in CHOICES[path]:
-                raise ConfigError(f"{path}: {value!r} is not one of {', '.join(CHOICES[path])}")
-            if path in POSITIVE and value <= 0:
-                raise ConfigError(f"{path}: must be positive, got {value}")
+                raise ConfigError(f"{path}: {short(value)} is not one of {', '.join(CHOICES[path])}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                _check_number(path, value)
             if float in types and isinstance(value, int):
                 value = float(value)
             recipe[section][key] = value
-    for name in ("train_slices", "val_slices", "test_slices"):
+    names = ("train_slices", "val_slices", "test_slices")
+    for name in names:
         _check_range(f"data.{name}", recipe["data"][name])
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            (a, b), (c, d) = recipe["data"][first], recipe["data"][second]
+            if max(a, c) < min(b, d):
+                raise ConfigError(
+                    f"data.{first} {[a, b]} and data.{second} {[c, d]} overlap (slices {max(a, c)}-{min(b, d) - 1}): "
+                    "held-out slices must not be trained or validated on; give them separate [start, stop) ranges")
     return recipe
+
+
+def _check_number(path: str, value: int | float) -> None:
+    """Finite, and in the range the setting allows (POSITIVE, NON_NEGATIVE, RANGES)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value}")
+    if path in POSITIVE and value <= 0:
+        raise ConfigError(f"{path}: must be positive, got {value}")
+    if path in NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{path}: must be 0 or more, got {value}")
+    if path in RANGES:
+        low, high, low_open, high_open = RANGES[path]
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ConfigError(f"{path}: must be in {interval}, got {value}")
 
 
 def _check_range(path: str, value: Any) -> None:
@@ -189,27 +244,74 @@ def _check_range(path: str, value: Any) -> None:
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         or not 0 <= value[0] < value[1]
     ):
-        raise ConfigError(f"{path}: expected [start, stop) slice indices like [0, 20], got {value!r}")
+        raise ConfigError(f"{path}: expected [start, stop) slice indices like [0, 20], got {short(value)}")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses documents whose aliases expand to more than MAX_RECIPE_NODES
+    values (an "alias bomb" of a few hundred bytes expands to gigabytes) or that refer to themselves."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {})
+        return self.construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """How many values `node` holds with its aliases expanded (each shared node counted per use)."""
+    key = id(node)
+    if key in sizes:
+        known = sizes[key]
+        if known is None:
+            raise ConfigError("an alias refers to the value that holds it (a recursive structure); write the values out")
+        return known
+    sizes[key] = None
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    if size > MAX_RECIPE_NODES:
+        raise ConfigError(f"it holds more than {MAX_RECIPE_NODES} values with its aliases expanded (a YAML alias "
+                          "bomb?); recipes hold a few dozen settings")
+    sizes[key] = size
+    return size
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python data, safely: plain data only, aliases capped (_RecipeLoader)."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ConfigError("it is nested too deeply to be a recipe; write it as plain sections") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides (values parsed as YAML) to a raw recipe mapping."""
+    if raw and not isinstance(raw, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections, got {type(raw).__name__}; "
+                          "write it as section: {key: value} lines, e.g. train: {epochs: 2}")
     raw = copy.deepcopy(raw) if raw else {}
     for item in overrides:
+        shown = short(item)
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=2")
+            raise ConfigError(f"override {shown} must look like section.key=value, e.g. train.epochs=2")
         dotted, text = item.split("=", 1)
         parts = dotted.strip().split(".")
         if len(parts) < 2 or not all(parts):
-            raise ConfigError(f"override {item!r}: key must be section.key, e.g. train.epochs=2")
+            raise ConfigError(f"override {shown}: key must be section.key, e.g. train.epochs=2")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = parse_yaml(text) if text.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+            raise ConfigError(f"override {shown}: value is not valid YAML ({_first_line(exc)})") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"override {shown}: {exc}") from None
         node = raw
         for part in parts[:-1]:
             if not isinstance(node.setdefault(part, {}), dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
+                raise ConfigError(f"override {shown}: {short(part)} is not a section")
             node = node[part]
         node[parts[-1]] = value
     return raw
@@ -222,8 +324,43 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist; pass a YAML recipe such as recipes/em_neurons.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"recipe {path} is {size / 1e6:.1f} MB; recipes are small YAML files "
+                              f"(at most {MAX_RECIPE_BYTES // 1_000_000} MB): pass the recipe, not a data file")
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        first = str(exc).replace("\n", " ")
-        raise ConfigError(f"recipe {path} is not valid YAML: {first}") from exc
+        raise ConfigError(f"recipe {path} is not valid YAML: {_first_line(exc)}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not UTF-8 text; pass a YAML recipe such as recipes/em_neurons.yaml") from None
+    except OSError as exc:
+        raise ConfigError(f"recipe {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    except ConfigError as exc:
+        if str(exc).startswith("recipe "):
+            raise
+        raise ConfigError(f"recipe {path}: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} holds a {type(raw).__name__}, not a mapping of sections "
+                          f"({', '.join(schema)}); write it as section: {{key: value}} lines, e.g. train: {{epochs: 2}}")
+    if raw:
+        raw = _relative_to(raw, path.parent)
     return validate_recipe(apply_overrides(raw or {}, list(overrides)), schema)
+
+
+def _relative_to(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The recipe file's relative input paths (RECIPE_RELATIVE) joined to its folder, as absolute paths:
+    a recipe names the same data from any working directory and in its copy in the run folder."""
+    raw = dict(raw)
+    for section, key in RECIPE_RELATIVE:
+        values = raw.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str) and values[key]:
+            value = os.path.expanduser(values[key])
+            if not os.path.isabs(value):
+                raw[section] = {**values, key: os.path.abspath(os.path.join(folder, value))}
+    return raw
+
+
+def _first_line(exc: Exception) -> str:
+    """A library exception's text in one line of at most 200 characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -44,6 +44,7 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
     from segkit.evaluation import evaluate_instances, evaluate_stacks
     from segkit.inference.api import predict
     from segkit.instances import WatershedParams, segment_stack
+    from segkit.io.outputs import check_folder
     from segkit.io.tiff import atomic_path, open_stack
 
     output_dir = Path(output_dir)
@@ -54,6 +55,7 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
     existing = [p for p in (prediction, instances, overlay, scores_json) if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]} already exists; pass overwrite=True or choose another output_dir=DIR")
+    check_folder(output_dir, create=True)  # a folder (or one that can be made) that can be written, before any work
     output_dir.mkdir(parents=True, exist_ok=True)
 
     info = read_info(DEMO_MODEL)
@@ -78,4 +80,5 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
     with atomic_path(scores_json) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     return {"scores": report["scores"], "instance_scores": report["instances"]["scores"], "prediction": prediction,
-            "instances": instances, "overlay": overlay, "scores_json": scores_json}
+            "instances": instances, "overlay": overlay, "scores_json": scores_json, "threshold": threshold,
+            "watershed": params.to_dict()}

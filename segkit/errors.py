@@ -25,5 +25,10 @@ class OutputExistsError(SegkitError):
     """The output path exists and overwriting it was not asked for."""
 
 
+class OutputError(SegkitError):
+    """An output that cannot be written: the input itself, a name or kind segkit does not write,
+    a folder that is missing or read-only, a full disk."""
+
+
 class MissingDependencyError(SegkitError):
     """An optional package is needed for this feature."""

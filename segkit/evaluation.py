@@ -95,9 +95,31 @@ def _instance_scores(true_cells: np.ndarray, pred_labels: np.ndarray) -> dict[st
             "vi_merge": merge, "vi": split + merge}
 
 
+#: Labels are constant inside each cell: of the neighbouring pixel pairs with both pixels in cells (> 0),
+#: ISBI labels and cell-ID labels have 98-100 % equal, raw EM 2 % and a membrane probability map 31 %.
+LABEL_MIN_EQUAL_NEIGHBOURS = 0.8
+
+
+def label_constancy(plane: np.ndarray) -> float:
+    """The share of neighbouring pixel pairs (4-connected, both > 0) that hold the same value: near 1 for
+    labels (a 0/255 mask or cell IDs), far below for an image or a probability map; 1 without such pairs."""
+    same = total = 0
+    for a, b in ((plane[:, 1:], plane[:, :-1]), (plane[1:], plane[:-1])):
+        both = (a != 0) & (b != 0)
+        total += int(both.sum())
+        same += int((both & (a == b)).sum())
+    return same / total if total else 1.0
+
+
 def _true_membrane(label_stack: TiffStack, index: int, source: str) -> np.ndarray:
-    """The ground-truth membrane of one label slice, refused when it is all membrane or all cell."""
-    membrane = membrane_from_labels(label_stack.plane(index))
+    """The ground-truth membrane of one label slice, refused when it is all membrane or all cell, or
+    when it does not look like labels at all (the prediction and the labels swapped)."""
+    plane = label_stack.plane(index)
+    if label_constancy(plane) < LABEL_MIN_EQUAL_NEIGHBOURS:
+        raise InputError(f"{source} does not look like labels (0 = membrane, > 0 = cell, e.g. a 0/255 mask): slice "
+                         f"{index} changes from pixel to pixel inside cells, like a probability map or a raw image; "
+                         "were the prediction and the labels swapped? pass the prediction first, the labels second")
+    membrane = membrane_from_labels(plane)
     if membrane.all() or not membrane.any():
         raise InputError(f"{source}: slice {index} is all membrane or all cell; labels need 0 = membrane "
                          "and > 0 = cell interior (ISBI 2012 convention)")

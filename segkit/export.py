@@ -238,5 +238,12 @@ def read_onnx_metadata(path: str | Path) -> tuple[CheckpointInfo, ExportRecord]:
     if "segkit" not in metadata or "segkit_export" not in metadata:
         raise CheckpointError(f"{path} is an ONNX model without segkit metadata, so its geometry and normalisation "
                               "are unknown; export it from a segkit checkpoint with `segkit export`")
+    weights = {tensor.name for tensor in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    rank = len(inputs[0].type.tensor_type.shape.dim) if inputs else 0
+    if len(inputs) != 1 or rank != 4:
+        what = f"{len(inputs)} inputs" if len(inputs) != 1 else f"input of rank {rank}"
+        raise CheckpointError(f"{path} takes {what}, but segkit feeds one (N, C, H, W) batch of rank 4; its metadata "
+                              "does not match its graph: export it again with `segkit export`")
     return CheckpointInfo.from_json(metadata["segkit"], str(path)), ExportRecord.from_json(metadata["segkit_export"],
                                                                                            str(path))

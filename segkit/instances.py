@@ -102,9 +102,11 @@ class InstanceOutput:
 def segment_stack(source: str, output: str | Path, params: WatershedParams, *, overwrite: bool = False,
                   on_plane: Callable[[int], object] | None = None, compression: str = "zlib") -> Path:
     """Watershed every plane of a probability stack (streaming) into a uint32 label stack."""
+    from segkit.io.outputs import check_output
     from segkit.io.tiff import open_stack, write_stack
     from segkit.metrics import to_probability
 
+    check_output(output, kind="tiff", inputs=[source], overwrite=overwrite)  # a TIFF name, not the input
     with open_stack(source, labels=True) as stack:  # admits label dtypes, to refuse them with a clear message
         check_probability_stack(stack.dtype, source)
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-ISBI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
+
+def data_root() -> Path:
+    """The folder holding the real data sets (isbi2012/, bbbc039/, axondeepseg_sem/): $SEGKIT_DATA, by
+    default ../shared/data beside the repository root. Tests that read real data skip when it is absent."""
+    return Path(os.environ.get("SEGKIT_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+ISBI = data_root() / "isbi2012"
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +56,7 @@ def uint8_stack(tmp_path) -> Path:
 @pytest.fixture
 def isbi() -> Path:
     if not (ISBI / "train-volume.tif").exists():
-        pytest.skip("ISBI 2012 data not found next to the checkout")
+        pytest.skip(f"ISBI 2012 data not found in {ISBI.parent} (set SEGKIT_DATA)")
     return ISBI
 
 

@@ -44,7 +44,8 @@ def test_one_stack_into_one_tiff(tmp_path, uint8_stack, tiny_checkpoint):
     assert result.tile == 236 and result.batch == 4 and result.engine == "torch cpu"
     assert 0 < result.first_tiles_seconds <= result.seconds
     assert progress.total == progress.done == 12  # 3 planes of 2 x 2 tiles (52 px out each)
-    assert any("3 x 70 x 91 uint8, 12 tiles of 236 px, batch 4, on torch cpu" in m for m in predict.messages)
+    assert any(f"-> {out}: 3 x 70 x 91 uint8, 12 tiles of 236 px, batch 4, model {tiny_checkpoint}, on torch cpu; "
+               "writes uint8 membrane probabilities" in m for m in predict.messages)
     written = tifffile.imread(out)
     assert written.shape == (3, 70, 91) and written.dtype == np.uint8
     assert_plane_matches_library(written, uint8_stack, tiny_checkpoint, index=2, tile=236)

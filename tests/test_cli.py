@@ -222,6 +222,8 @@ def test_demo(tmp_path):
     # the watershed settings stored in the bundled model (chosen on validation slices) beat components
     assert report["instances"]["scores"]["adapted_rand_error"] < report["scores"]["adapted_rand_error"] / 1.5
     assert "neuron instances" in result.output
+    # it says which thresholds it used (issue 13, item 18)
+    assert "at membrane threshold 0.8 (the bundled model's)" in result.output and "seed distance" in result.output
     assert_user_error(run("demo", "-o", tmp_path / "demo"), "--overwrite")
 
 

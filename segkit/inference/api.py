@@ -41,7 +41,9 @@ class Progress(Protocol):
 @dataclass
 class PredictResult:
     """What a prediction did: files written, files that failed (path, reason), the tile and batch
-    it ran at, the engine in words, seconds in all and until the first tile batch finished."""
+    it ran at, the engine and the model in words, what each output holds (`writes`) and the threshold
+    used (a mask's or the watershed's, None for probabilities), seconds in all and until the first
+    tile batch finished."""
 
     outputs: list[Path] = field(default_factory=list)
     folder: Path | None = None  # the output folder, when many files were predicted into one
@@ -49,6 +51,9 @@ class PredictResult:
     tile: int = 0
     batch: int = 0
     engine: str = ""
+    model: str = ""
+    writes: str = ""
+    threshold: float | None = None
     seconds: float = 0.0
     first_tiles_seconds: float | None = None
 
@@ -131,15 +136,25 @@ def predict(
     if len(sources) > 1 and not to_folder:
         raise SegkitError(f"{len(sources)} inputs given: give an output folder for one output per input file, or "
                           "quote a glob ('dir/*.tif') to read the files as one stack")
-    if not to_folder:
-        from segkit.io.tiff import check_output_path
+    # the output is checked before anything is loaded: a name, folder or disk it cannot go to fails at once
+    if to_folder:
+        from segkit.inference.files import plan_file_jobs
+        from segkit.io.outputs import remove_stale_partials
+
+        jobs, _ = plan_file_jobs(sources, Path(text_output), overwrite=overwrite, skip_existing=skip_existing)
+        remove_stale_partials([job.output for job in jobs], report)
+    else:
+        from segkit.io.outputs import check_output
 
         suffix = "denoised" if kind == "denoiser" else "instances" if instances else "membranes"
         out_path = Path(output) if output is not None else default_output(sources[0], suffix)
-        check_output_path(out_path, overwrite=overwrite)
+        check_output(out_path, kind="tiff", inputs=sources, overwrite=overwrite, report=report)
     loaded = _load(model, request, tile=tile, report=report)
     chosen_tile, batch = _fit_to_device(loaded, sources[0], tile=tile, batch=batch, report=report)
-    result = PredictResult(tile=chosen_tile, batch=batch, engine=loaded.engine.label)
+    writes, used_threshold = describe_output(loaded.info, kind=kind, output_type=output_type, threshold=threshold,
+                                             instances=instances)
+    result = PredictResult(tile=chosen_tile, batch=batch, engine=loaded.engine.label, writes=writes,
+                           model=_model_label(request, model), threshold=used_threshold)
     run = _Runner(loaded, tile=chosen_tile, batch=batch, blend=blend, normalize=normalize, compression=compression,
                   overwrite=overwrite, spec_for=_spec_factory(loaded.info, kind=kind, output_type=output_type,
                                                               threshold=threshold, instances=instances),
@@ -243,6 +258,38 @@ def output_spec(inference: dict[str, Any], *, output_type: str = "uint8", thresh
     return OutputSpec("mask", parse_threshold(threshold, inference.get("threshold", 0.5)))
 
 
+def describe_output(info: Any, *, kind: str = "segmenter", output_type: str = "uint8",
+                    threshold: float | str | None = None, instances: bool = False) -> tuple[str, float | None]:
+    """What each output holds, in words (for the header line), and the threshold it uses: a mask's
+    or the watershed's, as 'auto' resolved it (None for probabilities and denoised intensities)."""
+    if kind == "denoiser":
+        return ("denoised intensities in the input's dtype" if output_type == "same"
+                else f"denoised {output_type} intensities"), None
+    spec = output_spec(info.inference, output_type=output_type, threshold=threshold, instances=instances)
+    stored = info.inference.get("threshold") is not None or (
+        instances and (info.inference.get("watershed") or {}).get("threshold") is not None)
+    origin = "" if threshold != "auto" else (" (auto: the checkpoint's)" if stored
+                                              else " (auto: the checkpoint stores none, so the default)")
+    if instances:
+        params = spec.params
+        return (f"uint32 instances: seeded watershed at threshold {params.threshold:g}{origin}, seed distance "
+                f"{params.seed_distance:g}, min seed size {params.min_seed_size}, min size {params.min_size}",
+                params.threshold)
+    if threshold is not None:
+        return f"a 0/255 membrane mask at threshold {spec.threshold:g}{origin}", spec.threshold
+    return f"{output_type} membrane probabilities", None
+
+
+def _model_label(request: Any, model: Any = None) -> str:
+    """The model file in words (the bundled demo U-Net by name), after the denoiser run in front of it."""
+    from segkit.inference.loading import default_model_path
+
+    if request is None:
+        return f"an engine passed in ({getattr(model, 'label', type(model).__name__)})"
+    name = f"the bundled demo U-Net ({request.model.name})" if request.model == default_model_path() else str(request.model)
+    return f"{request.denoiser} then {name}" if request.denoiser is not None else name
+
+
 def parse_threshold(value: float | str, auto: float) -> float:
     """A threshold given as a number or 'auto' (then `auto`, the checkpoint's)."""
     if value == "auto":
@@ -294,8 +341,9 @@ class _Runner:
                 self.report(f"{source}: {note}")
             if header:
                 z, h, w = stack.shape
-                self.report(f"{source}: {z} x {h} x {w} {stack.dtype}, {count_tiles(stack, geometry, self.tile)} "
-                            f"tiles of {self.tile} px, batch {self.batch}, on {self.loaded.engine.label}")
+                self.report(f"{source} -> {output}: {z} x {h} x {w} {stack.dtype}, {count_tiles(stack, geometry, self.tile)}"
+                            f" tiles of {self.tile} px, batch {self.batch}, model {self.result.model}, on "
+                            f"{self.loaded.engine.label}; writes {self.result.writes}")
             spec = self.spec_for(stack)
 
             def run(size: int) -> Path:
@@ -311,7 +359,7 @@ class _Runner:
         return written
 
     def many(self, sources: Sequence[str], output_dir: Path, *, skip_existing: bool) -> None:
-        from segkit.inference.files import count_file_tiles, plan_file_jobs, predict_files
+        from segkit.inference.files import count_file_tiles, failure_line, plan_file_jobs, predict_files
 
         jobs, skipped = plan_file_jobs(sources, output_dir, overwrite=self.overwrite, skip_existing=skip_existing)
         output_dir.mkdir(exist_ok=True)
@@ -319,10 +367,10 @@ class _Runner:
             self.report(f"skipping {len(skipped)} files whose output exists")
         counts, failed = count_file_tiles(jobs, self.loaded.geometry, self.tile)
         for outcome in failed:
-            self.report(f"failed: {outcome.job.source}: {outcome.error}")
+            self.report(failure_line(outcome.job.source, outcome.error or ""))
         runnable = [job for job in jobs if job in counts]
-        self.report(f"{len(runnable)} files, {sum(counts.values())} tiles of {self.tile} px, batch {self.batch}, "
-                    f"on {self.loaded.engine.label}")
+        self.report(f"{len(runnable)} files -> {output_dir}: {sum(counts.values())} tiles of {self.tile} px, batch "
+                    f"{self.batch}, model {self.result.model}, on {self.loaded.engine.label}; writes {self.result.writes}")
         if self.progress is not None:
             self.progress.reset(total=sum(counts.values()))
         outcomes = failed + predict_files(runnable, lambda job: self.one(job.source, job.output, header=False),
@@ -350,6 +398,9 @@ def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int
         raise SegkitError("the Dask path builds its engines on the workers: pass a model file, not an engine")
     if request.kind != "segmenter":
         raise SegkitError("the Dask path predicts segmenters; denoise into a TIFF instead")
+    from segkit.io.outputs import check_output
+
+    check_output(output.rstrip("/"), kind="store", inputs=sources, overwrite=overwrite)
     if tile != "auto" and batch is None and resolve_device(request.device) == "cpu":
         batch = 4  # what choose_batch says on the CPU, without loading (or exporting) the model here
     if tile == "auto" or batch is None:
@@ -362,11 +413,14 @@ def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int
         info, geometry, chosen_tile = planned_tile(request, _fixed_tile(tile))
     spec = output_spec(info.inference, output_type=output_type, threshold=threshold, instances=instances)
     where = scheduler or (f"a local Dask cluster of {workers} workers" if workers else "local Dask threads")
-    report(f"{sources[0]} -> {output} on {where}, device {request.device}, tile {chosen_tile}, batch {batch}")
+    writes, used_threshold = describe_output(info, output_type=output_type, threshold=threshold, instances=instances)
+    report(f"{sources[0]} -> {output} on {where}, device {request.device}, tile {chosen_tile}, batch {batch}, "
+           f"model {_model_label(request)}; writes {writes}")
     written = predict_to_zarr(sources[0], output.rstrip("/"), request, tile=chosen_tile, batch=batch, chunk=chunk,
                               spec=spec, blend=blend, normalize=normalize, scheduler=scheduler, workers=workers,
                               resume=resume, overwrite=overwrite, record=(info, geometry), report=report)
     return PredictResult(outputs=[written], tile=chosen_tile, batch=batch, engine=f"Dask ({where})",
+                         model=_model_label(request), writes=writes, threshold=used_threshold,
                          seconds=time.perf_counter() - started)
 
 

@@ -40,11 +40,13 @@ from typing import Any
 import numpy as np
 
 from segkit._optional import require
-from segkit.errors import InputError, OutputExistsError, SegkitError
+from segkit.errors import OutputError, OutputExistsError, SegkitError
+from segkit.io.outputs import check_output, is_write_error, write_failure
 from segkit.io.zarr import (  # noqa: F401  (the zarr names stay importable from here until the CLI moves)
     ZarrStack,
     convert_zarr_to_tiff,
     create_ome_zarr,
+    mark_complete,
     ome_zarr_attributes,
     open_volume,
     plane_reader,
@@ -68,6 +70,9 @@ class RunManifest:
     chunks: tuple[int, int, int]
     output: str
     engine: str = ""
+    #: what the input holds (`input_fingerprint`): a rerun with the same path, shape and dtype but other
+    #: content must not mix its chunks with the old ones
+    input: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -84,6 +89,47 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: Inputs up to this size are hashed whole; larger ones by FINGERPRINT_SAMPLES evenly spaced blocks.
+FINGERPRINT_FULL_BYTES = 64 << 20
+FINGERPRINT_SAMPLES, FINGERPRINT_BLOCK = 64, 256 << 10
+
+
+def input_fingerprint(source: str | Path) -> str:
+    """What identifies the content of an input (a TIFF, a folder or glob of TIFFs, a zarr store):
+    its files' count, total size and newest modification time, and a sha256 over their names, sizes
+    and bytes: all bytes up to FINGERPRINT_FULL_BYTES, beyond that FINGERPRINT_SAMPLES blocks of
+    FINGERPRINT_BLOCK bytes evenly spaced over the files (so a rewrite of any size is noticed by
+    its size or time, and an edit in place by its time or, in most places, its bytes)."""
+    from segkit.io.tiff import list_tiff_files
+
+    path = Path(source)
+    if path.is_dir() and str(source).rstrip("/").endswith(".zarr"):
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file())
+    else:
+        files = list_tiff_files(str(source))
+    stats = [os.stat(f) for f in files]
+    sizes = [s.st_size for s in stats]
+    total = sum(sizes)
+    digest = hashlib.sha256()
+    for name, size in zip(files, sizes):
+        digest.update(f"{os.path.relpath(name, source) if path.is_dir() else Path(name).name}:{size};".encode())
+    if total <= FINGERPRINT_FULL_BYTES:
+        for name in files:
+            digest.update(Path(name).read_bytes())
+        how = "all bytes"
+    else:
+        starts = np.cumsum([0] + sizes)
+        for k in range(FINGERPRINT_SAMPLES):
+            offset = (total - FINGERPRINT_BLOCK) * k // (FINGERPRINT_SAMPLES - 1)
+            index = int(np.searchsorted(starts, offset, side="right")) - 1
+            with open(files[index], "rb") as handle:
+                handle.seek(offset - int(starts[index]))
+                digest.update(handle.read(FINGERPRINT_BLOCK))
+        how = f"{FINGERPRINT_SAMPLES} sampled blocks"
+    newest = max((s.st_mtime_ns for s in stats), default=0)
+    return f"{len(files)} files, {total} bytes, modified {newest} ns, sha256 of {how} {digest.hexdigest()}"
 
 
 def chunk_size(chunk: int, geometry: Any, tile: int, context: int) -> int:
@@ -268,10 +314,7 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
     spec = spec or OutputSpec()
     output = Path(output)
     partial_store = output.with_name(output.name + ".partial")
-    if output.resolve() == Path(source).resolve():
-        raise InputError(f"output {output} would replace its input; choose another output path")
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists; pass overwrite=True or choose another path")
+    check_output(output, kind="store", inputs=[source], overwrite=overwrite)  # not the input, not a file, writable
     info, geometry = record or model_record(request)
     geometry.check_tile(tile)
     context = _context(geometry)
@@ -291,13 +334,18 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
     models = [request.model] + ([request.denoiser] if request.denoiser is not None else [])
     manifest = RunManifest("+".join(file_sha256(m) for m in models), str(Path(source).resolve()), tile,
                            normalization.to_dict(), shape, chunks, repr(spec),
-                           f"{request.engine} {request.amp} tta {request.tta} halo {request.halo} blend {blend}")
+                           f"{request.engine} {request.amp} tta {request.tta} halo {request.halo} blend {blend}",
+                           input=input_fingerprint(source))
     if partial_store.exists():
         if not resume:
             raise OutputExistsError(f"{partial_store} holds an interrupted run; pass resume=True to finish it, "
                                     "or delete it")
         found = (RunManifest.from_json((partial_store / MANIFEST).read_text())
                  if (partial_store / MANIFEST).exists() else None)
+        if found and found.input and found.source == manifest.source and found.input != manifest.input:
+            raise SegkitError(f"resume: the input {source} changed since {partial_store} was started (its size, "
+                              "modification time or content differ), so the chunks written so far belong to the old "
+                              f"input; delete {partial_store} to start again")
         if found != manifest:
             what = ("another model" if found and found.model_sha256 != manifest.model_sha256
                     else "other settings (input, tile, normalisation, chunks, engine or output type)")
@@ -326,9 +374,15 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
                 for z in range(shape[0])]
     try:
         _compute(work, scheduler=scheduler, workers=workers)
+    except OSError as exc:  # a full disk or lost permission: one line; the store stays for resume
+        if not is_write_error(exc):
+            raise
+        raise OutputError(write_failure(partial_store, exc, f"the chunks written so far are kept in {partial_store} "
+                                        "(rerun with resume=True to finish it)")) from exc
     finally:
         with _ENGINE_LOCK:
             _LOCAL_ENGINES.clear()  # the local scheduler's engines (and their device memory) go with the run
+    mark_complete(partial_store)  # convert and zarr inputs refuse a store without it
     if output.exists():
         shutil.rmtree(output) if output.is_dir() else output.unlink()
     partial_store.rename(output)

@@ -243,6 +243,31 @@ class OnnxEngine:
         self._out_channels = channels if isinstance(channels, int) else 1
         self._largest_batch = 0
 
+    def check_geometry(self, tile: int, source: Any) -> None:
+        """Run one `tile` x `tile` tile of zeros and check that the graph takes (N, C, H, W) input and
+        returns tile - 2 margin px, as its metadata says; a graph whose metadata lies (about the
+        margin, or its input rank) fails here with one line instead of inside onnxruntime later."""
+        graph_input = self.session.get_inputs()[0]
+        if len(graph_input.shape) != 4:
+            raise SegkitError(f"{source} takes input of rank {len(graph_input.shape)} ({graph_input.shape}), but segkit "
+                              "feeds (N, C, H, W) batches of rank 4; export the model with `segkit export`")
+        channels = graph_input.shape[1] if isinstance(graph_input.shape[1], int) else 1
+        quiet = self._ort.RunOptions()
+        quiet.log_severity_level = 4  # the failure is reported below, in one line
+        try:
+            got = self.session.run(None, {self._input_name: np.zeros((1, channels, tile, tile), np.float32)},
+                                   quiet)[0].shape
+        except Exception as exc:  # onnxruntime raises its own exception types
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = text.rpartition("Status Message: ")[2][:200]
+            raise SegkitError(f"{source} fails on a {tile} px tile that its metadata calls valid ({first}); its "
+                              "metadata does not match its graph: export it again with `segkit export`") from exc
+        expected = tile - 2 * self.geometry.margin
+        if len(got) != 4 or tuple(got[2:]) != (expected, expected):
+            raise SegkitError(f"{source} turns a {tile} px tile into output of shape {tuple(got)}, but its metadata "
+                              f"(margin {self.geometry.margin}) says {expected} x {expected} px; its metadata does not "
+                              "match its graph: export it again with `segkit export`")
+
     @property
     def uses_gpu(self) -> bool:
         return self.device.type == "cuda"

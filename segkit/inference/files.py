@@ -10,6 +10,7 @@ from typing import Any
 
 from segkit.errors import InputError, OutputExistsError, SegkitError
 from segkit.inference.pipeline import count_tiles
+from segkit.io.outputs import check_folder, same_file
 from segkit.io.tiff import list_tiff_files, open_stack
 from segkit.models.geometry import Geometry
 
@@ -46,14 +47,15 @@ def plan_file_jobs(sources: Sequence[str], output_dir: Path, *, overwrite: bool 
         raise InputError(f"output folder {output_dir} cannot be created: {output_dir.parent} does not exist")
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"output {output_dir} is a file; several inputs need an output folder")
+    check_folder(output_dir, create=True)  # writable (or creatable), not on a full disk
     jobs: dict[str, FileJob] = {}
     for resolved, name in files.items():
         output = output_dir / f"{Path(name).stem}.tif"
         if output.name in jobs:
             raise InputError(f"inputs {jobs[output.name].source} and {name} would both be written to {output}; "
                              "predict them into separate folders")
-        if output.resolve() == resolved:
-            raise InputError(f"output {output} would replace its input; choose another output folder")
+        if output.resolve() == resolved or same_file(output, resolved):  # also a hard link or symlink to it
+            raise InputError(f"output {output} would replace its input {name}; choose another output folder")
         jobs[output.name] = FileJob(name, output)
     existing = [job for job in jobs.values() if job.output.exists()]
     if existing and not (overwrite or skip_existing):
@@ -61,6 +63,11 @@ def plan_file_jobs(sources: Sequence[str], output_dir: Path, *, overwrite: bool 
                                 f"{existing[0].output.name}); pass overwrite=True, or skip_existing=True to do only the rest")
     skipped = existing if skip_existing and not overwrite else []
     return [job for job in jobs.values() if job not in skipped], skipped
+
+
+def failure_line(source: str, error: str) -> str:
+    """The report line of a file that failed, naming it once: most errors start with the path."""
+    return f"failed: {error}" if source in error else f"failed: {source}: {error}"
 
 
 def _reason(exc: Exception) -> str:
@@ -95,5 +102,5 @@ def predict_files(jobs: Sequence[FileJob], predict_one: Callable[[FileJob], Any]
             outcomes.append(FileOutcome(job))
         except Exception as exc:  # reported per file; the others go on
             outcomes.append(FileOutcome(job, _reason(exc)))
-            echo(f"failed: {job.source}: {outcomes[-1].error}")
+            echo(failure_line(job.source, outcomes[-1].error or ""))
     return outcomes

@@ -97,13 +97,17 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
         tile = _onnx_tile(model_path, record, tile)
         geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
         geometry.check_tile(tile)
+        check_tile_memory(info, geometry, tile, device)
         if request.compile_model:
             raise SegkitError("compile applies to the torch engine; an ONNX file is already compiled by onnxruntime")
         onnx_engine = OnnxEngine(model_path, geometry, device=device, fp16=record.precision == "fp16")
+        # one trial tile (the smallest the graph takes): metadata that does not match the graph fails here
+        onnx_engine.check_geometry(record.tile if record.spatial == "fixed" else geometry.min_input, model_path)
         return LoadedEngine(onnx_engine, info, geometry, tile, fixed_tile=record.spatial == "fixed")
     model, info = _load_checkpoint(model_path, request.denoiser, kind)
     geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
     tile = tile or trained_tile(info, geometry)
+    check_tile_memory(info, geometry, tile, device)
     if engine == "torch":
         channel = 1 if kind == "segmenter" else None
         torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel,
@@ -160,7 +164,19 @@ def planned_tile(request: EngineRequest, tile: int | None = None) -> tuple[Any, 
     else:
         tile = tile or trained_tile(info, geometry)
     geometry.check_tile(tile)
+    check_tile_memory(info, geometry, tile, request.device)
     return info, geometry, tile
+
+
+def check_tile_memory(info: Any, geometry: Any, tile: int, device: str) -> None:
+    """Refuse (TileSizeError, with the numbers) a tile whose parameters and activations cannot fit in
+    the memory of `device`, before anything is allocated (segkit.memory.tile_problem)."""
+    from segkit.errors import TileSizeError
+    from segkit.memory import tile_problem
+
+    problem = tile_problem(info, geometry, tile, device)
+    if problem is not None:
+        raise TileSizeError(problem)
 
 
 def _onnx_tile(path: Path, record: Any, tile: int | None) -> int:

@@ -265,6 +265,10 @@ def consume_behind(consume: Callable[[Iterable[T]], R], items: Iterable[T], *, d
     done = object()
     result: list = []
     failure: list[BaseException] = []
+    # set when `consume` has returned or raised (its atomic write renamed or deleted its file); waited
+    # for instead of join(): on Python 3.11 a join interrupted by Ctrl-C marks the thread as stopped
+    # while it still runs, and a second join returns at once
+    finished = threading.Event()
 
     def stream() -> Iterator[T]:
         while True:
@@ -285,12 +289,14 @@ def consume_behind(consume: Callable[[Iterable[T]], R], items: Iterable[T], *, d
                     buffer.get_nowait()
                 except queue.Empty:
                     break
+        finally:
+            finished.set()
 
     worker = threading.Thread(target=run, name="segkit-writer", daemon=True)
     worker.start()
 
     def put(item: object) -> None:
-        while worker.is_alive():
+        while not finished.is_set():
             try:
                 buffer.put(item, timeout=0.1)
                 return
@@ -304,11 +310,13 @@ def consume_behind(consume: Callable[[Iterable[T]], R], items: Iterable[T], *, d
             put(item)
         else:
             put(done)
-    except BaseException as exc:
-        put(_Failure(exc))
-        worker.join()
+    except BaseException as exc:  # an error here, or Ctrl-C / SIGTERM (KeyboardInterrupt, main thread only)
+        stop = _Failure(exc)
+        _through_interrupts(lambda: (put(stop), finished.wait()))
         raise
-    worker.join()
+    # An interrupt while the writer finishes the last planes: let it finish (its file is complete),
+    # then re-raise. Leaving it running would let the process exit under it, with its temporary file.
+    _through_interrupts(finished.wait)
     if failure:
         raise failure[0]
     return result[0]
@@ -317,6 +325,21 @@ def consume_behind(consume: Callable[[Iterable[T]], R], items: Iterable[T], *, d
 @dataclass(frozen=True)
 class _Failure:
     error: BaseException
+
+
+def _through_interrupts(call: Callable[[], object]) -> None:
+    """`call()` to its end even through KeyboardInterrupt (Ctrl-C, a repeated one, or SIGTERM in the
+    CLI), which is re-raised after: the writer thread must hear of the stop and be waited for, or
+    its atomic write could not delete its temporary file."""
+    interrupt: BaseException | None = None
+    while True:
+        try:
+            call()
+            break
+        except KeyboardInterrupt as exc:
+            interrupt = interrupt or exc
+    if interrupt is not None:
+        raise interrupt
 
 
 def _pad_and_normalize(raw: Any, plan: TilePlan, *, normalization: Normalization) -> Any:

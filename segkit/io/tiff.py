@@ -15,8 +15,8 @@ import difflib
 import glob
 import logging
 import os
+import re
 import struct
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +27,8 @@ import numpy as np
 import tifffile
 
 from segkit._optional import require
-from segkit.errors import InputError, OutputExistsError, SegkitError
+from segkit.errors import InputError, SegkitError
+from segkit.io.outputs import atomic_path, check_output  # noqa: F401  (atomic_path: imported from here too)
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
 #: Label stacks (ground truth, instances) may also be 32-bit integers (float is refused with its own message).
@@ -93,11 +94,13 @@ class TiffStack:
                 f"{path}: stack of {shape[0]} planes stored in {len(self._pages)} pages is not supported; "
                 "re-save it as one page per plane"
             )
+        self._check_plane_memory(path)
 
     def _open_many(self, paths: list[str]) -> None:
         first = _open_tiff(paths[0])
         self._handles.append(first)
-        series, shape = _grayscale_series(first, paths[0], self._dtypes)
+        with _fail_on_tifffile_errors(paths[0]):
+            series, shape = _grayscale_series(first, paths[0], self._dtypes)
         if shape[0] != 1:
             raise InputError(f"{paths[0]}: a folder or glob must hold 2D images, this one has {shape[0]} planes")
         self.shape = (len(paths), shape[1], shape[2])
@@ -105,6 +108,15 @@ class TiffStack:
         self.dtype = np.dtype(series.dtype)
         self.resolution = _resolution(first)
         self._pages = []
+        self._check_plane_memory(paths[0])
+
+    def _check_plane_memory(self, path: str) -> None:
+        """Refuse, before any work, planes that cannot be held in memory (a header may claim any size)."""
+        from segkit.memory import plane_problem
+
+        problem = plane_problem(self.shape[1:], self.dtype.itemsize)
+        if problem is not None:
+            raise InputError(f"{path}: {problem}")
 
     # -- access ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -123,7 +135,8 @@ class TiffStack:
                 data = self._read_file_plane(index)
         except _TIFF_ERRORS as exc:
             raise InputError(
-                f"{self.source}: plane {index} cannot be decoded ({exc}); the file is truncated or corrupt"
+                f"{self.source}: plane {index} cannot be decoded ({tiff_problem(str(exc))}); the file is truncated "
+                "or corrupt: re-export it or copy it again"
             ) from exc
         return check_finite(np.asarray(data).reshape(self.shape[1:]), self.source, index)
 
@@ -213,12 +226,47 @@ def list_tiff_files(source: str) -> list[str]:
 
 
 class _ErrorRecorder(logging.Handler):
+    """tifffile's errors, and its warnings about page offsets (a damaged first page offset is only a
+    warning, after which the file looks empty)."""
+
     def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
+        super().__init__(level=logging.WARNING)
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR or "invalid offset to first page" in message:
+            self.messages.append(message)
+
+
+#: tifffile's words for damage (after its object names are dropped), and what they mean to a user.
+_TIFFFILE_PROBLEMS = (
+    ("page offset", "a page offset points outside the file"),
+    ("offset to page", "a page offset points outside the file"),
+    ("offset to first page", "the offset of its first page points outside the file"),
+    ("value offset", "a tag's value points outside the file"),
+    ("IFD", "a page directory (IFD) is cut short or corrupt"),
+    ("tag list", "a page directory (IFD) is cut short or corrupt"),
+    ("number of tags", "a page directory (IFD) claims an impossible number of tags"),
+    ("data type", "a tag has an unknown data type"),
+    ("cannot be reshaped", "the pixel data of a page is cut short or corrupt"),
+    ("ByteCounts", "a page lacks or miscounts the tags that locate its pixel data"),
+    ("StripOffsets", "a page lacks or miscounts the tags that locate its pixel data"),
+    ("data offset", "a page lacks the tags that locate its pixel data"),
+    ("series", "its stack description (ImageJ or tifffile metadata) does not match its pages"),
+    ("BigTIFF", "its BigTIFF header is corrupt"),
+)
+
+
+def tiff_problem(message: str) -> str:
+    """A tifffile error or log message in a user's words, without tifffile's object names
+    ("<tifffile.TiffPages @8> invalid page offset 12496" -> "a page offset points outside the file")."""
+    text = re.sub(r"<[^<>]*>\s*", "", str(message)).strip()
+    for key, meaning in _TIFFFILE_PROBLEMS:
+        if key in text:
+            return meaning
+    text = text.splitlines()[0] if text else "unknown error"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 @contextmanager
@@ -229,18 +277,30 @@ def _fail_on_tifffile_errors(path: str) -> Iterator[None]:
     logger.addHandler(recorder)
     try:
         yield
+    except _TIFF_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # permissions, a vanished mount: not damage
+            raise InputError(f"{path} cannot be read ({exc.strerror}); check that it exists and is readable") from exc
+        raise InputError(f"{path} is damaged or truncated: {tiff_problem(str(exc))}; re-export the file or "
+                         "copy it again") from exc
     finally:
         logger.removeHandler(recorder)
     if recorder.messages:
-        raise InputError(f"{path} is truncated or corrupt ({recorder.messages[0]}); re-export the file")
+        raise InputError(f"{path} is damaged or truncated: {tiff_problem(recorder.messages[0])}; re-export the "
+                         "file or copy it again")
 
 
 def _open_tiff(path: str) -> tifffile.TiffFile:
     try:
         with _fail_on_tifffile_errors(path):
             return tifffile.TiffFile(path)
-    except _TIFF_ERRORS as exc:
-        raise InputError(f"{path} is not a readable TIFF file ({exc}); segkit reads TIFF (.tif/.tiff) images") from exc
+    except InputError as exc:
+        problem = exc.__cause__
+        if isinstance(problem, tifffile.TiffFileError) and "not a TIFF file" in str(problem):
+            size = Path(path).stat().st_size
+            what = "it is empty (0 bytes)" if size == 0 else "it does not start with a TIFF header"
+            raise InputError(f"{path} is not a readable TIFF file: {what}; segkit reads TIFF (.tif/.tiff) "
+                             "images") from problem
+        raise
 
 
 def _grayscale_series(tif: tifffile.TiffFile, path: str,
@@ -248,6 +308,7 @@ def _grayscale_series(tif: tifffile.TiffFile, path: str,
     """The first series, checked to be single-channel 2D or 3D, and its shape as ZYX."""
     if not tif.series or not tif.pages:
         raise InputError(f"{path}: the TIFF holds no images (empty stack); export at least one plane")
+    _refuse_mixed_pages(tif, path)
     series = tif.series[0]
     axes, shape = series.axes, tuple(series.shape)
     if any(n == 0 for n in shape):
@@ -275,6 +336,40 @@ def _grayscale_series(tif: tifffile.TiffFile, path: str,
     return series, (depth, shape[-2], shape[-1])
 
 
+def _refuse_mixed_pages(tif: tifffile.TiffFile, path: str) -> None:
+    """A file of several images (pages of different sizes or dtypes, or separately written stacks)
+    is refused, naming its pages: reading its first image alone would drop the others silently.
+    Reduced-resolution pages (pyramid levels, thumbnails) are not images of their own."""
+    images = [s for s in tif.series if not getattr(s.pages[0], "is_reduced", False)] if len(tif.series) > 1 else []
+    if len(images) < 2:
+        return
+    parts = []
+    for series in images[:4]:
+        indices = [page.index for page in series.pages if page is not None]
+        plane = "x".join(str(n) for n in series.shape[-2:])
+        parts.append(f"{_page_ranges(indices)} ({plane} {np.dtype(series.dtype).name})")
+    more = f", ... ({len(images)} images in all)" if len(images) > 4 else ""
+    if len({(tuple(s.shape[-2:]), np.dtype(s.dtype)) for s in images}) > 1:
+        raise InputError(f"{path} holds pages of different shapes or dtypes: {', '.join(parts)}{more}; segkit reads "
+                         "a stack of equal pages: split the file into one TIFF per image (e.g. with tifffile or "
+                         "Fiji's Stack Splitter) and segment each")
+    raise InputError(f"{path} holds {len(images)} separate images: {', '.join(parts)}{more}; segkit reads one "
+                     "stack: re-save them as one stack, or split the file into one TIFF per image (e.g. with "
+                     "tifffile or Fiji)")
+
+
+def _page_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 4] -> 'pages 0-2, 4'; [3] -> 'page 3'."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:4]) + (", ..." if len(runs) > 4 else "")
+    return ("pages " if len(indices) > 1 else "page ") + text
+
+
 def _resolution(tif: tifffile.TiffFile) -> Resolution | None:
     page = tif.pages[0]
     tags = page.tags
@@ -290,26 +385,9 @@ def _resolution(tif: tifffile.TiffFile) -> Resolution | None:
 # -- writing -------------------------------------------------------------------------------
 
 def check_output_path(path: str | Path, *, overwrite: bool) -> Path:
-    """Refuse to clobber an existing output unless asked; make sure the folder exists."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} already exists; pass overwrite=True or choose another path")
-    if not path.parent.exists():
-        raise InputError(f"output folder {path.parent} does not exist; create it first")
-    return path
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it to `path` on success, delete it on failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Refuse to clobber an existing output unless asked, a folder where the file goes, and a folder
+    that is missing, read-only or full (segkit.io.outputs.check_output, any file name)."""
+    return check_output(path, kind=None, overwrite=overwrite)
 
 
 #: write_stack's compressions; zlib is TIFF's "Adobe deflate" (tag 8), which every reader (Fiji too) opens.

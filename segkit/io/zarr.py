@@ -20,6 +20,29 @@ from segkit.io.tiff import Resolution, check_finite, open_stack, write_stack
 
 #: dtypes a zarr input may have (those of a TIFF input).
 ZARR_DTYPES = (np.uint8, np.uint16, np.float32)
+#: A store the Dask path writes holds its run's manifest (segkit.inference.distributed.MANIFEST) from the
+#: start, and COMPLETE once every chunk is written (then `NAME.partial` is renamed to NAME).
+MANIFEST = "segkit_manifest.json"
+COMPLETE = "segkit_complete"
+PARTIAL_SUFFIX = ".partial"
+
+
+def mark_complete(store: str | Path) -> None:
+    """Mark a store the Dask path finished writing (before its rename from NAME.partial)."""
+    (Path(store) / COMPLETE).write_text("every chunk of this store was written by segkit\n")
+
+
+def check_complete(store: str | Path) -> None:
+    """Refuse a store of an unfinished segkit run: NAME.partial, or a store with a segkit manifest
+    and no COMPLETE mark (a renamed .partial). Stores segkit did not write are taken as they are."""
+    name = str(store).rstrip("/\\")
+    if name.endswith(PARTIAL_SUFFIX):
+        final = name[: -len(PARTIAL_SUFFIX)]
+        raise InputError(f"{store} is the unfinished store of a prediction that stopped before the end; finish "
+                         f"it by rerunning that prediction into {final} with resume, then use {final}")
+    if (Path(store) / MANIFEST).exists() and not (Path(store) / COMPLETE).exists():
+        raise InputError(f"{store} is not marked complete (no {COMPLETE} in it): the prediction that wrote it "
+                         "did not finish; rerun it with resume, or predict it again")
 
 
 class ZarrStack:
@@ -34,6 +57,7 @@ class ZarrStack:
         path = Path(source)
         if not path.exists():
             raise InputError(f"input {source} does not exist; check the path")
+        check_complete(path)
         try:
             node = zarr.open(str(path), mode="r")
         except Exception as exc:  # zarr raises several types for a folder that is not a store
@@ -142,10 +166,16 @@ def open_level0(store: str | Path, *, mode: str = "r") -> Any:
 
 
 def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bool = False,
-                         compression: str = "zlib") -> Path:
+                         compression: str = "zlib", report: Callable[[str], object] | None = None) -> Path:
     """Stream the level-0 array of an OME-Zarr store into a tiled BigTIFF, plane by plane
-    (`compression`: one of segkit.io.tiff.COMPRESSIONS)."""
+    (`compression`: one of segkit.io.tiff.COMPRESSIONS). A store of an unfinished run is refused;
+    `report` hears about stale temporary files of the output that were removed."""
+    from segkit.io.outputs import check_output
+
+    if Path(store).exists():
+        check_complete(store)
     array = open_level0(store)
+    check_output(output, kind="tiff", inputs=[store], overwrite=overwrite, report=report)
     planes = ((np.asarray(array[...]),) if array.ndim == 2
               else (np.asarray(array[z]) for z in range(array.shape[0])))
     return write_stack(output, planes, shape=tuple(array.shape), dtype=array.dtype, overwrite=overwrite,

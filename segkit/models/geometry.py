@@ -112,7 +112,9 @@ def valid_unet_geometry(depth: int, convs_per_level: int = 2) -> Geometry:
                 return None
         return size
 
-    smallest = next(n for n in range(1, 4096) if output(n) is not None)
+    smallest = next((n for n in range(1, 4096) if output(n) is not None), None)
+    if smallest is None:  # depth 9 and more: tiles of thousands of px for each output pixel
+        raise ValueError(f"depth {depth} is too deep: its smallest input tile exceeds 4096 px; use a depth of 1 to 8")
     out = output(smallest)
     assert out is not None
     return Geometry(margin=(smallest - out) // 2, step=2**depth, min_output=out)

@@ -72,6 +72,31 @@ def split_planes(stack: Any, data: dict[str, Any], split: str) -> list[np.ndarra
     return [stack.plane(z) for z in range(start, stop)]
 
 
+def data_source(data: dict[str, Any], key: str) -> str:
+    """`data.root` joined with `data.<key>` (raw or labels). A missing root or file is an error that
+    names the `data.root=` override fixing it, with the folder where the data was found, if anywhere."""
+    import glob
+    import os
+    from pathlib import Path
+
+    from segkit.errors import InputError
+
+    root, name = Path(data["root"]), data[key]
+    source = root / name
+    if root.is_dir() and (source.exists() or glob.has_magic(str(name))):
+        return str(source)
+    candidates = [Path(os.environ["SEGKIT_DATA"]) / root.name] if os.environ.get("SEGKIT_DATA") else []
+    candidates += [Path(__file__).resolve().parents[3] / "shared" / "data" / root.name,
+                   Path.cwd().parent / "shared" / "data" / root.name]
+    found = next((c for c in candidates if (c / name).exists() and c.resolve() != root.resolve()), None)
+    if not root.is_dir():
+        fix = f"data.root={found}" if found else f"data.root=<the folder holding {name}>"
+        raise InputError(f"data.root {root} does not exist; pass {fix} "
+                         "(a relative data.root in a recipe file is relative to the file's folder)")
+    fix = f"data.root={found}" if found else f"data.{key}=<a file in {root}> or data.root=<the folder holding {name}>"
+    raise InputError(f"data.{key}: {source} does not exist; pass {fix}")
+
+
 def data_normalization(planes: list[np.ndarray]) -> Normalization:
     """Global mean/std of training planes in raw units (stored in the checkpoint, never per tile)."""
     values = np.concatenate([p.astype(np.float64).ravel() for p in planes])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -23,16 +22,24 @@ from segkit.errors import ConfigError
 from segkit.inference.tiler import predict_arrays
 from segkit.io.tiff import open_stack
 from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
-from segkit.training.data import data_normalization, intensity_scale, mirror_array, split_planes
+from segkit.training.data import data_normalization, data_source, intensity_scale, mirror_array, split_planes
 from segkit.training.runs import (
+    Clock,
     RunFiles,
     amp_setup,
+    announce,
     build_optimizer,
+    check_model_fits,
+    check_training_tile,
+    duration,
+    make_interruptible,
     open_run,
     optimizer_step,
     plot_curve,
+    report_timing,
     resume_run,
     save_optimizer,
+    training_device,
     write_logs,
 )
 
@@ -42,7 +49,7 @@ VALIDATION_SEED = 20120  # the same corrupted validation slices in every epoch a
 
 def load_raw(data: dict[str, Any], split: str) -> list[np.ndarray]:
     """Raw planes of one split, as stored."""
-    with open_stack(Path(data["root"]) / data["raw"]) as stack:
+    with open_stack(data_source(data, "raw")) as stack:
         return split_planes(stack, data, split)
 
 
@@ -97,7 +104,6 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     import torch
     from tqdm import tqdm
 
-    from segkit.inference.engines import resolve_device
     from segkit.models import create_model, model_kind
 
     cfg_data, cfg_train = recipe["data"], recipe["train"]
@@ -107,14 +113,16 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     if cfg_train["mode"] == "supervised" and recipe["corruption"]["noise"] == "none":
         raise ConfigError("corruption.noise: 'none' leaves nothing to learn in supervised mode; choose a noise or "
                           "train.mode: blind_spot")
+    device = training_device(cfg_train["device"])
+    data_source(cfg_data, "raw")  # missing data fails before the run folder exists
     files = open_run(cfg_train["out"], resume=resume)
 
-    device = resolve_device(cfg_train["device"], option="train.device")
     torch.manual_seed(cfg_train["seed"])
     model_kwargs = {"in_channels": 1, **recipe["model"]["params"]}
+    check_model_fits(recipe["model"]["name"], model_kwargs, device)
     model = create_model(recipe["model"]["name"], **model_kwargs)
     geometry, tile = model.geometry, cfg_data["tile"]
-    geometry.check_tile(tile)
+    check_training_tile(geometry, tile, model=recipe["model"]["name"], model_kwargs=model_kwargs, device=device)
     out_tile = geometry.output_size(tile)
 
     echo(f"loading raw data from {cfg_data['root']}")
@@ -151,7 +159,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     )
     rng = np.random.default_rng([cfg_train["seed"], start_epoch])
     epoch = completed = start_epoch - 1
-    started, limit = time.monotonic(), cfg_train["time_limit_min"]
+    limit = cfg_train["time_limit_min"]
 
     def save_last() -> None:
         save_checkpoint(files.last, model, info)
@@ -160,12 +168,18 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     def to_model_units(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(normalization.apply(x * scale)).to(device)
 
+    make_interruptible(model, device)
+    iters, epochs = cfg_train["iters_per_epoch"], cfg_train["epochs"]
+    announce(echo, model=model, name=recipe["model"]["name"], device=device, requested_device=cfg_train["device"],
+             amp=cfg_train["amp"], slices={"training": cfg_data["train_slices"], "validation": cfg_data["val_slices"]},
+             iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
+    clock = Clock(limit, timed_iterations=min(3, iters))
+    done, epoch_seconds = 0, []
     try:
-        for epoch in range(start_epoch, cfg_train["epochs"] + 1):
+        for epoch in range(start_epoch, epochs + 1):
             model.train()
             epoch_start, losses = time.monotonic(), []
-            bar = tqdm(range(cfg_train["iters_per_epoch"]), desc=f"epoch {epoch}/{cfg_train['epochs']}",
-                       disable=not progress, leave=False)
+            bar = tqdm(range(iters), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
             for _ in bar:
                 noisy, target, weight = sample_denoise_batch(padded, rng, tile=tile, margin=geometry.margin,
                                                              batch=cfg_train["batch"], settings=recipe)
@@ -177,6 +191,18 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                 loss = (per_pixel * weight_t).sum() / weight_t.sum().clamp(min=1.0)
                 losses.append(optimizer_step(loss, optimizer, scaler, epoch=epoch))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                done += 1
+                report_timing(echo, bar, clock, done, iters=iters, epochs_left=epochs - epoch + 1,
+                              gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu")
+                if len(losses) < iters and clock.time_up():
+                    break
+            bar.close()
+            if len(losses) < iters:  # train.time_limit_min reached inside the epoch
+                save_last()
+                echo(f"stopping in epoch {epoch} after {len(losses)} of {iters} iterations: "
+                     f"train.time_limit_min={limit:g} reached; last checkpoint kept in {files.root} "
+                     f"(continue with resume=True, which reruns epoch {epoch})")
+                break
             model.eval()
             denoised = denoise_planes(model, val_noisy, normalization=normalization, scale=scale, tile=tile,
                                       batch=cfg_train["val_batch"], device=device)
@@ -197,13 +223,16 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
             plot_curve(history, files.curve, loss_label=f"{cfg_train['loss']} ({cfg_train['mode']})",
                        metrics=("psnr", "noisy_psnr") if synthetic else ("psnr",), metric_label="PSNR (dB)")
             baseline = f" (noisy input {noisy_psnr:.2f} dB)" if synthetic else " (vs the raw data)"
+            epoch_seconds.append(row["seconds"])
+            left = f"; about {duration((epochs - epoch) * np.mean(epoch_seconds))} left" if epoch < epochs else ""
             echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val PSNR {row['psnr']:.2f} dB{baseline}  "
-                 f"SSIM {row['ssim']:.3f}")
-            if limit is not None and time.monotonic() - started > limit * 60:
-                echo(f"stopping after epoch {epoch}: train.time_limit_min={limit} reached")
+                 f"SSIM {row['ssim']:.3f}  [{duration(row['seconds'])}{left}]")
+            if epoch < epochs and clock.time_up():
+                echo(f"stopping after epoch {epoch}: train.time_limit_min={limit:g} reached")
                 break
     except KeyboardInterrupt:
         save_last()
+        files.remove_partials()
         echo(f"interrupted; last checkpoint kept in {files.root} (continue with resume=True)")
         raise
     return files

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -16,25 +15,34 @@ import yaml
 
 from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
 from segkit.errors import ConfigError, InputError
-from segkit.inference.engines import resolve_device
 from segkit.io.tiff import open_stack
 from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_thresholds
 from segkit.training.data import (
     class_balance_weights,
     data_normalization,
+    data_source,
     patch_stream,
     prepare_slices,
     split_planes,
 )
 from segkit.training.runs import (
+    Clock,
     RunFiles,
     amp_setup,
+    announce,
     build_optimizer,
+    check_model_fits,
+    check_training_tile,
+    duration,
+    loader_workers,
+    make_interruptible,
     open_run,
     optimizer_step,
     plot_curve,
+    report_timing,
     resume_run,
     save_optimizer,
+    training_device,
     write_logs,
 )
 
@@ -49,15 +57,27 @@ def load_split(data: dict[str, Any], split: str) -> tuple[list[np.ndarray], list
 
     Labels follow the ISBI 2012 convention: 0 = membrane, > 0 = cell interior.
     """
-    root = Path(data["root"])
-    raw_stack = open_stack(root / data["raw"])
-    label_stack = open_stack(root / data["labels"])
+    raw_stack = open_stack(data_source(data, "raw"))
+    label_stack = open_stack(data_source(data, "labels"))
     with raw_stack, label_stack:
         if raw_stack.shape != label_stack.shape:
             raise InputError(f"raw {raw_stack.shape} and labels {label_stack.shape} differ in shape; pair them correctly")
         raws = split_planes(raw_stack, data, split)
         membranes = [membrane_from_labels(labels) for labels in split_planes(label_stack, data, split)]
     return raws, membranes
+
+
+def check_label_classes(membranes: list[np.ndarray], data: dict[str, Any], split: str) -> None:
+    """Refuse label slices that are all membrane or all cell: training on them learns nothing, and
+    validation on them scores a perfect adapted Rand error of 0."""
+    membrane = sum(int(m.sum()) for m in membranes)
+    if 0 < membrane < sum(m.size for m in membranes):
+        return
+    start, stop = data[f"{split}_slices"]
+    what = "no membrane (no pixel is 0)" if membrane == 0 else "only membrane (every pixel is 0)"
+    raise InputError(f"data.labels: slices {start}-{stop - 1} (data.{split}_slices) of {data_source(data, 'labels')} "
+                     f"hold {what}, so there is nothing to learn or score; labels mark membrane 0 and cells > 0 "
+                     f"(ISBI 2012): check data.labels and data.{split}_slices")
 
 
 def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *, normalization: Normalization,
@@ -121,18 +141,21 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     from segkit.training.losses import segmentation_loss
 
-    files = open_run(recipe["train"]["out"], resume=resume)
-
     cfg_data, cfg_train, cfg_loss = recipe["data"], recipe["train"], recipe["loss"]
-    device = resolve_device(cfg_train["device"], option="train.device")
+    device = training_device(cfg_train["device"])
+    data_source(cfg_data, "raw"), data_source(cfg_data, "labels")  # missing data fails before the run folder exists
+    files = open_run(cfg_train["out"], resume=resume)
     torch.manual_seed(cfg_train["seed"])
     echo(f"loading data from {cfg_data['root']}")
     train_raw, train_mem = load_split(cfg_data, "train")
     val_raw, val_mem = load_split(cfg_data, "val")
+    check_label_classes(train_mem, cfg_data, "train")
+    check_label_classes(val_mem, cfg_data, "val")
+    check_model_fits(recipe["model"]["name"], {"in_channels": 1, "classes": 2, **recipe["model"]["params"]}, device)
     model, model_name, model_kwargs, normalization = build_model(recipe["model"], data_normalization(train_raw), echo)
     geometry = model.geometry
     tile = cfg_data["tile"]
-    geometry.check_tile(tile)
+    check_training_tile(geometry, tile, model=model_name, model_kwargs=model_kwargs, device=device)
     out_tile = geometry.output_size(tile)
     class_weights = class_balance_weights(np.stack(train_mem)) if cfg_loss["class_balance"] else (1.0, 1.0)
     # Same-padding models sample tiles from planes mirror-padded by their halo too: more positions.
@@ -161,7 +184,6 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     )
     thresholds = tuple(sorted({*VALIDATION_THRESHOLDS, cfg_train["val_threshold"]}))
     epoch = completed = start_epoch - 1
-    started = time.monotonic()
     limit = cfg_train["time_limit_min"]
 
     def save_last() -> None:
@@ -171,15 +193,21 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     stream = patch_stream(slices, tile=tile, out_tile=out_tile, augment_settings=recipe["augment"],
                           normalization=normalization, seed=(cfg_train["seed"], start_epoch))
-    workers = cfg_train["workers"]
+    workers = loader_workers(cfg_train["workers"], echo)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=cfg_train["batch"], num_workers=workers,
                                               pin_memory=use_cuda, persistent_workers=workers > 0))
+    make_interruptible(model, device)
+    iters, epochs = cfg_train["iters_per_epoch"], cfg_train["epochs"]
+    announce(echo, model=model, name=model_name, device=device, requested_device=cfg_train["device"],
+             amp=cfg_train["amp"], slices={"training": cfg_data["train_slices"], "validation": cfg_data["val_slices"]},
+             iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
+    clock = Clock(limit, timed_iterations=min(3, iters))
+    done, epoch_seconds = 0, []
     try:
-        for epoch in range(start_epoch, cfg_train["epochs"] + 1):
+        for epoch in range(start_epoch, epochs + 1):
             model.train()
             epoch_start, losses = time.monotonic(), []
-            bar = tqdm(range(cfg_train["iters_per_epoch"]), desc=f"epoch {epoch}/{cfg_train['epochs']}",
-                       disable=not progress, leave=False)
+            bar = tqdm(range(iters), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
             for _ in bar:
                 image, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
                 with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -187,6 +215,18 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                 loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
                 losses.append(optimizer_step(loss, optimizer, scaler, epoch=epoch))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                done += 1
+                report_timing(echo, bar, clock, done, iters=iters, epochs_left=epochs - epoch + 1,
+                              gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu")
+                if len(losses) < iters and clock.time_up():
+                    break
+            bar.close()
+            if len(losses) < iters:  # train.time_limit_min reached inside the epoch
+                save_last()
+                echo(f"stopping in epoch {epoch} after {len(losses)} of {iters} iterations: "
+                     f"train.time_limit_min={limit:g} reached; last checkpoint kept in {files.root} "
+                     f"(continue with resume=True, which reruns epoch {epoch})")
+                break
             model.eval()
             table = validate(model, val_raw, val_mem, normalization=normalization, tile=tile,
                              batch=cfg_train["val_batch"], device=device, thresholds=thresholds)
@@ -210,14 +250,19 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
             write_logs(files, history, LOG_FIELDS)
             plot_curve(history, files.curve, loss_label="weighted cross-entropy",
                        metrics=("pixel_error", "adapted_rand_error"), metric_label="error")
+            epoch_seconds.append(row["seconds"])
+            left = f"; about {duration((epochs - epoch) * np.mean(epoch_seconds))} left" if epoch < epochs else ""
             echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val pixel error {row['pixel_error']:.4f}  "
                  f"adapted Rand error {row['adapted_rand_error']:.4f}  VI {row['vi']:.3f}  "
-                 f"(best threshold {best_threshold}: adapted Rand error {row['best_adapted_rand_error']:.4f})")
-            if limit is not None and time.monotonic() - started > limit * 60:
-                echo(f"stopping after epoch {epoch}: train.time_limit_min={limit} reached")
+                 f"(best threshold {best_threshold}: adapted Rand error {row['best_adapted_rand_error']:.4f})  "
+                 f"[{duration(row['seconds'])}{left}]")
+            if epoch < epochs and clock.time_up():
+                echo(f"stopping after epoch {epoch}: train.time_limit_min={limit:g} reached")
                 break
     except KeyboardInterrupt:
         save_last()  # weights of the unfinished epoch; resume=True reruns that epoch
+        files.remove_partials()  # of a best checkpoint or curve the interrupt cut short
         echo(f"interrupted; last checkpoint kept in {files.root} (continue with resume=True)")
         raise
     return files
+

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from segkit.checkpoint import match_umask, read_info
-from segkit.errors import CheckpointError, SegkitError
+from segkit.errors import CheckpointError, ConfigError, SegkitError, TileSizeError
 
 
 @dataclass
@@ -47,6 +48,19 @@ class RunFiles:
     def recipe(self) -> Path:
         return self.root / "recipe.yaml"
 
+    def summary(self) -> str:
+        """What the run holds, for the end of `segkit train`: the checkpoints and the curve that exist."""
+        lines = [f"best checkpoint: {self.best}" if self.best.exists()
+                 else "no best checkpoint yet: no epoch finished (continue with resume=True)"]
+        lines += [f"{label}: {path}" for label, path in (("last checkpoint", self.last), ("curve", self.curve))
+                  if path.exists()]
+        return "\n".join(lines)
+
+    def remove_partials(self) -> None:
+        """Delete the temporary files of writes that an interrupt cut short (.best.safetensors.partial...)."""
+        for path in self.root.glob(".*.partial*"):
+            path.unlink(missing_ok=True)
+
 
 def open_run(out: str | Path, *, resume: bool) -> RunFiles:
     """The run folder, created if needed; never overwrites a run unless resuming it."""
@@ -69,8 +83,10 @@ def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs
 
     previous = read_info(files.last)
     if previous.model != name or previous.model_kwargs != kwargs:
-        raise CheckpointError(f"resume=True: {files.last} holds model {previous.model} {previous.model_kwargs}, "
-                              f"not this recipe's {name} {kwargs}")
+        from segkit.config import short
+
+        raise CheckpointError(f"resume=True: {files.last} holds model {previous.model} "
+                              f"{short(previous.model_kwargs, 120)}, not this recipe's {name} {short(kwargs, 120)}")
     model.load_state_dict(load_file(str(files.last)))
     meta = load_optimizer(files.optimizer, optimizer)
     for group in optimizer.param_groups:
@@ -102,6 +118,160 @@ def optimizer_step(loss: Any, optimizer: Any, scaler: Any, *, epoch: int) -> flo
     scaler.step(optimizer)
     scaler.update()
     return float(loss.item())
+
+
+def training_device(requested: str) -> str:
+    """train.device resolved ('auto' -> a GPU if there is one, else the CPU), errors in the recipe's words."""
+    import torch
+
+    from segkit.inference.engines import resolve_device
+
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={requested} was asked for but CUDA is not available here; "
+                          "set train.device=cpu (or auto)")
+    try:
+        return resolve_device(requested, option="train.device")
+    except SegkitError as exc:
+        raise ConfigError(f"train.device: {exc}") from None
+
+
+def check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
+    """Refuse (ConfigError, with the numbers) a recipe model too big to train on `device`, before
+    it is built (model.params base 100000 would otherwise try to allocate hundreds of GB)."""
+    from segkit.memory import training_model_problem
+
+    problem = training_model_problem(name, kwargs, device)
+    if problem is not None:
+        raise ConfigError(f"model.params: {problem}")
+
+
+def check_training_tile(geometry: Any, tile: int, *, model: str | None = None, model_kwargs: dict | None = None,
+                        device: str = "cpu") -> None:
+    """geometry.check_tile for data.tile, and (given the model) that one tile's forward fits in the
+    device's memory, before any patch is sampled or allocated; messages name the recipe key."""
+    from types import SimpleNamespace
+
+    from segkit.memory import tile_problem
+
+    try:
+        geometry.check_tile(tile)
+        problem = None if model is None else tile_problem(SimpleNamespace(model=model, model_kwargs=model_kwargs or {}),
+                                                          geometry, tile, device)
+        if problem is not None:
+            raise TileSizeError(problem)
+    except TileSizeError as exc:
+        text = str(exc).replace("use tile ", "use data.tile ")
+        raise TileSizeError("data." + text if text.startswith("tile ") else f"data.tile: {text}") from None
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (the number torch's DataLoader compares its workers with)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def loader_workers(requested: int, echo: Any) -> int:
+    """train.workers capped at the CPU cores (more processes than cores only slow sampling down)."""
+    cores = cpu_cores()
+    if requested > cores:
+        echo(f"note: train.workers={requested} is more than the {cores} CPU cores here; using {cores} workers")
+        return cores
+    return requested
+
+
+def _no_op(grad: Any) -> None:
+    return None
+
+
+def make_interruptible(model: Any, device: str) -> list[Any]:
+    """On the CPU a whole backward pass is one C++ call that Ctrl-C or SIGTERM cannot interrupt (tens of
+    seconds for the paper's U-Net); a no-op hook per parameter returns to Python after each layer's
+    gradient, where a pending KeyboardInterrupt is raised. Returns the hook handles."""
+    if device != "cpu":
+        return []
+    return [p.register_hook(_no_op) for p in model.parameters() if p.requires_grad]
+
+
+def duration(seconds: float) -> str:
+    """A rough human duration: 0.4 s, 40 s, 12 min, 3 h 05 min, 2.5 days."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{seconds / 86400:.1f} days"
+
+
+class Clock:
+    """Elapsed time of a training run against train.time_limit_min, and the first iterations' timing."""
+
+    def __init__(self, limit_min: float | None, *, timed_iterations: int):
+        self.started = time.monotonic()
+        self.limit_min = limit_min
+        self.timed = max(timed_iterations, 1)
+        self._mark: float | None = None
+
+    def time_up(self) -> bool:
+        return self.limit_min is not None and time.monotonic() - self.started > self.limit_min * 60
+
+    def iteration_seconds(self, done: int) -> float | None:
+        """Seconds per iteration, once `done` (the iterations finished in this run) reaches the number
+        timed; the first iteration (worker start-up, allocation) is left out when there are more."""
+        now = time.monotonic()
+        if done == 1:
+            self._mark = now
+            first = now - self.started
+            return first if self.timed == 1 else None
+        if done == self.timed and self._mark is not None:
+            return (now - self._mark) / (done - 1)
+        return None
+
+    def limit_note(self, total_seconds: float) -> str:
+        if self.limit_min is not None and total_seconds > self.limit_min * 60:
+            return f"; train.time_limit_min={self.limit_min:g} stops it after {duration(self.limit_min * 60)}"
+        return ""
+
+
+def announce(echo: Any, *, model: Any, name: str, device: str, requested_device: str, amp: bool,
+             slices: dict[str, Any], iters: int, batch: int, tile: int, epochs: int) -> None:
+    """The start of a run: what trains where, on what, and the CPU notes (GPU recipe, amp)."""
+    params = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    count = f"{params / 1e6:.2f} M parameters" + (f", {trained / 1e6:.2f} M trained" if trained != params else "")
+    ranges = ", ".join(f"{key} slices {start}-{stop - 1}" if stop - start > 1 else f"{key} slice {start}"
+                       for key, (start, stop) in slices.items())
+    echo(f"training {name} ({count}) on {device}: {ranges}; {iters} iterations x batch {batch} = "
+         f"{iters * batch} patches of {tile} px per epoch, {epochs} epochs")
+    if device == "cpu" and requested_device != "cpu":
+        echo(f"warning: no GPU here (train.device={requested_device}), so this recipe trains on the CPU, "
+             "many times slower; the time per epoch follows after the first iterations")
+    if device == "cpu" and amp:
+        echo("note: train.amp is ignored on the CPU (training runs in float32)")
+
+
+def report_timing(echo: Any, bar: Any, clock: Clock, done: int, *, iters: int, epochs_left: int,
+                  gpu_recipe_on_cpu: bool) -> None:
+    """Once the first iterations are timed: the time per epoch and for the run (a warning for a GPU recipe
+    on the CPU), printed between progress-bar updates."""
+    per_iteration = clock.iteration_seconds(done)
+    if per_iteration is None:
+        return
+    epoch_s = per_iteration * iters
+    total = epoch_s * epochs_left
+    text = (f"one epoch ({iters} iterations at {per_iteration:.2f} s) takes about {duration(epoch_s)} plus "
+            f"validation, the {epochs_left} epochs to go about {duration(total)}{clock.limit_note(total)}")
+    if gpu_recipe_on_cpu:
+        text = (f"warning: this recipe is sized for a GPU: on this CPU {text}; a smaller model (model.params) "
+                "or data.tile trains faster")
+    else:
+        text = f"timing: {text}"
+    bar.clear()
+    echo(text)
+    bar.refresh()
 
 
 def build_optimizer(params: Any, settings: dict[str, Any]) -> Any:

@@ -1,0 +1,164 @@
+"""Memory estimates made before allocating: a plane, a model's parameters, one tile's activations.
+
+Each check compares a lower bound of what the work needs with the memory available now and
+refuses with both numbers, so an impossible input or record fails at once with one line instead
+of a MemoryError (or a machine swapping) after the model has loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+#: float32 copies of a plane that predicting it holds at once: the normalised plane, its padded copy
+#: (the tiler cuts tiles from it) and the output it accumulates.
+PLANE_FLOAT32_COPIES = 3
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available now (Linux MemAvailable; psutil where installed; else the
+    physical memory); None when none of them can be read."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def device_memory(device: str) -> tuple[int | None, str]:
+    """Bytes available on `device` ('cpu', 'cuda', 'cuda:N', 'auto') and a name for it in messages."""
+    if device.startswith("cuda") or device == "auto":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                index = int(device.partition(":")[2] or torch.cuda.current_device())
+                return int(torch.cuda.mem_get_info(index)[0]), f"GPU {index}"
+        except Exception:  # no usable GPU: the engine reports that itself
+            pass
+        if device != "auto":
+            return None, device
+    return available_memory(), "this machine"
+
+
+def format_bytes(count: float) -> str:
+    """1.5 GB, 300 TB, 12 MB (powers of 1000, as disk and memory sizes are usually quoted)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if abs(count) < 1000 or unit == "PB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError  # unreachable
+
+
+def plane_bytes(shape: tuple[int, int], itemsize: int) -> int:
+    """What predicting one plane of `shape` holds at least: the stored plane plus PLANE_FLOAT32_COPIES
+    float32 copies of it (normalised, padded, output)."""
+    pixels = int(shape[0]) * int(shape[1])
+    return pixels * (int(itemsize) + 4 * PLANE_FLOAT32_COPIES)
+
+
+def plane_problem(shape: tuple[int, int], itemsize: int, *, available: int | None = None) -> str | None:
+    """Why a plane of `shape` cannot be processed in the memory available, or None when it fits."""
+    available = available_memory() if available is None else available
+    need = plane_bytes(shape, itemsize)
+    if available is None or need <= available:
+        return None
+    return (f"one plane is {shape[0]} x {shape[1]} px and processing it needs about {format_bytes(need)} "
+            f"(the plane as float32, its padded copy and the output), but {format_bytes(available)} of memory is "
+            "available; crop or split the planes into smaller images (e.g. with Fiji or tifffile), or use a machine "
+            "with more memory")
+
+
+def meta_model(name: str, kwargs: dict[str, Any]) -> Any:
+    """The model built on torch's meta device: shapes only, no memory (for counting and tracing)."""
+    import torch
+
+    from segkit.models import create_model
+
+    with torch.device("meta"):
+        return create_model(name, **kwargs)
+
+
+def parameter_bytes(model: Any) -> int:
+    """float32 bytes of a model's parameters and buffers."""
+    return 4 * (sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()))
+
+
+#: float32 copies of the parameters that training holds: weights, gradients, two optimiser moments (Adam).
+TRAINING_PARAMETER_COPIES = 4
+
+
+def training_model_problem(name: str, kwargs: dict[str, Any], device: str) -> str | None:
+    """Why the model `name(**kwargs)` cannot be trained in the memory of `device` (its parameters,
+    gradients and optimiser state alone do not fit), or None when they fit or nothing can be said.
+    Nothing is allocated: the model is built on the meta device."""
+    try:
+        model = meta_model(name, kwargs)
+    except Exception:  # an invalid model is reported where it is built, with its own message
+        return None
+    available, where = device_memory(device)
+    need = TRAINING_PARAMETER_COPIES * parameter_bytes(model)
+    if available is None or need <= available:
+        return None
+    return (f"this {name} model has {format_bytes(parameter_bytes(model))} of parameters, and training it needs at "
+            f"least {format_bytes(need)} (weights, gradients, optimiser state), but {format_bytes(available)} of "
+            f"memory is available on {where}; choose smaller model.params")
+
+
+def tile_activation_bytes(model: Any, tile: int, *, channels: int = 1) -> int | None:
+    """A lower bound of what one forward pass of a `tile` x `tile` input holds at its peak: the input
+    plus twice the largest layer output (a layer's input and output live together). Traced on the
+    meta device, so nothing is allocated; None where the model cannot be traced there."""
+    import torch
+
+    largest = [0]
+
+    def record(_module: Any, _args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            largest[0] = max(largest[0], output.numel() * 4)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.empty((1, channels, tile, tile), device="meta"))
+    except Exception:  # a model the meta device cannot run: no estimate
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return channels * tile * tile * 4 + 2 * largest[0]
+
+
+def tile_problem(info: Any, geometry: Any, tile: int, device: str) -> str | None:
+    """Why the model of `info` cannot run one `tile` x `tile` tile in the memory of `device`, or None
+    when it fits (or no estimate can be made). Nothing is allocated: the model is traced on the meta device."""
+    try:
+        model = meta_model(info.model, info.model_kwargs)
+    except Exception:  # the record is checked elsewhere; no estimate here
+        return None
+    activations = tile_activation_bytes(model, tile, channels=int(info.model_kwargs.get("in_channels", 1)))
+    available, where = device_memory(device)
+    if activations is None or available is None:
+        return None
+    params = parameter_bytes(model)
+    if params + activations <= available:
+        return None
+    from segkit.inference.loading import default_tile
+
+    smaller = default_tile(geometry)
+    smaller = smaller if smaller < tile else geometry.min_input
+    return (f"tile {tile} needs at least {format_bytes(params + activations)} ({format_bytes(params)} of parameters and "
+            f"{format_bytes(activations)} of activations for one tile), but {format_bytes(available)} of memory is "
+            f"available on {where}; use tile {smaller}")
