@@ -16,8 +16,44 @@ PLANE_FLOAT32_COPIES = 3
 
 
 def available_memory() -> int | None:
-    """Bytes of host memory available now (Linux MemAvailable; psutil where installed; else the
-    physical memory); None when none of them can be read."""
+    """Bytes of host memory available now to this process: the machine's (psutil where installed,
+    else Linux MemAvailable, else the physical memory), capped by its cgroup's limit (SLURM --mem,
+    a container's memory limit); None when none of them can be read."""
+    machine = _machine_memory()
+    limit = _cgroup_memory_left()
+    if machine is None or limit is None:
+        return machine if limit is None else limit
+    return min(machine, limit)
+
+
+def _cgroup_memory_left(root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's cgroup (cgroup v2: its own folder from /proc/self/cgroup,
+    else the root's; v1: memory.limit_in_bytes); None when there is no limit or nothing to read.
+    The limit itself, not limit - usage: usage counts page cache the kernel gives back on demand."""
+    folders = [root]
+    try:
+        with open("/proc/self/cgroup") as handle:
+            for line in handle:
+                if line.startswith("0::"):
+                    folders.insert(0, os.path.join(root, line.strip()[3:].lstrip("/")))
+    except OSError:
+        pass
+    candidates = [os.path.join(folder, "memory.max") for folder in folders]
+    candidates.append(os.path.join(root, "memory", "memory.limit_in_bytes"))
+    for limit_file in candidates:
+        try:
+            with open(limit_file) as handle:
+                limit = handle.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number: no limit
+            return int(limit)
+        return None
+    return None
+
+
+def _machine_memory() -> int | None:
+    """Bytes of memory available on the machine now (psutil, /proc/meminfo, else physical memory)."""
     try:
         import psutil
 

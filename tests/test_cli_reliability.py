@@ -215,3 +215,25 @@ def test_cell_id_labels_are_labels(membranes):
     by_ids = evaluate_stacks(str(membranes["prob"]), str(membranes["cells"]))["scores"]
     assert by_mask == pytest.approx(by_ids)
     assert label_constancy(tifffile.imread(membranes["prob"])[0]) < 0.5
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_second_interrupt_stops_waiting_for_a_busy_writer():
+    """The first interrupt waits for the writer (so it can delete its temporary file); a second one,
+    the user insisting, returns at once instead of waiting out a long compression or watershed."""
+    from segkit.cli import Terminated, _sigterm_as_interrupt
+    from segkit.inference.pipeline import consume_behind
+
+    def slow_writer(stream):
+        list(stream)
+        time.sleep(3)  # the last plane, huge, being compressed
+
+    timers = [threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGTERM)) for delay in (0.2, 0.5)]
+    started = time.monotonic()
+    with _sigterm_as_interrupt(), pytest.raises(Terminated):
+        for timer in timers:
+            timer.start()
+        consume_behind(slow_writer, iter([1, 2]))  # every item is in: this thread waits for the writer
+    for timer in timers:
+        timer.join()  # both signals were delivered inside the handler's block
+    assert time.monotonic() - started < 2.0  # not the writer's 3 s

@@ -47,6 +47,17 @@ def test_two_local_workers_match_the_single_process_path(tmp_path, chunky_stack,
     assert_user_error(run("predict", chunky_stack, "-o", store, "-m", tiny_checkpoint), "already exists")
 
 
+def test_planes_smaller_than_the_model_context(tmp_path, uint8_stack, tiny_checkpoint):
+    """70 x 91 planes against 96 px of context: one chunk per axis, mirrored like the TIFF path
+    (dask's map_overlap refuses a depth larger than the array: it used to end in its traceback)."""
+    store = tmp_path / "small.ome.zarr"
+    result = run("predict", uint8_stack, "-o", store, "-m", tiny_checkpoint, "--tile", 236, "--output-type",
+                 "float16", "-q")
+    assert result.exit_code == 0, result.output
+    array = zarr.open_array(str(store / "0"), mode="r")[:].astype(np.float32)
+    assert np.abs(array - single_process(tmp_path, uint8_stack, tiny_checkpoint)).max() <= 1e-3
+
+
 @pytest.mark.parametrize("output", ["float16", "instances"])
 def test_interrupted_run_resumes_to_the_same_output(tmp_path, chunky_stack, tiny_checkpoint, monkeypatch, output):
     from segkit.inference import tiler

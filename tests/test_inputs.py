@@ -53,6 +53,25 @@ def test_pages_of_different_shapes_or_dtypes_are_refused_by_name(tmp_path, tiny_
     assert not out.exists()
 
 
+def test_equal_pages_written_one_by_one_are_one_stack(tmp_path, tiny_checkpoint):
+    """One TiffWriter.write per plane (or ImageJ's append) gives one tifffile series per page: equal
+    2D pages are read as one ZYX stack, as Fiji shows them, not refused and not cut to page 0."""
+    planes = [np.full((40, 50), 10 * i, np.uint8) for i in range(3)]
+    path = tmp_path / "appended.tif"
+    with tifffile.TiffWriter(path) as writer:  # tifffile's default: each write its own (shaped) image
+        for plane in planes:
+            writer.write(plane, photometric="minisblack")
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.series) == 3
+    with open_stack(path) as stack:
+        assert stack.shape == (3, 40, 50) and not stack.is_2d
+        for index, plane in enumerate(planes):
+            np.testing.assert_array_equal(stack.plane(index), plane)
+    result = run("predict", path, "-o", tmp_path / "out.tif", "-m", tiny_checkpoint, "-q")
+    assert result.exit_code == 0, result.output
+    assert tifffile.imread(tmp_path / "out.tif").shape == (3, 40, 50)
+
+
 def test_reduced_resolution_pages_are_not_images_of_their_own(tmp_path):
     data = np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)
     with tifffile.TiffWriter(tmp_path / "pyramid.tif") as writer:
@@ -375,3 +394,16 @@ def test_resume_refuses_an_input_that_changed(tmp_path, tiny_checkpoint, monkeyp
     tifffile.imwrite(source, data, photometric="minisblack")  # the old file back (content and time): resume finishes
     os.utime(source, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert run(*args, "--resume").exit_code == 0 and store.exists()
+
+
+def test_a_cgroup_memory_limit_caps_the_memory_segkit_counts_on(tmp_path, monkeypatch):
+    """SLURM's --mem or a container's limit: the checks use it when it is below the machine's memory."""
+    from segkit import memory
+
+    (tmp_path / "memory.max").write_text("2147483648\n")
+    limit = memory._cgroup_memory_left(str(tmp_path))
+    (tmp_path / "memory.max").write_text("max\n")
+    unlimited = memory._cgroup_memory_left(str(tmp_path))
+    monkeypatch.setattr(memory, "_cgroup_memory_left", lambda: limit)
+    monkeypatch.setattr(memory, "_machine_memory", lambda: 64 << 30)
+    assert limit == 2 << 30 and unlimited is None and memory.available_memory() == 2 << 30

@@ -134,13 +134,11 @@ def test_convert_refuses_other_names(tmp_path):
 def test_convert_and_predict_refuse_an_unfinished_store(tmp_path, tiny_checkpoint):
     pytest.importorskip("zarr")
     from segkit.errors import InputError
-    from segkit.inference import distributed
     from segkit.io.zarr import COMPLETE, MANIFEST, convert_zarr_to_tiff, create_ome_zarr, mark_complete
 
-    assert distributed.MANIFEST == MANIFEST
     partial = tmp_path / "x.ome.zarr.partial"
     create_ome_zarr(partial, (2, 16, 16), (1, 16, 16), np.uint8, None)
-    (partial / MANIFEST).write_text("{}")
+    (partial / MANIFEST).write_text('{"input": "12 bytes, sha256 ..."}')  # a run that marks completion
     assert_user_error(run("convert", partial, tmp_path / "out.tif"), "unfinished store", "resume", "x.ome.zarr")
     renamed = tmp_path / "renamed.ome.zarr"
     partial.rename(renamed)  # renamed by hand: still not marked complete
@@ -154,6 +152,10 @@ def test_convert_and_predict_refuse_an_unfinished_store(tmp_path, tiny_checkpoin
     create_ome_zarr(tmp_path / "y.ome.zarr.partial", (1, 16, 16), (1, 16, 16), np.uint8, None)  # by its name
     with pytest.raises(InputError, match="unfinished store"):
         convert_zarr_to_tiff(tmp_path / "y.ome.zarr.partial", tmp_path / "y.tif")
+    older = tmp_path / "older.ome.zarr"  # finished by a segkit from before the mark: its rename says so
+    create_ome_zarr(older, (1, 16, 16), (1, 16, 16), np.uint8, None)
+    (older / MANIFEST).write_text('{"model_sha256": "..."}')
+    assert convert_zarr_to_tiff(older, tmp_path / "older.tif") == tmp_path / "older.tif"
 
 
 # == 9. output problems found before any work, or said in one line ===============================
@@ -270,17 +272,20 @@ def test_next_run_removes_stale_temporary_files_and_names_live_ones(tmp_path, pr
     old = tmp_path / ".labels.tif.89abcdef.partial"  # an older segkit's, untouched for 2 hours
     live = tmp_path / f".labels.tif.{os.getppid()}@{HOST}.deadbeef.partial"  # a run still writing
     other = tmp_path / f".other.tif.{_dead_pid()}@{HOST}.01234567.partial"  # another output's: not ours to touch
-    for path in (dead, old, live, other):
+    remote = tmp_path / f".labels.tif.{_dead_pid()}@{HOST}x.fedcba98.partial"  # another machine's: named, kept
+    for path in (dead, old, live, other, remote):
         path.write_bytes(b"half")
     two_hours_ago = time.time() - 7200
     os.utime(old, (two_hours_ago, two_hours_ago))
+    os.utime(remote, (two_hours_ago, two_hours_ago))
     assert sorted(p.name for p in stale_partials([out])[0]) == sorted([dead.name, old.name])
     result = run("segment", probability, "-o", out, "-q")
     assert result.exit_code == 0, result.output
     removed = [line for line in result.stderr.splitlines() if line.startswith("removed")]
     assert len(removed) == 1 and "2 temporary files" in removed[0] and dead.name in removed[0], result.stderr
-    assert "may still be written" in result.stderr and live.name in result.stderr
+    assert "may still be written" in result.stderr and live.name in result.stderr and remote.name in result.stderr
     assert not dead.exists() and not old.exists() and live.exists() and other.exists() and out.exists()
+    assert remote.exists()
 
 
 def test_predict_removes_stale_temporary_files_of_its_outputs(tmp_path, uint8_stack, tiny_checkpoint):
@@ -309,3 +314,18 @@ def test_library_check_output_and_existing_outputs(tmp_path):
     assert check_output(tmp_path / "a.tif", overwrite=True) == tmp_path / "a.tif"
     with pytest.raises(OutputError, match="is a folder"):
         write_stack(tmp_path, [np.zeros((8, 8), np.uint8)], shape=(8, 8), dtype=np.uint8, overwrite=True)
+
+
+def test_only_errors_of_the_output_count_as_write_failures(tmp_path):
+    """A full disk (no file named) or an error naming the output or a file in its store is the output's;
+    a permission error naming an input is not (it must not say "choose an output folder you can write to")."""
+    import errno
+
+    from segkit.io.outputs import is_write_error
+
+    out, store = tmp_path / "o.tif", tmp_path / "o.ome.zarr.partial"
+    assert is_write_error(OSError(errno.ENOSPC, "No space left on device"), out)
+    assert is_write_error(PermissionError(errno.EACCES, "Permission denied", str(out)), out)
+    assert is_write_error(PermissionError(errno.EACCES, "Permission denied", str(store / "0" / "c" / "1")), store)
+    assert not is_write_error(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "input.tif")), out)
+    assert not is_write_error(OSError(errno.EIO, "Input/output error"), out)

@@ -125,7 +125,7 @@ def predict(
                                 denoiser=Path(denoise) if denoise is not None else None, halo=halo, device=device,
                                 amp=amp, compile_model=compile_model, tta=tta, kind=kind)
     text_output = str(output) if output is not None else ""
-    if text_output.rstrip("/").endswith(".zarr") or scheduler or workers:
+    if text_output.rstrip("/").lower().endswith(".zarr") or scheduler or workers:
         return _predict_on_dask(sources, text_output, request, tile=tile, batch=batch, threshold=threshold,
                                 output_type=output_type, instances=instances, normalize=normalize, blend=blend,
                                 chunk=chunk, scheduler=scheduler, workers=workers, resume=resume,
@@ -218,7 +218,7 @@ def _fit_to_device(loaded: Any, first_source: str, *, tile: int | str | None, ba
         from segkit.io.tiff import list_tiff_files
         from segkit.io.zarr import open_volume
 
-        is_zarr = first_source.rstrip("/").endswith(".zarr")  # the Dask path reads zarr stores too
+        is_zarr = first_source.rstrip("/").lower().endswith(".zarr")  # the Dask path reads zarr stores too
         with open_volume(first_source if is_zarr else list_tiff_files(first_source)[0]) as first:
             plane_shape = first.shape[1:]
         return choose_tile(loaded.engine, loaded.geometry, plane_shape, batch=batch,
@@ -389,7 +389,7 @@ def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int
     from segkit.inference.engines import resolve_device
     from segkit.inference.loading import planned_tile
 
-    if not output.rstrip("/").endswith(".zarr"):
+    if not output.rstrip("/").lower().endswith(".zarr"):
         raise SegkitError("the Dask path (scheduler/workers) writes OME-Zarr: name the output NAME.ome.zarr "
                           "(then `segkit convert NAME.ome.zarr NAME.tif` for a BigTIFF)")
     if len(sources) > 1:

@@ -43,6 +43,7 @@ from segkit._optional import require
 from segkit.errors import OutputError, OutputExistsError, SegkitError
 from segkit.io.outputs import check_output, is_write_error, write_failure
 from segkit.io.zarr import (  # noqa: F401  (the zarr names stay importable from here until the CLI moves)
+    MANIFEST,
     ZarrStack,
     convert_zarr_to_tiff,
     create_ome_zarr,
@@ -52,7 +53,6 @@ from segkit.io.zarr import (  # noqa: F401  (the zarr names stay importable from
     plane_reader,
 )
 
-MANIFEST = "segkit_manifest.json"
 DONE = "segkit_done"
 LABELS_DONE = "segkit_labels_done"
 PROBABILITY = "probability"
@@ -105,7 +105,7 @@ def input_fingerprint(source: str | Path) -> str:
     from segkit.io.tiff import list_tiff_files
 
     path = Path(source)
-    if path.is_dir() and str(source).rstrip("/").endswith(".zarr"):
+    if path.is_dir() and str(source).rstrip("/").lower().endswith(".zarr"):
         files = sorted(str(p) for p in path.rglob("*") if p.is_file())
     else:
         files = list_tiff_files(str(source))
@@ -365,7 +365,10 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
     task = dict(starts=starts, store=str(partial_store), array=PROBABILITY if instances else "0", request=request,
                 threads=threads, geometry=geometry, tile=tile, batch=batch, blend=blend, context=context,
                 normalization=normalization, spec=chunk_spec)
-    flags = stack_array.map_overlap(_predict_block, depth={0: 0, 1: context, 2: context}, boundary="none",
+    # a plane smaller than the context is one chunk per axis: no neighbours to borrow from, the
+    # mirror supplies it all (dask refuses a depth larger than the array)
+    depth = {0: 0, 1: min(context, shape[1]), 2: min(context, shape[2])}
+    flags = stack_array.map_overlap(_predict_block, depth=depth, boundary="none",
                                     trim=False, dtype=np.uint8, chunks=(1, 1, 1), **task)
     work: Any = flags
     if instances:  # labels of whole planes, after all their chunks
@@ -375,7 +378,7 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
     try:
         _compute(work, scheduler=scheduler, workers=workers)
     except OSError as exc:  # a full disk or lost permission: one line; the store stays for resume
-        if not is_write_error(exc):
+        if not is_write_error(exc, partial_store):
             raise
         raise OutputError(write_failure(partial_store, exc, f"the chunks written so far are kept in {partial_store} "
                                         "(rerun with resume=True to finish it)")) from exc

@@ -164,7 +164,10 @@ def planned_tile(request: EngineRequest, tile: int | None = None) -> tuple[Any, 
     else:
         tile = tile or trained_tile(info, geometry)
     geometry.check_tile(tile)
-    check_tile_memory(info, geometry, tile, request.device)
+    from segkit.inference.engines import resolve_device
+
+    if resolve_device(request.device) == "cpu":  # asking a GPU here would hold a CUDA context for the
+        check_tile_memory(info, geometry, tile, "cpu")  # whole run; workers check theirs as they load
     return info, geometry, tile
 
 

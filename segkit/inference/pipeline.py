@@ -328,16 +328,19 @@ class _Failure:
 
 
 def _through_interrupts(call: Callable[[], object]) -> None:
-    """`call()` to its end even through KeyboardInterrupt (Ctrl-C, a repeated one, or SIGTERM in the
-    CLI), which is re-raised after: the writer thread must hear of the stop and be waited for, or
-    its atomic write could not delete its temporary file."""
+    """`call()` to its end through one KeyboardInterrupt (Ctrl-C, or SIGTERM in the CLI), which is
+    re-raised after: the writer thread must hear of the stop and be waited for, or its atomic write
+    could not delete its temporary file. A second interrupt stops the wait at once (the user insists;
+    a temporary file may then be left, which the next run writing that output removes)."""
     interrupt: BaseException | None = None
     while True:
         try:
             call()
             break
         except KeyboardInterrupt as exc:
-            interrupt = interrupt or exc
+            if interrupt is not None:
+                raise
+            interrupt = exc
     if interrupt is not None:
         raise interrupt
 

@@ -16,8 +16,8 @@ Files are written under a hidden temporary name beside the output, `.NAME.PID@HO
 renamed to NAME when complete (`atomic_path`). The writer's process id and host are in the name so
 that a later run can tell the temporary files of killed runs (kill -9, a node that went down) from
 those of a run still writing: `check_output(..., report=...)` removes the ones whose writer process
-is gone on this machine, and the ones of other machines (or of an older segkit, which did not name
-its writer) not written to for STALE_AFTER_S, and says so in one line. A write that fails late
+is gone on this machine, and those of an older segkit (which did not name its writer) not written
+to for STALE_AFTER_S, and says so in one line; another machine's are named, never removed. A write that fails late
 (disk full, permission lost) becomes an OutputError that says the temporary file was removed.
 """
 
@@ -47,9 +47,8 @@ SUFFIXES = {
 _WHAT = {"tiff": "a TIFF file", "store": "an OME-Zarr store", "onnx": "an ONNX file", "json": "a JSON file",
          None: "a file"}
 
-#: A temporary file whose writer cannot be asked (another machine, or an older segkit that did not
-#: name its writer) counts as stale once nothing has written to it for this long: a live writer
-#: writes at least once per plane.
+#: A temporary file of an older segkit (which did not name its writer) counts as stale once nothing
+#: has written to it for this long.
 STALE_AFTER_S = 3600
 
 #: Free space below which the disk of an output counts as full before any work starts.
@@ -59,8 +58,9 @@ MIN_FREE_BYTES = 1 << 20
 WRITE_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG, errno.EROFS,
                                      errno.EACCES, errno.EPERM) if e is not None)
 
-#: This machine in temporary file names: the first label of the host name, letters, digits and '-'.
-HOST = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname().split(".")[0])[:32]
+#: This machine in temporary file names: its whole host name, letters, digits and '-' (node1.a and
+#: node1.b stay apart: a writer on another machine sharing the disk is never judged by a local pid).
+HOST = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:48]
 
 _WRITER = re.compile(r"(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.)?(?P<token>[0-9a-f]{8})")
 
@@ -154,7 +154,7 @@ def _input_paths(inputs: Iterable[str | Path | None]) -> Iterator[str]:
             yield from glob.glob(text)
             continue
         yield text
-        if Path(text).is_dir() and not text.rstrip("/\\").endswith(".zarr"):
+        if Path(text).is_dir() and not text.rstrip("/\\").lower().endswith(".zarr"):
             yield from (str(p) for p in Path(text).iterdir())
 
 
@@ -177,7 +177,8 @@ def temporary_path(path: str | Path) -> Path:
 
 def _writer_gone(pid: int | None, host: str | None, mtime: float) -> bool:
     """Whether the process that wrote a temporary file is gone: asked directly on this machine
-    (os.kill(pid, 0)), else judged by the file's age."""
+    (os.kill(pid, 0)); another machine's never counts as gone; a name without its writer (older
+    segkit) is judged by the file's age."""
     if pid is not None and host == HOST and os.name != "nt":  # on Windows os.kill would end the process
         if pid == os.getpid():
             return False
@@ -188,12 +189,14 @@ def _writer_gone(pid: int | None, host: str | None, mtime: float) -> bool:
         except OSError:  # PermissionError: alive, another user's
             return False
         return False
-    return time.time() - mtime > STALE_AFTER_S
+    if host is not None:  # another machine's writer cannot be asked: name its file, never delete it
+        return False
+    return time.time() - mtime > STALE_AFTER_S  # an older segkit's name, without its writer
 
 
 def stale_partials(outputs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     """(stale, live): the temporary files of `outputs` whose writer is gone, and those that may still
-    be written (a live process on this machine, or recent ones of another machine)."""
+    be written (a live process on this machine, or any of another machine)."""
     wanted: dict[Path, set[str]] = {}
     for output in outputs:
         output = Path(output)
@@ -267,10 +270,15 @@ def _discard(tmp: Path) -> str:
 
 
 def is_write_error(exc: OSError, *paths: Path) -> bool:
-    """Whether `exc` says an output could not be written (full disk, no permission, read-only file
-    system), or names one of `paths` (the files being written)."""
+    """Whether `exc` says an output could not be written: it names one of `paths` (the files being
+    written, or a folder they are in: a store's chunk), or it names no file and is a full disk, no
+    permission or read-only file system error. An error naming another file (an unreadable input)
+    is not the output's problem."""
     filename = getattr(exc, "filename", None)
-    return exc.errno in WRITE_ERRNOS or (filename is not None and any(str(filename) == str(p) for p in paths))
+    if filename is None:
+        return exc.errno in WRITE_ERRNOS
+    named = Path(filename)
+    return any(named == Path(p) or Path(p) in named.parents for p in paths)
 
 
 def write_failure(path: str | Path, exc: OSError, what_happened: str) -> str:

@@ -52,10 +52,12 @@ class TiffStack:
     Planes are returned as fresh numpy arrays; NaN/inf in float planes raise InputError.
     """
 
-    def __init__(self, source: str | Path, *, labels: bool = False, workers: int | None = None) -> None:
+    def __init__(self, source: str | Path, *, labels: bool = False, workers: int | None = None,
+                 check_memory: bool = True) -> None:
         self.source = str(source)
         self._dtypes = LABEL_DTYPES if labels else SUPPORTED_DTYPES
         self._workers = _worker_count(workers)  # threads decoding one compressed page
+        self._check_memory = check_memory
         self._files = list_tiff_files(self.source)
         self._handles: list[tifffile.TiffFile] = []
         self._contiguous: tuple[str, int, np.dtype] | None = None  # (path, data offset, dtype with byte order)
@@ -111,7 +113,10 @@ class TiffStack:
         self._check_plane_memory(paths[0])
 
     def _check_plane_memory(self, path: str) -> None:
-        """Refuse, before any work, planes that cannot be held in memory (a header may claim any size)."""
+        """Refuse, before any work, planes that cannot be held in memory (a header may claim any size).
+        Skipped when the opener says so (a Dask task re-opening a stack its client already checked)."""
+        if not self._check_memory:
+            return
         from segkit.memory import plane_problem
 
         problem = plane_problem(self.shape[1:], self.dtype.itemsize)
@@ -183,10 +188,12 @@ def check_finite(plane: np.ndarray, source: str, index: int) -> np.ndarray:
     return plane
 
 
-def open_stack(source: str | Path, *, labels: bool = False, workers: int | None = None) -> TiffStack:
+def open_stack(source: str | Path, *, labels: bool = False, workers: int | None = None,
+               check_memory: bool = True) -> TiffStack:
     """Open a 2D/ZYX TIFF, a folder of 2D TIFFs or a glob of them as a lazy ZYX stack; `labels`
-    also admits 32-bit integer label stacks; `workers` threads decode a compressed page (default: up to 4)."""
-    return TiffStack(source, labels=labels, workers=workers)
+    also admits 32-bit integer label stacks; `workers` threads decode a compressed page (default: up to 4);
+    `check_memory` refuses planes that do not fit in memory (off where a caller checked already)."""
+    return TiffStack(source, labels=labels, workers=workers, check_memory=check_memory)
 
 
 #: Default threads for decoding a page and for compressing blocks: measured on a 16-core machine
@@ -308,8 +315,7 @@ def _grayscale_series(tif: tifffile.TiffFile, path: str,
     """The first series, checked to be single-channel 2D or 3D, and its shape as ZYX."""
     if not tif.series or not tif.pages:
         raise InputError(f"{path}: the TIFF holds no images (empty stack); export at least one plane")
-    _refuse_mixed_pages(tif, path)
-    series = tif.series[0]
+    series = _one_series(tif, path)
     axes, shape = series.axes, tuple(series.shape)
     if any(n == 0 for n in shape):
         raise InputError(f"{path}: the stack is empty (shape {shape}); export at least one plane")
@@ -336,20 +342,37 @@ def _grayscale_series(tif: tifffile.TiffFile, path: str,
     return series, (depth, shape[-2], shape[-1])
 
 
-def _refuse_mixed_pages(tif: tifffile.TiffFile, path: str) -> None:
-    """A file of several images (pages of different sizes or dtypes, or separately written stacks)
-    is refused, naming its pages: reading its first image alone would drop the others silently.
-    Reduced-resolution pages (pyramid levels, thumbnails) are not images of their own."""
+@dataclass(frozen=True)
+class _PageStack:
+    """Equal 2D pages written as separate images (one `TiffWriter.write` per plane, ImageJ's
+    "append"), read as one ZYX stack, as Fiji shows them: the part of a tifffile series segkit uses."""
+
+    pages: list
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    axes: str = "ZYX"
+    dataoffset: None = None
+
+
+def _one_series(tif: tifffile.TiffFile, path: str) -> Any:
+    """The file's one image: its first series, or equal 2D pages written as separate images, as one
+    stack. A file of several different images (pages of other sizes or dtypes, or stacks of
+    their own) is refused, naming its pages: reading its first image alone would drop the others
+    silently. Reduced-resolution pages (pyramid levels, thumbnails) are not images of their own."""
     images = [s for s in tif.series if not getattr(s.pages[0], "is_reduced", False)] if len(tif.series) > 1 else []
     if len(images) < 2:
-        return
+        return tif.series[0]
+    kinds = {(tuple(s.shape[-2:]), np.dtype(s.dtype)) for s in images}
+    if len(kinds) == 1 and all(len(s.pages) == 1 and s.axes[-2:] == "YX" and len(s.shape) == 2 for s in images):
+        pages = [s.pages[0] for s in images]
+        return _PageStack(pages, (len(pages), *images[0].shape[-2:]), np.dtype(images[0].dtype))
     parts = []
     for series in images[:4]:
         indices = [page.index for page in series.pages if page is not None]
         plane = "x".join(str(n) for n in series.shape[-2:])
         parts.append(f"{_page_ranges(indices)} ({plane} {np.dtype(series.dtype).name})")
     more = f", ... ({len(images)} images in all)" if len(images) > 4 else ""
-    if len({(tuple(s.shape[-2:]), np.dtype(s.dtype)) for s in images}) > 1:
+    if len(kinds) > 1:
         raise InputError(f"{path} holds pages of different shapes or dtypes: {', '.join(parts)}{more}; segkit reads "
                          "a stack of equal pages: split the file into one TIFF per image (e.g. with tifffile or "
                          "Fiji's Stack Splitter) and segment each")

@@ -8,6 +8,7 @@ it is imported inside the functions that need it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,22 @@ def check_complete(store: str | Path) -> None:
         final = name[: -len(PARTIAL_SUFFIX)]
         raise InputError(f"{store} is the unfinished store of a prediction that stopped before the end; finish "
                          f"it by rerunning that prediction into {final} with resume, then use {final}")
-    if (Path(store) / MANIFEST).exists() and not (Path(store) / COMPLETE).exists():
+    if _written_with_complete_marks(Path(store)) and not (Path(store) / COMPLETE).exists():
         raise InputError(f"{store} is not marked complete (no {COMPLETE} in it): the prediction that wrote it "
                          "did not finish; rerun it with resume, or predict it again")
+
+
+def _written_with_complete_marks(store: Path) -> bool:
+    """Whether the segkit run that wrote `store` marks completion (its manifest records the input's
+    fingerprint, as every run since the COMPLETE mark does); older runs' finished stores hold a
+    manifest but no mark, and their rename from NAME.partial is what says they finished."""
+    manifest = store / MANIFEST
+    if not manifest.exists():
+        return False
+    try:
+        return bool(json.loads(manifest.read_text()).get("input"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class ZarrStack:
@@ -91,18 +105,20 @@ class ZarrStack:
         return None
 
 
-def open_volume(source: str | Path) -> Any:
-    """A TIFF stack, or a zarr / OME-Zarr store (a path ending in .zarr)."""
+def open_volume(source: str | Path, *, check_memory: bool = True) -> Any:
+    """A TIFF stack, or a zarr / OME-Zarr store (a path ending in .zarr); `check_memory` as open_stack."""
     source = str(source)
-    return ZarrStack(source) if source.rstrip("/").endswith(".zarr") else open_stack(source)
+    if source.rstrip("/").lower().endswith(".zarr"):
+        return ZarrStack(source)
+    return open_stack(source, check_memory=check_memory)
 
 
 def plane_reader(source: str) -> Callable[[int], np.ndarray]:
     """A picklable-by-cloudpickle function reading plane `index` of `source` (opens it per call,
     so a Dask task needs no open file handle)."""
 
-    def read(index: int) -> np.ndarray:
-        with open_volume(source) as stack:
+    def read(index: int) -> np.ndarray:  # the client checked the plane size against memory once
+        with open_volume(source, check_memory=False) as stack:
             return stack.plane(index)
 
     return read

@@ -197,12 +197,9 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                 if len(losses) < iters and clock.time_up():
                     break
             bar.close()
-            if len(losses) < iters:  # train.time_limit_min reached inside the epoch
-                save_last()
-                echo(f"stopping in epoch {epoch} after {len(losses)} of {iters} iterations: "
-                     f"train.time_limit_min={limit:g} reached; last checkpoint kept in {files.root} "
-                     f"(continue with resume=True, which reruns epoch {epoch})")
-                break
+            # train.time_limit_min reached inside the epoch: it ends here, short, and is validated and
+            # saved like any other, so a run whose epochs outlast the limit still progresses on resume
+            cut_short = len(losses) < iters
             model.eval()
             denoised = denoise_planes(model, val_noisy, normalization=normalization, scale=scale, tile=tile,
                                       batch=cfg_train["val_batch"], device=device)
@@ -227,6 +224,11 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
             left = f"; about {duration((epochs - epoch) * np.mean(epoch_seconds))} left" if epoch < epochs else ""
             echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val PSNR {row['psnr']:.2f} dB{baseline}  "
                  f"SSIM {row['ssim']:.3f}  [{duration(row['seconds'])}{left}]")
+            if cut_short:
+                echo(f"stopping in epoch {epoch} after {len(losses)} of {iters} iterations: "
+                     f"train.time_limit_min={limit:g} reached; the short epoch was validated and saved in "
+                     f"{files.root} (continue with resume=True, from epoch {epoch + 1})")
+                break
             if epoch < epochs and clock.time_up():
                 echo(f"stopping after epoch {epoch}: train.time_limit_min={limit:g} reached")
                 break

@@ -221,12 +221,9 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                 if len(losses) < iters and clock.time_up():
                     break
             bar.close()
-            if len(losses) < iters:  # train.time_limit_min reached inside the epoch
-                save_last()
-                echo(f"stopping in epoch {epoch} after {len(losses)} of {iters} iterations: "
-                     f"train.time_limit_min={limit:g} reached; last checkpoint kept in {files.root} "
-                     f"(continue with resume=True, which reruns epoch {epoch})")
-                break
+            # train.time_limit_min reached inside the epoch: it ends here, short, and is validated and
+            # saved like any other, so a run whose epochs outlast the limit still progresses on resume
+            cut_short = len(losses) < iters
             model.eval()
             table = validate(model, val_raw, val_mem, normalization=normalization, tile=tile,
                              batch=cfg_train["val_batch"], device=device, thresholds=thresholds)
@@ -256,6 +253,11 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                  f"adapted Rand error {row['adapted_rand_error']:.4f}  VI {row['vi']:.3f}  "
                  f"(best threshold {best_threshold}: adapted Rand error {row['best_adapted_rand_error']:.4f})  "
                  f"[{duration(row['seconds'])}{left}]")
+            if cut_short:
+                echo(f"stopping in epoch {epoch} after {len(losses)} of {iters} iterations: "
+                     f"train.time_limit_min={limit:g} reached; the short epoch was validated and saved in "
+                     f"{files.root} (continue with resume=True, from epoch {epoch + 1})")
+                break
             if epoch < epochs and clock.time_up():
                 echo(f"stopping after epoch {epoch}: train.time_limit_min={limit:g} reached")
                 break

@@ -57,9 +57,12 @@ class RunFiles:
         return "\n".join(lines)
 
     def remove_partials(self) -> None:
-        """Delete the temporary files of writes that an interrupt cut short (.best.safetensors.partial...)."""
-        for path in self.root.glob(".*.partial*"):
-            path.unlink(missing_ok=True)
+        """Delete the temporary files of this run's own writes that an interrupt cut short
+        (.best.safetensors.partial, .curve.partial.png, ...); other programs' temporary files in the
+        folder (an export or a prediction writing beside the checkpoints) are left alone."""
+        for path in (self.best, self.last, self.optimizer, self.log_csv, self.log_json, self.recipe):
+            path.with_name(f".{path.name}.partial").unlink(missing_ok=True)
+        self.curve.with_name(f".{self.curve.stem}.partial.png").unlink(missing_ok=True)
 
 
 def open_run(out: str | Path, *, resume: bool) -> RunFiles:
