@@ -77,6 +77,8 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
     from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp, resolve_device
 
     model_path, kind, amp, device = Path(request.model), request.kind, request.amp, request.device
+    if _is_package(model_path):
+        return _load_package(request, tile=tile)
     is_onnx = model_path.suffix.lower() == ".onnx"
     engine = ("onnx" if is_onnx else "torch") if request.engine == "auto" else request.engine
     if is_onnx:
@@ -140,7 +142,11 @@ def _records(request: EngineRequest) -> tuple[Any, Any, Any]:
 
     path = Path(request.model)
     export_record = None
-    if path.suffix.lower() == ".onnx":
+    if _is_package(path):
+        from segkit.inference.packages import plan_package
+
+        info = plan_package(path, kind=request.kind)[1].info
+    elif path.suffix.lower() == ".onnx":
         from segkit.export import read_onnx_metadata
 
         info, export_record = read_onnx_metadata(path)
@@ -189,6 +195,31 @@ def _onnx_tile(path: Path, record: Any, tile: int | None) -> int:
         raise SegkitError(f"{path} was exported for tiles of {record.tile} px only; use tile "
                           f"{record.tile} or export again with tile={tile}")
     return tile
+
+
+def _is_package(path: Path) -> bool:
+    from segkit.inference.packages import is_package
+
+    return is_package(path)
+
+
+def _load_package(request: EngineRequest, *, tile: int | None) -> LoadedEngine:
+    """A bioimage.io package (.zip or rdf.yaml) as an engine: its own weights (ONNX, TorchScript or
+    PyTorch state dict), geometry and normalisation (segkit.inference.packages)."""
+    from segkit.inference.packages import load_package
+
+    if not Path(request.model).exists():
+        raise SegkitError(f"model file {request.model} does not exist; check the path")
+    for option, value, default in (("engine", request.engine, "auto"), ("tta", request.tta, "none"),
+                                   ("denoise", request.denoiser, None), ("halo", request.halo, None),
+                                   ("compile_model", request.compile_model, False)):
+        if value != default:
+            raise SegkitError(f"{option}={value!r} does not apply to a bioimage.io package (it brings its own "
+                              "weights and geometry); leave it out")
+    engine = load_package(request.model, kind=request.kind, device=request.device)
+    tile = tile or default_tile(engine.geometry)
+    engine.geometry.check_tile(tile)
+    return LoadedEngine(engine, engine.info, engine.geometry, tile)
 
 
 def _load_checkpoint(model_path: Path, denoiser_path: Path | None, kind: str) -> tuple[Any, Any]:

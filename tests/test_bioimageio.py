@@ -1,0 +1,374 @@
+"""bioimage.io model packages: `segkit package` builds them offline from tiny models (a U-Net, an FCN,
+an smp model, a denoiser), bioimageio.spec validates them and bioimageio.core's model test runs them
+on the CPU; segkit.inference.packages runs them (and a package made without segkit) through segkit's
+pipeline. Internet connections are refused throughout."""
+
+import json
+import socket
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("bioimageio.spec", reason="needs the bioimageio extra: pip install 'segkit[bioimageio]'")
+pytest.importorskip("bioimageio.core", reason="needs the bioimageio extra: pip install 'segkit[bioimageio]'")
+
+from bioimageio.spec import load_description  # noqa: E402
+from bioimageio.spec.model import v0_5  # noqa: E402
+
+from segkit.bioimageio import PackageError, build_package, sample_tile, validate_package  # noqa: E402
+from segkit.checkpoint import CheckpointInfo, Normalization, load_model, read_info  # noqa: E402
+from segkit.export import read_onnx_metadata  # noqa: E402
+from segkit.models import create_model, model_kind  # noqa: E402
+from tests.conftest import assert_user_error, randomize_zero_layers, run, tiny  # noqa: E402
+
+CITED_DOIS = {"10.1007/978-3-319-24574-4_28", "10.1371/journal.pbio.1000502", "10.3389/fnana.2015.00142"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def refused_connections():
+    """Nothing may download: every attempt to open an internet connection is refused (and recorded)."""
+    attempts = []
+    connect = socket.socket.connect
+
+    def refuse(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"network access refused in tests: {address}")
+        return connect(sock, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", refuse)
+        yield attempts
+
+
+@pytest.fixture(autouse=True)
+def no_network(refused_connections):
+    yield
+    assert not refused_connections, f"network access attempted: {refused_connections}"
+
+
+@pytest.fixture(scope="module")
+def unet_package(tmp_path_factory, tiny_checkpoint):
+    """`segkit package` of the tiny U-Net checkpoint: (the zip, the CLI result)."""
+    out = tmp_path_factory.mktemp("package") / "unet.zip"
+    result = run("package", tiny_checkpoint, "-o", out, "--author", "Jane Doe", "--author", "John Roe", "--tile", 204)
+    return out, result
+
+
+def test_the_network_guard_refuses_connections(refused_connections):
+    with pytest.raises(OSError, match="refused in tests"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1: never routed
+    assert refused_connections == [("192.0.2.1", 80)]
+    refused_connections.clear()
+
+
+def no_partials(folder):
+    return not [p for p in folder.iterdir() if p.name.endswith(".partial")]
+
+
+def load(path):
+    descr = load_description(str(path), perform_io_checks=True)
+    assert isinstance(descr, v0_5.ModelDescr), descr.validation_summary.format()
+    assert descr.validation_summary.status == "valid-format"
+    return descr
+
+
+def test_cli_package_of_a_unet_is_valid_and_passes_the_core_test(tmp_path, tiny_checkpoint, unet_package):
+    out, result = unet_package
+    assert result.exit_code == 0, result.output
+    assert "inputs 188 + 16n px, outputs input -184 px; test tile 204" in result.stdout
+    checks = ": valid; " + "; ".join(f"bioimageio.core test ({w}): passed"
+                                                          for w in ("pytorch_state_dict", "torchscript", "onnx"))
+    assert checks in result.stdout
+    assert no_partials(out.parent)
+
+    descr = load(out)
+    warnings = [w.msg for detail in descr.validation_summary.details for w in detail.warnings]
+    assert all("maintainers" in w for w in warnings), warnings  # sample tensors, README, cover: all there
+    (raw,), (prob,) = descr.inputs, descr.outputs
+    assert [str(a.id) for a in raw.axes] == ["batch", "channel", "y", "x"] == [str(a.id) for a in prob.axes]
+    for axis in raw.axes[2:]:  # the valid-conv U-Net's 188 + 16k
+        assert (axis.size.min, axis.size.step) == (188, 16)
+    for axis in prob.axes[2:]:  # the model crops its margin itself: a size offset, no halo
+        assert (str(axis.size.tensor_id), str(axis.size.axis_id), axis.size.offset) == ("raw", str(axis.id), -184)
+        assert not isinstance(axis, v0_5.WithHalo)
+    normalize = [p for p in raw.preprocessing if p.id == "fixed_zero_mean_unit_variance"]
+    assert [(p.kwargs.mean, p.kwargs.std) for p in normalize] == [(120.0, 40.0)]
+    assert {w for w, entry in descr.weights if entry is not None} == {"onnx", "pytorch_state_dict", "torchscript"}
+    assert descr.weights.onnx.opset_version == 17 and descr.weights.torchscript.parent == "pytorch_state_dict"
+    assert [a.name for a in descr.authors] == ["Jane Doe", "John Roe"] and descr.license == "MIT"
+    assert {str(c.doi) for c in descr.cite} == CITED_DOIS
+    assert len(descr.covers) == 1 and str(descr.covers[0].source).endswith(".png")
+    info = read_info(tiny_checkpoint)
+    assert descr.config.model_extra["segkit"]["checkpoint"] == json.loads(info.to_json())
+
+    # the test tensors: a tile of the bundled ISBI crop, and the checkpoint's membrane probability for it
+    with zipfile.ZipFile(out) as zf:
+        x = np.load(zf.open("test_input.npy"))
+        y = np.load(zf.open("test_output.npy"))
+        assert "## Validation" in zf.read("README.md").decode()
+        zf.extract("weights.onnx", tmp_path / "unzipped")
+    assert x.shape == (1, 1, 204, 204) and y.shape == (1, 1, 20, 20)
+    assert np.array_equal(x, sample_tile(info, 204)) and x.max() > 1  # raw grey values: preprocessing normalises
+    model, _ = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        want = torch.softmax(model(info.normalization.apply(torch.from_numpy(x))), dim=1)[:, 1:2].numpy()
+    assert np.abs(y - want).max() < 1e-5
+    # the packaged ONNX is a segkit export: segkit reads its geometry back
+    onnx_info, _ = read_onnx_metadata(tmp_path / "unzipped" / "weights.onnx")
+    assert onnx_info.geometry == info.geometry
+
+
+SMALL_SMP = ("smp:Unet:mobilenet_v2", {"halo": 8, "encoder_depth": 3, "decoder_channels": [16, 8, 4]})
+
+
+@pytest.mark.parametrize("registered, tile, sizes, halo, offset", [
+    (tiny("fcn8s"), 64, (64, 32), 16, 0),  # multiples of 32, with the smallest output the halo leaves
+    (SMALL_SMP, 24, (24, 8), 8, 0),  # an smp Unet (a small encoder: the test stays fast)
+    (tiny("denoiser"), 48, (44, 4), 0, -40),  # a valid-conv denoiser: output in raw units
+])
+def test_fcn_smp_and_denoiser_packages_pass_the_core_test(tmp_path, registered, tile, sizes, halo, offset):
+    name, kwargs = registered
+    torch.manual_seed(0)
+    model = randomize_zero_layers(create_model(name, **kwargs)).eval()
+    kind = model_kind(name)
+    info = CheckpointInfo(kind, name, kwargs, model.geometry, Normalization(120.0, 40.0),
+                          classes=[] if kind == "denoiser" else ["interior", "membrane"],
+                          inference={"input_dtype": "uint8"})
+    record = build_package(model, info, tmp_path / "m.zip", author="Jane Doe", tile=tile)
+    assert len(record.checks) == 4 and record.input_sizes == sizes and (record.halo, record.output_offset) == (halo,
+                                                                                                          offset)
+    assert max(record.weights.values()) < 1e-4
+    descr = load(record.path)
+    for axis in descr.inputs[0].axes[2:]:
+        assert (axis.size.min, axis.size.step) == sizes
+    for axis in descr.outputs[0].axes[2:]:
+        assert axis.size.offset == offset and getattr(axis, "halo", 0) == halo
+    if kind == "denoiser":  # the output goes back to raw units
+        (scale,) = [p for p in descr.outputs[0].postprocessing if p.id == "scale_linear"]
+        assert (scale.kwargs.gain, scale.kwargs.offset) == (40.0, 120.0)
+        assert str(descr.outputs[0].id) == "denoised"
+    else:
+        assert str(descr.outputs[0].id) == "membrane_probability"
+    assert no_partials(tmp_path)
+
+
+def test_weights_that_do_not_reproduce_the_test_output_are_not_written(tmp_path, monkeypatch):
+    import segkit.bioimageio as bioimageio
+
+    name, kwargs = tiny("fcn8s")
+    torch.manual_seed(0)
+    model = randomize_zero_layers(create_model(name, **kwargs)).eval()
+    info = CheckpointInfo("segmenter", name, kwargs, model.geometry, Normalization(120.0, 40.0))
+    state_dict_bytes = bioimageio._state_dict_bytes
+
+    def damaged(m):
+        damaged_model = create_model(name, **kwargs)
+        damaged_model.load_state_dict({k: v + 0.5 if v.is_floating_point() else v for k, v in m.state_dict().items()})
+        return state_dict_bytes(damaged_model)
+
+    monkeypatch.setattr(bioimageio, "_state_dict_bytes", damaged)
+    with pytest.raises(PackageError, match=r"fails bioimageio.core's model test with its pytorch_state_dict weights"):
+        build_package(model, info, tmp_path / "m.zip", author="Jane Doe", tile=64)
+    assert not (tmp_path / "m.zip").exists() and no_partials(tmp_path)
+
+
+def test_package_user_errors(tmp_path, tiny_checkpoint, monkeypatch):
+    out = tmp_path / "m.zip"
+    assert_user_error(run("package", tiny_checkpoint, "-o", out), "at least one author", "--author NAME")
+    assert_user_error(run("package", tiny_checkpoint, "-o", tmp_path / "m.onnx", "--author", "A"), "with .zip")
+    assert_user_error(run("package", tiny_checkpoint, "-o", out, "--author", "A", "--tile", 230),
+                      "use --tile 220 or 236")
+    assert_user_error(run("package", tiny_checkpoint, "-o", out, "--author", "A", "--license", "not-a-license"),
+                      "SPDX", "--license MIT")
+    assert_user_error(run("package", tiny_checkpoint, "-o", out, "--author", "A", "--name", "a/b"), "--name NAME")
+    assert_user_error(run("package", tmp_path / "missing.safetensors", "-o", out, "--author", "A"), "missing")
+    out.write_bytes(b"not a package")
+    assert_user_error(run("package", tiny_checkpoint, "-o", out, "--author", "A"), "already exists", "--overwrite")
+    with pytest.raises(PackageError, match="not a valid bioimage.io package"):
+        validate_package(out)
+    monkeypatch.setitem(sys.modules, "bioimageio.spec", None)
+    assert_user_error(run("package", tiny_checkpoint, "-o", tmp_path / "n.zip", "--author", "A"),
+                      "pip install segkit[bioimageio]")
+    assert no_partials(tmp_path)
+
+
+# == running packages with segkit's pipeline (segkit.inference.packages) ==========================
+
+def predict_float(stack, out, model, **kwargs):
+    import segkit
+
+    segkit.predict(stack, out, model=model, output_type="float16", overwrite=True, report=lambda _: None, **kwargs)
+    import tifffile
+
+    return tifffile.imread(out).astype(np.float32)
+
+
+@pytest.mark.parametrize("weights", ["onnx", "pytorch_state_dict", "torchscript"])
+def test_segkit_runs_its_own_package_as_the_checkpoint(tmp_path, uint8_stack, tiny_checkpoint, unet_package, weights):
+    from segkit.inference.packages import load_package
+
+    engine = load_package(unet_package[0], weights=weights, device="cpu")
+    assert engine.geometry == read_info(tiny_checkpoint).geometry and engine.info.inference["input_dtype"] == "uint8"
+    assert abs(engine.info.normalization.mean - 120) < 1e-4 and abs(engine.info.normalization.std - 40) < 1e-4
+    got = predict_float(uint8_stack, tmp_path / "package.tif", engine, tile=236)
+    want = predict_float(uint8_stack, tmp_path / "checkpoint.tif", tiny_checkpoint, tile=236, device="cpu")
+    assert got.shape == want.shape == (3, 70, 91) and np.abs(got - want).max() < 2e-3  # float16 output
+
+
+def test_predict_takes_a_package_as_its_model(tmp_path, uint8_stack, tiny_checkpoint, unet_package):
+    """`segkit predict -m package.zip`: the package's weights, geometry and normalisation, through the
+    streaming pipeline, give what the checkpoint gives; options a package brings itself are refused."""
+    import tifffile
+
+    out = tmp_path / "from_package.tif"
+    result = run("predict", uint8_stack, "-m", unet_package[0], "-o", out, "--tile", 236, "--output-type", "float16",
+                 "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    want = predict_float(uint8_stack, tmp_path / "checkpoint.tif", tiny_checkpoint, tile=236, device="cpu")
+    assert np.abs(tifffile.imread(out).astype(np.float32) - want).max() < 2e-3
+    assert_user_error(run("predict", uint8_stack, "-m", unet_package[0], "-o", tmp_path / "t.tif", "--tta", "flips"),
+                      "--tta flips does not apply to a bioimage.io package")
+
+
+TINY_NET = '''
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Not a segkit model: 3x3 conv, ReLU, 1x1 conv to two class scores (same size out)."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.a = nn.Conv2d(1, width, 3, padding=1)
+        self.b = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+'''
+
+
+def foreign_package(folder):
+    """A package made with bioimageio.spec alone for a model that is not segkit's: scale_linear then
+    fixed_zero_mean_unit_variance in, two channels with a softmax out, a halo of 8, ONNX and
+    pytorch_state_dict (architecture from a file) weights. Returns (zip, the torch model, its normalisation)."""
+    import importlib.util
+
+    from bioimageio.spec import save_bioimageio_package
+
+    (folder / "tiny_net.py").write_text(TINY_NET)
+    spec_ = importlib.util.spec_from_file_location("tiny_net", folder / "tiny_net.py")
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    torch.manual_seed(0)
+    net = module.TinyNet(width=4).eval()
+    torch.save(net.state_dict(), folder / "weights.pt")
+    with torch.no_grad():
+        torch.onnx.export(net, (torch.zeros(1, 1, 64, 64),), str(folder / "weights.onnx"), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b", 2: "h", 3: "w"}})
+    x = np.random.default_rng(0).integers(0, 256, (1, 1, 64, 64)).astype(np.float32)
+    normalize = lambda a: ((a * (1 / 255) + 0) - 0.5) / (0.25 + 1e-6)  # noqa: E731  (as bioimageio.core computes)
+    with torch.no_grad():
+        y = torch.softmax(net(torch.from_numpy(normalize(x).astype(np.float32))), dim=1).numpy()
+    np.save(folder / "in.npy", x)
+    np.save(folder / "out.npy", y)
+    s = v0_5
+    space = [s.SpaceInputAxis(id=s.AxisId(a), size=s.ParameterizedSize(min=32, step=16)) for a in "yx"]
+    out_space = [s.SpaceOutputAxisWithHalo(id=s.AxisId(a), halo=8, size=s.SizeReference(
+        tensor_id=s.TensorId("image"), axis_id=s.AxisId(a))) for a in "yx"]
+    descr = s.ModelDescr(
+        name="tiny foreign net", description="a two-class net made without segkit",
+        authors=[s.Author(name="Someone Else")], cite=[s.CiteEntry(text="U-Net", doi=s.Doi("10.1007/978-3-319-24574-4_28"))],
+        license=s.LicenseId("MIT"),
+        inputs=[s.InputTensorDescr(
+            id=s.TensorId("image"), axes=[s.BatchAxis(), s.ChannelAxis(channel_names=[s.Identifier("gray")]), *space],
+            test_tensor=s.FileDescr(source=folder / "in.npy"),
+            preprocessing=[s.ScaleLinearDescr(kwargs=s.ScaleLinearKwargs(gain=1 / 255)),
+                           s.FixedZeroMeanUnitVarianceDescr(kwargs=s.FixedZeroMeanUnitVarianceKwargs(mean=0.5, std=0.25))])],
+        outputs=[s.OutputTensorDescr(
+            id=s.TensorId("classes"),
+            axes=[s.BatchAxis(), s.ChannelAxis(channel_names=[s.Identifier("bg"), s.Identifier("fg")]), *out_space],
+            test_tensor=s.FileDescr(source=folder / "out.npy"),
+            postprocessing=[s.SoftmaxDescr(kwargs=s.SoftmaxKwargs(axis=s.AxisId("channel")))])],
+        weights=s.WeightsDescr(
+            pytorch_state_dict=s.PytorchStateDictWeightsDescr(
+                source=folder / "weights.pt", pytorch_version=s.Version(torch.__version__.split("+")[0]),
+                architecture=s.ArchitectureFromFileDescr(source=folder / "tiny_net.py", callable=s.Identifier("TinyNet"),
+                                                         kwargs={"width": 4})),
+            onnx=s.OnnxWeightsDescr(source=folder / "weights.onnx", opset_version=17, parent="pytorch_state_dict")),
+    )
+    return save_bioimageio_package(descr, output_path=folder / "foreign.zip"), net, normalize
+
+
+@pytest.mark.parametrize("weights", ["onnx", "pytorch_state_dict"])
+def test_segkit_runs_a_foreign_package_through_its_pipeline(tmp_path, uint8_stack, weights):
+    import tifffile
+
+    from segkit.errors import SegkitError
+    from segkit.inference.packages import load_package
+
+    package, net, normalize = foreign_package(tmp_path)
+    with pytest.raises(SegkitError, match=r"outputs\[0\]\.axes\[channel\]: 2 output channels \(bg, fg\); pass channel=N"):
+        load_package(package, weights=weights, device="cpu")
+    engine = load_package(package, weights=weights, channel=1, device="cpu")
+    assert (engine.geometry.margin, engine.geometry.step, engine.geometry.min_input, engine.geometry.halo) == (0, 16, 32, 8)
+    got = predict_float(uint8_stack, tmp_path / "out.tif", engine, tile=48)  # many tiles, blended over the halo
+    planes = tifffile.imread(uint8_stack).astype(np.float32)
+    with torch.no_grad():
+        want = torch.softmax(net(torch.from_numpy(normalize(planes[:, None]).astype(np.float32))), dim=1)[:, 1].numpy()
+    # inside the 1 px border (where the net's zero padding meets segkit's mirrored plane) tiling changes nothing
+    assert np.abs(got - want)[:, 1:-1, 1:-1].max() < 2e-3
+
+
+def bare_descr(folder, *, axes="yx", preprocessing=(), weights="onnx"):
+    """A package description without test tensors, for the checks that refuse it."""
+    s = v0_5
+    (folder / "w.bin").write_bytes(b"0")
+    space = [s.SpaceInputAxis(id=s.AxisId(a), size=s.ParameterizedSize(min=32, step=16)) for a in axes]
+    out = [s.SpaceOutputAxis(id=s.AxisId(a), size=s.SizeReference(tensor_id=s.TensorId("image"), axis_id=s.AxisId(a)))
+           for a in axes]
+    entry = {"onnx": lambda: s.OnnxWeightsDescr(source=folder / "w.bin", opset_version=17),
+             "keras_hdf5": lambda: s.KerasHdf5WeightsDescr(source=folder / "w.bin", tensorflow_version=s.Version("2.15"))}
+    from bioimageio.spec import ValidationContext
+
+    with ValidationContext(perform_io_checks=False):
+        return s.ModelDescr(
+            name="a model segkit refuses", description="d", authors=[s.Author(name="A")], license=s.LicenseId("MIT"),
+            cite=[s.CiteEntry(text="U-Net", doi=s.Doi("10.1007/978-3-319-24574-4_28"))],
+            inputs=[s.InputTensorDescr(id=s.TensorId("image"), axes=[s.BatchAxis(), s.ChannelAxis(
+                channel_names=[s.Identifier("gray")]), *space], preprocessing=list(preprocessing))],
+            outputs=[s.OutputTensorDescr(id=s.TensorId("p"), axes=[s.BatchAxis(), s.ChannelAxis(
+                channel_names=[s.Identifier("fg")]), *out])],
+            weights=s.WeightsDescr(**{weights: entry[weights]()}))
+
+
+def test_packages_segkit_cannot_run_get_one_line_naming_the_field(tmp_path):
+    from segkit.errors import SegkitError
+    from segkit.inference.packages import load_package, plan_package
+
+    s = v0_5
+    cases = [
+        (bare_descr(tmp_path, axes="zyx"), r"inputs\[0\]\.axes: a 3D model \(axis z\)"),
+        (bare_descr(tmp_path, preprocessing=[s.ScaleRangeDescr(kwargs=s.ScaleRangeKwargs(
+            axes=[s.AxisId("y"), s.AxisId("x")], min_percentile=1, max_percentile=99.8))]),
+         r"inputs\[0\]\.preprocessing\[1\]: 'scale_range' is not supported"),
+        (bare_descr(tmp_path, preprocessing=[s.ZeroMeanUnitVarianceDescr()]),
+         r"inputs\[0\]\.preprocessing\[1\]: 'zero_mean_unit_variance' is not supported"),
+        (bare_descr(tmp_path, weights="keras_hdf5"), r"field weights: keras_hdf5; segkit runs onnx, pytorch_state_dict"),
+    ]
+    for descr, message in cases:
+        with pytest.raises(SegkitError, match=message) as caught:
+            plan_package(descr)
+        assert "\n" not in str(caught.value)
+    plan_package(bare_descr(tmp_path))  # the same description with 2D axes, no preprocessing and ONNX weights is fine
+    garbage = tmp_path / "garbage.zip"
+    garbage.write_bytes(b"not a zip")
+    with pytest.raises(SegkitError, match="is not a bioimage.io package"):
+        load_package(garbage)
+    with pytest.raises(SegkitError, match="does not exist"):
+        load_package(tmp_path / "missing.zip")
