@@ -12,7 +12,7 @@ from typing import Any
 #: Distributions whose versions matter for a bug report (name on PyPI).
 PACKAGES = ("torch", "torchvision", "onnxruntime-gpu", "onnxruntime", "segmentation-models-pytorch", "timm",
             "albumentations", "opencv-python-headless", "opencv-python", "tifffile", "imagecodecs", "numpy",
-            "scipy", "scikit-image", "click", "dask", "zarr")
+            "scipy", "scikit-image", "click", "dask", "zarr", "bioimageio.spec", "bioimageio.core")
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
