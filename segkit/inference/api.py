@@ -98,7 +98,8 @@ def predict(
 ) -> PredictResult:
     """Predict `sources` into `output` with `model` and return what was done.
 
-    model: a checkpoint (.safetensors), an ONNX file, or an already built engine (anything with
+    model: a checkpoint (.safetensors), an ONNX file, a bioimage.io package (.zip or rdf.yaml), or an
+      already built engine (anything with
       the engine protocol plus `geometry`, e.g. a benchmark's); default: the bundled demo U-Net.
     tile: a valid input size, 'auto' (measure sizes and batches on this device), or None (the
       model's trained tile). batch: tiles per forward; None: 4 on the CPU, from the free memory
