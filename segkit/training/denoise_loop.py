@@ -36,9 +36,9 @@ from segkit.training.runs import (
     open_run,
     optimizer_step,
     plot_curve,
-    report_timing,
     resume_run,
     save_optimizer,
+    train_iterations,
     training_device,
     write_logs,
 )
@@ -102,7 +102,6 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                    echo: Callable[[str], None] = print) -> RunFiles:
     """Train the recipe's denoiser; returns the run's files (best/last checkpoints, logs, curve)."""
     import torch
-    from tqdm import tqdm
 
     from segkit.models import create_model, model_kind
 
@@ -174,13 +173,13 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
              amp=cfg_train["amp"], slices={"training": cfg_data["train_slices"], "validation": cfg_data["val_slices"]},
              iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
     clock = Clock(limit, timed_iterations=min(3, iters))
-    done, epoch_seconds = 0, []
+    epoch_seconds: list[float] = []
     try:
         for epoch in range(start_epoch, epochs + 1):
             model.train()
-            epoch_start, losses = time.monotonic(), []
-            bar = tqdm(range(iters), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
-            for _ in bar:
+            epoch_start = time.monotonic()
+
+            def step(epoch: int = epoch) -> float:  # this epoch, bound now
                 noisy, target, weight = sample_denoise_batch(padded, rng, tile=tile, margin=geometry.margin,
                                                              batch=cfg_train["batch"], settings=recipe)
                 with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -189,17 +188,12 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                 per_pixel = error.square() if cfg_train["loss"] == "mse" else error.abs()
                 weight_t = torch.from_numpy(weight).to(device)
                 loss = (per_pixel * weight_t).sum() / weight_t.sum().clamp(min=1.0)
-                losses.append(optimizer_step(loss, optimizer, scaler, epoch=epoch))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                done += 1
-                report_timing(echo, bar, clock, done, iters=iters, epochs_left=epochs - epoch + 1,
-                              gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu")
-                if len(losses) < iters and clock.time_up():
-                    break
-            bar.close()
-            # train.time_limit_min reached inside the epoch: it ends here, short, and is validated and
-            # saved like any other, so a run whose epochs outlast the limit still progresses on resume
-            cut_short = len(losses) < iters
+                return optimizer_step(loss, optimizer, scaler, epoch=epoch)
+
+            # an epoch the time limit cuts short is validated and saved like any other, so a run whose
+            # epochs outlast the limit still progresses on resume
+            losses = train_iterations(step, epoch=epoch, epochs=epochs, iters=iters, clock=clock, progress=progress,
+                                      echo=echo, gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu")
             model.eval()
             denoised = denoise_planes(model, val_noisy, normalization=normalization, scale=scale, tile=tile,
                                       batch=cfg_train["val_batch"], device=device)
@@ -224,13 +218,9 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
             left = f"; about {duration((epochs - epoch) * np.mean(epoch_seconds))} left" if epoch < epochs else ""
             echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val PSNR {row['psnr']:.2f} dB{baseline}  "
                  f"SSIM {row['ssim']:.3f}  [{duration(row['seconds'])}{left}]")
-            if cut_short:
-                echo(f"stopping in epoch {epoch} after {len(losses)} of {iters} iterations: "
-                     f"train.time_limit_min={limit:g} reached; the short epoch was validated and saved in "
-                     f"{files.root} (continue with resume=True, from epoch {epoch + 1})")
-                break
-            if epoch < epochs and clock.time_up():
-                echo(f"stopping after epoch {epoch}: train.time_limit_min={limit:g} reached")
+            stop = clock.stop_message(epoch=epoch, epochs=epochs, iterations=len(losses), iters=iters, root=files.root)
+            if stop:
+                echo(stop)
                 break
     except KeyboardInterrupt:
         save_last()

@@ -39,9 +39,9 @@ from segkit.training.runs import (
     open_run,
     optimizer_step,
     plot_curve,
-    report_timing,
     resume_run,
     save_optimizer,
+    train_iterations,
     training_device,
     write_logs,
 )
@@ -137,7 +137,6 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
           echo: Callable[[str], None] = print) -> RunFiles:
     """Train the recipe's model; returns the run's files (best/last checkpoints, logs, curve)."""
     import torch
-    from tqdm import tqdm
 
     from segkit.training.losses import segmentation_loss
 
@@ -202,28 +201,23 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
              amp=cfg_train["amp"], slices={"training": cfg_data["train_slices"], "validation": cfg_data["val_slices"]},
              iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
     clock = Clock(limit, timed_iterations=min(3, iters))
-    done, epoch_seconds = 0, []
+    epoch_seconds: list[float] = []
     try:
         for epoch in range(start_epoch, epochs + 1):
             model.train()
-            epoch_start, losses = time.monotonic(), []
-            bar = tqdm(range(iters), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
-            for _ in bar:
+            epoch_start = time.monotonic()
+
+            def step(epoch: int = epoch) -> float:  # this epoch, bound now
                 image, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
                 with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(image)
                 loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
-                losses.append(optimizer_step(loss, optimizer, scaler, epoch=epoch))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                done += 1
-                report_timing(echo, bar, clock, done, iters=iters, epochs_left=epochs - epoch + 1,
-                              gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu")
-                if len(losses) < iters and clock.time_up():
-                    break
-            bar.close()
-            # train.time_limit_min reached inside the epoch: it ends here, short, and is validated and
-            # saved like any other, so a run whose epochs outlast the limit still progresses on resume
-            cut_short = len(losses) < iters
+                return optimizer_step(loss, optimizer, scaler, epoch=epoch)
+
+            # an epoch the time limit cuts short is validated and saved like any other, so a run whose
+            # epochs outlast the limit still progresses on resume
+            losses = train_iterations(step, epoch=epoch, epochs=epochs, iters=iters, clock=clock, progress=progress,
+                                      echo=echo, gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu")
             model.eval()
             table = validate(model, val_raw, val_mem, normalization=normalization, tile=tile,
                              batch=cfg_train["val_batch"], device=device, thresholds=thresholds)
@@ -253,13 +247,9 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                  f"adapted Rand error {row['adapted_rand_error']:.4f}  VI {row['vi']:.3f}  "
                  f"(best threshold {best_threshold}: adapted Rand error {row['best_adapted_rand_error']:.4f})  "
                  f"[{duration(row['seconds'])}{left}]")
-            if cut_short:
-                echo(f"stopping in epoch {epoch} after {len(losses)} of {iters} iterations: "
-                     f"train.time_limit_min={limit:g} reached; the short epoch was validated and saved in "
-                     f"{files.root} (continue with resume=True, from epoch {epoch + 1})")
-                break
-            if epoch < epochs and clock.time_up():
-                echo(f"stopping after epoch {epoch}: train.time_limit_min={limit:g} reached")
+            stop = clock.stop_message(epoch=epoch, epochs=epochs, iterations=len(losses), iters=iters, root=files.root)
+            if stop:
+                echo(stop)
                 break
     except KeyboardInterrupt:
         save_last()  # weights of the unfinished epoch; resume=True reruns that epoch

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,7 @@ class Clock:
         self.started = time.monotonic()
         self.limit_min = limit_min
         self.timed = max(timed_iterations, 1)
+        self.done = 0  # iterations finished in this run
         self._mark: float | None = None
 
     def time_up(self) -> bool:
@@ -231,6 +233,17 @@ class Clock:
             return first if self.timed == 1 else None
         if done == self.timed and self._mark is not None:
             return (now - self._mark) / (done - 1)
+        return None
+
+    def stop_message(self, *, epoch: int, epochs: int, iterations: int, iters: int, root: Path) -> str | None:
+        """Why the run stops after this (validated and saved) epoch, or None to go on: the time limit
+        cut the epoch short (resume goes on with the next one), or it is reached at its end."""
+        if iterations < iters:
+            return (f"stopping in epoch {epoch} after {iterations} of {iters} iterations: "
+                    f"train.time_limit_min={self.limit_min:g} reached; the short epoch was validated and saved in "
+                    f"{root} (continue with resume=True, from epoch {epoch + 1})")
+        if epoch < epochs and self.time_up():
+            return f"stopping after epoch {epoch}: train.time_limit_min={self.limit_min:g} reached"
         return None
 
     def limit_note(self, total_seconds: float) -> str:
@@ -256,11 +269,32 @@ def announce(echo: Any, *, model: Any, name: str, device: str, requested_device:
         echo("note: train.amp is ignored on the CPU (training runs in float32)")
 
 
-def report_timing(echo: Any, bar: Any, clock: Clock, done: int, *, iters: int, epochs_left: int,
+def train_iterations(step: Callable[[], float], *, epoch: int, epochs: int, iters: int, clock: Clock,
+                     progress: bool, echo: Any, gpu_recipe_on_cpu: bool) -> list[float]:
+    """One epoch's iterations: `step()` (one optimiser step; returns its loss) up to `iters` times under a
+    progress bar, with the timing report once the first iterations are timed. train.time_limit_min is
+    checked after every iteration and cuts the epoch short when reached. Returns the losses."""
+    from tqdm import tqdm
+
+    losses: list[float] = []
+    bar = tqdm(range(iters), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
+    for _ in bar:
+        losses.append(step())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        clock.done += 1
+        report_timing(echo, bar, clock, iters=iters, epochs_left=epochs - epoch + 1,
+                      gpu_recipe_on_cpu=gpu_recipe_on_cpu)
+        if len(losses) < iters and clock.time_up():
+            break
+    bar.close()
+    return losses
+
+
+def report_timing(echo: Any, bar: Any, clock: Clock, *, iters: int, epochs_left: int,
                   gpu_recipe_on_cpu: bool) -> None:
     """Once the first iterations are timed: the time per epoch and for the run (a warning for a GPU recipe
     on the CPU), printed between progress-bar updates."""
-    per_iteration = clock.iteration_seconds(done)
+    per_iteration = clock.iteration_seconds(clock.done)
     if per_iteration is None:
         return
     epoch_s = per_iteration * iters
