@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segkit.models.blocks import center_crop, double_conv, he_init, valid_encoder
 from segkit.models.geometry import Geometry, valid_unet_geometry
-from segkit.models.unet import _center_crop, _double_conv, he_init, valid_encoder
 
 UPSAMPLING = ("resize", "transpose")
 
@@ -53,7 +53,7 @@ class DenoisingAutoencoder(nn.Module):
                                                      nn.Conv2d(width * 2, width, 1)))
             else:
                 self.upsamplers.append(nn.ConvTranspose2d(width * 2, width, 2, stride=2))
-            self.decoder.append(_double_conv(width * 2 if skip else width, width, batch_norm))
+            self.decoder.append(double_conv(width * 2 if skip else width, width, batch_norm))
         self.head = nn.Conv2d(widths[0], in_channels, 1)
         he_init(self)
 
@@ -67,6 +67,6 @@ class DenoisingAutoencoder(nn.Module):
         for up, block, skip in zip(self.upsamplers, self.decoder, reversed(skips)):
             x = up(x)
             if self.skip:
-                x = torch.cat([_center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1)
+                x = torch.cat([center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1)
             x = block(x)
         return self.head(x)

@@ -6,42 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segkit.models.blocks import center_crop, double_conv, he_init, valid_encoder
 from segkit.models.geometry import Geometry, valid_unet_geometry
-
-
-def _double_conv(in_channels: int, out_channels: int, batch_norm: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for channels in (in_channels, out_channels):
-        layers.append(nn.Conv2d(channels, out_channels, 3, padding=0, bias=not batch_norm))
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(out_channels))
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
-def valid_encoder(in_channels: int, widths: list[int], batch_norm: bool) -> tuple[nn.ModuleList, nn.Sequential]:
-    """Contracting path of unpadded double convs (one per level, pooled between) and the bottom block."""
-    encoder = nn.ModuleList()
-    channels = in_channels
-    for width in widths[:-1]:
-        encoder.append(_double_conv(channels, width, batch_norm))
-        channels = width
-    return encoder, _double_conv(channels, widths[-1], batch_norm)
-
-
-def he_init(model: nn.Module) -> None:
-    """He et al. 2015 init, std sqrt(2/N), as the U-Net paper prescribes for ReLU networks."""
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-
-def _center_crop(skip: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    top = (skip.shape[-2] - height) // 2
-    left = (skip.shape[-1] - width) // 2
-    return skip[..., top : top + height, left : left + width]
 
 
 class UNet(nn.Module):
@@ -81,7 +47,7 @@ class UNet(nn.Module):
         self.decoder = nn.ModuleList()
         for width in reversed(widths[:-1]):
             self.upconvs.append(nn.ConvTranspose2d(width * 2, width, 2, stride=2))
-            self.decoder.append(_double_conv(width * 2, width, batch_norm))
+            self.decoder.append(double_conv(width * 2, width, batch_norm))
         self.head = nn.Conv2d(widths[0], classes, 1)
         he_init(self)
 
@@ -94,5 +60,5 @@ class UNet(nn.Module):
         x = self.dropout(self.bottom(x))
         for upconv, block, skip in zip(self.upconvs, self.decoder, reversed(skips)):
             x = upconv(x)
-            x = block(torch.cat([_center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1))
+            x = block(torch.cat([center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1))
         return self.head(x)
