@@ -203,7 +203,7 @@ def package_tile(info: CheckpointInfo, tile: int | None) -> int:
     geometry = info.geometry
     smallest, _ = input_sizes(info)
     if tile is None:
-        tile = int(info.inference.get("tile") or geometry.nearest_valid(max(256, smallest))[1])
+        tile = int(info.inference.tile or geometry.nearest_valid(max(256, smallest))[1])
     geometry.check_tile(tile)
     if tile < smallest:
         raise TileSizeError(f"tile {tile} leaves no output pixel once the halo of {geometry.halo} px is cropped; "
@@ -219,7 +219,7 @@ def sample_tile(info: CheckpointInfo, tile: int) -> np.ndarray:
 
     raw = tifffile.imread(SAMPLE)
     plane = raw[len(raw) // 2].astype(np.float32)
-    if info.inference.get("input_dtype") not in (None, "uint8"):
+    if info.inference.input_dtype not in (None, "uint8"):
         plane = (plane - plane.mean()) / plane.std() * info.normalization.std + info.normalization.mean
     while min(plane.shape) < tile:
         plane = np.pad(plane, [(0, plane.shape[0]), (0, plane.shape[1])], mode="symmetric")
@@ -351,7 +351,7 @@ Made with segkit {__version__} (`segkit package`) from a `{info.model}` checkpoi
 ## Inputs and outputs
 
 - Input `{INPUT_ID}`: one grey-value channel, axes (batch, channel, y, x), in the units the model was trained
-  on ({info.inference.get('input_dtype') or 'uint8'} images). Y and x sizes: {sizes[0]} + {sizes[1]}n (the
+  on ({info.inference.input_dtype or 'uint8'} images). Y and x sizes: {sizes[0]} + {sizes[1]}n (the
   model's geometry: margin {geometry.margin}, step {geometry.step}, halo {geometry.halo}).
 - Preprocessing: (x - {info.normalization.mean:.6g}) / {info.normalization.std:.6g}, fixed (the training data's
   mean and standard deviation), never computed per tile.
@@ -460,6 +460,16 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
     license = _check_license(license)
     if info.kind not in KINDS:
         raise PackageError(f"a {info.kind} checkpoint cannot be packaged; package a segmenter or a denoiser")
+    unsupported = [what for what, present in (
+        ("percentile normalisation", info.normalization.percentiles is not None),
+        ("several input channels", info.normalization.channels is not None
+         or int(info.model_kwargs.get("in_channels", 1) or 1) > 1),
+        (f"{info.inference.labels_kind} labels (K class outputs)", info.inference.labels_kind != "membrane"),
+    ) if present]
+    if unsupported:
+        raise PackageError(f"this checkpoint uses {' and '.join(unsupported)}, which `segkit package` does not write "
+                           "yet (it packages single-channel membrane models and denoisers); export it to ONNX with "
+                           "`segkit export` instead")
     tile = package_tile(info, tile)
     sizes = input_sizes(info)
     geometry = info.geometry

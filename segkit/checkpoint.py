@@ -6,8 +6,11 @@ segkit version, so `segkit predict` needs only the checkpoint. Nothing is pickle
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,29 +26,111 @@ FORMAT = "segkit-checkpoint/1"
 
 @dataclass(frozen=True)
 class Normalization:
-    """Global intensity normalisation: (x - mean) / std, never computed per tile."""
+    """Global intensity normalisation: (x - mean) / std per channel, never computed per tile.
 
-    mean: float
-    std: float
+    `mean` and `std` are numbers (one channel) or one per channel. With `percentiles` (low, high)
+    the normalisation is a rule instead (CSBDeep/StarDist style, for fluorescence): each image or
+    stack gets mean = its low percentile and std = high - low percentile (`for_image`), so its
+    intensities map to about [0, 1]; `mean`/`std` then hold typical training values, for display.
+    `clip` clamps normalised values to [0, 1] (percentile rules clip: the augmentation clips training
+    patches to [0, 1], so prediction input must be clipped alike).
+    """
+
+    mean: float | tuple[float, ...]
+    std: float | tuple[float, ...]
+    percentiles: tuple[float, float] | None = None
+    clip: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):  # one channel: a plain number, so planes keep their (H, W) shape
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, np.ndarray)):
+                value = tuple(float(v) for v in value)
+                object.__setattr__(self, name, value[0] if len(value) == 1 else value)
+        if self.percentiles is not None:
+            object.__setattr__(self, "percentiles", tuple(float(v) for v in self.percentiles))
+
+    @property
+    def channels(self) -> int | None:
+        """Channels this normalisation is for (None: any, one number for all)."""
+        return len(self.mean) if isinstance(self.mean, tuple) else None
 
     def apply(self, raw: Any) -> Any:
         """(raw - mean) / std as float32, for a numpy array or a torch tensor of any stored dtype
-        (uint8, uint16, float32), on whatever device the tensor is. The one place segkit normalises."""
+        (uint8, uint16, float32), (H, W) or (C, H, W), on whatever device the tensor is. The one place
+        segkit normalises."""
         if not _is_tensor(raw):
-            return (np.asarray(raw, np.float32) - np.float32(self.mean)) * np.float32(1.0 / self.std)
-        # the same float32 arithmetic as for numpy, so every dtype and device gives the same values
-        return _as_float32(raw).sub_(self.mean).mul_(1.0 / self.std)
+            mean, scale = self._per_channel()
+            normalized = (np.asarray(raw, np.float32) - mean) * scale
+            return np.clip(normalized, 0.0, 1.0, out=normalized) if self.clip else normalized
+        if self.channels is None:
+            # the same float32 arithmetic as for numpy, so every dtype and device gives the same values
+            normalized = _as_float32(raw).sub_(self.mean).mul_(1.0 / self.std)
+        else:
+            import torch
+
+            mean, scale = (torch.as_tensor(v, device=raw.device) for v in self._per_channel())
+            normalized = _as_float32(raw).sub_(mean).mul_(scale)
+        return normalized.clamp_(0.0, 1.0) if self.clip else normalized
+
+    def _per_channel(self) -> tuple[Any, Any]:
+        """(mean, 1 / std) as float32 scalars or (C, 1, 1) arrays that broadcast over (C, H, W)."""
+        if self.channels is None:
+            return np.float32(self.mean), np.float32(1.0 / self.std)
+        mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
+        return mean, (1.0 / np.asarray(self.std, np.float64)).astype(np.float32).reshape(-1, 1, 1)
 
     def invert(self, normalized: Any) -> Any:
         """raw = normalized * std + mean (a denoiser's output back in raw units); numpy or torch."""
-        return normalized * self.std + self.mean
+        if self.channels is None:
+            return normalized * self.std + self.mean
+        std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
+        mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
+        if _is_tensor(normalized):
+            import torch
 
-    def to_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "std": self.std}
+            std, mean = torch.as_tensor(std, device=normalized.device), torch.as_tensor(mean, device=normalized.device)
+        return normalized * std + mean
+
+    def for_image(self, image: np.ndarray, *, max_pixels: int = 4_000_000) -> "Normalization":
+        """The normalisation of one image or stack sample ((H, W), (C, H, W) or (Z, C, H, W) with `channels`
+        given by the leading axis of (C, H, W)): itself, or, for a percentile rule, that image's percentiles."""
+        if self.percentiles is None:
+            return self
+        return percentile_normalization(image, self.percentiles, channels=self.channels, max_pixels=max_pixels,
+                                        clip=self.clip)
+
+    def to_dict(self) -> dict[str, Any]:
+        as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+        data: dict[str, Any] = {"mean": as_json(self.mean), "std": as_json(self.std)}
+        if self.percentiles is not None:
+            data["percentiles"] = list(self.percentiles)
+        if self.clip:
+            data["clip"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Normalization":
-        return cls(mean=float(data["mean"]), std=float(data["std"]))
+        value = lambda v: tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
+        percentiles = data.get("percentiles")
+        return cls(mean=value(data["mean"]), std=value(data["std"]),
+                   percentiles=tuple(float(v) for v in percentiles) if percentiles is not None else None,
+                   clip=bool(data.get("clip", False)))
+
+
+def percentile_normalization(image: np.ndarray, percentiles: tuple[float, float], *, channels: int | None = None,
+                             max_pixels: int = 4_000_000, clip: bool = False) -> Normalization:
+    """mean = low percentile, std = high - low percentile, per channel, of `image` ((H, W) or (C, H, W)
+    when `channels` is set; (N, C, H, W) samples too), from at most about `max_pixels` values per channel."""
+    values = np.asarray(image)
+    if channels is None:
+        flat = values.reshape(1, -1)
+    else:
+        flat = np.moveaxis(values.reshape(-1, channels, *values.shape[-2:]), 1, 0).reshape(channels, -1)
+    stride = max(1, flat.shape[1] // max_pixels)
+    low, high = np.percentile(flat[:, ::stride].astype(np.float64), percentiles, axis=1)
+    spread = np.maximum(high - low, 1e-6)
+    return Normalization(mean=tuple(low.tolist()), std=tuple(spread.tolist()), clip=clip)
 
 
 def _is_tensor(value: Any) -> bool:
@@ -61,9 +146,75 @@ def _as_float32(raw: Any) -> Any:
     return raw.float() if raw.dtype != torch.float32 else raw.clone()
 
 
+#: What a model's labels are (`InferenceDefaults.labels_kind`).
+LABELS_KINDS = ("membrane", "semantic", "instances")
+
+
+@dataclass(frozen=True)
+class InferenceDefaults:
+    """A checkpoint's inference defaults (the `inference` entry of its record): what prediction uses
+    where the caller does not say. Frozen: change it with `replace`, which returns a new record.
+
+    Fields (None = not recorded; the reader then uses its own default):
+        tile: the tile the model was trained with (checked against the model's geometry on load).
+        threshold: membrane probability threshold in [0, 1], chosen on the validation slices.
+        input_dtype: the training data's stored dtype ("uint8", "uint16", ...); 'auto'
+            normalisation uses a stack's own statistics when its dtype differs.
+        watershed: seeded-watershed settings (`segkit.instances.WatershedParams.to_dict()`), as
+            `segkit evaluate --write-defaults` stores them.
+        intensity_scale: a denoiser's raw-to-[0, 1] scale (255 for uint8 training data).
+        labels_kind: what the training labels were: "membrane" (boundary maps, the default),
+            "semantic" (one class per pixel) or "instances" (recorded; nothing uses it yet).
+        pixel_size: micrometres per pixel of the training data (recorded; nothing uses it yet).
+        output_channel: the model output channel segkit writes (recorded; nothing uses it yet).
+
+    Values are kept as stored; `check_record` validates them (one line per problem) when a
+    checkpoint loads and before `update_inference_defaults` writes.
+    """
+
+    tile: int | None = None
+    threshold: float | None = None
+    input_dtype: str | None = None
+    watershed: dict[str, Any] | None = None
+    intensity_scale: float | None = None
+    labels_kind: str = "membrane"
+    pixel_size: float | None = None
+    output_channel: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's `inference` entry: every field that is set (None values are left out, so a
+        reader of older records finds the entries it knows, and nothing more it must understand)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(self.watershed, Mapping):
+            data["watershed"] = dict(self.watershed)
+        return {name: value for name, value in data.items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "InferenceDefaults":
+        """From a record's `inference` entry, as any segkit version wrote it (older records hold a
+        subset of the fields). Unknown keys are ignored, None means not recorded; values are kept
+        as stored (`check_record` validates them). A non-mapping raises TypeError."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise TypeError(f"its inference entry is a {type(data).__name__}, not an object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {name: value for name, value in data.items() if name in names and value is not None}
+        if isinstance(values.get("watershed"), Mapping):
+            values["watershed"] = dict(values["watershed"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "InferenceDefaults":
+        """A copy with `changes` applied (dataclasses.replace; an unknown field name is a TypeError)."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
 class CheckpointInfo:
-    """Everything but the weights: enough to rebuild and run the model."""
+    """Everything but the weights: enough to rebuild and run the model.
+
+    `inference` is an InferenceDefaults; a plain dict (a record's `inference` entry) is accepted
+    and converted with `InferenceDefaults.from_dict`."""
 
     kind: str  # "segmenter" (later also "denoiser")
     model: str
@@ -71,10 +222,14 @@ class CheckpointInfo:
     geometry: Geometry
     normalization: Normalization
     classes: list[str] = field(default_factory=lambda: ["interior", "membrane"])
-    inference: dict[str, Any] = field(default_factory=dict)
+    inference: InferenceDefaults = field(default_factory=InferenceDefaults)
     recipe: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     segkit_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inference, InferenceDefaults):
+            self.inference = InferenceDefaults.from_dict(self.inference)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -86,7 +241,7 @@ class CheckpointInfo:
                 "geometry": self.geometry.to_dict(),
                 "normalization": self.normalization.to_dict(),
                 "classes": self.classes,
-                "inference": self.inference,
+                "inference": self.inference.to_dict(),
                 "recipe": self.recipe,
                 "training": self.training,
                 "segkit_version": self.segkit_version,
@@ -112,7 +267,7 @@ class CheckpointInfo:
                 geometry=Geometry.from_dict(data["geometry"]),
                 normalization=Normalization.from_dict(data["normalization"]),
                 classes=list(data.get("classes", [])),
-                inference=dict(data.get("inference", {})),
+                inference=InferenceDefaults.from_dict(data.get("inference")),
                 recipe=dict(data.get("recipe", {})),
                 training=dict(data.get("training", {})),
                 segkit_version=str(data.get("segkit_version", "unknown")),
@@ -132,24 +287,49 @@ class CheckpointInfo:
 def check_record(info: CheckpointInfo, source: str) -> None:
     """Refuse a record that would run wrongly or not at all (CheckpointError, one line): an unknown
     model or kind, parameters out of range, a normalisation that is not finite or has std <= 0
-    (which would write all-zero outputs), or an inference tile or threshold the model cannot use.
+    (which would write all-zero outputs), or inference defaults the model cannot use (a tile it does
+    not accept, a threshold outside [0, 1], an unknown labels kind, ...).
     No torch: the model is only looked up in the registry."""
     fix = "the checkpoint is damaged or was edited: use another one or train again"
     if info.kind not in ("segmenter", "denoiser"):
         raise CheckpointError(f"{source}: unknown kind {info.kind!r} in its record (segmenter or denoiser); {fix}")
     _check_model(info.model, info.model_kwargs, source, fix)  # the kind is checked where it matters (load_model)
     _check_normalization(info.normalization.mean, info.normalization.std, source, fix)
-    tile = info.inference.get("tile")
-    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or not info.geometry.is_valid_input(tile)):
-        below, above = info.geometry.nearest_valid(tile) if isinstance(tile, int) and tile > 0 else (None, None)
+    _check_inference(info.inference, info.geometry, source, fix)
+
+
+def _check_inference(inference: InferenceDefaults, geometry: Geometry, source: str, fix: str) -> None:
+    def refuse(name: str, value: Any, problem: str) -> CheckpointError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 100 else shown[:97] + "..."
+        return CheckpointError(f"{source}: its record's inference {name} {shown} {problem}; {fix}")
+
+    def number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float))
+
+    tile = inference.tile
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or not geometry.is_valid_input(tile)):
+        below, above = geometry.nearest_valid(tile) if isinstance(tile, int) and tile > 0 else (None, None)
         near = f" (nearest valid: {below} or {above})" if above is not None else ""
-        raise CheckpointError(f"{source}: its record's inference tile {tile!r} is not a valid tile of this model{near}; "
-                              f"{fix}")
-    threshold = info.inference.get("threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not 0.0 <= threshold <= 1.0):
-        raise CheckpointError(f"{source}: its record's inference threshold {threshold!r} is not a number between 0 "
-                              f"and 1; {fix}")
+        raise refuse("tile", tile, f"is not a valid tile of this model{near}")
+    threshold = inference.threshold
+    if threshold is not None and (not number(threshold) or not 0.0 <= threshold <= 1.0):
+        raise refuse("threshold", threshold, "is not a number between 0 and 1")
+    if inference.input_dtype is not None and not isinstance(inference.input_dtype, str):
+        raise refuse("input_dtype", inference.input_dtype, "is not a dtype name (such as 'uint8')")
+    if inference.watershed is not None and not isinstance(inference.watershed, Mapping):
+        raise refuse("watershed", inference.watershed, "is not a table of watershed settings")
+    scale = inference.intensity_scale
+    if scale is not None and (not number(scale) or not math.isfinite(scale) or scale <= 0):
+        raise refuse("intensity_scale", scale, "is not a finite number above 0")
+    if inference.labels_kind not in LABELS_KINDS:
+        raise refuse("labels_kind", inference.labels_kind, f"is not one of {', '.join(LABELS_KINDS)}")
+    size = inference.pixel_size
+    if size is not None and (not number(size) or not math.isfinite(size) or size <= 0):
+        raise refuse("pixel_size", size, "is not a finite number of micrometres per pixel above 0")
+    channel = inference.output_channel
+    if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
+        raise refuse("output_channel", channel, "is not a channel index (a whole number, 0 or more)")
 
 
 #: Integer model parameters and their allowed ranges (the registry's models; others are checked when built).
@@ -193,11 +373,15 @@ def _check_model(name: Any, kwargs: dict[str, Any], source: str, fix: str, *, ki
 
 
 def _check_normalization(mean: Any, std: Any, source: str, fix: str) -> None:
+    if isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std) and mean:
+        for m, s in zip(mean, std):  # one pair per channel
+            _check_normalization(m, s, source, fix)
+        return
     try:
         mean, std = float(mean), float(std)
     except (TypeError, ValueError):
         raise CheckpointError(f"{source}: its record's normalisation (mean {mean!r}, std {std!r}) is not a pair of "
-                              f"numbers; {fix}") from None
+                              f"numbers (or of equal lists, one per channel); {fix}") from None
     if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
         raise CheckpointError(f"{source}: its record's normalisation has mean {mean} and std {std}; segkit needs a "
                               f"finite mean and a finite std above 0 (std 0 or NaN would give all-zero output); {fix}")
@@ -395,21 +579,22 @@ def compose_with_denoiser(denoiser_path: str | Path, segmenter_path: str | Path)
                                  segmenter_info.normalization)
     model.segmenter.load_state_dict(segmenter.state_dict())
     model.eval()
-    tile = segmenter_info.inference.get("tile")
+    tile = segmenter_info.inference.tile
     if tile is not None:
         tile = model.geometry.nearest_valid(int(tile) + 2 * denoiser_info.geometry.margin)[1]
     info = CheckpointInfo(
         kind="segmenter", model=COMPOSED, model_kwargs=kwargs, geometry=model.geometry,
         normalization=denoiser_info.normalization, classes=segmenter_info.classes,
-        inference={**segmenter_info.inference, "tile": tile, "input_dtype": denoiser_info.inference.get("input_dtype")},
+        inference=segmenter_info.inference.replace(tile=tile, input_dtype=denoiser_info.inference.input_dtype),
         recipe=segmenter_info.recipe, training=segmenter_info.training,
     )
     return model, info
 
 
 def update_inference_defaults(path: str | Path, updates: dict[str, Any], *, chosen_on: tuple[int, int]) -> CheckpointInfo:
-    """Write `updates` into a checkpoint's inference defaults (atomically), after checking that the
-    slices they were chosen on are the recipe's validation slices (never the test slices)."""
+    """Write `updates` (field name -> value, see InferenceDefaults) into a checkpoint's inference
+    defaults (atomically), after checking that the slices they were chosen on are the recipe's
+    validation slices (never the test slices) and that the updated defaults are valid (`check_record`)."""
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
@@ -418,7 +603,12 @@ def update_inference_defaults(path: str | Path, updates: dict[str, Any], *, chos
     if val is not None and not (val[0] <= chosen_on[0] and chosen_on[1] <= val[1]):
         raise CheckpointError(f"{path.name}: inference defaults must be chosen on the validation slices {val[0]}:{val[1]} "
                               f"of its recipe, not {chosen_on[0]}:{chosen_on[1]}; choose them on slices=({val[0]}, {val[1]})")
-    info.inference = {**info.inference, **updates}
+    known = [f.name for f in dataclasses.fields(InferenceDefaults)]
+    unknown = sorted(set(updates) - set(known))
+    if unknown:
+        raise CheckpointError(f"{path.name}: unknown inference default {unknown[0]!r}; choose from {', '.join(known)}")
+    info.inference = info.inference.replace(**updates)
+    check_record(info, path.name)
     tensors = load_file(str(path))
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, str(tmp), metadata={"segkit": info.to_json()})

@@ -170,6 +170,8 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -
       segkit train recipes/em_neurons.yaml
       segkit train recipes/em_neurons.yaml train.epochs=2 data.root=../shared/data/isbi2012
       segkit train recipes/em_neurons.yaml --resume
+      segkit train recipes/nuclei_bbbc039_cpu.yaml          # your own images/ + labels/ + train.txt ...
+      segkit train recipes/axon_myelin_sem.yaml data.root=/data/sem train.device=cuda
     """
     from segkit.config import load_recipe
     from segkit.training.loop import train as run_training
@@ -236,6 +238,11 @@ COMPRESSION_OPTION = click.option(
 @click.option("--instances", is_flag=True,
               help="Write uint32 neuron instances (seeded watershed per slice, `segkit segment`) instead of "
                    "probabilities; --threshold sets the watershed's interior threshold.")
+@click.option("--class", "class_index", type=click.IntRange(min=0), default=None,
+              help="Models of several classes (semantic or instance labels): write only this class's probability "
+                   "(or, with --threshold, its mask). Default for them: every class's probability as a channel axis "
+                   "(CZYX), or objects for models trained on instance labels.")
+@click.option("--argmax", is_flag=True, help="Models of several classes: write the most probable class (uint8 0..K-1).")
 @click.option("--scheduler", default=None,
               help="Run on this Dask cluster (tcp://host:8786); the output must be an .ome.zarr store.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -251,7 +258,7 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
             denoiser_path: Path | None, tile: str | None, compile_model: bool, blend: str, halo: int | None,
             batch: int | None, device: str,
             amp: str, output_type: str, threshold: str | None, normalize: str, tta: str, instances: bool,
-            scheduler: str | None, workers: int | None, chunk: int, resume: bool, compression: str,
+            class_index: int | None, argmax: bool, scheduler: str | None, workers: int | None, chunk: int, resume: bool, compression: str,
             overwrite: bool, skip_existing: bool, quiet: bool) -> None:
     """Predict membrane probabilities of SOURCES: a TIFF stack, a folder or quoted glob of 2D TIFFs
     (read as one stack), or many files into an output folder (one output each).
@@ -268,6 +275,8 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
       segkit predict noisy.tif --denoise runs/denoise_em/best.safetensors -o membranes.tif
       segkit predict big.tif -o big.ome.zarr --workers 4          # Dask, OME-Zarr, resumable
       segkit predict big.tif -o big.ome.zarr --scheduler tcp://host:8786 --resume
+      segkit predict nuclei/ -o labels/ -m runs/nuclei_bbbc039/best.safetensors   # objects, one file each
+      segkit predict sem.tif -m runs/axon_myelin_sem/best.safetensors --argmax -o classes.tif
     """
     from segkit.inference.api import predict as run_prediction
 
@@ -275,7 +284,8 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
         result = run_prediction(
             sources, output, model=model_path, engine=engine, denoise=denoiser_path, tile=_tile_option(tile), batch=batch,
             device=device, amp=amp, compile_model=compile_model, blend=blend, halo=halo, output_type=output_type,
-            threshold=threshold, normalize=normalize, tta=tta, instances=instances, compression=compression,
+            threshold=threshold, normalize=normalize, tta=tta, instances=instances, class_index=class_index,
+            argmax=argmax, compression=compression,
             workers=workers, scheduler=scheduler, chunk=chunk, resume=resume, overwrite=overwrite,
             skip_existing=skip_existing, report=_cli_echo(err=True), progress=bar)
     _print_result(result)
@@ -304,7 +314,7 @@ def _tile_option(text: str | None) -> int | str | None:
         raise SegkitError(f"--tile {text!r} must be a whole number of pixels or 'auto'") from None
 
 
-def _watershed_params(inference: dict[str, Any], threshold: str | None, **overrides: Any) -> Any:
+def _watershed_params(inference: Any, threshold: str | None, **overrides: Any) -> Any:
     """The checkpoint's watershed defaults (`evaluate --write-defaults`), then the command line's."""
     from segkit.inference.api import output_spec
 
@@ -457,7 +467,7 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     """
     from tqdm import tqdm
 
-    from segkit.checkpoint import read_info
+    from segkit.checkpoint import InferenceDefaults, read_info
     from segkit.inference.api import default_output
     from segkit.instances import segment_stack
     from segkit.io.outputs import check_output
@@ -465,7 +475,7 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
 
     output = output or default_output(source, "instances")
     check_output(output, kind="tiff", inputs=[source], overwrite=overwrite, report=_cli_echo(err=True))
-    inference = read_info(model_path).inference if model_path is not None else {}
+    inference = read_info(model_path).inference if model_path is not None else InferenceDefaults()
     if threshold == "auto" and model_path is None:
         raise SegkitError("--threshold auto takes the checkpoint's threshold; pass -m CHECKPOINT")
     params = _watershed_params(inference, threshold, seed_distance=seed_distance, min_seed_size=min_seed_size,
@@ -527,8 +537,17 @@ def _parse_slices(text: str | None) -> tuple[int, int] | None:
 @click.option("--write-defaults", "write_defaults", type=click.Path(path_type=Path), default=None,
               help="Store the best sweep setting in this checkpoint's inference defaults (needs --sweep and "
                    "--slices on the recipe's validation slices).")
+@click.option("--labels-kind", type=click.Choice(["membrane", "semantic", "instances"]), default="membrane",
+              show_default=True,
+              help="What LABELS hold: ISBI membrane labels; semantic classes 0..K-1 (PREDICTION: a class map, "
+                   "e.g. predict --argmax; needs --classes); or object ids, 0 = background (PREDICTION: object "
+                   "labels; matched precision/recall/F1 and AP at IoU 0.5-0.95).")
+@click.option("--classes", type=click.IntRange(min=2), default=None, help="--labels-kind semantic: K.")
+@click.option("--ignore", "ignore_index", type=int, default=None,
+              help="--labels-kind semantic: a label value left out of the scores.")
 def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices: str | None, json_path: Path | None,
-             instances: bool, watershed: bool, write_defaults: Path | None) -> None:
+             instances: bool, watershed: bool, write_defaults: Path | None, labels_kind: str, classes: int | None,
+             ignore_index: int | None) -> None:
     """Score a membrane PREDICTION against ISBI-style LABELS (0 = membrane, >0 = cell).
 
     Reports pixel error, adapted Rand error and variation of information (split + merge) of the
@@ -541,11 +560,17 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
       segkit evaluate neurons.tif train-labels.tif --slices 25:30 --instances
       segkit evaluate val_membranes.tif train-labels.tif --slices 20:25 --sweep --watershed \\
           --write-defaults runs/em_neurons/best.safetensors
+      segkit evaluate nuclei_labels.tif true_labels.tif --labels-kind instances
+      segkit evaluate classes.tif axon_myelin_labels.tif --labels-kind semantic --classes 3
     """
     from segkit.evaluation import evaluate_instances, evaluate_stacks, evaluate_watershed, sweep_watershed
 
     chosen = _parse_slices(slices)
     _check_json_output(json_path, prediction, labels)
+    if labels_kind != "membrane":
+        _evaluate_kind(prediction, labels, labels_kind, classes=classes, ignore=ignore_index, slices=chosen,
+                       json_path=json_path, other=instances or watershed or sweep or write_defaults is not None)
+        return
     if write_defaults is not None and not (sweep and chosen):
         raise SegkitError("--write-defaults stores the best setting of a sweep: add --sweep and --slices (validation)")
     if instances and (sweep or watershed):
@@ -577,6 +602,36 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
         click.echo(format_scores(best["scores"], f"best threshold {best['threshold']} (by adapted Rand error)"))
         if write_defaults is not None:
             _store_defaults(write_defaults, {"threshold": best["threshold"]}, chosen)
+    if json_path is not None:
+        _write_json(json_path, report)
+
+
+def _evaluate_kind(prediction: str, labels: str, kind: str, *, classes: int | None, ignore: int | None,
+                   slices: tuple[int, int] | None, json_path: Path | None, other: bool) -> None:
+    """`segkit evaluate --labels-kind semantic|instances`: per-class Dice/IoU, or matched instances."""
+    from segkit.evaluation import evaluate_matched_instances, evaluate_semantic
+
+    if other:
+        raise SegkitError(f"--labels-kind {kind} scores a finished class map or object labels; --instances, "
+                          "--watershed, --sweep and --write-defaults apply to membrane probabilities")
+    if kind == "semantic":
+        if classes is None:
+            raise SegkitError("--labels-kind semantic needs --classes K (labels hold 0..K-1)")
+        report = evaluate_semantic(prediction, labels, classes=classes, ignore=ignore, slices=slices)
+    else:
+        report = evaluate_matched_instances(prediction, labels, slices=slices)
+    if json_path is not None and str(json_path) == "-":
+        click.echo(json.dumps(report, indent=1))
+        return
+    scores = report["scores"]
+    if kind == "semantic":
+        per_class = "  ".join(f"{k}: Dice {scores[f'dice_{k}']:.4f} IoU {scores[f'iou_{k}']:.4f}" for k in range(classes))
+        click.echo(f"{report['slices']} slices: mean Dice {scores['dice_mean']:.4f}  mean IoU {scores['iou_mean']:.4f}"
+                   f"\n{per_class}")
+    else:
+        click.echo(f"{report['slices']} slices: F1@0.5 {scores['f1@0.5']:.4f}  AP@0.5 {scores['ap@0.5']:.4f}  "
+                   f"mean AP@0.5:0.95 {scores['map']:.4f}  precision@0.5 {scores['precision@0.5']:.4f}  "
+                   f"recall@0.5 {scores['recall@0.5']:.4f}  (per-image means)")
     if json_path is not None:
         _write_json(json_path, report)
 

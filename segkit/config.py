@@ -40,9 +40,28 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
         "train_slices": ((list,), [0, 20]),
         "val_slices": ((list,), [20, 25]),
         "test_slices": ((list,), [25, 30]),
+        # images chosen by name instead of by slice range: a split file in data.root (train.txt: one
+        # name per line), a glob of file names, or a list of names; null: the *_slices ranges apply
+        "train_files": ((str, list, type(None)), None),
+        "val_files": ((str, list, type(None)), None),
+        "test_files": ((str, list, type(None)), None),
+        # membrane: ISBI labels (0 = membrane, > 0 = cell); semantic: classes 0..K-1; instances: object ids
+        # (0 = background), trained as background / interior / boundary
+        "labels_kind": ((str,), "membrane"),
+        "classes": ((int, type(None)), None),  # semantic only: K
+        "class_names": ((list, type(None)), None),
+        "ignore_index": ((int, type(None)), None),  # semantic only: a label value left out of loss and scores
+        "boundary_width": ((int,), 2),  # instances only: px of each object's rim trained as boundary
+        "channels": ((int, type(None)), None),  # input channels; null: what the images hold
+        # meanstd: global per-channel mean/std of the training images (EM); percentile: each image scaled
+        # so its low/high percentiles map to 0/1 (fluorescence, as CSBDeep and StarDist do)
+        "normalization": ((str,), "meanstd"),
+        "percentiles": ((list,), [1.0, 99.8]),
+        "pixel_size": (_NUM + (type(None),), None),  # micrometres per pixel every image is rescaled to
         "tile": ((int,), 572),
     },
     "augment": {
+        "on_device": ((bool,), False),
         "elastic": ((bool,), True),
         "elastic_alpha": (_NUM, 34.0),
         "elastic_sigma": (_NUM, 4.0),
@@ -71,6 +90,9 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
         "workers": ((int,), 0),
         "out": ((str,), "runs/em_neurons"),
         "val_batch": ((int,), 4),
+        # tile for validation and the checkpoint's prediction default; null: data.tile. Larger tiles
+        # predict whole images faster (less context recomputed), so small training tiles can use one
+        "val_tile": ((int, type(None)), None),
         "val_threshold": (_NUM, 0.5),
         "time_limit_min": (_NUM + (type(None),), None),
     },
@@ -130,10 +152,13 @@ CHOICES = {
     "train.mode": ("supervised", "blind_spot"),
     "train.loss": ("mse", "l1"),
     "corruption.noise": ("none", "gaussian", "poisson_gaussian", "masking", "salt_pepper"),
+    "data.labels_kind": ("membrane", "semantic", "instances"),
+    "data.normalization": ("meanstd", "percentile"),
 }
 POSITIVE = {"data.tile", "train.epochs", "train.iters_per_epoch", "train.batch", "train.val_batch", "train.lr",
             "corruption.gain", "train.blind_spot_fraction", "train.blind_spot_radius", "loss.border_sigma",
-            "augment.elastic_sigma", "train.time_limit_min"}
+            "augment.elastic_sigma", "train.time_limit_min", "data.boundary_width", "data.channels", "train.val_tile",
+            "data.pixel_size"}
 NON_NEGATIVE = {"train.workers", "train.seed", "train.weight_decay", "loss.border_w0", "loss.dice_weight",
                 "augment.elastic_alpha", "corruption.sigma"}
 #: Bounded settings: path -> (low, high, low excluded, high excluded).
@@ -215,14 +240,47 @@ def validate_recipe(raw: Any, schema: dict[str, dict[str, Leaf]] = SCHEMA) -> di
         _check_range(f"data.{name}", recipe["data"][name])
     # a segmenter's splits are disjoint; a denoiser learns from raw slices alone (no labels to leak,
     # Noise2Void trains on the whole stack), so its ranges may overlap
-    for i, first in enumerate(names if schema is SCHEMA else ()):
-        for second in names[i + 1:]:
+    by_range = [n for n in names if recipe["data"].get(n.replace("_slices", "_files")) is None]
+    for i, first in enumerate(by_range if schema is SCHEMA else ()):
+        for second in by_range[i + 1:]:
             (a, b), (c, d) = recipe["data"][first], recipe["data"][second]
             if max(a, c) < min(b, d):
                 raise ConfigError(
                     f"data.{first} {[a, b]} and data.{second} {[c, d]} overlap (slices {max(a, c)}-{min(b, d) - 1}): "
                     "held-out slices must not be trained or validated on; give them separate [start, stop) ranges")
+    if schema is SCHEMA:
+        _check_data_kinds(recipe["data"])
     return recipe
+
+
+def _check_data_kinds(data: dict[str, Any]) -> None:
+    """The label kind's settings agree: semantic recipes name their classes, the others have fixed ones."""
+    kind, classes, names = data["labels_kind"], data["classes"], data["class_names"]
+    fixed = {"membrane": 2, "instances": 3}
+    if kind == "semantic":
+        if classes is None or classes < 2:
+            raise ConfigError(f"data.classes: labels_kind semantic needs the number of classes K >= 2 (labels hold "
+                              f"0..K-1), got {short(classes)}; e.g. data.classes=3")
+    elif classes is not None and classes != fixed[kind]:
+        raise ConfigError(f"data.classes: labels_kind {kind} trains {fixed[kind]} classes, got {classes}; leave "
+                          "data.classes out (it is for labels_kind semantic)")
+    count = classes if kind == "semantic" else fixed[kind]
+    if names is not None and (len(names) != count or not all(isinstance(n, str) and n for n in names)):
+        raise ConfigError(f"data.class_names: expected {count} names for the {count} classes, got {short(names)}")
+    if data["ignore_index"] is not None and kind != "semantic":
+        raise ConfigError("data.ignore_index applies to labels_kind semantic only; leave it out")
+    low_high = data["percentiles"]
+    if (len(low_high) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in low_high)
+            or not 0 <= low_high[0] < low_high[1] <= 100):
+        raise ConfigError(f"data.percentiles: expected [low, high] with 0 <= low < high <= 100, e.g. [1, 99.8], "
+                          f"got {short(low_high)}")
+    for split in ("train", "val", "test"):
+        files = data[f"{split}_files"]
+        if isinstance(files, list) and not all(isinstance(n, str) and n for n in files):
+            raise ConfigError(f"data.{split}_files: expected a list of image names, got {short(files)}")
+        if isinstance(files, (list, str)) and not files:
+            raise ConfigError(f"data.{split}_files: is empty; name a split file (e.g. {split}.txt), a glob or a list "
+                              f"of image names, or leave it out to use data.{split}_slices")
 
 
 def _check_number(path: str, value: int | float) -> None:

@@ -59,13 +59,13 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
     output_dir.mkdir(parents=True, exist_ok=True)
 
     info = read_info(DEMO_MODEL)
-    threshold = float(info.inference.get("threshold", 0.5))
+    threshold = float(info.inference.threshold if info.inference.threshold is not None else 0.5)
     echo(f"predicting {SAMPLE_RAW.name} (ISBI 2012 slices 25-29) with the bundled U-Net")
     predict(SAMPLE_RAW, prediction, model=DEMO_MODEL, device=device, batch=4, overwrite=True, report=echo)
     echo(f"membrane threshold {threshold} (the bundled model's, chosen on validation slices 20-24)")
     report = evaluate_stacks(str(prediction), str(SAMPLE_LABELS), threshold=threshold)
     # neuron instances with the watershed settings chosen on validation slices 20-24
-    params = WatershedParams.from_dict(info.inference.get("watershed") or {})
+    params = WatershedParams.from_dict(info.inference.watershed or {})
     segment_stack(str(prediction), instances, params, overwrite=True)
     report["instances"] = {"watershed": params.to_dict(),
                            "scores": evaluate_instances(str(instances), str(SAMPLE_LABELS))["scores"]}

@@ -184,3 +184,65 @@ def _watershed_table(prediction: str, labels: str, slices: tuple[int, int] | Non
             for params in grid:
                 rows[params].append(_instance_scores(true_cells, watershed_slice(probability, params)))
     return [{"params": params.to_dict(), "scores": mean_rows(rows[params])} for params in grid], len(rows[grid[0]])
+
+
+def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: int | None = None,
+                      slices: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Per-class Dice and IoU of a stack of class maps (integer class per pixel, e.g. an argmax output)
+    against a stack of class labels, averaged over slices (NaN-aware: a class absent from a slice is skipped)."""
+    from segkit.metrics import class_scores, mean_class_rows
+
+    if classes < 2:
+        raise InputError(f"classes={classes!r} must be at least 2 (background and one class)")
+    rows = []
+    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
+        _check_labels(label_stack, labels)
+        if pred_stack.dtype.kind not in "iu":
+            raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like probabilities, not a "
+                             f"class map; pass integer class maps (values 0..{classes - 1}, uint8/uint16)")
+        for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
+            pred = pred_stack.plane(pred_index)
+            if pred.size and int(pred.max()) >= classes:
+                raise InputError(f"{prediction}: slice {pred_index} holds the value {int(pred.max())}, so it is not a "
+                                 f"class map of {classes} classes (values 0..{classes - 1}); pass the class map "
+                                 "(argmax) output, or the right number of classes")
+            try:
+                rows.append(class_scores(pred, label_stack.plane(label_index), classes, ignore=ignore))
+            except InputError as error:
+                raise InputError(f"{labels}: slice {label_index}: {error}") from error
+    return {"prediction": prediction, "labels": labels, "slices": len(rows), "scores": mean_class_rows(rows),
+            "per_slice": rows}
+
+
+def evaluate_matched_instances(prediction: str, labels: str, /, *,
+                               slices: tuple[int, int] | None = None) -> dict[str, Any]:
+    """DSB 2018 / StarDist object matching scores (precision, recall, F1, AP at IoU 0.5..0.95, mAP) of an
+    instance label stack against instance labels; both 0 = background and one id per object (not the
+    ISBI membrane convention). Scores are per-slice means."""
+    from segkit.metrics import instance_scores, mean_instance_rows
+
+    rows = []
+    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
+        _check_labels(label_stack, labels)
+        if pred_stack.dtype.kind not in "iu":
+            raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like probabilities, "
+                             "not instance labels (0 = background, one id per object); run `segkit segment` on it "
+                             "first (labels of your own: save them as uint16/uint32)")
+        for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
+            pred, truth = pred_stack.plane(pred_index), label_stack.plane(label_index)
+            # Labels are constant inside each object; an 8/16-bit probability map changes from pixel to pixel.
+            if label_constancy(pred) < LABEL_MIN_EQUAL_NEIGHBOURS:
+                raise InputError(f"{prediction} holds {pred_stack.dtype} values that change from pixel to pixel "
+                                 f"inside objects (slice {pred_index}), which look like probabilities, not instance "
+                                 "labels (0 = background, one id per object); run `segkit segment` on it first "
+                                 "(labels of your own: save them as uint16/uint32)")
+            if label_constancy(truth) < LABEL_MIN_EQUAL_NEIGHBOURS:
+                raise InputError(f"{labels} does not look like instance labels: slice {label_index} changes from "
+                                 "pixel to pixel inside objects; were the prediction and the labels swapped? pass "
+                                 "the prediction first, the labels second")
+            try:
+                rows.append(instance_scores(truth, pred))
+            except InputError as error:
+                raise InputError(f"slice {label_index} of {labels} vs slice {pred_index} of {prediction}: {error}") from error
+    return {"prediction": prediction, "labels": labels, "slices": len(rows), "scores": mean_instance_rows(rows),
+            "per_slice": rows}

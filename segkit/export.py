@@ -1,8 +1,9 @@
 """ONNX export of a segkit model, checked against torch before anything is written.
 
-The graph takes a float32 batch (N, 1, H, W), normalised as the checkpoint says, and returns
-float32 (N, 1, h, w): the membrane probability of a segmenter (softmax inside the graph) or the
-denoised intensities of a denoiser. With `fp16`, the fp32 graph is converted by ONNX Runtime's
+The graph takes a float32 batch (N, C, H, W), normalised as the checkpoint says, and returns
+float32 (N, 1, h, w): the membrane probability of a segmenter (softmax inside the graph), (N, K, h, w)
+class probabilities of a model trained on semantic or instance labels, or the denoised intensities
+of a denoiser. With `fp16`, the fp32 graph is converted by ONNX Runtime's
 float16 tool: weights and activations become float16, input and output stay float32 (cast in
 the graph), so engines feed it the same arrays. (Tracing a half-precision model instead would
 run it through torch's fp16 CPU kernels, which are minutes per tile and numerically unreliable.)
@@ -76,8 +77,9 @@ class ExportRecord:
             raise CheckpointError(f"{source}: malformed segkit export record: {exc}") from exc
 
 
-def _inference_head(model: Any, *, output: str) -> Any:
-    """The module that is traced: float32 in, float32 probability or intensity out."""
+def _inference_head(model: Any, *, output: str, all_classes: bool = False) -> Any:
+    """The module that is traced: float32 in, float32 probability (of class 1, or of every class for
+    models of K classes) or intensity out."""
     import torch
 
     class InferenceHead(torch.nn.Module):
@@ -88,13 +90,13 @@ def _inference_head(model: Any, *, output: str) -> Any:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.model(x)
             if output == "probability":
-                return torch.softmax(y, dim=1)[:, 1:2]
+                return torch.softmax(y, dim=1) if all_classes else torch.softmax(y, dim=1)[:, 1:2]
             return y
 
     return InferenceHead().eval()
 
 
-def _trace(head: Any, *, tile: int, opset: int, fixed_tile: bool, output: str) -> bytes:
+def _trace(head: Any, *, tile: int, opset: int, fixed_tile: bool, output: str, channels: int = 1) -> bytes:
     import torch
 
     axes = {0: "batch"} if fixed_tile else {0: "batch", 2: "height", 3: "width"}
@@ -103,7 +105,7 @@ def _trace(head: Any, *, tile: int, opset: int, fixed_tile: bool, output: str) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
         with torch.no_grad():
-            torch.onnx.export(head, (torch.zeros(1, 1, tile, tile),), buffer, dynamo=False, opset_version=opset,
+            torch.onnx.export(head, (torch.zeros(1, channels, tile, tile),), buffer, dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[output],
                               dynamic_axes={INPUT_NAME: axes, output: out_axes}, do_constant_folding=True)
     return buffer.getvalue()
@@ -116,22 +118,30 @@ def parity_inputs(info: CheckpointInfo, tile: int, *, fixed_tile: bool) -> dict[
 
     rng = np.random.default_rng(0)
     raw = tifffile.imread(Path(__file__).parent / "data" / "isbi_test_raw.tif")[0].astype(np.float32)
-    if info.inference.get("input_dtype") in (None, "uint8"):
+    norm = info.normalization
+    if info.inference.input_dtype in (None, "uint8") and norm.channels is None and norm.percentiles is None:
         real = info.normalization.apply(raw)
-    else:  # the model was trained on other units: the crop's own statistics
+    else:  # the model was trained on other units, channels or a percentile rule: the crop's own statistics
         real = (raw - raw.mean()) / raw.std()
     reps = -(-tile // min(real.shape))
     if reps > 1:
         real = np.pad(real, [(0, real.shape[0] * (reps - 1)), (0, real.shape[1] * (reps - 1))], mode="symmetric")
+    channels = input_channels(info)
     inputs = {
-        "random": rng.standard_normal((2, 1, tile, tile), dtype=np.float32),
-        "real": np.ascontiguousarray(real[None, None, :tile, :tile]),
+        "random": rng.standard_normal((2, channels, tile, tile), dtype=np.float32),
+        "real": np.ascontiguousarray(np.repeat(real[None, None, :tile, :tile], channels, axis=1)),
     }
     if not fixed_tile:
         geometry = info.geometry
         other = tile - geometry.step if geometry.is_valid_input(tile - geometry.step) else tile + geometry.step
-        inputs[f"random_{other}px"] = rng.standard_normal((1, 1, other, other), dtype=np.float32)
+        inputs[f"random_{other}px"] = rng.standard_normal((1, channels, other, other), dtype=np.float32)
     return inputs
+
+
+def input_channels(info: CheckpointInfo) -> int:
+    """The model's input channels (its record's in_channels; a denoiser pre-stage's for composed models)."""
+    kwargs = info.model_kwargs.get("denoiser", {}).get("kwargs", info.model_kwargs)
+    return int(kwargs.get("in_channels") or 1)
 
 
 def check_parity(onnx_bytes: bytes, reference: Any, inputs: dict[str, np.ndarray], *, fp16: bool) -> dict[str, float]:
@@ -193,8 +203,11 @@ def export_onnx(model: Any, info: CheckpointInfo, /, *, tile: int, fp16: bool = 
         raise ExportError(f"opset={opset!r} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1} (17 is tested)")
     info.geometry.check_tile(tile)
     output = "intensity" if info.kind == "denoiser" else "probability"
-    head = _inference_head(model.cpu().float().eval(), output=output)
-    proto = onnx.load_from_string(_trace(head, tile=tile, opset=opset, fixed_tile=fixed_tile, output=output))
+    all_classes = info.kind == "segmenter" and info.inference.labels_kind != "membrane"
+    channels = input_channels(info)
+    head = _inference_head(model.cpu().float().eval(), output=output, all_classes=all_classes)
+    proto = onnx.load_from_string(_trace(head, tile=tile, opset=opset, fixed_tile=fixed_tile, output=output,
+                                         channels=channels))
     if fp16:
         proto = to_float16(proto)
     onnx_bytes = proto.SerializeToString()
@@ -206,7 +219,8 @@ def export_onnx(model: Any, info: CheckpointInfo, /, *, tile: int, fp16: bool = 
     record = ExportRecord(tile=tile, precision="fp16" if fp16 else "fp32",
                           spatial="fixed" if fixed_tile else "dynamic", output=output, opset=opset, parity=parity)
     proto.producer_name = "segkit"
-    proto.doc_string = f"segkit {info.model} ({info.kind}); input {INPUT_NAME} N x 1 x H x W float32, normalised"
+    proto.doc_string = (f"segkit {info.model} ({info.kind}); input {INPUT_NAME} N x {channels} x H x W float32, "
+                        "normalised")
     for key, value in (("segkit", info.to_json()), ("segkit_export", record.to_json())):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

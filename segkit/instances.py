@@ -19,8 +19,20 @@ import numpy as np
 from segkit.errors import InputError, SegkitError
 
 
+class _Settings:
+    """to_dict / from_dict for the frozen settings dataclasses below (unknown keys are ignored)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass(frozen=True)
-class WatershedParams:
+class WatershedParams(_Settings):
     """threshold: probability below which a pixel is interior (seeds come from the interior);
     seed_distance: px a seed pixel keeps from predicted membrane; min_seed_size: px of the
     smallest seed; min_size: segments smaller than this (px) are merged into neighbours."""
@@ -35,14 +47,6 @@ class WatershedParams:
             raise SegkitError(f"watershed threshold {self.threshold} must be between 0 and 1")
         if self.seed_distance < 0 or self.min_seed_size < 1 or self.min_size < 0:
             raise SegkitError(f"watershed parameters must be >= 0 (seed size >= 1): {self}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "WatershedParams":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def watershed_slice(probability: np.ndarray, params: WatershedParams = WatershedParams()) -> np.ndarray:
@@ -70,6 +74,79 @@ def watershed_slice(probability: np.ndarray, params: WatershedParams = Watershed
             labels[small[labels]] = 0
             labels = watershed(probability, markers=labels)  # the large segments flood the freed pixels
     return relabel_sequential(labels)[0].astype(np.uint32)
+
+
+@dataclass(frozen=True)
+class ObjectParams(_Settings):
+    """Seeded watershed for objects on a background (nuclei) from background / interior / boundary
+    probabilities. seed_threshold: interior probability a seed pixel needs; seed_distance: px a seed
+    pixel keeps from pixels below it; foreground_threshold: background probability below which a pixel
+    belongs to an object; min_seed_size / min_size: px of the smallest seed / object (smaller objects
+    are dropped, or merged into a touching neighbour)."""
+
+    seed_threshold: float = 0.5
+    seed_distance: float = 1.0
+    foreground_threshold: float = 0.5
+    min_seed_size: int = 4
+    min_size: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("seed_threshold", "foreground_threshold"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise SegkitError(f"watershed {name} {getattr(self, name)} must be between 0 and 1")
+        if self.seed_distance < 0 or self.min_seed_size < 1 or self.min_size < 0:
+            raise SegkitError(f"watershed parameters must be >= 0 (seed size >= 1): {self}")
+
+
+def object_watershed(probabilities: np.ndarray, params: ObjectParams = ObjectParams()) -> np.ndarray:
+    """uint32 object labels (0 = background) of a (3, H, W) background / interior / boundary probability
+    map: seeds are the cores of confident interior, grown by a watershed over the interior
+    probability (downhill from each core) within the foreground, so touching objects part along the
+    predicted boundary between them."""
+    from scipy import ndimage
+    from skimage.measure import label
+    from skimage.segmentation import relabel_sequential, watershed
+
+    if probabilities.ndim != 3 or probabilities.shape[0] != 3:
+        raise InputError(f"expected (3, H, W) background/interior/boundary probabilities, got {probabilities.shape}")
+    interior = probabilities[1]
+    foreground = probabilities[0] < params.foreground_threshold
+    core = interior >= params.seed_threshold
+    if params.seed_distance > 0:
+        core = ndimage.distance_transform_edt(core) > params.seed_distance
+    seeds = label(core & foreground, connectivity=1)
+    too_small = np.bincount(seeds.ravel()) < params.min_seed_size
+    too_small[0] = False
+    seeds[too_small[seeds]] = 0
+    if not seeds.any():
+        return np.zeros(interior.shape, np.uint32)
+    labels = watershed(-interior, markers=seeds, mask=foreground)
+    if params.min_size > 0:
+        sizes = np.bincount(labels.ravel())
+        small = sizes < params.min_size
+        small[0] = False
+        if small.any():
+            labels[small[labels]] = 0
+    return relabel_sequential(labels)[0].astype(np.uint32)
+
+
+@dataclass(frozen=True)
+class ObjectOutput:
+    """Output spec for models trained on instance labels: the (3, H, W) probabilities come back to the
+    host as float32 and become uint32 object labels there (`object_watershed`)."""
+
+    params: ObjectParams = ObjectParams()
+    channels: int = 1
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint32)
+
+    def encode(self, values: Any) -> Any:
+        return values.float()
+
+    def finish(self, probabilities: np.ndarray) -> np.ndarray:
+        return object_watershed(probabilities, self.params)
 
 
 def check_probability_stack(dtype: np.dtype, source: str) -> None:

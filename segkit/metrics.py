@@ -133,3 +133,136 @@ def to_probability(plane: np.ndarray) -> np.ndarray:
     if plane.dtype == np.uint16:
         return plane.astype(np.float32) / 65535.0
     raise InputError(f"prediction dtype {plane.dtype} is not a probability map; use uint8, uint16 or float")
+
+
+# -- semantic classes -----------------------------------------------------------------------------
+
+
+def _value_list(values: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(v) for v in values[:limit].tolist())
+    return f"[{shown}, ... ({len(values)} values)]" if len(values) > limit else f"[{shown}]"
+
+
+def class_scores(pred: np.ndarray, truth: np.ndarray, classes: int, *, ignore: int | None = None) -> dict[str, float]:
+    """Per-class Dice and IoU of two 2D class maps (values 0..classes-1), from one confusion matrix.
+
+    Pixels where truth == `ignore` are left out. Keys `dice_<k>`, `iou_<k>` per class and `dice_mean`,
+    `iou_mean` over the classes present in truth or prediction; a class absent from both is NaN (it is
+    neither right nor wrong here) and left out of the means, so images can be averaged with `mean_class_rows`.
+    """
+    if pred.shape != truth.shape:
+        raise InputError(f"class maps differ in shape: prediction {pred.shape} vs truth {truth.shape}")
+    if classes < 1:
+        raise InputError(f"classes={classes!r} must be at least 1")
+    for name, values in (("prediction", pred), ("truth", truth)):
+        if values.dtype.kind not in "iub":
+            raise InputError(f"{name} holds {values.dtype} values, not integer class indices; pass class maps")
+    keep = truth != ignore if ignore is not None else np.ones(truth.shape, bool)
+    truth_kept, pred_kept = truth[keep].astype(np.int64), pred[keep].astype(np.int64)
+    bad = np.unique(truth_kept[(truth_kept < 0) | (truth_kept >= classes)])
+    if bad.size:
+        raise InputError(f"truth holds values {_value_list(bad)} outside the classes 0..{classes - 1}; raise "
+                         f"classes to cover them, or pass ignore=VALUE for unlabelled pixels")
+    bad = np.unique(pred_kept[(pred_kept < 0) | (pred_kept >= classes)])
+    if bad.size:
+        raise InputError(f"prediction holds values {_value_list(bad)} outside the classes 0..{classes - 1}; "
+                         f"it is not a class map of {classes} classes")
+    confusion = np.bincount(truth_kept * classes + pred_kept, minlength=classes * classes).reshape(classes, classes)
+    tp = np.diag(confusion).astype(np.float64)
+    fp = confusion.sum(axis=0) - tp
+    fn = confusion.sum(axis=1) - tp
+    present = (tp + fp + fn) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(present, 2 * tp / (2 * tp + fp + fn), np.nan)
+        iou = np.where(present, tp / (tp + fp + fn), np.nan)
+    scores = {f"dice_{k}": float(dice[k]) for k in range(classes)}
+    scores |= {f"iou_{k}": float(iou[k]) for k in range(classes)}
+    scores["dice_mean"] = float(dice[present].mean()) if present.any() else float("nan")
+    scores["iou_mean"] = float(iou[present].mean()) if present.any() else float("nan")
+    return scores
+
+
+def mean_class_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per-image class scores averaged key by key, skipping NaN (a class absent from an image);
+    a key that is NaN in every image stays NaN."""
+    if not rows:
+        raise InputError("no slices to score")
+    table = np.array([[row[key] for key in rows[0]] for row in rows], dtype=np.float64)
+    seen = ~np.isnan(table)
+    counts = seen.sum(axis=0)
+    sums = np.where(seen, table, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / counts, np.nan)
+    return {key: float(value) for key, value in zip(rows[0], means)}
+
+
+# -- matched instances (nuclei) --------------------------------------------------------------------
+
+#: IoU thresholds of the 2018 Data Science Bowl and StarDist's evaluation: 0.5, 0.55, ..., 0.95.
+IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+
+
+def _check_instance_image(values: np.ndarray, name: str) -> None:
+    if values.dtype.kind not in "iub":
+        raise InputError(f"{name} holds {values.dtype} values, not instance labels (0 = background, one "
+                         "integer id per object)")
+    if values.dtype.kind == "i" and values.size and values.min() < 0:
+        raise InputError(f"{name} holds negative values; instance labels are 0 (background) or a positive id")
+
+
+def instance_scores(truth: np.ndarray, pred: np.ndarray,
+                    thresholds: tuple[float, ...] = IOU_THRESHOLDS) -> dict[str, float]:
+    """Object matching scores of two 2D instance label images (0 = background, any other value one object).
+
+    As in the 2018 Data Science Bowl and StarDist: a true and a predicted object match when their IoU is
+    >= the threshold (`>=`, as StarDist), one to one. Per threshold t: `precision@t` = tp/(tp+fp),
+    `recall@t` = tp/(tp+fn), `f1@t` = 2tp/(2tp+fp+fn), `ap@t` = tp/(tp+fp+fn) (the DSB's "average
+    precision"); `map` and `f1_mean` average them over the thresholds; `n_true`, `n_pred` count objects.
+    An image without objects in truth and prediction scores 1.0 everywhere (nothing to find, nothing
+    wrong); a precision or recall whose denominator is 0 while the other image has objects is 0.0.
+    """
+    if truth.shape != pred.shape:
+        raise InputError(f"label images differ in shape: truth {truth.shape} vs prediction {pred.shape}")
+    _check_instance_image(truth, "truth")
+    _check_instance_image(pred, "prediction")
+    thresholds = tuple(float(t) for t in thresholds)
+    if not thresholds or not all(0.5 <= t <= 1.0 for t in thresholds):
+        raise InputError(f"IoU thresholds {thresholds} must lie in [0.5, 1]: below 0.5 one object can "
+                         "match several and the counts would need an assignment solver")
+    # Contingency table from the paired ids (compact indices, so any id range fits in int64).
+    true_ids, true_index = np.unique(truth.ravel(), return_inverse=True)
+    pred_ids, pred_index = np.unique(pred.ravel(), return_inverse=True)
+    true_area, pred_area = np.bincount(true_index), np.bincount(pred_index)
+    both = (truth.ravel() != 0) & (pred.ravel() != 0)
+    pairs, intersection = np.unique(true_index[both].astype(np.int64) * len(pred_ids) + pred_index[both],
+                                    return_counts=True)
+    true_of_pair, pred_of_pair = np.divmod(pairs, len(pred_ids))
+    iou = intersection / (true_area[true_of_pair] + pred_area[pred_of_pair] - intersection)
+    n_true, n_pred = int(np.count_nonzero(true_ids)), int(np.count_nonzero(pred_ids))
+    scores: dict[str, float] = {}
+    for t in thresholds:
+        hit = iou >= t
+        # For t >= 0.5 the pairs with IoU >= t form a forest (an object matches at most one other, or
+        # two that each cover exactly half of it at IoU 0.5), so the largest one-to-one matching has
+        # (objects in it) - (pairs) members: one per tree.
+        tp = len(np.unique(true_of_pair[hit])) + len(np.unique(pred_of_pair[hit])) - int(hit.sum())
+        fp, fn = n_pred - tp, n_true - tp
+        if n_true == n_pred == 0:
+            precision = recall = f1 = ap = 1.0
+        else:
+            precision = tp / n_pred if n_pred else 0.0
+            recall = tp / n_true if n_true else 0.0
+            f1 = 2 * tp / (2 * tp + fp + fn)
+            ap = tp / (tp + fp + fn)
+        key = f"{t:g}"
+        scores |= {f"precision@{key}": precision, f"recall@{key}": recall, f"f1@{key}": f1, f"ap@{key}": ap}
+    scores["map"] = float(np.mean([scores[f"ap@{t:g}"] for t in thresholds]))
+    scores["f1_mean"] = float(np.mean([scores[f"f1@{t:g}"] for t in thresholds]))
+    scores["n_true"], scores["n_pred"] = float(n_true), float(n_pred)
+    return scores
+
+
+def mean_instance_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per-image instance scores averaged over images key by key (the DSB / StarDist per-image mean;
+    `n_true`, `n_pred` become mean object counts per image)."""
+    return mean_rows(rows)

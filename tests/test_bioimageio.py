@@ -212,7 +212,7 @@ def test_segkit_runs_its_own_package_as_the_checkpoint(tmp_path, uint8_stack, ti
     from segkit.inference.packages import load_package
 
     engine = load_package(unet_package[0], weights=weights, device="cpu")
-    assert engine.geometry == read_info(tiny_checkpoint).geometry and engine.info.inference["input_dtype"] == "uint8"
+    assert engine.geometry == read_info(tiny_checkpoint).geometry and engine.info.inference.input_dtype == "uint8"
     assert abs(engine.info.normalization.mean - 120) < 1e-4 and abs(engine.info.normalization.std - 40) < 1e-4
     got = predict_float(uint8_stack, tmp_path / "package.tif", engine, tile=236)
     want = predict_float(uint8_stack, tmp_path / "checkpoint.tif", tiny_checkpoint, tile=236, device="cpu")

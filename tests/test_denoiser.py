@@ -51,7 +51,7 @@ def denoiser_and_segmenter(tmp_path):
 
 def test_tiled_denoise_plus_segment_equals_whole_plane(denoiser_and_segmenter):
     model, info = compose_with_denoiser(*denoiser_and_segmenter)
-    assert info.normalization == Normalization(110.0, 30.0) and info.inference["tile"] == 220 + 40
+    assert info.normalization == Normalization(110.0, 30.0) and info.inference.tile == 220 + 40
     engine = TorchEngine(model, device="cpu")
     plane = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 150, 133)).astype(np.float32))
     plan = plan_tiles((150, 133), info.geometry, tile=260)

@@ -35,7 +35,7 @@ def test_export_matches_torch_and_keeps_metadata(registered, tmp_path):
     name, kwargs = tiny(registered)
     model = randomize_zero_layers(create_model(name, **kwargs)).eval()
     info = tiny_info(name, kwargs, model, tile=model.geometry.min_input + 2 * model.geometry.step)
-    tile = info.inference["tile"]
+    tile = info.inference.tile
     onnx_bytes, record = export_onnx(model, info, tile=tile)
     print(f"{name}: {record.parity}")
     assert record.precision == "fp32" and record.spatial == "dynamic" and record.tile == tile

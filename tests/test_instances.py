@@ -130,12 +130,12 @@ def test_cli_segment_evaluate_instances_and_write_defaults(tmp_path, tiny_checkp
     assert_user_error(run("evaluate", prob, truth, "--write-defaults", checkpoint), "--sweep and --slices")
     result = run("evaluate", prob, truth, "--sweep", "--watershed", "--slices", "0:3", "--write-defaults", checkpoint)
     assert result.exit_code == 0, result.output
-    stored = read_info(checkpoint).inference["watershed"]
+    stored = read_info(checkpoint).inference.watershed
     assert stored == report_best(prob, truth)
     result = run("segment", prob, "-m", checkpoint, "-o", tmp_path / "auto.tif", "-q")
     assert result.exit_code == 0 and f"'threshold': {stored['threshold']}" in result.output
     result = run("evaluate", prob, truth, "--sweep", "--slices", "0:3", "--write-defaults", checkpoint)
-    assert result.exit_code == 0 and read_info(checkpoint).inference["threshold"] == pytest.approx(
+    assert result.exit_code == 0 and read_info(checkpoint).inference.threshold == pytest.approx(
         float(result.output.split("best threshold ")[1].split()[0]))
 
 

@@ -121,8 +121,8 @@ def test_messages_never_print_whole_values(tmp_path):
 
 # -- 11: labels of one class -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, what", [(255, "hold no membrane (no pixel is 0)"),
-                                         (0, "hold only membrane (every pixel is 0)")])
+@pytest.mark.parametrize("value, what", [(255, "hold only interior pixels"),
+                                         (0, "hold only membrane pixels")])
 def test_labels_of_one_class_are_refused_before_training(tmp_path, value, what):
     from segkit.training.loop import train
 

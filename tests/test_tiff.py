@@ -167,22 +167,23 @@ def test_truncated_tiff(tmp_path, compression):
 
 
 @pytest.mark.parametrize(
-    "make, message",
+    "make, message, labels",
     [
-        (lambda p: p.write_text("hello"), "not a readable TIFF"),
-        (lambda p: tifffile.imwrite(p, np.zeros((20, 20, 3), np.uint8), photometric="rgb"), "RGB"),
+        (lambda p: p.write_text("hello"), "not a readable TIFF", False),
+        # images may have channels (RGB, CYX, ZCYX: tests/test_tiff_channels.py); labels may not
+        (lambda p: tifffile.imwrite(p, np.zeros((20, 20, 3), np.uint8), photometric="rgb"), "RGB", True),
         (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 20, 20), np.uint8), imagej=True,
-                                    metadata={"axes": "ZCYX"}), "multi-channel"),
-        (lambda p: tifffile.imwrite(p, np.zeros((0, 10, 10), np.uint8)), "empty"),
-        (lambda p: tifffile.imwrite(p, np.zeros((5, 5), np.int32)), "dtype int32"),
+                                    metadata={"axes": "ZCYX"}), "multi-channel", True),
+        (lambda p: tifffile.imwrite(p, np.zeros((0, 10, 10), np.uint8)), "empty", False),
+        (lambda p: tifffile.imwrite(p, np.zeros((5, 5), np.int32)), "dtype int32", False),
     ],
 )
-def test_bad_inputs(tmp_path, make, message):
+def test_bad_inputs(tmp_path, make, message, labels):
     path = tmp_path / "bad.tif"
     with pytest.warns() if "empty" in message else _nothing():
         make(path)
     with pytest.raises(InputError, match=message):
-        open_stack(path)
+        open_stack(path, labels=labels)
 
 
 def test_missing_and_nan(tmp_path):

@@ -42,7 +42,7 @@ def test_patches_have_context_and_targets():
     membrane = [rng.random((60, 70)) < 0.3]
     slices = prepare_slices(raw, membrane, margin=92, min_size=20, class_weights=(1.0, 2.0), w0=10, sigma=5)
     image, target, weight = sample_patch(slices, rng, tile=204, out_tile=20, augment=None)
-    assert image.shape == (204, 204) and target.shape == (20, 20) and weight.shape == (20, 20)
+    assert image.shape == (1, 204, 204) and target.shape == (20, 20) and weight.shape == (20, 20)
     assert 0 <= image.min() and image.max() <= 1 and set(np.unique(target)) <= {0, 1}
 
 
@@ -59,7 +59,7 @@ def test_training_lowers_the_loss():
     slices = prepare_slices(raw, membrane, margin=92, min_size=52, class_weights=(0.6, 2.3), w0=10, sigma=5)
     batch = [sample_patch(slices, rng, tile=236, out_tile=52, augment=build_augmentation(
         validate_recipe({})["augment"], seed=0)) for _ in range(2)]
-    x = torch.from_numpy(np.stack([(b[0] - 0.5) / 0.2 for b in batch])[:, None])
+    x = torch.from_numpy(np.stack([(b[0] - 0.5) / 0.2 for b in batch]))
     y = torch.from_numpy(np.stack([b[1] for b in batch]))
     w = torch.from_numpy(np.stack([b[2] for b in batch]))
     model = create_model("unet", base=4, batch_norm=True)
@@ -83,7 +83,7 @@ def test_train_run_writes_everything_and_resumes(tmp_path):
         assert path.exists(), path
     model, info = load_model(files.best)
     assert info.training["epoch"] >= 1 and "adapted_rand_error" in info.training["validation"]
-    assert info.inference["threshold"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    assert info.inference.threshold in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     assert info.normalization.std > 0
     with pytest.raises(SegkitError, match="pass resume=True"):
         train(tiny_recipe(tmp_path), progress=False, echo=lambda _: None)
@@ -111,7 +111,7 @@ def test_staged_fcn_training_through_recipes(tmp_path):
     second = train(recipe("16s", "s16", init_from=str(first.best)), progress=False, echo=messages.append)
     assert any("initialised" in m for m in messages)
     model, info = load_model(second.best)
-    assert info.model == "fcn16s" and info.geometry.halo == 16 and info.inference["tile"] == 96
+    assert info.model == "fcn16s" and info.geometry.halo == 16 and info.inference.tile == 96
     with pytest.raises(SegkitError, match="has no pretrained backbone"):
         r = tiny_recipe(tmp_path, out=str(tmp_path / "u"))
         r["model"]["pretrained"] = "x.pth"
@@ -131,3 +131,14 @@ def test_optimizer_step_refuses_a_loss_that_is_not_finite():
     assert torch.allclose(weight.detach(), torch.full((3,), 0.8))  # the step was taken
     with pytest.raises(SegkitError, match="loss became nan at epoch 3; lower train.lr"):
         optimizer_step((weight * float("nan")).sum(), optimizer, scaler, epoch=3)
+
+
+def test_training_with_augmentation_on_the_device(tmp_path):
+    """augment.on_device: patches are augmented, cropped and normalised where the model trains."""
+    from segkit.checkpoint import read_info
+    from segkit.training.loop import train
+
+    recipe = tiny_recipe(tmp_path, epochs=1)
+    recipe["augment"]["on_device"] = True
+    files = train(recipe, progress=False, echo=lambda _: None)
+    assert read_info(files.best).training["epoch"] == 1

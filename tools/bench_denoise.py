@@ -64,15 +64,15 @@ def main() -> None:
         f"median {median}x{median}": {z: ndimage.median_filter(noisy_all[z], median) for z in test},
         f"gaussian sigma {sigma}": {z: ndimage.gaussian_filter(noisy_all[z], sigma) for z in test},
     }
-    scale = float(den_info.inference.get("intensity_scale", 255.0))
+    scale = float(den_info.inference.intensity_scale or 255.0)
     denoised = denoise_planes(denoiser, [noisy_all[z] for z in test], normalization=den_info.normalization,
-                              scale=scale, tile=int(den_info.inference["tile"]), batch=8, device=device)
+                              scale=scale, tile=int(den_info.inference.tile), batch=8, device=device)
     outputs["denoiser"] = dict(zip(test, denoised))
     image_quality = {name: quality(planes, test) for name, planes in outputs.items()}
 
     segmenter, seg_info = load_model(args.segmenter)
     engine = TorchEngine(segmenter, device=device, amp="none")
-    threshold = float(seg_info.inference.get("threshold", 0.5))
+    threshold = float(seg_info.inference.threshold if seg_info.inference.threshold is not None else 0.5)
     from segkit.inference.loading import trained_tile
 
     tile = trained_tile(seg_info, segmenter.geometry)  # the one place the default tile is decided

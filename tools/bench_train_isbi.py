@@ -35,7 +35,7 @@ def held_out_scores(checkpoint: Path, root: Path, test_slices: tuple[int, int], 
     from segkit.inference.loading import trained_tile
 
     tile = trained_tile(info, info.geometry)  # the one place the default tile is decided
-    threshold = float(info.inference.get("threshold", 0.5))
+    threshold = float(info.inference.threshold if info.inference.threshold is not None else 0.5)
     start, stop = test_slices
     with tempfile.TemporaryDirectory() as tmp:
         raw = tifffile.imread(root / "train-volume.tif")[start:stop]

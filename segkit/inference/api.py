@@ -20,11 +20,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from segkit.errors import SegkitError
+
+if TYPE_CHECKING:
+    from segkit.checkpoint import InferenceDefaults
 
 OUTPUT_TYPES = ("uint8", "float16")
 DENOISED_TYPES = ("same", "float32")
@@ -85,6 +88,8 @@ def predict(
     normalize: str = "auto",
     tta: str = "none",
     instances: bool = False,
+    class_index: int | None = None,
+    argmax: bool = False,
     compression: str = "zlib",
     kind: str = "segmenter",
     workers: int | None = None,
@@ -106,7 +111,10 @@ def predict(
       on a GPU (or measured with tile 'auto').
     amp: auto (bf16 on GPUs that support it, else fp16; none on the CPU), none, fp16, bf16.
     output_type: uint8 (default) or float16 probabilities; threshold: a 0/255 mask at a number or 'auto'
-      (the checkpoint's); instances: uint32 labels by seeded watershed. kind 'denoiser' with
+      (the checkpoint's); instances: uint32 labels by seeded watershed. Models of K classes (semantic or
+      instance labels) write every class's probability (a C axis) by default, `class_index` one class,
+      `argmax` the most probable class; models trained on instance labels write instances by default.
+      kind 'denoiser' with
       output_type same (default: the input's dtype) or float32 writes denoised intensities instead.
     compression: zlib (default; Fiji opens it), zstd, lzw or none.
     workers / scheduler / an output ending in .zarr: the Dask path into OME-Zarr (resumable).
@@ -127,8 +135,10 @@ def predict(
                                 amp=amp, compile_model=compile_model, tta=tta, kind=kind)
     text_output = str(output) if output is not None else ""
     if text_output.rstrip("/").lower().endswith(".zarr") or scheduler or workers:
-        return _predict_on_dask(sources, text_output, request, tile=tile, batch=batch, threshold=threshold,
-                                output_type=output_type, instances=instances, normalize=normalize, blend=blend,
+        choice = OutputChoice(output_type=output_type, threshold=threshold, instances=instances,
+                              class_index=class_index, argmax=argmax)
+        return _predict_on_dask(sources, text_output, request, tile=tile, batch=batch, choice=choice,
+                                normalize=normalize, blend=blend,
                                 chunk=chunk, scheduler=scheduler, workers=workers, resume=resume,
                                 overwrite=overwrite, report=report, started=started)
     # an output folder: an existing one, a path ending in a slash, or (several inputs) a path that is not a TIFF
@@ -152,13 +162,13 @@ def predict(
         check_output(out_path, kind="tiff", inputs=sources, overwrite=overwrite, report=report)
     loaded = _load(model, request, tile=tile, report=report)
     chosen_tile, batch = _fit_to_device(loaded, sources[0], tile=tile, batch=batch, report=report)
-    writes, used_threshold = describe_output(loaded.info, kind=kind, output_type=output_type, threshold=threshold,
-                                             instances=instances)
+    choice = OutputChoice(output_type=output_type, threshold=threshold, instances=instances, class_index=class_index,
+                          argmax=argmax)
+    writes, used_threshold = describe_output(loaded.info, kind=kind, choice=choice)
     result = PredictResult(tile=chosen_tile, batch=batch, engine=loaded.engine.label, writes=writes,
                            model=_model_label(request, model), threshold=used_threshold)
     run = _Runner(loaded, tile=chosen_tile, batch=batch, blend=blend, normalize=normalize, compression=compression,
-                  overwrite=overwrite, spec_for=_spec_factory(loaded.info, kind=kind, output_type=output_type,
-                                                              threshold=threshold, instances=instances),
+                  overwrite=overwrite, spec_for=_spec_factory(loaded.info, kind=kind, choice=choice),
                   report=report, progress=progress, started=started, result=result)
     if to_folder:
         result.folder = Path(text_output)
@@ -228,19 +238,73 @@ def _fit_to_device(loaded: Any, first_source: str, *, tile: int | str | None, ba
     return loaded.tile, batch or choose_batch(loaded.engine, loaded.geometry, loaded.tile, report=report)
 
 
-def _spec_factory(info: Any, *, kind: str, output_type: str, threshold: float | str | None,
-                  instances: bool) -> Callable[[Any], Any]:
+@dataclass(frozen=True)
+class OutputChoice:
+    """What the caller asked to write: probabilities as `output_type`, a mask at `threshold`, instances,
+    one class (`class_index`) or the most probable class (`argmax`)."""
+
+    output_type: str = "uint8"
+    threshold: float | str | None = None
+    instances: bool = False
+    class_index: int | None = None
+    argmax: bool = False
+
+
+def _spec_factory(info: Any, *, kind: str, choice: OutputChoice) -> Callable[[Any], Any]:
     """How planes of a given stack are encoded (denoised intensities depend on the stack's dtype)."""
     from segkit.inference.pipeline import IntensityOutput
 
     if kind == "denoiser":
-        return lambda stack: IntensityOutput(info.normalization, stack.dtype if output_type == "same"
+        return lambda stack: IntensityOutput(info.normalization, stack.dtype if choice.output_type == "same"
                                              else np.dtype(np.float32))
-    spec = output_spec(info.inference, output_type=output_type, threshold=threshold, instances=instances)
+    spec = spec_for_model(info, choice)
     return lambda stack: spec
 
 
-def output_spec(inference: dict[str, Any], *, output_type: str = "uint8", threshold: float | str | None = None,
+def model_classes(info: Any) -> int:
+    """How many classes a segmenter's record says it outputs (2 for membrane models)."""
+    kwargs = info.model_kwargs.get("segmenter", {}).get("kwargs", info.model_kwargs)
+    return int(kwargs.get("classes") or len(info.classes) or 2)
+
+
+def spec_for_model(info: Any, choice: OutputChoice) -> Any:
+    """The output spec for a segmenter: membrane models as `output_spec`; models of K classes by label kind."""
+    from segkit.inference.pipeline import ClassMapOutput, OutputSpec
+    from segkit.instances import ObjectOutput, ObjectParams
+
+    kind = info.inference.labels_kind
+    classes = model_classes(info)
+    if choice.class_index is not None and not 0 <= choice.class_index < classes:
+        names = ", ".join(f"{k} {name}" for k, name in enumerate(info.classes)) or f"0-{classes - 1}"
+        raise SegkitError(f"class_index={choice.class_index} is not a class of this model ({names})")
+    if kind == "membrane":
+        if choice.argmax or choice.class_index not in (None, 1):
+            raise SegkitError("this model writes the membrane probability (class 1); argmax and class_index are "
+                              "for models trained on semantic or instance labels")
+        return output_spec(info.inference, output_type=choice.output_type, threshold=choice.threshold,
+                           instances=choice.instances)
+    if sum((choice.argmax, choice.class_index is not None, choice.instances)) > 1:
+        raise SegkitError("choose one of argmax, class_index and instances")
+    if choice.argmax:
+        return ClassMapOutput()
+    if choice.class_index is not None:
+        if choice.threshold is not None:
+            return OutputSpec("mask", parse_threshold(choice.threshold, 0.5), channel=choice.class_index)
+        return OutputSpec(choice.output_type, channel=choice.class_index)
+    if choice.threshold is not None and kind == "semantic":
+        raise SegkitError("threshold makes a mask of one class: give class_index too (or argmax for class labels)")
+    if kind == "instances" or choice.instances:
+        if kind != "instances":
+            raise SegkitError("instances need a model trained on instance labels (data.labels_kind: instances); "
+                              "this one was trained on semantic classes: use argmax")
+        stored = dict(info.inference.watershed or {})
+        if choice.threshold is not None:
+            stored["seed_threshold"] = parse_threshold(choice.threshold, stored.get("seed_threshold", 0.5))
+        return ObjectOutput(ObjectParams.from_dict(stored))
+    return OutputSpec(choice.output_type, channel=None, channels=classes)
+
+
+def output_spec(inference: InferenceDefaults, *, output_type: str = "uint8", threshold: float | str | None = None,
                 instances: bool = False, watershed: dict[str, Any] | None = None) -> Any:
     """Probabilities as `output_type`, a 0/255 mask at `threshold` (a number, or 'auto' for the
     checkpoint's), or instance labels with the checkpoint's watershed settings (`threshold` and
@@ -249,26 +313,34 @@ def output_spec(inference: dict[str, Any], *, output_type: str = "uint8", thresh
     from segkit.instances import InstanceOutput, WatershedParams
 
     if instances:
-        stored = dict(inference.get("watershed") or {})
+        stored = dict(inference.watershed or {})
         if threshold is not None:
-            stored["threshold"] = parse_threshold(threshold, stored.get("threshold", inference.get("threshold", 0.5)))
+            stored["threshold"] = parse_threshold(threshold, stored.get("threshold", _stored_threshold(inference)))
         stored.update({k: v for k, v in (watershed or {}).items() if v is not None})
         return InstanceOutput(WatershedParams.from_dict(stored))
     if threshold is None:
         return OutputSpec(output_type)
-    return OutputSpec("mask", parse_threshold(threshold, inference.get("threshold", 0.5)))
+    return OutputSpec("mask", parse_threshold(threshold, _stored_threshold(inference)))
 
 
-def describe_output(info: Any, *, kind: str = "segmenter", output_type: str = "uint8",
-                    threshold: float | str | None = None, instances: bool = False) -> tuple[str, float | None]:
+def _stored_threshold(inference: InferenceDefaults) -> float:
+    """The checkpoint's membrane threshold, else 0.5."""
+    return inference.threshold if inference.threshold is not None else 0.5
+
+
+def describe_output(info: Any, *, kind: str = "segmenter", choice: OutputChoice = OutputChoice()
+                    ) -> tuple[str, float | None]:
     """What each output holds, in words (for the header line), and the threshold it uses: a mask's
     or the watershed's, as 'auto' resolved it (None for probabilities and denoised intensities)."""
+    output_type, threshold, instances = choice.output_type, choice.threshold, choice.instances
     if kind == "denoiser":
         return ("denoised intensities in the input's dtype" if output_type == "same"
                 else f"denoised {output_type} intensities"), None
+    if info.inference.labels_kind != "membrane":
+        return _describe_classes(info, spec_for_model(info, choice))
     spec = output_spec(info.inference, output_type=output_type, threshold=threshold, instances=instances)
-    stored = info.inference.get("threshold") is not None or (
-        instances and (info.inference.get("watershed") or {}).get("threshold") is not None)
+    stored = info.inference.threshold is not None or (
+        instances and (info.inference.watershed or {}).get("threshold") is not None)
     origin = "" if threshold != "auto" else (" (auto: the checkpoint's)" if stored
                                               else " (auto: the checkpoint stores none, so the default)")
     if instances:
@@ -279,6 +351,27 @@ def describe_output(info: Any, *, kind: str = "segmenter", output_type: str = "u
     if threshold is not None:
         return f"a 0/255 membrane mask at threshold {spec.threshold:g}{origin}", spec.threshold
     return f"{output_type} membrane probabilities", None
+
+
+def _describe_classes(info: Any, spec: Any) -> tuple[str, float | None]:
+    """describe_output for models of K classes."""
+    from segkit.inference.pipeline import ClassMapOutput
+    from segkit.instances import ObjectOutput
+
+    names = info.classes or [str(k) for k in range(model_classes(info))]
+    if isinstance(spec, ClassMapOutput):
+        return "uint8 classes (argmax): " + ", ".join(f"{k} {n}" for k, n in enumerate(names)), None
+    if isinstance(spec, ObjectOutput):
+        p = spec.params
+        return (f"uint32 objects: seeded watershed on the interior probability (seed threshold {p.seed_threshold:g}, "
+                f"seed distance {p.seed_distance:g}, foreground below background probability "
+                f"{p.foreground_threshold:g}, min size {p.min_size})", p.seed_threshold)
+    if spec.channel is None:
+        return f"{spec.kind} probabilities of {len(names)} classes (channel axis: {', '.join(names)})", None
+    name = names[spec.channel] if spec.channel < len(names) else str(spec.channel)
+    if spec.kind == "mask":
+        return f"a 0/255 mask of class {spec.channel} ({name}) at threshold {spec.threshold:g}", spec.threshold
+    return f"{spec.kind} probability of class {spec.channel} ({name})", None
 
 
 def _model_label(request: Any, model: Any = None) -> str:
@@ -337,9 +430,15 @@ class _Runner:
 
         geometry = self.loaded.geometry
         with open_stack(source) as stack:
+            check_channels(stack, self.loaded.info, source)
             normalization, note = choose_normalization(stack, self.loaded.info, mode=self.normalize)
             if note:
                 self.report(f"{source}: {note}")
+            rescale = rescale_factor(stack, self.loaded.info)
+            if rescale is not None:
+                self.report(f"{source}: pixel size {stack.pixel_size:.4g} um, the model was trained at "
+                            f"{self.loaded.info.inference.pixel_size:.4g} um: planes are rescaled by {rescale:.4g} for "
+                            "the model and its output back to the input's size")
             if header:
                 z, h, w = stack.shape
                 self.report(f"{source} -> {output}: {z} x {h} x {w} {stack.dtype}, {count_tiles(stack, geometry, self.tile)}"
@@ -353,7 +452,7 @@ class _Runner:
                 self.tile = self.result.tile = size
                 return predict_stack(stack, self.forward, geometry, output, normalization=normalization, tile=size,
                                      batch=self.batch, blend=self.blend, spec=spec, overwrite=self.overwrite,
-                                     compression=self.compression, on_tiles=self.on_tiles)
+                                     compression=self.compression, on_tiles=self.on_tiles, rescale=rescale)
 
             written = with_smaller_tiles(run, self.tile, geometry, report=self.report)
         self.result.batch = self.forward.max_batch or self.batch
@@ -380,8 +479,39 @@ class _Runner:
         self.result.failed.extend((o.job.source, o.error or "") for o in outcomes if not o.ok)
 
 
+def model_channels(info: Any) -> int:
+    """Input channels a segmenter or denoiser record takes (1 unless its model says otherwise)."""
+    kwargs = info.model_kwargs.get("denoiser", {}).get("kwargs", info.model_kwargs)
+    return int(kwargs.get("in_channels") or 1)
+
+
+def check_channels(stack: Any, info: Any, source: str) -> None:
+    """Refuse (one line) input whose channel count is not the model's."""
+    have, want = getattr(stack, "channels", 1), model_channels(info)
+    if have != want:
+        what = {1: "single-channel (grayscale)", 3: "3-channel (e.g. RGB)"}.get(want, f"{want}-channel")
+        kind = {1: "a single-channel image", 3: "a multi-channel image (3 channels, e.g. RGB)"}.get(
+            have, f"a multi-channel image ({have} channels)")
+        fix = ("convert it to grayscale or save the channel to segment as its own image" if want == 1
+               else f"give it {want} channels in the training data's order")
+        raise SegkitError(f"{source} is {kind} but the model was trained on {what} images; {fix}")
+
+
+#: Pixel sizes within this relative difference count as equal (no rescaling).
+PIXEL_SIZE_TOLERANCE = 0.01
+
+
+def rescale_factor(stack: Any, info: Any) -> float | None:
+    """How much to resample a stack's planes for the model: its pixel size over the training data's, when
+    both are known and differ (None: as they are)."""
+    trained, own = info.inference.pixel_size, getattr(stack, "pixel_size", None)
+    if not trained or not own or abs(own / trained - 1.0) <= PIXEL_SIZE_TOLERANCE:
+        return None
+    return own / trained
+
+
 def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int | str | None, batch: int | None,
-                     threshold: float | str | None, output_type: str, instances: bool, normalize: str, blend: str,
+                     choice: OutputChoice, normalize: str, blend: str,
                      chunk: int, scheduler: str | None, workers: int | None, resume: bool, overwrite: bool,
                      report: Callable[[str], object], started: float) -> PredictResult:
     """One stack into an OME-Zarr store on Dask, chunk by chunk, resumable. Tile 'auto' and the
@@ -412,9 +542,20 @@ def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int
         _release_device_memory()
     else:  # the model's record and tile, checked as the workers will, without building an engine here
         info, geometry, chosen_tile = planned_tile(request, _fixed_tile(tile))
-    spec = output_spec(info.inference, output_type=output_type, threshold=threshold, instances=instances)
+    spec = spec_for_model(info, choice)  # every class (a CZYX store), one class, argmax or objects: all on Dask
+    from segkit.io.zarr import open_volume
+
+    with open_volume(sources[0]) as volume:
+        check_channels(volume, info, sources[0])
+        if getattr(volume, "channels", 1) > 1:
+            raise SegkitError(f"{sources[0]} has {volume.channels} channels; the Dask path reads single-channel "
+                              "stacks: write a TIFF instead (segkit predict without workers/scheduler)")
+        if rescale_factor(volume, info) is not None:
+            raise SegkitError(f"{sources[0]} has pixel size {volume.pixel_size:.4g} um but the model was trained at "
+                              f"{info.inference.pixel_size:.4g} um; the Dask path does not rescale: write a TIFF "
+                              "(segkit predict without workers/scheduler), or resample the stack first")
     where = scheduler or (f"a local Dask cluster of {workers} workers" if workers else "local Dask threads")
-    writes, used_threshold = describe_output(info, output_type=output_type, threshold=threshold, instances=instances)
+    writes, used_threshold = describe_output(info, choice=choice)
     report(f"{sources[0]} -> {output} on {where}, device {request.device}, tile {chosen_tile}, batch {batch}, "
            f"model {_model_label(request)}; writes {writes}")
     written = predict_to_zarr(sources[0], output.rstrip("/"), request, tile=chosen_tile, batch=batch, chunk=chunk,

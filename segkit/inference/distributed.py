@@ -18,8 +18,14 @@ Each worker builds the engine once (kept on the dask worker object) from a plain
 (model file, engine, denoiser, amp, TTA, ...) and reuses it for all its chunks. With several
 GPUs and `device` 'cuda', worker i takes GPU i mod n (round robin, as dask-cuda's
 LocalCUDACluster does). Instances need whole planes (a watershed must not stop at chunk
-borders): the chunks write probabilities to the store's "probability" array first, then one
-task per plane writes its labels to level 0.
+borders): the chunks write probabilities to the store's "probability" array first (ZYX for
+membrane instances, CZYX background / interior / boundary for object models), then one task per
+plane writes its labels to level 0.
+
+Outputs of several channels (every class's probability of a K-class model) add a leading channel
+axis: level 0 is CZYX, chunked (1, 1, cy, cx), with an OME-Zarr channel axis c; each task writes
+all channels of its chunk into that region (its own zarr chunks, so still no locks), and its
+single marker covers them all.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ from segkit.io.zarr import (  # noqa: F401  (the zarr names stay importable from
 DONE = "segkit_done"
 LABELS_DONE = "segkit_labels_done"
 PROBABILITY = "probability"
+#: the probabilities an object model's watershed reads (segkit.instances.object_watershed): background,
+#: interior, boundary
+OBJECT_CHANNELS = 3
 
 
 @dataclass(frozen=True)
@@ -231,38 +240,51 @@ def _predict_block(block: np.ndarray, *, block_info: dict | None = None, starts:
            (context if x0 == 0 else 0, context if x1 == width else 0))
     engine = _engine_for_worker(request, threads)
     target = open_array(store, array, mode="r+")
+    channels = (slice(None),) * (target.ndim - 3)  # CZYX: every channel of the chunk
     for index in range(block.shape[0]):
         raw = torch.from_numpy(np.ascontiguousarray(block[index])[None]).to(engine.device)
         window = mirror_pad(normalization.apply(raw), pad)
         chunk_input = window[:, context:-context, context:-context]
         values = next(predict_planes([chunk_input], engine, geometry, tile=tile, batch=batch, blend=blend,
-                                     pad=partial(_pad_from_window, window=window, context=context)))
-        target[z0 + index, y0:y1, x0:x1] = spec.finish(spec.encode(values).cpu().numpy())
+                                     pad=partial(_pad_from_window, window=window, context=context,
+                                                 ends=(y1 == height, x1 == width))))
+        target[(*channels, z0 + index, slice(y0, y1), slice(x0, x1))] = spec.finish(spec.encode(values).cpu().numpy())
     marker.parent.mkdir(exist_ok=True)
     marker.touch()
     return np.ones((1, 1, 1), np.uint8)
 
 
-def _pad_from_window(plane: Any, plan: Any, *, window: Any, context: int) -> Any:
+def _pad_from_window(plane: Any, plan: Any, *, window: Any, context: int,
+                     ends: tuple[bool, bool] = (False, False)) -> Any:
     """The padded plane the tiler needs, cut from the window (the chunk plus `context` px of real
-    neighbours); the tiler may ask for more after the chunk than the context holds (its last tile
-    rounds up to a valid size): that extra, which only feeds outputs beyond the chunk, is mirrored."""
+    neighbours, or of mirror at the volume's borders); the tiler may ask for more after the chunk than
+    the context holds (its last tile rounds up to a valid size). At the volume's far end (`ends`, per
+    axis y, x) that extra continues the mirror of the plane itself, as the single-machine tiler pads
+    (a mirror of the window would mirror its mirrored context back, and the pixels of the chunk's last
+    pooling cells see a few of them); after a real neighbour's context it only feeds outputs beyond the
+    chunk, and a mirror of the window serves."""
     from segkit.inference.tiler import mirror_pad
 
     (before_y, after_y), (before_x, after_x) = plan.padding()
-    extra = ((0, max(0, after_y - context)), (0, max(0, after_x - context)))
-    window = mirror_pad(window, extra) if any(e for _, e in extra) else window
+    extra_y, extra_x = max(0, after_y - context), max(0, after_x - context)
+    if extra_y or extra_x:
+        cut_y = context if ends[0] and extra_y else 0  # the mirrored context, mirrored afresh from the plane
+        cut_x = context if ends[1] and extra_x else 0
+        core = window[:, : window.shape[-2] - cut_y, : window.shape[-1] - cut_x]
+        window = mirror_pad(core, ((0, extra_y + cut_y), (0, extra_x + cut_x)))
     height, width = plane.shape[-2:]
     return window[:, context - before_y : context + height + after_y, context - before_x : context + width + after_x]
 
 
 def _label_plane(z: int, *, store: str, spec: Any, after: Any = None) -> int:
-    """One task of the instance stage: the watershed of a whole probability plane into level 0."""
+    """One task of the instance stage: the watershed of a whole probability plane (YX, or CYX for
+    object models) into level 0."""
     from segkit.io.zarr import open_array
 
     marker = Path(store) / LABELS_DONE / str(z)
     if not marker.exists():
-        probability = np.asarray(open_array(store, PROBABILITY, mode="r")[z], np.float32)
+        source = open_array(store, PROBABILITY, mode="r")
+        probability = np.asarray(source[:, z] if source.ndim == 4 else source[z], np.float32)
         open_array(store, "0", mode="r+")[z] = spec.finish(probability)
         marker.parent.mkdir(exist_ok=True)
         marker.touch()
@@ -271,8 +293,8 @@ def _label_plane(z: int, *, store: str, spec: Any, after: Any = None) -> int:
 
 @dataclass(frozen=True)
 class _DeviceHalf:
-    """The chunk stage of an instance run: the spec's device half (the float32 probability), whose
-    host half (the watershed) runs later on whole planes (`_label_plane`)."""
+    """The chunk stage of an instance run: the spec's device half (the float32 probability, or an
+    object model's three), whose host half (the watershed) runs later on whole planes (`_label_plane`)."""
 
     spec: Any
 
@@ -308,7 +330,7 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
 
     from segkit.inference.loading import model_record
     from segkit.inference.pipeline import OutputSpec, choose_normalization
-    from segkit.instances import InstanceOutput
+    from segkit.instances import InstanceOutput, ObjectOutput
     from segkit.io.zarr import create_array
 
     spec = spec or OutputSpec()
@@ -329,8 +351,14 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
     chunks = (1, min(size, shape[1]), min(size, shape[2]))
     layout = ((1,) * shape[0], axis_chunks(shape[1], chunks[1], context + 1), axis_chunks(shape[2], chunks[2], context + 1))
     starts = tuple(tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)])) for sizes in layout)
-    instances = isinstance(spec, InstanceOutput)
+    instances = isinstance(spec, (InstanceOutput, ObjectOutput))  # labels of whole planes, after the chunks
     chunk_spec = _DeviceHalf(spec) if instances else spec
+    # a channel axis in front (CZYX, chunks of one channel and plane): every class of a K-class model, or
+    # the background / interior / boundary probabilities an object model's watershed reads
+    channels = getattr(spec, "channels", 1)
+    level0 = ((channels, *shape), (1, *chunks)) if channels > 1 else (shape, chunks)
+    probability = (((OBJECT_CHANNELS, *shape), (1, *chunks)) if isinstance(spec, ObjectOutput) else (shape, chunks))
+    names = tuple(getattr(info, "classes", None) or ())
     models = [request.model] + ([request.denoiser] if request.denoiser is not None else [])
     manifest = RunManifest("+".join(file_sha256(m) for m in models), str(Path(source).resolve()), tile,
                            normalization.to_dict(), shape, chunks, repr(spec),
@@ -353,9 +381,10 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
         done = len(list((partial_store / DONE).glob("*"))) if (partial_store / DONE).exists() else 0
         report(f"resuming {partial_store}: {done} chunks already written")
     else:
-        create_ome_zarr(partial_store, shape, chunks, spec.dtype, resolution)
+        create_ome_zarr(partial_store, *level0, spec.dtype, resolution,
+                        channel_names=names if len(names) == channels > 1 else None)
         if instances:
-            create_array(partial_store, PROBABILITY, shape, chunks, chunk_spec.dtype)
+            create_array(partial_store, PROBABILITY, *probability, chunk_spec.dtype)
         (partial_store / MANIFEST).write_text(manifest.to_json())
 
     reader = plane_reader(source)

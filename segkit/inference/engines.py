@@ -67,13 +67,14 @@ class TorchEngine:
         model: a segkit model (logits N x K x h x w).
         device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
         amp: 'auto', 'none', 'fp16' or 'bf16' autocast (auto: bf16/fp16 on a GPU, none on the CPU).
-        channel: the class whose probability is returned (1 = membrane for EM models); None returns
-            the model's output as it is (denoisers).
+        channel: the class whose probability is returned (1 = membrane for EM models); "all" returns
+            every class's probability (K-class models); None returns the model's output as it is
+            (denoisers).
         compile_model: torch.compile the model (max-autotune on GPUs); the first batches of each
             shape are slow while it compiles.
     """
 
-    def __init__(self, model: Any, *, device: str = "auto", amp: str = "none", channel: int | None = 1,
+    def __init__(self, model: Any, *, device: str = "auto", amp: str = "none", channel: int | str | None = 1,
                  compile_model: bool = False) -> None:
         import torch
 
@@ -120,6 +121,8 @@ class TorchEngine:
                 logits = self.model(x)
             if self.channel is None:
                 return logits.float()
+            if self.channel == "all":
+                return torch.softmax(logits.float(), dim=1)
             return torch.softmax(logits.float(), dim=1)[:, self.channel : self.channel + 1]
 
 

@@ -26,7 +26,7 @@ def default_tile(geometry: Any) -> int:
 
 def trained_tile(info: Any, geometry: Any) -> int:
     """The tile the model was trained with, else `default_tile`."""
-    return int(info.inference.get("tile") or default_tile(geometry))
+    return int(info.inference.tile or default_tile(geometry))
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
     tile = tile or trained_tile(info, geometry)
     check_tile_memory(info, geometry, tile, device)
     if engine == "torch":
-        channel = 1 if kind == "segmenter" else None
+        channel = (1 if info.inference.labels_kind == "membrane" else "all") if kind == "segmenter" else None
         torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel,
                                    compile_model=request.compile_model)
         return LoadedEngine(torch_engine, info, geometry, tile)

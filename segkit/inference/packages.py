@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from segkit._optional import require
-from segkit.checkpoint import CheckpointInfo, Normalization
+from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization
 from segkit.errors import CheckpointError
 from segkit.models.geometry import Geometry
 
@@ -240,7 +240,8 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
                                                      "weights": weights},
         geometry=geometry, normalization=normalization,
         classes=list(record.get("classes") or (["background", str(chosen)] if kind == "segmenter" else [])),
-        inference={k: v for k, v in dict(record.get("inference") or {}).items() if k != "tile"},
+        inference=InferenceDefaults.from_dict({k: v for k, v in dict(record.get("inference") or {}).items()
+                                               if k != "tile"}),
     )
     return descr, PackagePlan(source=str(source if not hasattr(source, "name") else source.name), name=descr.name,
                               info=info, weights=weights, channel=channel, channels=channels, post=post)

@@ -59,7 +59,8 @@ class OutputSpec:
 
     kind: str = "uint8"
     threshold: float = 0.5
-    channel: int = 0
+    channel: int | None = 0  # the class written; None: every class, `channels` of them (a C axis)
+    channels: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in OUTPUT_TYPES:
@@ -74,7 +75,7 @@ class OutputSpec:
     def encode(self, values: Any) -> Any:
         import torch
 
-        probability = values[self.channel]
+        probability = values if self.channel is None else values[self.channel]
         if self.kind == "float16":
             return probability.to(torch.float16)
         if self.kind == "mask":
@@ -82,6 +83,25 @@ class OutputSpec:
         # 255 p + 0.5, clipped and truncated: round half up, in three passes, the first two in place
         half = probability.new_full((), 0.5)  # filled on the device: no host copy, no synchronisation
         return torch.add(half, probability, alpha=255.0, out=probability).clamp_(0.0, 255.0).to(torch.uint8)
+
+    def finish(self, plane: np.ndarray) -> np.ndarray:
+        return plane
+
+
+@dataclass(frozen=True)
+class ClassMapOutput:
+    """The most probable class of every pixel (argmax), as uint8 class numbers 0..K-1."""
+
+    channels: int = 1
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    def encode(self, values: Any) -> Any:
+        import torch
+
+        return values.argmax(0).to(torch.uint8)
 
     def finish(self, plane: np.ndarray) -> np.ndarray:
         return plane
@@ -112,17 +132,29 @@ class IntensityOutput:
         return plane.astype(self.dtype, copy=False)
 
 
-def stack_normalization(stack: TiffStack, *, max_planes: int = 16, max_pixels: int = 4_000_000) -> Normalization:
-    """Mean/std of a stack from up to `max_planes` evenly spaced, subsampled planes (one pass)."""
+def stack_sample(stack: Any, *, max_planes: int = 16, max_pixels: int = 4_000_000) -> np.ndarray:
+    """Up to `max_planes` evenly spaced planes of a stack, subsampled to about `max_pixels` pixels in all,
+    as (N, C, h, w) float64 (C = 1 for grayscale): what stack statistics are computed from (one pass)."""
     indices = np.unique(np.linspace(0, len(stack) - 1, min(len(stack), max_planes)).astype(int))
     per_plane = max(1, max_pixels // len(indices))
     samples = []
     for index in indices:
         plane = stack.plane(int(index))
-        stride = max(1, int(np.sqrt(plane.size / per_plane)))
-        samples.append(plane[::stride, ::stride].astype(np.float64).ravel())
-    values = np.concatenate(samples)
-    return Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+        plane = plane[None] if plane.ndim == 2 else plane
+        stride = max(1, int(np.sqrt(plane[0].size / per_plane)))
+        samples.append(plane[:, ::stride, ::stride].astype(np.float64))
+    shape = min(s.shape[-2] for s in samples), min(s.shape[-1] for s in samples)
+    return np.stack([s[:, : shape[0], : shape[1]] for s in samples])
+
+
+def stack_normalization(stack: Any, *, max_planes: int = 16, max_pixels: int = 4_000_000) -> Normalization:
+    """Mean/std of a stack, per channel for multi-channel stacks, from `stack_sample` (one pass)."""
+    values = stack_sample(stack, max_planes=max_planes, max_pixels=max_pixels)
+    if values.shape[1] == 1:
+        return Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+    per_channel = np.moveaxis(values, 1, 0).reshape(values.shape[1], -1)
+    return Normalization(mean=tuple(per_channel.mean(axis=1).tolist()),
+                         std=tuple(np.maximum(per_channel.std(axis=1), 1e-6).tolist()))
 
 
 def choose_normalization(stack: TiffStack, info: CheckpointInfo, *, mode: str = "auto") -> tuple[Normalization, str]:
@@ -133,7 +165,10 @@ def choose_normalization(stack: TiffStack, info: CheckpointInfo, *, mode: str = 
     """
     if mode not in ("auto", "checkpoint", "stack"):
         raise SegkitError(f"unknown normalisation {mode!r}; choose auto, checkpoint or stack")
-    trained_dtype = info.inference.get("input_dtype")
+    trained_dtype = info.inference.input_dtype
+    if info.normalization.percentiles is not None and mode != "stack":  # a rule: this stack's percentiles
+        sample = stack_sample(stack)
+        return info.normalization.for_image(sample if sample.shape[1] > 1 else sample[:, 0]), ""
     if mode == "stack":
         return stack_normalization(stack), ""
     if mode == "auto" and trained_dtype and trained_dtype != str(stack.dtype):
@@ -375,10 +410,15 @@ def predict_stack(
     overwrite: bool = False,
     compression: str = "zlib",
     on_tiles: Callable[[int], None] | None = None,
+    rescale: float | None = None,
 ) -> Path:
     """Run every plane of `stack` through the engine `forward` on its device and write the planes,
-    encoded by `spec` (class probability, denoised intensities or instances), to `output`
-    atomically (a failure on any side leaves no output)."""
+    encoded by `spec` (class probabilities, classes, denoised intensities or instances), to `output`
+    atomically (a failure on any side leaves no output). `rescale`: planes are resampled by this
+    factor for the model (another pixel size than its training data's) and its outputs back."""
+    original = stack
+    if rescale is not None:
+        stack = RescaledStack(stack, rescale)
     plan = plan_tiles(stack.shape[-2:], geometry, tile=tile)  # fails on a bad tile before any work
     device = forward.device
     if device.type == "cpu":
@@ -387,12 +427,20 @@ def predict_stack(
     planes = raw_planes(stack, device, prefetch=depth)
     values = predict_planes(planes, forward, geometry, tile=tile, batch=batch, blend=blend, on_tiles=on_tiles,
                             pad=partial(_pad_and_normalize, normalization=normalization))
+    if rescale is not None:
+        values = (_resize(v, original.shape[-2:]) for v in values)
     encoded = _downloads((spec.encode(v) for v in values), device)
-    shape = stack.shape[1:] if stack.is_2d else stack.shape
+    shape: tuple[int, ...] = original.shape[1:] if original.is_2d else original.shape
+    channels = getattr(spec, "channels", 1)
+    axes = None
+    if channels > 1:  # a channel axis after Z (ImageJ's order): ZCYX, or CYX for a 2D image
+        shape, axes = (*shape[:-2], channels, *shape[-2:]), "CYX" if original.is_2d else "ZCYX"
 
     def write(downloads: Iterable[_Copy]) -> Path:
         planes = (spec.finish(download.numpy()) for download in downloads)
-        return write_stack(output, planes, shape=shape, dtype=spec.dtype, resolution=stack.resolution,
+        if channels > 1:
+            planes = (channel for plane in planes for channel in plane)
+        return write_stack(output, planes, shape=shape, dtype=spec.dtype, axes=axes, resolution=original.resolution,
                            overwrite=overwrite, compression=compression, workers=_compression_workers(device))
 
     try:
@@ -400,6 +448,33 @@ def predict_stack(
             return consume_behind(write, encoded, depth=depth)
     finally:  # stop the reader thread now, also after a failure (a traceback cycle would keep it alive)
         planes.close()
+
+
+class RescaledStack:
+    """A stack seen at another pixel size: each plane resampled by `factor` as it is read (area
+    averaging when shrinking, linear when enlarging), for a model trained at another pixel size."""
+
+    def __init__(self, stack: Any, factor: float) -> None:
+        self.stack, self.factor = stack, factor
+        z, h, w = stack.shape
+        self.shape = (z, max(1, round(h * factor)), max(1, round(w * factor)))
+        self.dtype, self.is_2d, self.resolution = stack.dtype, stack.is_2d, stack.resolution
+        self.channels = getattr(stack, "channels", 1)
+
+    def __len__(self) -> int:
+        return len(self.stack)
+
+    def plane(self, index: int) -> np.ndarray:
+        from segkit.io.resample import rescale
+
+        return rescale(self.stack.plane(index), self.factor, shape=self.shape[1:])
+
+
+def _resize(values: Any, size: tuple[int, int]) -> Any:
+    """(K, h, w) model outputs resampled (bilinear) to the plane's own (H, W)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(values[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 def _planes_in_flight(batch: int, tiles_per_plane: int) -> int:

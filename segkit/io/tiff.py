@@ -39,22 +39,74 @@ _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexErro
 
 @dataclass(frozen=True)
 class Resolution:
-    """Pixel size metadata copied from input to output (TIFF X/YResolution + unit)."""
+    """Pixel size metadata copied from input to output (TIFF X/YResolution + unit, and the ImageJ
+    unit the resolution counts pixels per when ResolutionUnit is none, e.g. 'um')."""
 
     x: float
     y: float
     unit: int  # TIFF ResolutionUnit code: 1 none, 2 inch, 3 centimeter
+    unit_name: str | None = None  # ImageJ unit ('um', 'micron', 'nm', ...), None when the file has none
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        """Micrometres per pixel (x; the mean of x and y where they differ by more than 1 %), or None
+        where the file holds no calibration: no known unit, or a TIFF default (1 pixel per unit without
+        an ImageJ unit, 72 dpi, a screen default)."""
+        x, y = float(self.x), float(self.y)
+        if not (np.isfinite(x) and np.isfinite(y) and x > 0 and y > 0):
+            return None
+        per_unit = _unit_micrometres(self.unit_name) if self.unit_name else None
+        if per_unit is None:
+            per_unit = _RESOLUTION_UNIT_UM.get(int(self.unit))
+            if per_unit is None or (abs(x - 1) < 1e-9 and abs(y - 1) < 1e-9):
+                return None
+        if per_unit == _RESOLUTION_UNIT_UM[2] and abs(x - 72) < 1e-6 and abs(y - 72) < 1e-6:
+            return None
+        size_x, size_y = per_unit / x, per_unit / y
+        size = size_x if abs(size_x - size_y) <= 0.01 * max(size_x, size_y) else (size_x + size_y) / 2
+        return float(f"{size:.12g}")  # 1 / (100 / 7 px per um) is 0.07, not 0.06999999999999999
+
+
+#: Micrometres per TIFF ResolutionUnit (2 inch, 3 centimetre; 4 mm and 5 um are tifffile's extensions).
+_RESOLUTION_UNIT_UM = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
+#: Micrometres per ImageJ unit name (lower case, micro sign spelled 'u').
+_UNIT_NAMES_UM = {
+    **dict.fromkeys(("um", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"), 1.0),
+    **dict.fromkeys(("nm", "nanometer", "nanometers", "nanometre", "nanometres"), 1e-3),
+    **dict.fromkeys(("mm", "millimeter", "millimeters", "millimetre", "millimetres"), 1e3),
+    **dict.fromkeys(("cm", "centimeter", "centimeters", "centimetre", "centimetres"), 1e4),
+    **dict.fromkeys(("m", "meter", "meters", "metre", "metres"), 1e6),
+    **dict.fromkeys(("inch", "inches", "in"), 25400.0),
+}
+
+
+def _unit_micrometres(name: str) -> float | None:
+    """Micrometres per unit of an ImageJ unit name ('um', 'micron', 'µm', '\\u00B5m', 'nm', 'mm', ...);
+    None for 'pixel' and other names that are no length."""
+    text = str(name).strip()
+    if "\\u" in text:  # ImageJ escapes non-ASCII in its description: '\u00B5m'
+        try:
+            text = text.encode("ascii", "backslashreplace").decode("unicode_escape")
+        except UnicodeError:
+            pass
+    text = text.lower().replace("\u00b5", "u").replace("\u03bc", "u")
+    return _UNIT_NAMES_UM.get(text)
 
 
 class TiffStack:
     """A read-only ZYX view of one TIFF file or of a list of 2D TIFF files.
 
+    `shape` is (Z, H, W) (Z = 1 for a 2D image) and `channels` the channels of each plane (1 for
+    grayscale; CYX, ZCYX and RGB/RGBA images have more). `plane(i)` is (H, W) for a single-channel
+    stack and (C, H, W), channel first, for a multi-channel one. `pixel_size` is micrometres per
+    pixel from the resolution tags, or None where the file holds no calibration.
     Planes are returned as fresh numpy arrays; NaN/inf in float planes raise InputError.
     """
 
     def __init__(self, source: str | Path, *, labels: bool = False, workers: int | None = None,
                  check_memory: bool = True) -> None:
         self.source = str(source)
+        self._labels = labels
         self._dtypes = LABEL_DTYPES if labels else SUPPORTED_DTYPES
         self._workers = _worker_count(workers)  # threads decoding one compressed page
         self._check_memory = check_memory
@@ -75,26 +127,28 @@ class TiffStack:
         tif = _open_tiff(path)
         self._handles.append(tif)
         with _fail_on_tifffile_errors(path):
-            series, shape = _grayscale_series(tif, path, self._dtypes)
+            layout = _image_layout(tif, path, self._dtypes, labels=self._labels)
             page_count = len(tif.pages)
+        series, shape = layout.series, layout.shape
         if len(series.pages) > page_count:
             raise InputError(f"{path}: series needs {len(series.pages)} pages but the file has {page_count}; the file is truncated")
-        self.shape: tuple[int, int, int] = shape
-        self.is_2d = len(series.shape) == 2 or all(n == 1 for n in series.shape[:-2])
-        self.dtype = np.dtype(series.dtype)
+        self._set_layout(layout, is_2d=layout.is_2d)
         self.resolution = _resolution(tif)
+        self.pixel_size: float | None = self.resolution.pixel_size_um if self.resolution is not None else None
         self._pages = list(series.pages)
         if series.dataoffset is not None and series.pages[0].compression == 1:
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
-            needed = series.dataoffset + int(np.prod(shape)) * dtype.itemsize
+            needed = series.dataoffset + int(np.prod(series.shape, dtype=np.int64)) * dtype.itemsize
             if Path(path).stat().st_size < needed:
                 raise InputError(f"{path} is truncated: its pixel data needs {needed} bytes, the file has "
                                  f"{Path(path).stat().st_size}; re-export the file")
             self._contiguous = (path, int(series.dataoffset), dtype)
-        elif len(self._pages) != shape[0]:
+        elif len(self._pages) != layout.page_table.size:
+            per_plane = layout.page_table.shape[1]
+            planes = f"{shape[0]} planes" + (f" of {per_plane} channels" if per_plane > 1 else "")
             raise InputError(
-                f"{path}: stack of {shape[0]} planes stored in {len(self._pages)} pages is not supported; "
-                "re-save it as one page per plane"
+                f"{path}: stack of {planes} stored in {len(self._pages)} pages is not supported; "
+                "re-save it as one page per plane" + (" and channel" if per_plane > 1 else "")
             )
         self._check_plane_memory(path)
 
@@ -102,67 +156,112 @@ class TiffStack:
         first = _open_tiff(paths[0])
         self._handles.append(first)
         with _fail_on_tifffile_errors(paths[0]):
-            series, shape = _grayscale_series(first, paths[0], self._dtypes)
-        if shape[0] != 1:
-            raise InputError(f"{paths[0]}: a folder or glob must hold 2D images, this one has {shape[0]} planes")
-        self.shape = (len(paths), shape[1], shape[2])
-        self.is_2d = False
-        self.dtype = np.dtype(series.dtype)
+            layout = _image_layout(first, paths[0], self._dtypes, labels=self._labels)
+        if layout.shape[0] != 1:
+            raise InputError(f"{paths[0]}: a folder or glob must hold 2D images, this one has {layout.shape[0]} planes")
+        self._set_layout(layout, is_2d=False)
+        self.shape = (len(paths), *layout.shape[1:])
         self.resolution = _resolution(first)
+        self.pixel_size = self.resolution.pixel_size_um if self.resolution is not None else None
         self._pages = []
         self._check_plane_memory(paths[0])
+
+    def _set_layout(self, layout: _Layout, *, is_2d: bool) -> None:
+        self.shape: tuple[int, int, int] = layout.shape
+        self.channels: int = layout.channels
+        self.is_2d = is_2d
+        self.dtype = np.dtype(layout.series.dtype)
+        self._page_table = layout.page_table
+        self._page_axes = layout.page_axes
+        # elements of one page: a channel's (Y, X), or all samples of an RGB page
+        self._page_size = self.shape[1] * self.shape[2] * (self.channels if layout.page_axes != "YX" else 1)
 
     def _check_plane_memory(self, path: str) -> None:
         """Refuse, before any work, planes that cannot be held in memory (a header may claim any size).
         Skipped when the opener says so (a Dask task re-opening a stack its client already checked)."""
         if not self._check_memory:
             return
-        from segkit.memory import plane_problem
+        from segkit import memory
 
-        problem = plane_problem(self.shape[1:], self.dtype.itemsize)
-        if problem is not None:
-            raise InputError(f"{path}: {problem}")
+        if self.channels == 1:
+            problem = memory.plane_problem(self.shape[1:], self.dtype.itemsize)
+            if problem is not None:
+                raise InputError(f"{path}: {problem}")
+            return
+        # every channel is held as stored and in float32 (normalised, padded); the output has one plane's size
+        height, width = self.shape[1:]
+        extra = (self.channels - 1) * height * width * (self.dtype.itemsize + 4 * (memory.PLANE_FLOAT32_COPIES - 1))
+        need = memory.plane_bytes(self.shape[1:], self.dtype.itemsize) + extra
+        available = memory.available_memory()
+        if available is not None and need > available:
+            raise InputError(
+                f"{path}: one plane is {self.channels} channels of {height} x {width} px and processing it needs "
+                f"about {memory.format_bytes(need)} (the channels as float32, their padded copy and the output), but "
+                f"{memory.format_bytes(available)} of memory is available; crop or split the planes into smaller "
+                "images (e.g. with Fiji or tifffile), or use a machine with more memory"
+            )
 
     # -- access ----------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.shape[0]
 
     def plane(self, index: int) -> np.ndarray:
-        """Plane `index` as a 2D array of the stack's dtype, checked for NaN/inf."""
+        """Plane `index` in the stack's dtype, checked for NaN/inf: (H, W) for a single-channel stack,
+        (C, H, W) (channel first, contiguous) for a multi-channel one."""
         if not 0 <= index < self.shape[0]:
             raise IndexError(index)
+        page_axes = self._page_axes
         try:
             if self._contiguous is not None:
                 data = self._read_contiguous_plane(index)
             elif self._pages:
-                data = _decode(self._pages[index], self._workers)
+                data = _decode_pages(self._pages, self._page_table[index], self._workers)
             else:
-                data = self._read_file_plane(index)
+                data, page_axes = self._read_file_plane(index)
         except _TIFF_ERRORS as exc:
             raise InputError(
                 f"{self.source}: plane {index} cannot be decoded ({tiff_problem(str(exc))}); the file is truncated "
                 "or corrupt: re-export it or copy it again"
             ) from exc
-        return check_finite(np.asarray(data).reshape(self.shape[1:]), self.source, index)
+        return check_finite(self._as_plane(data, page_axes), self.source, index)
+
+    def _as_plane(self, data: np.ndarray, page_axes: str) -> np.ndarray:
+        """Pages as read, as (H, W) or (C, H, W)."""
+        height, width = self.shape[1:]
+        data = np.asarray(data)
+        if self.channels == 1:
+            return data.reshape(height, width)
+        if page_axes == "YXS":  # samples interleaved: channel first
+            data = data.reshape(height, width, self.channels).transpose(2, 0, 1)
+        return np.ascontiguousarray(data.reshape(self.channels, height, width))
 
     def _read_contiguous_plane(self, index: int) -> np.ndarray:
         path, offset, dtype = self._contiguous  # type: ignore[misc]
-        count = self.shape[1] * self.shape[2]
-        data = np.fromfile(path, dtype=dtype, count=count, offset=offset + index * count * dtype.itemsize)
-        if data.size != count:
+        pages, count = self._page_table[index], self._page_size
+        if len(pages) == 1 or bool(np.all(np.diff(pages) == 1)):  # one read: YX, ZYX, CYX, ZCYX, RGB
+            data = np.fromfile(path, dtype=dtype, count=count * len(pages),
+                               offset=offset + int(pages[0]) * count * dtype.itemsize)
+        else:  # channels apart (CZYX): one read per channel
+            parts = [np.fromfile(path, dtype=dtype, count=count, offset=offset + int(page) * count * dtype.itemsize)
+                     for page in pages]
+            data = np.concatenate(parts) if all(part.size == count for part in parts) else np.empty(0, dtype)
+        if data.size != count * len(pages):
             raise InputError(f"{path}: plane {index} is cut short; the file is truncated")
         return data.astype(dtype.newbyteorder("="), copy=False)
 
-    def _read_file_plane(self, index: int) -> np.ndarray:
+    def _read_file_plane(self, index: int) -> tuple[np.ndarray, str]:
+        """File `index` of a folder or glob, checked to match the first file: its pages and their axes."""
         path = self._files[index]
         with _open_tiff(path) as tif:
-            series, shape = _grayscale_series(tif, path)
-            if shape != (1, *self.shape[1:]) or np.dtype(series.dtype) != self.dtype:
+            layout = _image_layout(tif, path, self._dtypes, labels=self._labels)
+            if (layout.shape != (1, *self.shape[1:]) or layout.channels != self.channels
+                    or np.dtype(layout.series.dtype) != self.dtype):
                 raise InputError(
-                    f"{path}: shape {shape[1:]} / dtype {series.dtype} differs from the first file's "
-                    f"{self.shape[1:]} / {self.dtype}; all files of a folder must match"
+                    f"{path}: shape {layout.shape[1:]} / {layout.channels} channel(s) / dtype {layout.series.dtype} "
+                    f"differs from the first file's {self.shape[1:]} / {self.channels} channel(s) / {self.dtype}; "
+                    "all files of a folder must match"
                 )
-            return _decode(series.pages[0], self._workers)
+            return _decode_pages(list(layout.series.pages), layout.page_table[0], self._workers), layout.page_axes
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for index in range(self.shape[0]):
@@ -190,8 +289,9 @@ def check_finite(plane: np.ndarray, source: str, index: int) -> np.ndarray:
 
 def open_stack(source: str | Path, *, labels: bool = False, workers: int | None = None,
                check_memory: bool = True) -> TiffStack:
-    """Open a 2D/ZYX TIFF, a folder of 2D TIFFs or a glob of them as a lazy ZYX stack; `labels`
-    also admits 32-bit integer label stacks; `workers` threads decode a compressed page (default: up to 4);
+    """Open a 2D/ZYX TIFF, a folder of 2D TIFFs or a glob of them as a lazy ZYX stack, single-channel
+    or multi-channel (CYX, ZCYX, RGB/RGBA: `channels` > 1, planes (C, H, W)); `labels` also admits 32-bit
+    integer label stacks (single-channel only); `workers` threads decode a compressed page (default: up to 4);
     `check_memory` refuses planes that do not fit in memory (off where a caller checked already)."""
     return TiffStack(source, labels=labels, workers=workers, check_memory=check_memory)
 
@@ -204,6 +304,18 @@ DECODE_WORKERS, ENCODE_WORKERS = 4, 8
 
 def _worker_count(workers: int | None, default: int = DECODE_WORKERS) -> int:
     return max(1, workers if workers is not None else min(os.cpu_count() or 1, default))
+
+
+def _decode_pages(pages: list, indices: np.ndarray, workers: int) -> np.ndarray:
+    """The pages at `indices` (one plane: one page, or one page per channel), stacked when several."""
+    if len(indices) == 1:
+        return _decode(pages[int(indices[0])], workers)
+    first = _decode(pages[int(indices[0])], workers)
+    data = np.empty((len(indices), *first.shape), first.dtype)
+    data[0] = first
+    for j, page in enumerate(indices[1:], 1):
+        data[j] = _decode(pages[int(page)], workers)
+    return data
 
 
 def _decode(page: Any, workers: int) -> np.ndarray:
@@ -310,9 +422,23 @@ def _open_tiff(path: str) -> tifffile.TiffFile:
         raise
 
 
-def _grayscale_series(tif: tifffile.TiffFile, path: str,
-                      dtypes: tuple[type, ...] = SUPPORTED_DTYPES) -> tuple[Any, tuple[int, int, int]]:
-    """The first series, checked to be single-channel 2D or 3D, and its shape as ZYX."""
+@dataclass(frozen=True)
+class _Layout:
+    """Where a file's planes are: its series, the stack's (Z, H, W) shape and channel count, and for
+    each plane the indices of its pages in the series (one page, or one page per channel)."""
+
+    series: Any
+    shape: tuple[int, int, int]
+    channels: int
+    page_table: np.ndarray  # (Z, pages per plane): C for CYX/ZCYX, else 1
+    page_axes: str  # the axes of one page: YX, YXS (RGB, contiguous) or SYX (RGB, planar)
+    is_2d: bool
+
+
+def _image_layout(tif: tifffile.TiffFile, path: str, dtypes: tuple[type, ...] = SUPPORTED_DTYPES, *,
+                  labels: bool = False) -> _Layout:
+    """The first series, checked to be a 2D image or a ZYX stack, single-channel or with one channel
+    axis (CYX, ZCYX, RGB/RGBA samples), and where its planes are."""
     if not tif.series or not tif.pages:
         raise InputError(f"{path}: the TIFF holds no images (empty stack); export at least one plane")
     series = _one_series(tif, path)
@@ -320,26 +446,44 @@ def _grayscale_series(tif: tifffile.TiffFile, path: str,
     if any(n == 0 for n in shape):
         raise InputError(f"{path}: the stack is empty (shape {shape}); export at least one plane")
     sizes = dict(zip(axes, shape))
-    if sizes.get("S", 1) > 1:
-        raise InputError(
-            f"{path}: RGB/multi-sample image ({sizes['S']} samples per pixel); convert it to "
-            "single-channel grayscale first"
-        )
-    if sizes.get("C", 1) > 1:
-        raise InputError(
-            f"{path}: multi-channel image ({sizes['C']} channels, axes {axes}); save the channel "
-            "to segment as its own single-channel stack"
-        )
-    if axes[-2:] != "YX":
-        raise InputError(f"{path}: unsupported axes {axes}; expected YX or ZYX")
-    extra = [(a, n) for a, n in zip(axes[:-2], shape[:-2]) if n > 1]
+    samples, channels = sizes.get("S", 1), sizes.get("C", 1)
+    if labels and samples > 1:
+        raise InputError(f"{path}: RGB/multi-sample labels ({samples} samples per pixel); save the labels as a "
+                         "single-channel image")
+    if labels and channels > 1:
+        raise InputError(f"{path}: multi-channel labels ({channels} channels, axes {axes}); save the labels as a "
+                         "single-channel image")
+    if samples > 1 and channels > 1:
+        raise InputError(f"{path}: image with {channels} channels of {samples} samples per pixel (axes {axes}); "
+                         "segkit reads one channel axis: save it as a ZCYX stack of single-sample channels, or "
+                         "as RGB planes")
+    page_axes = next((a for a in ("YXS", "SYX", "YX") if axes.endswith(a)), None)
+    if page_axes is None or axes.count("S") > 1 or axes.count("C") > 1:
+        raise InputError(f"{path}: unsupported axes {axes}; expected YX, ZYX, CYX, ZCYX or RGB (YXS); re-save "
+                         "it in one of these layouts (e.g. with Fiji or tifffile)")
+    lead = axes[: len(axes) - len(page_axes)]
+    lead_shape = shape[: len(lead)]
+    if "S" in lead:
+        raise InputError(f"{path}: unsupported axes {axes} (samples outside the pages); re-save it as CYX, "
+                         "ZCYX or RGB (YXS)")
+    extra = [(a, n) for a, n in zip(lead, lead_shape) if n > 1 and a != "C"]
     if len(extra) > 1:
-        raise InputError(f"{path}: {len(extra) + 2}D image (axes {axes}); expected a 2D image or a ZYX stack")
+        split = " and ".join(a for a, _ in extra[:-1])
+        raise InputError(f"{path}: {sum(n > 1 for n in shape)}D image (axes {axes}, shape {shape}); expected a 2D image or "
+                         f"a ZYX stack, optionally with channels (CYX, ZCYX, RGB): split it into one stack per "
+                         f"{split} (e.g. with Fiji or tifffile)")
     if np.dtype(series.dtype) not in [np.dtype(d) for d in dtypes]:
         names = ", ".join(np.dtype(d).name for d in dtypes)
         raise InputError(f"{path}: dtype {series.dtype} is not supported; convert to one of {names}")
     depth = extra[0][1] if extra else 1
-    return series, (depth, shape[-2], shape[-1])
+    # page indices in the series (C order of the leading axes), kept along Z and C, Z first
+    kept = [a for a, n in zip(lead, lead_shape) if n > 1]
+    count = int(np.prod(lead_shape, dtype=np.int64))
+    table = np.arange(count).reshape(lead_shape)[tuple(slice(None) if n > 1 else 0 for n in lead_shape)]
+    if kept[:1] == ["C"] and len(kept) == 2:
+        table = table.T
+    return _Layout(series, (depth, sizes["Y"], sizes["X"]), max(samples, channels), table.reshape(depth, -1),
+                   page_axes, not extra)
 
 
 @dataclass(frozen=True)
@@ -400,9 +544,37 @@ def _resolution(tif: tifffile.TiffFile) -> Resolution | None:
         return None
     try:
         x, y = page.resolution
-        return Resolution(float(x), float(y), int(page.resolutionunit))
+        return Resolution(float(x), float(y), int(page.resolutionunit), _metadata_unit(tif))
     except (TypeError, ValueError, ZeroDivisionError):
         return None
+
+
+def _metadata_unit(tif: tifffile.TiffFile) -> str | None:
+    """The length unit of the resolution tags stored by ImageJ (its description's `unit`), or by
+    write_stack (the `unit` of tifffile's JSON description); None where there is none."""
+    try:
+        if tif.is_imagej:
+            metadata = tif.imagej_metadata
+        elif tif.is_shaped:
+            metadata = (tif.shaped_metadata or (None,))[0]
+        else:
+            return None
+    except _TIFF_ERRORS:
+        return None
+    unit = metadata.get("unit") if isinstance(metadata, dict) else None
+    if unit is None:
+        return None
+    return str(unit).strip() or None
+
+
+def pixel_size_um(path: str | Path) -> float | None:
+    """Micrometres per pixel of one TIFF file from its resolution tags and unit (ImageJ unit, or
+    ResolutionUnit centimetre / inch); None where the file holds no calibration (see
+    Resolution.pixel_size_um)."""
+    path = str(path)
+    with _open_tiff(path) as tif, _fail_on_tifffile_errors(path):
+        resolution = _resolution(tif) if tif.pages else None
+    return resolution.pixel_size_um if resolution is not None else None
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -447,6 +619,8 @@ def write_stack(
     Storage blocks of `block` x `block` px (a multiple of 16) are compressed with `compression`
     (one of COMPRESSIONS; zlib and zstd at `compression_level`) on `workers` threads (default: up to 8),
     at most about two planes' worth at a time, so memory does not grow with the stack.
+    `resolution` is stored in the resolution tags, and its ImageJ unit (`unit_name`, e.g. 'um') in the
+    description's `unit`, so the output reads back with the input's pixel size.
     """
     dtype = np.dtype(dtype)
     axes = _check_axes(shape, axes)
@@ -476,15 +650,18 @@ def write_stack(
             raise ValueError(f"got {count} planes, expected {count_expected}")
 
     extra: dict[str, Any] = {}
+    metadata: dict[str, Any] = {"axes": axes}
     if resolution is not None:
         extra = {"resolution": (resolution.x, resolution.y), "resolutionunit": resolution.unit}
+        if resolution.unit_name:  # the ImageJ unit the resolution counts pixels per ('um')
+            metadata["unit"] = resolution.unit_name
     if codec is not None:
         extra.update(compression=codec, compressionargs=codec_args, maxworkers=workers, buffersize=buffersize)
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=True) as writer:
             writer.write(
                 blocks(), shape=tuple(shape), dtype=dtype, tile=(block, block), photometric="minisblack",
-                metadata={"axes": axes}, **extra,
+                metadata=metadata, **extra,
             )
     return path
 

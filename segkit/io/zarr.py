@@ -1,8 +1,9 @@
 """Zarr and OME-Zarr: read a volume plane by plane, create the OME-Zarr store the Dask path writes
 into, and convert a store to a tiled BigTIFF.
 
-Stores are zarr format 2 with NGFF 0.4 multiscales metadata (one level, array "0", axes z, y, x),
-which napari, Fiji (MoBIE / n5-viewer) and neuroglancer open. zarr is optional (the `dask` extra):
+Stores are zarr format 2 with NGFF 0.4 multiscales metadata (one level, array "0", axes z, y, x, or
+c, z, y, x for outputs of several channels: one per class of a K-class model), which napari, Fiji
+(MoBIE / n5-viewer) and neuroglancer open. zarr is optional (the `dask` extra):
 it is imported inside the functions that need it.
 """
 
@@ -79,6 +80,12 @@ class ZarrStack:
         if not hasattr(node, "shape"):
             if "0" not in node:
                 raise InputError(f"{source} is a zarr group without a level-0 array '0'; pass the array itself")
+            axes = store_axes(path) or ()
+            if "c" in axes:
+                raise InputError(f"{source} has a channel axis ({', '.join(axes)}: e.g. one probability per class); "
+                                 "prediction reads one channel: pass a YX or ZYX array")
+            if set(axes) - {"z", "y", "x"}:
+                raise InputError(f"{source} has axes {', '.join(axes)}; pass a YX or ZYX array")
             node = node["0"]
         if node.ndim not in (2, 3) or node.dtype not in ZARR_DTYPES:
             raise InputError(f"{source}: a zarr input must be a YX or ZYX array of uint8, uint16 or float32, "
@@ -124,16 +131,36 @@ def plane_reader(source: str) -> Callable[[int], np.ndarray]:
     return read
 
 
-def ome_zarr_attributes(shape: tuple[int, int, int], resolution_um: tuple[float, float] | None) -> dict[str, Any]:
-    """NGFF 0.4 multiscales metadata: one level, axes z, y, x (micrometres when known)."""
+def ome_zarr_attributes(shape: tuple[int, ...], resolution_um: tuple[float, float] | None,
+                        channel_names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """NGFF 0.4 multiscales metadata: one level, axes z, y, x (micrometres when known), after a channel
+    axis c when `shape` has four axes (CZYX); `channel_names` (one per channel) label the channels
+    (the transitional 'omero' block napari reads)."""
     scale = [1.0, *(resolution_um or (1.0, 1.0))]
     axes = [{"name": "z", "type": "space"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
     if resolution_um is not None:
         for axis in axes[1:]:
             axis["unit"] = "micrometer"
-    return {"multiscales": [{"version": "0.4", "name": "segkit", "axes": axes,
-                             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale",
-                                                                                       "scale": scale}]}]}]}
+    if len(shape) == 4:
+        axes, scale = [{"name": "c", "type": "channel"}, *axes], [1.0, *scale]
+    attrs: dict[str, Any] = {"multiscales": [{"version": "0.4", "name": "segkit", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}
+    if len(shape) == 4 and channel_names and len(channel_names) == shape[0]:
+        attrs["omero"] = {"version": "0.4", "channels": [{"label": str(name), "active": True}
+                                                          for name in channel_names]}
+    return attrs
+
+
+def store_axes(store: str | Path) -> tuple[str, ...] | None:
+    """The axis names of an OME-Zarr store's multiscales metadata (None when it has none)."""
+    require("zarr", feature="OME-Zarr", package="zarr")
+    import zarr
+
+    try:
+        multiscales = zarr.open_group(str(store), mode="r").attrs.get("multiscales")
+        return tuple(axis["name"] if isinstance(axis, dict) else str(axis) for axis in multiscales[0]["axes"])
+    except Exception:  # not a group, no or malformed metadata: the array's own shape is all there is
+        return None
 
 
 def resolution_um(resolution: Resolution | None) -> tuple[float, float] | None:
@@ -143,16 +170,18 @@ def resolution_um(resolution: Resolution | None) -> tuple[float, float] | None:
     return None
 
 
-def create_ome_zarr(path: str | Path, shape: tuple[int, int, int], chunks: tuple[int, int, int],
-                    dtype: np.dtype | type | str, resolution: Resolution | None) -> None:
+def create_ome_zarr(path: str | Path, shape: tuple[int, ...], chunks: tuple[int, ...],
+                    dtype: np.dtype | type | str, resolution: Resolution | None,
+                    channel_names: tuple[str, ...] | None = None) -> None:
     """Create an empty OME-Zarr store at `path` (replacing what is there): a zarr v2 group holding the
-    level-0 array "0" (filled with 0) and its multiscales attributes (pixel size from `resolution`)."""
+    level-0 array "0" (filled with 0; ZYX, or CZYX for a `shape` of four axes) and its multiscales
+    attributes (pixel size from `resolution`, channel labels from `channel_names`)."""
     require("zarr", feature="OME-Zarr output", package="zarr")
     import zarr
 
     group = zarr.open_group(str(path), mode="w", zarr_format=2)
     group.create_array("0", shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0)
-    group.attrs.update(ome_zarr_attributes(tuple(shape), resolution_um(resolution)))
+    group.attrs.update(ome_zarr_attributes(tuple(shape), resolution_um(resolution), channel_names))
 
 
 def create_array(store: str | Path, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
@@ -184,14 +213,25 @@ def open_level0(store: str | Path, *, mode: str = "r") -> Any:
 def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bool = False,
                          compression: str = "zlib", report: Callable[[str], object] | None = None) -> Path:
     """Stream the level-0 array of an OME-Zarr store into a tiled BigTIFF, plane by plane
-    (`compression`: one of segkit.io.tiff.COMPRESSIONS). A store of an unfinished run is refused;
-    `report` hears about stale temporary files of the output that were removed."""
+    (`compression`: one of segkit.io.tiff.COMPRESSIONS): YX and ZYX as they are, a CZYX store (one
+    channel per class) as a ZCYX TIFF (ImageJ's order: channel fastest). A store of an unfinished run
+    is refused; `report` hears about stale temporary files of the output that were removed."""
     from segkit.io.outputs import check_output
 
     if Path(store).exists():
         check_complete(store)
     array = open_level0(store)
+    axes = store_axes(store)
+    if array.ndim == 4 and axes not in (None, ("c", "z", "y", "x")):
+        raise InputError(f"{store} has axes {', '.join(axes or ())}; convert writes YX, ZYX or CZYX stores")
+    if array.ndim not in (2, 3, 4):
+        raise InputError(f"{store} holds a {array.ndim}D array; convert writes YX, ZYX or CZYX stores")
     check_output(output, kind="tiff", inputs=[store], overwrite=overwrite, report=report)
+    if array.ndim == 4:
+        channels, depth, height, width = array.shape
+        planes: Any = (plane for z in range(depth) for plane in np.asarray(array[:, z]))
+        return write_stack(output, planes, shape=(depth, channels, height, width), axes="ZCYX", dtype=array.dtype,
+                           overwrite=overwrite, compression=compression)
     planes = ((np.asarray(array[...]),) if array.ndim == 2
               else (np.asarray(array[z]) for z in range(array.shape[0])))
     return write_stack(output, planes, shape=tuple(array.shape), dtype=array.dtype, overwrite=overwrite,

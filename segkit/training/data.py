@@ -29,31 +29,12 @@ def class_balance_weights(membrane: np.ndarray) -> tuple[float, float]:
 
 
 def border_weight_map(membrane: np.ndarray, *, w0: float = 10.0, sigma: float = 5.0) -> np.ndarray:
-    """The border term w0 exp(-(d1+d2)^2 / 2 sigma^2) on membrane pixels, 0 on cell interiors.
-
-    Distances are computed per cell inside its bounding box grown by the radius beyond which
-    the term is negligible, so a slice with hundreds of cells stays fast.
-    """
+    """The border term w0 exp(-(d1+d2)^2 / 2 sigma^2) on membrane pixels, 0 on cell interiors."""
     from scipy import ndimage
 
-    cells, count = ndimage.label(~membrane)
-    if w0 <= 0 or count == 0:
-        return np.zeros(membrane.shape, np.float32)
-    reach = float(np.ceil(sigma * np.sqrt(2.0 * np.log(max(w0, 1.0) * 1e3))))
-    d1 = np.full(membrane.shape, reach, np.float32)
-    d2 = np.full(membrane.shape, reach, np.float32)
-    pad = int(reach) + 1
-    for index, box in enumerate(ndimage.find_objects(cells), start=1):
-        if box is None:
-            continue
-        ys = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, membrane.shape[0]))
-        xs = slice(max(box[1].start - pad, 0), min(box[1].stop + pad, membrane.shape[1]))
-        distance = ndimage.distance_transform_edt(cells[ys, xs] != index).astype(np.float32)
-        near1, near2 = d1[ys, xs], d2[ys, xs]
-        d2[ys, xs] = np.minimum(near2, np.maximum(near1, distance))
-        d1[ys, xs] = np.minimum(near1, distance)
-    border = w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2))
-    return np.where(membrane, border, 0.0).astype(np.float32)
+    from segkit.training.targets import border_term
+
+    return border_term(ndimage.label(~membrane)[0], membrane, w0=w0, sigma=sigma)
 
 
 def weight_map(membrane: np.ndarray, class_weights: tuple[float, float], *, w0: float, sigma: float) -> np.ndarray:
@@ -97,10 +78,15 @@ def data_source(data: dict[str, Any], key: str) -> str:
     raise InputError(f"data.{key}: {source} does not exist; pass {fix}")
 
 
-def data_normalization(planes: list[np.ndarray]) -> Normalization:
-    """Global mean/std of training planes in raw units (stored in the checkpoint, never per tile)."""
-    values = np.concatenate([p.astype(np.float64).ravel() for p in planes])
-    return Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+def data_normalization(planes: list[np.ndarray], *, channels: int | None = None) -> Normalization:
+    """Global mean/std of training planes in raw units, per channel when `channels` is set (planes are
+    then (C, H, W)); stored in the checkpoint, never computed per tile."""
+    if channels is None:
+        values = np.concatenate([p.astype(np.float64).ravel() for p in planes])
+        return Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
+    per_channel = [np.concatenate([p[c].astype(np.float64).ravel() for p in planes]) for c in range(channels)]
+    return Normalization(mean=tuple(float(v.mean()) for v in per_channel),
+                         std=tuple(float(max(v.std(), 1e-6)) for v in per_channel))
 
 
 def intensity_scale(dtype: np.dtype) -> float:
@@ -137,13 +123,37 @@ def build_augmentation(settings: dict[str, Any], *, seed: int) -> Any:
 
 @dataclass
 class SliceSet:
-    """Mirror-padded training slices: raw in [0, 1], membrane targets and loss weights."""
+    """Mirror-padded training images in unit space (about [0, 1]; (C, H, W)), their class targets and
+    loss weights, and how often each is drawn (in proportion to its area)."""
 
     raw: list[np.ndarray]
     target: list[np.ndarray]
     weight: list[np.ndarray]
     margin: int
-    scale: float = 1.0  # raw units per unit of `raw` (255 for uint8 data)
+    scale: float = 1.0  # raw units per unit of `raw` (255 for uint8 data; 1 when `raw` is in model units)
+    areas: list[int] | None = None  # pixels of each image before padding
+
+    def draw(self, rng: np.random.Generator) -> int:
+        """An image index, drawn in proportion to the images' areas (uniform without areas)."""
+        if not self.areas:
+            return int(rng.integers(len(self.raw)))
+        cumulative = np.cumsum(self.areas)
+        return int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+
+
+def pad_examples(units: list[np.ndarray], targets: list[np.ndarray], weights: list[np.ndarray], *, margin: int,
+                 min_size: int, scale: float = 1.0) -> SliceSet:
+    """Pad every image ((C, H, W) or (H, W), in unit space) by the model margin (mirror), so any patch of
+    the image has its context; images smaller than `min_size` output pixels are mirror-padded up to it."""
+    raws, padded_targets, padded_weights, areas = [], [], [], []
+    for unit, target, weight in zip(units, targets, weights):
+        unit = unit[None] if unit.ndim == 2 else unit
+        grow = [(margin, margin + max(0, min_size - n)) for n in unit.shape[-2:]]
+        raws.append(np.stack([mirror_array(channel.astype(np.float32), grow) for channel in unit]))
+        padded_targets.append(mirror_array(target.astype(np.uint8), grow))
+        padded_weights.append(mirror_array(weight.astype(np.float32), grow))
+        areas.append(int(target.size))
+    return SliceSet(raws, padded_targets, padded_weights, margin, scale, areas)
 
 
 def prepare_slices(
@@ -156,38 +166,34 @@ def prepare_slices(
     w0: float,
     sigma: float,
 ) -> SliceSet:
-    """Pad every slice by the model margin (mirror), so any patch of the plane has its context.
-
-    Slices smaller than `min_size` output pixels are mirror-padded up to it.
-    """
-    raws, targets, weights = [], [], []
+    """ISBI-style membrane slices ((H, W) raw planes and boolean membranes) as a SliceSet in [0, 1] units."""
     scale = intensity_scale(raw_planes[0].dtype) if raw_planes else 1.0
-    for raw, membrane in zip(raw_planes, membranes):
-        weight = weight_map(membrane, class_weights, w0=w0, sigma=sigma)
-        grow = [(margin, margin + max(0, min_size - n)) for n in raw.shape]
-        raws.append(mirror_array(raw.astype(np.float32) / scale, grow))
-        targets.append(mirror_array(membrane.astype(np.uint8), grow))
-        weights.append(mirror_array(weight, grow))
-    return SliceSet(raws, targets, weights, margin, scale)
+    weights = [weight_map(m, class_weights, w0=w0, sigma=sigma) for m in membranes]
+    return pad_examples([r.astype(np.float32) / scale for r in raw_planes], [m.astype(np.uint8) for m in membranes],
+                        weights, margin=margin, min_size=min_size, scale=scale)
 
 
 def sample_patch(
     slices: SliceSet, rng: np.random.Generator, *, tile: int, out_tile: int, augment: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One augmented (input tile, target, weight) triple; targets are the centre out_tile crop."""
-    index = int(rng.integers(len(slices.raw)))
+    """One augmented (input tile (C, tile, tile), target, weight) triple; targets are the centre out_tile crop."""
+    index = slices.draw(rng)
     raw, target, weight = slices.raw[index], slices.target[index], slices.weight[index]
-    y = int(rng.integers(raw.shape[0] - tile + 1))
-    x = int(rng.integers(raw.shape[1] - tile + 1))
+    y = int(rng.integers(raw.shape[-2] - tile + 1))
+    x = int(rng.integers(raw.shape[-1] - tile + 1))
     window = (slice(y, y + tile), slice(x, x + tile))
-    image, masks = raw[window], [target[window], weight[window]]
+    image, masks = raw[(slice(None), *window)], [target[window], weight[window]]
     if augment is not None:
-        result = augment(image=np.ascontiguousarray(image), masks=[np.ascontiguousarray(m) for m in masks])
-        image, masks = result["image"], result["masks"]
+        # albumentations takes (H, W) or channels-last (H, W, C) images
+        hwc = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+        result = augment(image=np.ascontiguousarray(hwc), masks=[np.ascontiguousarray(m) for m in masks])
+        augmented = np.asarray(result["image"], np.float32)
+        image = augmented[None] if augmented.ndim == 2 else np.moveaxis(augmented, -1, 0)
+        masks = result["masks"]
     m = (tile - out_tile) // 2
     inner = (slice(m, m + out_tile), slice(m, m + out_tile))
     return (
-        np.asarray(image, np.float32),
+        np.ascontiguousarray(image, np.float32),
         np.asarray(masks[0][inner], np.int64),
         np.asarray(masks[1][inner], np.float32),
     )
@@ -200,13 +206,15 @@ def normalize_unit(image: np.ndarray, normalization: Normalization, scale: float
 
 def patch_stream(
     slices: SliceSet, *, tile: int, out_tile: int, augment_settings: dict[str, Any],
-    normalization: Normalization, seed: tuple[int, ...],
+    normalization: Normalization, seed: tuple[int, ...], augment_later: bool = False,
 ) -> Any:
-    """An endless torch IterableDataset of (image (1, tile, tile), target, weight) training patches.
+    """An endless torch IterableDataset of (image (C, tile, tile), target, weight) training patches.
 
     Each DataLoader worker draws from its own random stream seeded by (seed..., worker id), so
     workers never repeat each other and a resumed run (seeded with its start epoch) never
-    replays the patches of the first run.
+    replays the patches of the first run. With `augment_later` the patches are left as they are, in
+    unit space, with whole-tile targets and weights: augmentation, centre crop and normalisation
+    then happen on the training device (`augment.on_device`).
     """
     import torch
 
@@ -215,11 +223,14 @@ def patch_stream(
             worker = torch.utils.data.get_worker_info()
             worker_id = worker.id if worker is not None else 0
             rng = np.random.default_rng([*seed, worker_id])
-            augment = build_augmentation(augment_settings, seed=int(rng.integers(2**31)))
+            augment = None if augment_later else build_augmentation(augment_settings, seed=int(rng.integers(2**31)))
             scale = slices.scale
             while True:
-                image, target, weight = sample_patch(slices, rng, tile=tile, out_tile=out_tile, augment=augment)
-                image = normalize_unit(image, normalization, scale).astype(np.float32)
-                yield torch.from_numpy(image[None]), torch.from_numpy(target), torch.from_numpy(weight)
+                if augment_later:
+                    image, target, weight = sample_patch(slices, rng, tile=tile, out_tile=tile, augment=None)
+                else:
+                    image, target, weight = sample_patch(slices, rng, tile=tile, out_tile=out_tile, augment=augment)
+                    image = normalize_unit(image, normalization, scale).astype(np.float32)
+                yield torch.from_numpy(image), torch.from_numpy(target), torch.from_numpy(weight)
 
     return _PatchStream()

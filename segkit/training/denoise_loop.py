@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
 from segkit.errors import ConfigError
 from segkit.inference.tiler import predict_arrays
 from segkit.io.tiff import open_stack
@@ -25,22 +25,21 @@ from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
 from segkit.training.data import data_normalization, data_source, intensity_scale, mirror_array, split_planes
 from segkit.training.runs import (
     Clock,
+    EpochPlan,
     RunFiles,
     amp_setup,
     announce,
     build_optimizer,
     check_model_fits,
     check_training_tile,
-    duration,
     make_interruptible,
     open_run,
     optimizer_step,
-    plot_curve,
     resume_run,
+    run_epochs,
     save_optimizer,
-    train_iterations,
+    slice_text,
     training_device,
-    write_logs,
 )
 
 LOG_FIELDS = ["epoch", "train_loss", "psnr", "ssim", "noisy_psnr", "seconds", "lr"]
@@ -154,77 +153,55 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     info = CheckpointInfo(
         kind="denoiser", model=recipe["model"]["name"], model_kwargs=model_kwargs, geometry=geometry,
         normalization=normalization, classes=[],
-        inference={"tile": tile, "input_dtype": str(train_raw[0].dtype), "intensity_scale": scale}, recipe=recipe,
+        inference=InferenceDefaults(tile=tile, input_dtype=str(train_raw[0].dtype), intensity_scale=scale), recipe=recipe,
     )
     rng = np.random.default_rng([cfg_train["seed"], start_epoch])
-    epoch = completed = start_epoch - 1
-    limit = cfg_train["time_limit_min"]
 
-    def save_last() -> None:
+    def save_last(completed: int) -> None:
         save_checkpoint(files.last, model, info)
         save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_psnr": best_psnr, "history": history})
 
     def to_model_units(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(normalization.apply(x * scale)).to(device)
 
+    def step(epoch: int) -> float:
+        noisy, target, weight = sample_denoise_batch(padded, rng, tile=tile, margin=geometry.margin,
+                                                     batch=cfg_train["batch"], settings=recipe)
+        with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+            estimate = model(to_model_units(noisy)).float()
+        error = estimate - to_model_units(target)
+        per_pixel = error.square() if cfg_train["loss"] == "mse" else error.abs()
+        weight_t = torch.from_numpy(weight).to(device)
+        loss = (per_pixel * weight_t).sum() / weight_t.sum().clamp(min=1.0)
+        return optimizer_step(loss, optimizer, scaler, epoch=epoch)
+
+    def finish(epoch: int, losses: list[float], started: float) -> tuple[dict[str, Any], bool, str]:
+        nonlocal best_psnr
+        denoised = denoise_planes(model, val_noisy, normalization=normalization, scale=scale, tile=tile,
+                                  batch=cfg_train["val_batch"], device=device)
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+               "psnr": float(np.mean([psnr(d, c) for d, c in zip(denoised, val_clean)])),
+               "ssim": float(np.mean([ssim(d, c) for d, c in zip(denoised, val_clean)])),
+               "noisy_psnr": noisy_psnr, "seconds": time.monotonic() - started,
+               "lr": optimizer.param_groups[0]["lr"]}
+        info.training = {"epoch": epoch, "validation": {k: row[k] for k in ("psnr", "ssim", "noisy_psnr")},
+                         "corruption": recipe["corruption"], "mode": cfg_train["mode"]}
+        improved = row["psnr"] > best_psnr
+        best_psnr = max(best_psnr, row["psnr"])
+        baseline = f" (noisy input {noisy_psnr:.2f} dB)" if synthetic else " (vs the raw data)"
+        return row, improved, f"loss {row['train_loss']:.4f}  val PSNR {row['psnr']:.2f} dB{baseline}  SSIM {row['ssim']:.3f}"
+
     make_interruptible(model, device)
     iters, epochs = cfg_train["iters_per_epoch"], cfg_train["epochs"]
     announce(echo, model=model, name=recipe["model"]["name"], device=device, requested_device=cfg_train["device"],
-             amp=cfg_train["amp"], slices={"training": cfg_data["train_slices"], "validation": cfg_data["val_slices"]},
+             amp=cfg_train["amp"], data=slice_text({"training": cfg_data["train_slices"],
+                                                    "validation": cfg_data["val_slices"]}),
              iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
-    clock = Clock(limit, timed_iterations=min(3, iters))
-    epoch_seconds: list[float] = []
-    try:
-        for epoch in range(start_epoch, epochs + 1):
-            model.train()
-            epoch_start = time.monotonic()
-
-            def step(epoch: int = epoch) -> float:  # this epoch, bound now
-                noisy, target, weight = sample_denoise_batch(padded, rng, tile=tile, margin=geometry.margin,
-                                                             batch=cfg_train["batch"], settings=recipe)
-                with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-                    estimate = model(to_model_units(noisy)).float()
-                error = estimate - to_model_units(target)
-                per_pixel = error.square() if cfg_train["loss"] == "mse" else error.abs()
-                weight_t = torch.from_numpy(weight).to(device)
-                loss = (per_pixel * weight_t).sum() / weight_t.sum().clamp(min=1.0)
-                return optimizer_step(loss, optimizer, scaler, epoch=epoch)
-
-            # an epoch the time limit cuts short is validated and saved like any other, so a run whose
-            # epochs outlast the limit still progresses on resume
-            losses = train_iterations(step, epoch=epoch, epochs=epochs, iters=iters, clock=clock, progress=progress,
-                                      echo=echo, gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu")
-            model.eval()
-            denoised = denoise_planes(model, val_noisy, normalization=normalization, scale=scale, tile=tile,
-                                      batch=cfg_train["val_batch"], device=device)
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-                   "psnr": float(np.mean([psnr(d, c) for d, c in zip(denoised, val_clean)])),
-                   "ssim": float(np.mean([ssim(d, c) for d, c in zip(denoised, val_clean)])),
-                   "noisy_psnr": noisy_psnr, "seconds": time.monotonic() - epoch_start,
-                   "lr": optimizer.param_groups[0]["lr"]}
-            history.append(row)
-            info.training = {"epoch": epoch, "validation": {k: row[k] for k in ("psnr", "ssim", "noisy_psnr")},
-                             "corruption": recipe["corruption"], "mode": cfg_train["mode"]}
-            if row["psnr"] > best_psnr:
-                best_psnr = row["psnr"]
-                save_checkpoint(files.best, model, info)
-            completed = epoch
-            save_last()
-            write_logs(files, history, LOG_FIELDS)
-            plot_curve(history, files.curve, loss_label=f"{cfg_train['loss']} ({cfg_train['mode']})",
-                       metrics=("psnr", "noisy_psnr") if synthetic else ("psnr",), metric_label="PSNR (dB)")
-            baseline = f" (noisy input {noisy_psnr:.2f} dB)" if synthetic else " (vs the raw data)"
-            epoch_seconds.append(row["seconds"])
-            left = f"; about {duration((epochs - epoch) * np.mean(epoch_seconds))} left" if epoch < epochs else ""
-            echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val PSNR {row['psnr']:.2f} dB{baseline}  "
-                 f"SSIM {row['ssim']:.3f}  [{duration(row['seconds'])}{left}]")
-            stop = clock.stop_message(epoch=epoch, epochs=epochs, iterations=len(losses), iters=iters, root=files.root)
-            if stop:
-                echo(stop)
-                break
-    except KeyboardInterrupt:
-        save_last()
-        files.remove_partials()
-        echo(f"interrupted; last checkpoint kept in {files.root} (continue with resume=True)")
-        raise
+    plan = EpochPlan(files=files, model=model, epochs=epochs, iters=iters,
+                     clock=Clock(cfg_train["time_limit_min"], timed_iterations=min(3, iters)), progress=progress,
+                     echo=echo, gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu",
+                     log_fields=LOG_FIELDS, loss_label=f"{cfg_train['loss']} ({cfg_train['mode']})",
+                     curve_metrics=("psnr", "noisy_psnr") if synthetic else ("psnr",), metric_label="PSNR (dB)")
+    run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
+               save_best=lambda: save_checkpoint(files.best, model, info), save_last=save_last)
     return files

@@ -1,7 +1,9 @@
 """The training loop: patches -> model -> weighted loss; validation with the real tiler;
 best/last checkpoints, resume, CSV/JSON logs and a training-curve PNG.
 
-Everything a run writes lives in `train.out`; an interrupted run keeps its last checkpoint.
+One loop for every label kind (membrane, semantic classes, instances; see targets.py) and any
+number of input channels. Everything a run writes lives in `train.out`; an interrupted run keeps
+its last checkpoint.
 """
 
 from __future__ import annotations
@@ -13,81 +15,114 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
-from segkit.errors import ConfigError, InputError
-from segkit.io.tiff import open_stack
-from segkit.metrics import SliceScores, mean_scores, membrane_from_labels, score_thresholds
-from segkit.training.data import (
-    class_balance_weights,
-    data_normalization,
-    data_source,
-    patch_stream,
-    prepare_slices,
-    split_planes,
-)
+from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
+from segkit.errors import ConfigError, InputError, SegkitError
+from segkit.metrics import SliceScores, mean_scores, score_thresholds
+from segkit.training.data import data_normalization, data_source, intensity_scale, pad_examples, patch_stream
+from segkit.training.datasets import Example, load_examples
 from segkit.training.runs import (
     Clock,
+    EpochPlan,
     RunFiles,
     amp_setup,
     announce,
     build_optimizer,
     check_model_fits,
     check_training_tile,
-    duration,
     loader_workers,
     make_interruptible,
     open_run,
     optimizer_step,
-    plot_curve,
     resume_run,
+    run_epochs,
     save_optimizer,
-    train_iterations,
+    slice_text,
     training_device,
-    write_logs,
 )
+from segkit.training.targets import LabelRule, check_classes_present, check_labels, class_weights, weight_map
 
 LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "best_threshold",
               "best_adapted_rand_error", "seconds", "lr"]
+SEMANTIC_FIELDS = ["epoch", "train_loss", "dice_mean", "iou_mean", "seconds", "lr"]
+INSTANCE_FIELDS = ["epoch", "train_loss", "map", "f1@0.5", "ap@0.5", "ap@0.75", "seed_threshold", "seed_distance",
+                   "seconds", "lr"]
 #: Thresholds tried on the validation slices after every epoch; the best is stored in the checkpoint.
 VALIDATION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def load_split(data: dict[str, Any], split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Raw planes and boolean membrane masks of one split ('train', 'val' or 'test').
-
-    Labels follow the ISBI 2012 convention: 0 = membrane, > 0 = cell interior.
-    """
-    raw_stack = open_stack(data_source(data, "raw"))
-    label_stack = open_stack(data_source(data, "labels"))
-    with raw_stack, label_stack:
-        if raw_stack.shape != label_stack.shape:
-            raise InputError(f"raw {raw_stack.shape} and labels {label_stack.shape} differ in shape; pair them correctly")
-        raws = split_planes(raw_stack, data, split)
-        membranes = [membrane_from_labels(labels) for labels in split_planes(label_stack, data, split)]
-    return raws, membranes
+def split_description(data: dict[str, Any], examples: dict[str, list[Example]]) -> str:
+    """Which images train and validate, in words (slice ranges, or image counts and split files)."""
+    if all(data[f"{split}_files"] is None for split in ("train", "val")):
+        return slice_text({"training": data["train_slices"], "validation": data["val_slices"]})
+    parts = []
+    for split, key in (("train", "training"), ("val", "validation")):
+        spec = data[f"{split}_files"]
+        named = f" ({spec})" if isinstance(spec, str) else ""
+        parts.append(f"{len(examples[split])} {key} images{named}")
+    return ", ".join(parts)
 
 
-def check_label_classes(membranes: list[np.ndarray], data: dict[str, Any], split: str) -> None:
-    """Refuse label slices that are all membrane or all cell: training on them learns nothing, and
-    validation on them scores a perfect adapted Rand error of 0."""
-    membrane = sum(int(m.sum()) for m in membranes)
-    if 0 < membrane < sum(m.size for m in membranes):
-        return
-    start, stop = data[f"{split}_slices"]
-    what = "no membrane (no pixel is 0)" if membrane == 0 else "only membrane (every pixel is 0)"
-    raise InputError(f"data.labels: slices {start}-{stop - 1} (data.{split}_slices) of {data_source(data, 'labels')} "
-                     f"hold {what}, so there is nothing to learn or score; labels mark membrane 0 and cells > 0 "
-                     f"(ISBI 2012): check data.labels and data.{split}_slices")
+def split_labels_text(data: dict[str, Any], split: str, count: int) -> str:
+    """The labels of one split in words, for messages."""
+    if data[f"{split}_files"] is None:
+        start, stop = data[f"{split}_slices"]
+        return f"slices {start}-{stop - 1} (data.{split}_slices) of {data_source(data, 'labels')}"
+    spec = data[f"{split}_files"]
+    return f"the {count} label images of data.{split}_files" + (f" ({spec})" if isinstance(spec, str) else "")
 
 
-def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *, normalization: Normalization,
-             tile: int, batch: int, device: str, thresholds: tuple[float, ...]) -> dict[float, dict[str, float]]:
-    """Tiled prediction of whole validation slices (exactly as `segkit predict`); scores per threshold."""
+def check_disjoint(data: dict[str, Any], examples: dict[str, list[Example]]) -> None:
+    """Refuse an image that is in the training and the validation (or test) split: held-out images must
+    not be trained on (slice ranges are checked with the recipe; named images here)."""
+    if data["test_files"] is not None:
+        from segkit.training.datasets import split_sources
+
+        test = {source for source, _, plane in split_sources(data, "test") if plane is None}
+    else:
+        test = set()
+    train = {e.source for e in examples["train"]}
+    for split, held_out in (("val", {e.source for e in examples["val"]}), ("test", test)):
+        shared = sorted(train & held_out)
+        if shared:
+            more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
+            raise InputError(f"data.train_files and data.{split}_files both name {shared[0]}{more}; held-out images "
+                             f"must not be trained on: give each image to one split")
+
+
+def dataset_normalization(examples: list[Example], data: dict[str, Any]) -> Normalization:
+    """The recipe's normalisation of the training images: global per-channel mean/std, or the percentile
+    rule (typical training values kept for display)."""
+    channels = examples[0].image.shape[0]
+    if data["normalization"] == "percentile":
+        rule = Normalization((0.0,) * channels, (1.0,) * channels, percentiles=tuple(data["percentiles"]), clip=True)
+        per_image = [rule.for_image(e.image if channels > 1 else e.image[0]) for e in examples]
+        typical = lambda values: tuple(np.median(np.array(values), axis=0).reshape(-1).tolist())  # noqa: E731
+        return Normalization(typical([n.mean for n in per_image]), typical([n.std for n in per_image]),
+                             percentiles=tuple(data["percentiles"]), clip=True)
+    dtypes = {e.image.dtype for e in examples}
+    if len(dtypes) > 1:
+        raise InputError(f"the training images mix dtypes ({', '.join(sorted(map(str, dtypes)))}), so one global "
+                         "mean/std does not fit them all; convert them to one dtype, or set "
+                         "data.normalization=percentile (each image scaled by its own percentiles)")
+    images = [e.image if channels > 1 else e.image[0] for e in examples]
+    return data_normalization(images, channels=channels if channels > 1 else None)
+
+
+def model_input(image: np.ndarray, normalization: Normalization) -> np.ndarray:
+    """A (C, H, W) image as the model sees it: normalised globally, or by its own percentiles."""
+    image = image if image.shape[0] > 1 else image[0]
+    normalized = normalization.for_image(image).apply(image)
+    return normalized if normalized.ndim == 3 else normalized[None]
+
+
+def validate(model: Any, planes: list[np.ndarray], membranes: list[np.ndarray], *, tile: int, batch: int, device: str,
+             thresholds: tuple[float, ...]) -> dict[float, dict[str, float]]:
+    """Tiled prediction of whole normalised validation slices (exactly as `segkit predict`); membrane
+    scores per threshold."""
     from segkit.inference.engines import TorchEngine
     from segkit.inference.tiler import predict_arrays
 
     engine = TorchEngine(model, device=device, amp="none")
-    planes = [normalization.apply(raw) for raw in raws]
     scores: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
     for probability, membrane in zip(predict_arrays(planes, engine, model.geometry, tile=tile, batch=batch), membranes):
         for t, slice_scores in score_thresholds(probability[0], membrane, thresholds).items():
@@ -95,8 +130,8 @@ def validate(model: Any, raws: list[np.ndarray], membranes: list[np.ndarray], *,
     return {t: mean_scores(s) for t, s in scores.items()}
 
 
-def build_model(settings: dict[str, Any], segmenter_normalization: Normalization,
-                echo: Callable[[str], None]) -> tuple[Any, str, dict[str, Any], Normalization]:
+def build_model(settings: dict[str, Any], segmenter_normalization: Normalization, echo: Callable[[str], None], *,
+                in_channels: int = 1, classes: int = 2) -> tuple[Any, str, dict[str, Any], Normalization]:
     """The model a recipe trains: (model, registry name, kwargs, normalisation of its input).
 
     With `model.denoiser`, the frozen denoiser runs in front of the segmenter on every batch:
@@ -104,7 +139,7 @@ def build_model(settings: dict[str, Any], segmenter_normalization: Normalization
     """
     from segkit.models import COMPOSED, create_model
 
-    kwargs = {"in_channels": 1, "classes": 2, **settings["params"]}
+    kwargs = {"in_channels": in_channels, "classes": classes, **settings["params"]}
     if not settings["denoiser"]:
         model = create_model(settings["name"], **kwargs)
         _initialize(model, settings, echo)
@@ -140,26 +175,60 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     from segkit.training.losses import segmentation_loss
 
-    cfg_data, cfg_train, cfg_loss = recipe["data"], recipe["train"], recipe["loss"]
+    cfg_data, cfg_train, cfg_loss, cfg_model = recipe["data"], recipe["train"], recipe["loss"], recipe["model"]
+    rule = LabelRule.from_data(cfg_data)
     device = training_device(cfg_train["device"])
     data_source(cfg_data, "raw"), data_source(cfg_data, "labels")  # missing data fails before the run folder exists
+    echo(f"loading data from {cfg_data['root']}")
+    examples = {split: load_examples(cfg_data, split) for split in ("train", "val")}
+    check_disjoint(cfg_data, examples)
+    for example in examples["train"] + examples["val"]:
+        check_labels(example.labels, rule, example.source)
+    targets = {split: [rule.target(e.labels) for e in items] for split, items in examples.items()}
+    what = split_description(cfg_data, examples)
+    for split in ("train", "val"):
+        check_classes_present(targets[split], rule, split, split_labels_text(cfg_data, split, len(examples[split])))
+    channels = examples["train"][0].image.shape[0]
+    if cfg_model["denoiser"] and (channels != 1 or cfg_data["normalization"] != "meanstd"):
+        raise ConfigError("model.denoiser: a denoiser pre-stage takes single-channel images normalised by mean/std; "
+                          "leave model.denoiser out for multi-channel or percentile-normalised data")
+    check_model_fits(cfg_model["name"], {"in_channels": channels, "classes": rule.classes, **cfg_model["params"]},
+                     device)
     files = open_run(cfg_train["out"], resume=resume)
     torch.manual_seed(cfg_train["seed"])
-    echo(f"loading data from {cfg_data['root']}")
-    train_raw, train_mem = load_split(cfg_data, "train")
-    val_raw, val_mem = load_split(cfg_data, "val")
-    check_label_classes(train_mem, cfg_data, "train")
-    check_label_classes(val_mem, cfg_data, "val")
-    check_model_fits(recipe["model"]["name"], {"in_channels": 1, "classes": 2, **recipe["model"]["params"]}, device)
-    model, model_name, model_kwargs, normalization = build_model(recipe["model"], data_normalization(train_raw), echo)
+    model, model_name, model_kwargs, normalization = build_model(
+        cfg_model, dataset_normalization(examples["train"], cfg_data), echo, in_channels=channels,
+        classes=rule.classes)
     geometry = model.geometry
     tile = cfg_data["tile"]
     check_training_tile(geometry, tile, model=model_name, model_kwargs=model_kwargs, device=device)
     out_tile = geometry.output_size(tile)
-    class_weights = class_balance_weights(np.stack(train_mem)) if cfg_loss["class_balance"] else (1.0, 1.0)
+    val_tile = cfg_train["val_tile"] or tile
+    if val_tile != tile:
+        try:
+            check_training_tile(geometry, val_tile, model=model_name, model_kwargs=model_kwargs, device=device)
+        except SegkitError as exc:
+            raise ConfigError(str(exc).replace("data.tile", "train.val_tile")) from None
+
+    # training images in unit space (about [0, 1], where augmentation works) and the map to model units
+    if normalization.percentiles is not None:
+        units = [model_input(e.image, normalization) for e in examples["train"]]
+        scale, unit_normalization = 1.0, Normalization(0.0, 1.0)
+    else:
+        scale = intensity_scale(examples["train"][0].image.dtype)
+        units = [e.image.astype(np.float32) / np.float32(scale) for e in examples["train"]]
+        unit_normalization = normalization
+    valid = [rule.valid(e.labels) for e in examples["train"]]
+    balance = (class_weights(targets["train"], rule.classes, valid) if cfg_loss["class_balance"]
+               else [1.0] * rule.classes)
+    weights = [weight_map(e.labels, t, rule, balance, w0=cfg_loss["border_w0"], sigma=cfg_loss["border_sigma"])
+               for e, t in zip(examples["train"], targets["train"])]
     # Same-padding models sample tiles from planes mirror-padded by their halo too: more positions.
-    slices = prepare_slices(train_raw, train_mem, margin=geometry.margin + geometry.halo, min_size=out_tile,
-                            class_weights=class_weights, w0=cfg_loss["border_w0"], sigma=cfg_loss["border_sigma"])
+    slices = pad_examples(units, targets["train"], weights, margin=geometry.margin + geometry.halo, min_size=out_tile,
+                          scale=scale)
+    val_inputs = [model_input(e.image, normalization) for e in examples["val"]]
+    val_labels = [e.labels for e in examples["val"]]
+    del units, weights
 
     model = model.to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg_train)
@@ -167,94 +236,140 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     amp_dtype, scaler = amp_setup(cfg_train["amp"], device)
 
     history: list[dict[str, float]] = []
-    start_epoch, best_error = 1, math.inf
+    start_epoch, best = 1, -math.inf  # higher is better: -adapted Rand error, mean Dice, mean AP
     if resume:
         meta = resume_run(files, model, optimizer, name=model_name, kwargs=model_kwargs, lr=cfg_train["lr"])
-        start_epoch, best_error, history = meta["epoch"] + 1, meta["best_error"], meta["history"]
+        start_epoch, history = meta["epoch"] + 1, meta["history"]
+        best = meta["best_score"] if "best_score" in meta else -meta["best_error"]
         echo(f"resuming {files.root} after epoch {meta['epoch']}")
 
     files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
     info = CheckpointInfo(
-        kind="segmenter", model=model_name,
-        model_kwargs=model_kwargs,
-        geometry=geometry, normalization=normalization,
-        inference={"threshold": cfg_train["val_threshold"], "tile": tile, "input_dtype": str(train_raw[0].dtype)},
+        kind="segmenter", model=model_name, model_kwargs=model_kwargs, geometry=geometry, normalization=normalization,
+        classes=rule.class_names(cfg_data["class_names"]),
+        inference=InferenceDefaults(threshold=cfg_train["val_threshold"] if rule.kind == "membrane" else None,
+                                    tile=val_tile, input_dtype=str(examples["train"][0].image.dtype),
+                                    labels_kind=rule.kind, pixel_size=cfg_data["pixel_size"]),
         recipe=recipe,
     )
-    thresholds = tuple(sorted({*VALIDATION_THRESHOLDS, cfg_train["val_threshold"]}))
-    epoch = completed = start_epoch - 1
-    limit = cfg_train["time_limit_min"]
 
-    def save_last() -> None:
+    def save_last(completed: int) -> None:
         save_checkpoint(files.last, model, info)
-        save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_error": best_error,
-                                                    "history": history})
+        save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_score": best, "history": history})
 
+    on_device = recipe["augment"]["on_device"]
     stream = patch_stream(slices, tile=tile, out_tile=out_tile, augment_settings=recipe["augment"],
-                          normalization=normalization, seed=(cfg_train["seed"], start_epoch))
+                          normalization=unit_normalization, seed=(cfg_train["seed"], start_epoch),
+                          augment_later=on_device)
     workers = loader_workers(cfg_train["workers"], echo)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=cfg_train["batch"], num_workers=workers,
                                               pin_memory=use_cuda, persistent_workers=workers > 0))
+    augment_on_device = device_augmentation(recipe["augment"], unit_normalization, scale, out_tile=out_tile,
+                                            device=device, seed=(cfg_train["seed"], start_epoch)) if on_device else None
+
+    def step(epoch: int) -> float:
+        image, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
+        if augment_on_device is not None:
+            image, target, weight = augment_on_device(image, target, weight)
+        with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(image)
+        loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
+        return optimizer_step(loss, optimizer, scaler, epoch=epoch)
+
+    evaluate = {"membrane": _membrane_epoch, "semantic": _semantic_epoch, "instances": _instance_epoch}[rule.kind]
+
+    def finish(epoch: int, losses: list[float], started: float) -> tuple[dict[str, Any], bool, str]:
+        nonlocal best
+        row, score, text, inference, validation = evaluate(
+            model, val_inputs, val_labels, rule=rule, tile=val_tile, batch=cfg_train["val_batch"], device=device,
+            val_threshold=cfg_train["val_threshold"])
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), **row,
+               "seconds": time.monotonic() - started, "lr": optimizer.param_groups[0]["lr"]}
+        # settings (threshold, watershed) are chosen on the validation images only, never on the test split
+        info.inference = info.inference.replace(**inference)
+        info.training = {"epoch": epoch, **validation, "class_weights": list(balance)}
+        improved = score > best
+        best = max(best, score)
+        return row, improved, f"loss {row['train_loss']:.4f}  {text}"
+
     make_interruptible(model, device)
     iters, epochs = cfg_train["iters_per_epoch"], cfg_train["epochs"]
     announce(echo, model=model, name=model_name, device=device, requested_device=cfg_train["device"],
-             amp=cfg_train["amp"], slices={"training": cfg_data["train_slices"], "validation": cfg_data["val_slices"]},
-             iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
-    clock = Clock(limit, timed_iterations=min(3, iters))
-    epoch_seconds: list[float] = []
-    try:
-        for epoch in range(start_epoch, epochs + 1):
-            model.train()
-            epoch_start = time.monotonic()
-
-            def step(epoch: int = epoch) -> float:  # this epoch, bound now
-                image, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
-                with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(image)
-                loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
-                return optimizer_step(loss, optimizer, scaler, epoch=epoch)
-
-            # an epoch the time limit cuts short is validated and saved like any other, so a run whose
-            # epochs outlast the limit still progresses on resume
-            losses = train_iterations(step, epoch=epoch, epochs=epochs, iters=iters, clock=clock, progress=progress,
-                                      echo=echo, gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu")
-            model.eval()
-            table = validate(model, val_raw, val_mem, normalization=normalization, tile=tile,
-                             batch=cfg_train["val_batch"], device=device, thresholds=thresholds)
-            scores = table[cfg_train["val_threshold"]]
-            best_threshold = min(thresholds, key=lambda t: (table[t]["adapted_rand_error"], abs(t - 0.5)))
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "pixel_error": scores["pixel_error"],
-                   "adapted_rand_error": scores["adapted_rand_error"], "vi": scores["vi"], "dice": scores["dice"],
-                   "best_threshold": best_threshold,
-                   "best_adapted_rand_error": table[best_threshold]["adapted_rand_error"],
-                   "seconds": time.monotonic() - epoch_start, "lr": optimizer.param_groups[0]["lr"]}
-            history.append(row)
-            # The threshold is chosen on the validation slices only, never on the test split.
-            info.inference["threshold"] = best_threshold
-            info.training = {"epoch": epoch, "validation": table[best_threshold],
-                             "validation_at_val_threshold": scores, "class_weights": list(class_weights)}
-            if row["best_adapted_rand_error"] < best_error:
-                best_error = row["best_adapted_rand_error"]
-                save_checkpoint(files.best, model, info)
-            completed = epoch
-            save_last()
-            write_logs(files, history, LOG_FIELDS)
-            plot_curve(history, files.curve, loss_label="weighted cross-entropy",
-                       metrics=("pixel_error", "adapted_rand_error"), metric_label="error")
-            epoch_seconds.append(row["seconds"])
-            left = f"; about {duration((epochs - epoch) * np.mean(epoch_seconds))} left" if epoch < epochs else ""
-            echo(f"epoch {epoch}: loss {row['train_loss']:.4f}  val pixel error {row['pixel_error']:.4f}  "
-                 f"adapted Rand error {row['adapted_rand_error']:.4f}  VI {row['vi']:.3f}  "
-                 f"(best threshold {best_threshold}: adapted Rand error {row['best_adapted_rand_error']:.4f})  "
-                 f"[{duration(row['seconds'])}{left}]")
-            stop = clock.stop_message(epoch=epoch, epochs=epochs, iterations=len(losses), iters=iters, root=files.root)
-            if stop:
-                echo(stop)
-                break
-    except KeyboardInterrupt:
-        save_last()  # weights of the unfinished epoch; resume=True reruns that epoch
-        files.remove_partials()  # of a best checkpoint or curve the interrupt cut short
-        echo(f"interrupted; last checkpoint kept in {files.root} (continue with resume=True)")
-        raise
+             amp=cfg_train["amp"], data=what, iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
+    fields, metrics, label = {
+        "membrane": (LOG_FIELDS, ("pixel_error", "adapted_rand_error"), "error"),
+        "semantic": (SEMANTIC_FIELDS, ("dice_mean", "iou_mean"), "score (higher is better)"),
+        "instances": (INSTANCE_FIELDS, ("map", "f1@0.5"), "score (higher is better)")}[rule.kind]
+    plan = EpochPlan(files=files, model=model, epochs=epochs, iters=iters,
+                     clock=Clock(cfg_train["time_limit_min"], timed_iterations=min(3, iters)), progress=progress,
+                     echo=echo, gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu",
+                     log_fields=fields, loss_label="weighted cross-entropy" + (" + Dice" if cfg_loss["dice_weight"] else ""),
+                     curve_metrics=metrics, metric_label=label)
+    run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
+               save_best=lambda: save_checkpoint(files.best, model, info), save_last=save_last)
     return files
 
+
+def device_augmentation(settings: dict[str, Any], normalization: Normalization, scale: float, *, out_tile: int,
+                        device: str, seed: tuple[int, ...]) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:
+    """`augment.on_device`: batches of unit-space patches augmented where they are (elastic deformation by
+    grid_sample, flips, intensity), then cropped to the output tile and normalised."""
+    import torch
+
+    from segkit.training.augment_device import augment_batch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.default_rng(list(seed)).integers(2**62)))
+
+    def augment(image: Any, target: Any, weight: Any) -> tuple[Any, Any, Any]:
+        image, (target, weight) = augment_batch(image, [target, weight], settings, generator)
+        m = (image.shape[-1] - out_tile) // 2
+        inner = (..., slice(m, m + out_tile), slice(m, m + out_tile))
+        return normalization.apply(image * scale), target[inner].long(), weight[inner].float()
+
+    return augment
+
+
+def _membrane_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarray], *, rule: LabelRule, tile: int,
+                    batch: int, device: str, val_threshold: float) -> tuple[dict, float, str, dict, dict]:
+    """ISBI validation: scores at each threshold; the best threshold by adapted Rand error."""
+    thresholds = tuple(sorted({*VALIDATION_THRESHOLDS, val_threshold}))
+    table = validate(model, inputs, [lab == 0 for lab in labels], tile=tile, batch=batch, device=device,
+                     thresholds=thresholds)
+    scores = table[val_threshold]
+    chosen = min(thresholds, key=lambda t: (table[t]["adapted_rand_error"], abs(t - 0.5)))
+    row = {"pixel_error": scores["pixel_error"], "adapted_rand_error": scores["adapted_rand_error"], "vi": scores["vi"],
+           "dice": scores["dice"], "best_threshold": chosen,
+           "best_adapted_rand_error": table[chosen]["adapted_rand_error"]}
+    text = (f"val pixel error {row['pixel_error']:.4f}  adapted Rand error {row['adapted_rand_error']:.4f}  "
+            f"VI {row['vi']:.3f}  (best threshold {chosen}: adapted Rand error {row['best_adapted_rand_error']:.4f})")
+    return (row, -row["best_adapted_rand_error"], text, {"threshold": chosen},
+            {"validation": table[chosen], "validation_at_val_threshold": scores})
+
+
+def _semantic_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarray], *, rule: LabelRule, tile: int,
+                    batch: int, device: str, val_threshold: float) -> tuple[dict, float, str, dict, dict]:
+    """Semantic validation: argmax classes, per-class Dice/IoU and their means."""
+    from segkit.training.validation import probabilities, semantic_scores
+
+    predicted = list(probabilities(model, inputs, tile=tile, batch=batch, device=device))
+    scores = semantic_scores(predicted, labels, classes=rule.classes, ignore=rule.ignore)
+    per_class = "  ".join(f"{k} {scores[f'dice_{k}']:.3f}" for k in range(rule.classes))
+    text = f"val mean Dice {scores['dice_mean']:.4f}  IoU {scores['iou_mean']:.4f}  (Dice per class: {per_class})"
+    return scores, scores["dice_mean"], text, {}, {"validation": scores}
+
+
+def _instance_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarray], *, rule: LabelRule, tile: int,
+                    batch: int, device: str, val_threshold: float) -> tuple[dict, float, str, dict, dict]:
+    """Instance validation: the object watershed over a grid of settings, matched F1/AP; the best setting
+    (by mean AP at IoU 0.5-0.95) is stored as the checkpoint's watershed."""
+    from segkit.training.validation import best_instances, instance_table, object_grid, probabilities
+
+    predicted = list(probabilities(model, inputs, tile=tile, batch=batch, device=device))
+    chosen = best_instances(instance_table(predicted, labels, object_grid()))
+    scores, params = chosen["scores"], chosen["params"]
+    row = {key: scores[key] for key in ("map", "f1@0.5", "ap@0.5", "ap@0.75")}
+    row.update(seed_threshold=params["seed_threshold"], seed_distance=params["seed_distance"])
+    text = (f"val mean AP {scores['map']:.4f}  F1@0.5 {scores['f1@0.5']:.4f}  AP@0.5 {scores['ap@0.5']:.4f}  "
+            f"(watershed seed threshold {params['seed_threshold']}, seed distance {params['seed_distance']})")
+    return row, scores["map"], text, {"watershed": params}, {"validation": scores}

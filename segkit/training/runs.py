@@ -252,14 +252,19 @@ class Clock:
         return ""
 
 
+def slice_text(slices: dict[str, Any]) -> str:
+    """{'training': [0, 20], 'validation': [20, 25]} -> 'training slices 0-19, validation slices 20-24'."""
+    return ", ".join(f"{key} slices {start}-{stop - 1}" if stop - start > 1 else f"{key} slice {start}"
+                     for key, (start, stop) in slices.items())
+
+
 def announce(echo: Any, *, model: Any, name: str, device: str, requested_device: str, amp: bool,
-             slices: dict[str, Any], iters: int, batch: int, tile: int, epochs: int) -> None:
-    """The start of a run: what trains where, on what, and the CPU notes (GPU recipe, amp)."""
+             data: str, iters: int, batch: int, tile: int, epochs: int) -> None:
+    """The start of a run: what trains where, on what (`data`, in words), and the CPU notes (GPU recipe, amp)."""
     params = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     count = f"{params / 1e6:.2f} M parameters" + (f", {trained / 1e6:.2f} M trained" if trained != params else "")
-    ranges = ", ".join(f"{key} slices {start}-{stop - 1}" if stop - start > 1 else f"{key} slice {start}"
-                       for key, (start, stop) in slices.items())
+    ranges = data
     echo(f"training {name} ({count}) on {device}: {ranges}; {iters} iterations x batch {batch} = "
          f"{iters * batch} patches of {tile} px per epoch, {epochs} epochs")
     if device == "cpu" and requested_device != "cpu":
@@ -309,6 +314,68 @@ def report_timing(echo: Any, bar: Any, clock: Clock, *, iters: int, epochs_left:
     bar.clear()
     echo(text)
     bar.refresh()
+
+
+@dataclass
+class EpochPlan:
+    """What the shared epoch runner needs of a training run besides its step and its validation."""
+
+    files: RunFiles
+    model: Any
+    epochs: int
+    iters: int
+    clock: Clock
+    progress: bool
+    echo: Callable[[str], None]
+    gpu_recipe_on_cpu: bool
+    log_fields: list[str]
+    loss_label: str
+    curve_metrics: tuple[str, ...]
+    metric_label: str
+
+
+def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any]],
+               step: Callable[[int], float], finish: Callable[[int, list[float], float], tuple[dict[str, Any], bool, str]],
+               save_best: Callable[[], None], save_last: Callable[[int], None]) -> None:
+    """The epochs of a training run, shared by segmenters and denoisers: the epoch's iterations
+    (`step(epoch)` each), then `finish(epoch, losses, started)` validates and returns the log row, whether
+    it is the best so far and the line to print; the best and last checkpoints, logs and curve are
+    written after every epoch. The time limit may cut an epoch short: it is validated and saved like any
+    other, so a run whose epochs outlast the limit still progresses on resume. An interrupt (Ctrl-C,
+    SIGTERM) keeps the last checkpoint and removes this run's temporary files before it propagates."""
+    completed = start_epoch - 1
+    epoch_seconds: list[float] = []
+    try:
+        for epoch in range(start_epoch, plan.epochs + 1):
+            plan.model.train()
+            started = time.monotonic()
+            losses = train_iterations(lambda epoch=epoch: step(epoch), epoch=epoch, epochs=plan.epochs,
+                                      iters=plan.iters, clock=plan.clock, progress=plan.progress, echo=plan.echo,
+                                      gpu_recipe_on_cpu=plan.gpu_recipe_on_cpu)
+            plan.model.eval()
+            row, improved, text = finish(epoch, losses, started)
+            history.append(row)
+            if improved:
+                save_best()
+            completed = epoch
+            save_last(completed)
+            write_logs(plan.files, history, plan.log_fields)
+            plot_curve(history, plan.files.curve, loss_label=plan.loss_label, metrics=plan.curve_metrics,
+                       metric_label=plan.metric_label)
+            epoch_seconds.append(row["seconds"])
+            left = (f"; about {duration((plan.epochs - epoch) * float(sum(epoch_seconds) / len(epoch_seconds)))} left"
+                    if epoch < plan.epochs else "")
+            plan.echo(f"epoch {epoch}: {text}  [{duration(row['seconds'])}{left}]")
+            stop = plan.clock.stop_message(epoch=epoch, epochs=plan.epochs, iterations=len(losses), iters=plan.iters,
+                                           root=plan.files.root)
+            if stop:
+                plan.echo(stop)
+                break
+    except KeyboardInterrupt:
+        save_last(completed)  # weights of the unfinished epoch; resume=True reruns that epoch
+        plan.files.remove_partials()  # of a best checkpoint or curve the interrupt cut short
+        plan.echo(f"interrupted; last checkpoint kept in {plan.files.root} (continue with resume=True)")
+        raise
 
 
 def build_optimizer(params: Any, settings: dict[str, Any]) -> Any:

@@ -1,0 +1,175 @@
+"""The Dask / OME-Zarr path with a channel axis: a K-class model's probabilities as a CZYX store (the
+TIFF path's ZCYX values), resumable, converted back to a ZCYX TIFF; an object model's watershed on
+whole planes; a CZYX store refused as prediction input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+import segkit
+from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
+from segkit.errors import InputError, OutputExistsError
+
+pytest.importorskip("dask")
+zarr = pytest.importorskip("zarr")
+
+from segkit.io.zarr import convert_zarr_to_tiff, ome_zarr_attributes  # noqa: E402  (after the skip)
+
+quiet = dict(report=lambda _: None)
+#: a depth-2 U-Net (context 20 px) on 130 x 110 planes in chunks of 52 px: 3 x 2 chunks per plane, borders
+#: that are not tile borders, a short last chunk kept (26 px) and one merged into its neighbour (6 px)
+CHUNK = dict(tile=92, chunk=40, device="cpu")
+NAMES = {"semantic": ["background", "myelin", "axon"], "instances": ["background", "interior", "boundary"]}
+
+
+def _checkpoint(tmp_path, kind: str, watershed: dict | None = None):
+    import torch
+
+    from segkit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("unet", base=4, depth=2, classes=3).eval()
+    info = CheckpointInfo(kind="segmenter", model="unet", model_kwargs={"base": 4, "depth": 2, "classes": 3},
+                          geometry=model.geometry, normalization=Normalization(120.0, 40.0), classes=NAMES[kind],
+                          inference=InferenceDefaults(tile=92, labels_kind=kind, input_dtype="uint8",
+                                                      watershed=watershed))
+    path = tmp_path / f"{kind}.safetensors"
+    save_checkpoint(path, model, info)
+    return path
+
+
+@pytest.fixture
+def stack(tmp_path):
+    data = np.random.default_rng(5).integers(0, 256, (2, 130, 110), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", data, photometric="minisblack", resolution=(2000.0, 2000.0),
+                     resolutionunit="CENTIMETER")
+    return tmp_path / "stack.tif"
+
+
+@pytest.fixture
+def semantic(tmp_path):
+    return _checkpoint(tmp_path, "semantic")
+
+
+def _tiff_path(tmp_path, stack, checkpoint, name="single.tif"):
+    segkit.predict(stack, tmp_path / name, model=checkpoint, tile=92, device="cpu", **quiet)
+    with tifffile.TiffFile(tmp_path / name) as tif:
+        return tif.series[0].axes, tif.asarray()
+
+
+def test_k_class_model_writes_a_czyx_store_equal_to_the_tiff_path(tmp_path, stack, semantic):
+    axes, expected = _tiff_path(tmp_path, stack, semantic)
+    assert axes == "ZCYX" and expected.shape == (2, 3, 130, 110)
+    store = tmp_path / "out.ome.zarr"
+    result = segkit.predict(stack, store, model=semantic, **CHUNK, **quiet)
+    assert result.outputs == [store] and "Dask" in result.engine
+    array = zarr.open_array(str(store / "0"), mode="r")
+    assert array.shape == (3, 2, 130, 110) and array.chunks == (1, 1, 52, 52) and array.dtype == np.uint8
+    written = array[:]
+    assert np.ptp(written) > 0
+    # the last chunks' tiles reach past the volume's end: their extra is the plane's mirror, as on the TIFF
+    # path (it used to mirror the window's mirrored context back: up to 9 levels off in the last 2 px)
+    assert np.abs(written.astype(int) - expected.transpose(1, 0, 2, 3).astype(int)).max() <= 1
+    attrs = json.loads((store / ".zattrs").read_text())
+    multiscales = attrs["multiscales"][0]
+    assert [(a["name"], a["type"]) for a in multiscales["axes"]] == [("c", "channel"), ("z", "space"),
+                                                                     ("y", "space"), ("x", "space")]
+    assert multiscales["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0, 5.0, 5.0]
+    assert [c["label"] for c in attrs["omero"]["channels"]] == NAMES["semantic"]
+    # back to a TIFF: ZCYX, channel fastest, the TIFF path's layout
+    back = convert_zarr_to_tiff(store, tmp_path / "back.tif")
+    with tifffile.TiffFile(back) as tif:
+        assert tif.series[0].axes == "ZCYX" and len(tif.pages) == 6
+        np.testing.assert_array_equal(tif.asarray(), written.transpose(1, 0, 2, 3))
+        np.testing.assert_array_equal(tif.pages[1].asarray(), written[1, 0])  # z0 c1: channel fastest
+
+
+def test_one_class_and_argmax_specs_write_zyx(tmp_path, stack, semantic):
+    """Specs of one value per voxel keep a ZYX store (predict_to_zarr given the spec directly)."""
+    from segkit.inference.distributed import predict_to_zarr
+    from segkit.inference.loading import EngineRequest
+    from segkit.inference.pipeline import ClassMapOutput, OutputSpec
+
+    _, probabilities = _tiff_path(tmp_path, stack, semantic)
+    request = EngineRequest(semantic, device="cpu")
+    for name, spec, expected in (("argmax", ClassMapOutput(), probabilities.argmax(1)),
+                                 ("axon", OutputSpec(channel=2), probabilities[:, 2])):
+        store = predict_to_zarr(str(stack), tmp_path / f"{name}.ome.zarr", request, tile=92, chunk=40, spec=spec,
+                                report=lambda _: None)
+        written = zarr.open_array(str(store / "0"), mode="r")
+        assert written.shape == (2, 130, 110) and written.chunks == (1, 52, 52)
+        if name == "argmax":  # uint8 probabilities tie where float ones do not: nearly every pixel agrees
+            assert (written[:] == expected).mean() > 0.99
+        else:
+            assert np.abs(written[:].astype(int) - expected.astype(int)).max() <= 1
+        axes = json.loads((store / ".zattrs").read_text())["multiscales"][0]["axes"]
+        assert [a["name"] for a in axes] == ["z", "y", "x"]
+
+
+def test_float16_channels_and_an_interrupted_run_resumes(tmp_path, stack, semantic, monkeypatch):
+    from segkit.inference import tiler
+
+    segkit.predict(stack, tmp_path / "single.tif", model=semantic, tile=92, device="cpu", output_type="float16",
+                   **quiet)
+    expected = tifffile.imread(tmp_path / "single.tif").transpose(1, 0, 2, 3).astype(np.float32)
+    original, calls = tiler.predict_planes, []
+
+    def dies_after_five(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("worker killed")
+        return original(*args, **kwargs)
+
+    store = tmp_path / "out.ome.zarr"
+    options = dict(model=semantic, output_type="float16", **CHUNK)
+    monkeypatch.setattr(tiler, "predict_planes", dies_after_five)
+    with pytest.raises(RuntimeError, match="worker killed"):
+        segkit.predict(stack, store, **options, **quiet)
+    monkeypatch.setattr(tiler, "predict_planes", original)
+    partial = tmp_path / "out.ome.zarr.partial"
+    assert partial.exists() and not store.exists()
+    written = len(list((partial / "segkit_done").iterdir()))
+    assert 0 < written < 12  # 2 planes x 3 x 2 chunks
+    with pytest.raises(OutputExistsError, match="interrupted run"):
+        segkit.predict(stack, store, **options, **quiet)
+    heard: list[str] = []
+    calls.clear()
+    monkeypatch.setattr(tiler, "predict_planes", lambda *a, **k: calls.append(1) or original(*a, **k))
+    segkit.predict(stack, store, **options, resume=True, report=heard.append)
+    assert any(f"{written} chunks already written" in line for line in heard)
+    assert len(calls) == 12 - written  # chunks already written are skipped
+    array = zarr.open_array(str(store / "0"), mode="r")
+    assert array.shape == (3, 2, 130, 110) and array.dtype == np.float16
+    assert np.abs(array[:].astype(np.float32) - expected).max() <= 1e-3
+
+
+def test_object_model_labels_whole_planes_on_dask(tmp_path, stack):
+    from segkit.instances import ObjectParams
+
+    params = ObjectParams(seed_threshold=0.4, seed_distance=0.0, min_seed_size=1, min_size=0)
+    checkpoint = _checkpoint(tmp_path, "instances", watershed=params.to_dict())
+    _, expected = _tiff_path(tmp_path, stack, checkpoint)
+    assert expected.dtype == np.uint32 and expected.shape == (2, 130, 110)
+    store = tmp_path / "objects.ome.zarr"
+    segkit.predict(stack, store, model=checkpoint, **CHUNK, **quiet)
+    labels = zarr.open_array(str(store / "0"), mode="r")
+    assert labels.shape == (2, 130, 110) and labels.dtype == np.uint32
+    np.testing.assert_array_equal(labels[:], expected)
+    probability = zarr.open_array(str(store / "probability"), mode="r")
+    assert probability.shape == (3, 2, 130, 110) and probability.chunks == (1, 1, 52, 52)
+    assert len(list((store / "segkit_labels_done").iterdir())) == 2  # one watershed per plane
+
+
+def test_channel_store_refused_as_input_and_attributes(tmp_path, stack, semantic):
+    store = tmp_path / "probs.ome.zarr"
+    segkit.predict(stack, store, model=semantic, **CHUNK, **quiet)
+    with pytest.raises(InputError, match="has a channel axis .* pass a YX or ZYX array"):
+        segkit.predict(store, tmp_path / "again.ome.zarr", model=semantic, **CHUNK, **quiet)
+    attrs = ome_zarr_attributes((3, 2, 30, 40), None)
+    assert "omero" not in attrs and attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0][
+        "scale"] == [1.0, 1.0, 1.0, 1.0]
+    assert [a["name"] for a in ome_zarr_attributes((2, 30, 40), None)["multiscales"][0]["axes"]] == ["z", "y", "x"]
