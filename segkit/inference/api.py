@@ -157,7 +157,7 @@ def predict(
     else:
         from segkit.io.outputs import check_output
 
-        suffix = "denoised" if kind == "denoiser" else "instances" if instances else "membranes"
+        suffix = "denoised" if kind == "denoiser" else "instances" if instances else _default_suffix(request)
         out_path = Path(output) if output is not None else default_output(sources[0], suffix)
         check_output(out_path, kind="tiff", inputs=sources, overwrite=overwrite, report=report)
     loaded = _load(model, request, tile=tile, report=report)
@@ -178,6 +178,17 @@ def predict(
         result.outputs.append(out_path)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _default_suffix(request: Any) -> str:
+    """The default output name's suffix: what a segmenter checkpoint writes by default ('membranes' for
+    membrane models, ONNX files and packages, whose records are read later)."""
+    if request is None or Path(request.model).suffix.lower() != ".safetensors" or not Path(request.model).is_file():
+        return "membranes"
+    from segkit.checkpoint import read_info
+
+    kind = read_info(request.model).inference.labels_kind
+    return {"semantic": "classes", "instances": "objects"}.get(kind, "membranes")
 
 
 def _check_choices(*, output_type: str, kind: str, instances: bool, compression: str) -> None:
@@ -435,20 +446,26 @@ class _Runner:
             if note:
                 self.report(f"{source}: {note}")
             rescale = rescale_factor(stack, self.loaded.info)
+            seen = stack  # the planes as the model sees them (rescaled), for tile counts
             if rescale is not None:
+                from segkit.inference.pipeline import RescaledStack
+
+                seen = RescaledStack(stack, rescale)
                 self.report(f"{source}: pixel size {stack.pixel_size:.4g} um, the model was trained at "
                             f"{self.loaded.info.inference.pixel_size:.4g} um: planes are rescaled by {rescale:.4g} for "
                             "the model and its output back to the input's size")
             if header:
                 z, h, w = stack.shape
-                self.report(f"{source} -> {output}: {z} x {h} x {w} {stack.dtype}, {count_tiles(stack, geometry, self.tile)}"
+                channels = getattr(stack, "channels", 1)
+                what = f"{stack.dtype}" + (f", {channels} channels" if channels > 1 else "")
+                self.report(f"{source} -> {output}: {z} x {h} x {w} {what}, {count_tiles(seen, geometry, self.tile)}"
                             f" tiles of {self.tile} px, batch {self.batch}, model {self.result.model}, on "
                             f"{self.loaded.engine.label}; writes {self.result.writes}")
             spec = self.spec_for(stack)
 
             def run(size: int) -> Path:
                 if header and self.progress is not None:
-                    self.progress.reset(total=count_tiles(stack, geometry, size))
+                    self.progress.reset(total=count_tiles(seen, geometry, size))
                 self.tile = self.result.tile = size
                 return predict_stack(stack, self.forward, geometry, output, normalization=normalization, tile=size,
                                      batch=self.batch, blend=self.blend, spec=spec, overwrite=self.overwrite,

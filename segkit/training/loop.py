@@ -44,8 +44,8 @@ from segkit.training.targets import LabelRule, check_classes_present, check_labe
 LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "best_threshold",
               "best_adapted_rand_error", "seconds", "lr"]
 SEMANTIC_FIELDS = ["epoch", "train_loss", "dice_mean", "iou_mean", "seconds", "lr"]
-INSTANCE_FIELDS = ["epoch", "train_loss", "map", "f1@0.5", "ap@0.5", "ap@0.75", "seed_threshold", "seed_distance",
-                   "seconds", "lr"]
+INSTANCE_FIELDS = ["epoch", "train_loss", "map", "f1@0.5", "ap@0.5", "ap@0.75", "foreground_threshold",
+                   "seed_threshold", "seed_distance", "seconds", "lr"]
 #: Thresholds tried on the validation slices after every epoch; the best is stored in the checkpoint.
 VALIDATION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -363,13 +363,15 @@ def _instance_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarra
                     batch: int, device: str, val_threshold: float) -> tuple[dict, float, str, dict, dict]:
     """Instance validation: the object watershed over a grid of settings, matched F1/AP; the best setting
     (by mean AP at IoU 0.5-0.95) is stored as the checkpoint's watershed."""
-    from segkit.training.validation import best_instances, instance_table, object_grid, probabilities
+    from segkit.training.validation import choose_objects, probabilities
 
     predicted = list(probabilities(model, inputs, tile=tile, batch=batch, device=device))
-    chosen = best_instances(instance_table(predicted, labels, object_grid()))
+    chosen = choose_objects(predicted, labels)
     scores, params = chosen["scores"], chosen["params"]
     row = {key: scores[key] for key in ("map", "f1@0.5", "ap@0.5", "ap@0.75")}
-    row.update(seed_threshold=params["seed_threshold"], seed_distance=params["seed_distance"])
+    row.update(seed_threshold=params["seed_threshold"], seed_distance=params["seed_distance"],
+               foreground_threshold=params["foreground_threshold"])
     text = (f"val mean AP {scores['map']:.4f}  F1@0.5 {scores['f1@0.5']:.4f}  AP@0.5 {scores['ap@0.5']:.4f}  "
-            f"(watershed seed threshold {params['seed_threshold']}, seed distance {params['seed_distance']})")
+            f"(watershed: foreground below background probability {params['foreground_threshold']}, seed threshold "
+            f"{params['seed_threshold']}, seed distance {params['seed_distance']})")
     return row, scores["map"], text, {"watershed": params}, {"validation": scores}
