@@ -216,3 +216,21 @@ def test_package_refuses_what_it_cannot_write_yet(tmp_path):
     checkpoint, _ = _checkpoint(tmp_path, kind="semantic")
     with pytest.raises(PackageError, match="semantic labels .K class outputs.*segkit export"):
         package_checkpoint(checkpoint, tmp_path / "p.zip", author="A. Person")
+
+
+def test_percentile_models_normalise_by_the_stack_or_the_training_data(tmp_path):
+    from segkit.checkpoint import read_info
+    from segkit.inference.pipeline import choose_normalization
+    from segkit.io.tiff import open_stack
+
+    checkpoint, _ = _checkpoint(tmp_path, kind="semantic",
+                                normalization=Normalization(10.0, 100.0, percentiles=(1.0, 99.0), clip=True))
+    data = np.arange(100 * 100, dtype=np.uint16).reshape(1, 100, 100)
+    tifffile.imwrite(tmp_path / "ramp.tif", data, photometric="minisblack")
+    info = read_info(checkpoint)
+    with open_stack(tmp_path / "ramp.tif") as stack:
+        own = choose_normalization(stack, info, mode="auto")[0]
+        assert own.mean == pytest.approx(99.99, rel=1e-3) and own.clip
+        assert choose_normalization(stack, info, mode="stack")[0] == own
+        trained = choose_normalization(stack, info, mode="checkpoint")[0]
+        assert (trained.mean, trained.std, trained.clip, trained.percentiles) == (10.0, 100.0, True, None)

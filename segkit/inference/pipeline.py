@@ -162,13 +162,17 @@ def choose_normalization(stack: TiffStack, info: CheckpointInfo, *, mode: str = 
 
     checkpoint: the training data's statistics; stack: this stack's, computed once; auto: the
     checkpoint's unless the stack's dtype differs from the training data's (then the stack's).
-    """
+    Percentile models (fluorescence) normalise each stack by its own percentiles (auto, stack), or by
+    the training images' typical percentiles (checkpoint)."""
     if mode not in ("auto", "checkpoint", "stack"):
         raise SegkitError(f"unknown normalisation {mode!r}; choose auto, checkpoint or stack")
     trained_dtype = info.inference.input_dtype
-    if info.normalization.percentiles is not None and mode != "stack":  # a rule: this stack's percentiles
+    rule = info.normalization
+    if rule.percentiles is not None:  # a percentile rule: this stack's percentiles, or the training data's typical
+        if mode == "checkpoint":
+            return Normalization(rule.mean, rule.std, clip=rule.clip), ""
         sample = stack_sample(stack)
-        return info.normalization.for_image(sample if sample.shape[1] > 1 else sample[:, 0]), ""
+        return rule.for_image(sample if sample.shape[1] > 1 else sample[:, 0]), ""
     if mode == "stack":
         return stack_normalization(stack), ""
     if mode == "auto" and trained_dtype and trained_dtype != str(stack.dtype):
