@@ -246,6 +246,12 @@ class Clock:
             return f"stopping after epoch {epoch}: train.time_limit_min={self.limit_min:g} reached"
         return None
 
+    def seconds_left(self, estimate: float) -> float:
+        """`estimate` (seconds the remaining epochs take), capped by what train.time_limit_min leaves."""
+        if self.limit_min is None:
+            return estimate
+        return max(0.0, min(estimate, self.limit_min * 60 - (time.monotonic() - self.started)))
+
     def limit_note(self, total_seconds: float) -> str:
         if self.limit_min is not None and total_seconds > self.limit_min * 60:
             return f"; train.time_limit_min={self.limit_min:g} stops it after {duration(self.limit_min * 60)}"
@@ -363,7 +369,7 @@ def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any
             plot_curve(history, plan.files.curve, loss_label=plan.loss_label, metrics=plan.curve_metrics,
                        metric_label=plan.metric_label)
             epoch_seconds.append(row["seconds"])
-            left = (f"; about {duration((plan.epochs - epoch) * float(sum(epoch_seconds) / len(epoch_seconds)))} left"
+            left = (f"; about {duration(plan.clock.seconds_left((plan.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))} left"
                     if epoch < plan.epochs else "")
             plan.echo(f"epoch {epoch}: {text}  [{duration(row['seconds'])}{left}]")
             stop = plan.clock.stop_message(epoch=epoch, epochs=plan.epochs, iterations=len(losses), iters=plan.iters,
