@@ -238,11 +238,16 @@ def test_backward_on_the_cpu_stops_at_the_next_layer_on_an_interrupt():
     assert len(make_interruptible(model, "cpu")) == len(list(model.parameters()))
     assert make_interruptible(model, "cuda:0") == []
     loss = Started.apply(model(torch.randn(1, 1, 380, 380))).mean()
-    threading.Thread(target=interrupt_when_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        loss.backward()
-        time.sleep(10)  # (without the hooks the interrupt lands here, after the whole backward; a loaded
-        # machine may take seconds to run the interrupting thread, so wait long enough for it)
+    # Ctrl-C raises KeyboardInterrupt here whatever earlier tests (Dask clusters, CLI runs) did to SIGINT
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_when_started, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            loss.backward()
+            time.sleep(10)  # (without the hooks the interrupt lands here, after the whole backward; a loaded
+            # machine may take seconds to run the interrupting thread, so wait long enough for it)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     first_layer = next(model.parameters())
     assert first_layer.grad is None  # stopped before the gradient reached the first layer
 
