@@ -462,8 +462,7 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
         raise PackageError(f"a {info.kind} checkpoint cannot be packaged; package a segmenter or a denoiser")
     unsupported = [what for what, present in (
         ("percentile normalisation", info.normalization.percentiles is not None),
-        ("several input channels", info.normalization.channels is not None
-         or int(info.model_kwargs.get("in_channels", 1) or 1) > 1),
+        ("several input channels", info.normalization.channels is not None or info.input_channels > 1),
         (f"{info.inference.labels_kind} labels (K class outputs)", info.inference.labels_kind != "membrane"),
     ) if present]
     if unsupported:

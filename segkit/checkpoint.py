@@ -227,6 +227,19 @@ class CheckpointInfo:
     training: dict[str, Any] = field(default_factory=dict)
     segkit_version: str = __version__
 
+    @property
+    def input_channels(self) -> int:
+        """Channels the model takes: its record's in_channels (a denoiser pre-stage's, for composed models)."""
+        kwargs = self.model_kwargs.get("denoiser", {}).get("kwargs", self.model_kwargs)
+        return int(kwargs.get("in_channels") or 1)
+
+    @property
+    def output_classes(self) -> int:
+        """Classes a segmenter outputs: its record's classes (the segmenter's, for composed models), else
+        its class names, else 2 (membrane models)."""
+        kwargs = self.model_kwargs.get("segmenter", {}).get("kwargs", self.model_kwargs)
+        return int(kwargs.get("classes") or len(self.classes) or 2)
+
     def __post_init__(self) -> None:
         if not isinstance(self.inference, InferenceDefaults):
             self.inference = InferenceDefaults.from_dict(self.inference)

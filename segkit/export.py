@@ -126,7 +126,7 @@ def parity_inputs(info: CheckpointInfo, tile: int, *, fixed_tile: bool) -> dict[
     reps = -(-tile // min(real.shape))
     if reps > 1:
         real = np.pad(real, [(0, real.shape[0] * (reps - 1)), (0, real.shape[1] * (reps - 1))], mode="symmetric")
-    channels = input_channels(info)
+    channels = info.input_channels
     inputs = {
         "random": rng.standard_normal((2, channels, tile, tile), dtype=np.float32),
         "real": np.ascontiguousarray(np.repeat(real[None, None, :tile, :tile], channels, axis=1)),
@@ -136,12 +136,6 @@ def parity_inputs(info: CheckpointInfo, tile: int, *, fixed_tile: bool) -> dict[
         other = tile - geometry.step if geometry.is_valid_input(tile - geometry.step) else tile + geometry.step
         inputs[f"random_{other}px"] = rng.standard_normal((1, channels, other, other), dtype=np.float32)
     return inputs
-
-
-def input_channels(info: CheckpointInfo) -> int:
-    """The model's input channels (its record's in_channels; a denoiser pre-stage's for composed models)."""
-    kwargs = info.model_kwargs.get("denoiser", {}).get("kwargs", info.model_kwargs)
-    return int(kwargs.get("in_channels") or 1)
 
 
 def check_parity(onnx_bytes: bytes, reference: Any, inputs: dict[str, np.ndarray], *, fp16: bool) -> dict[str, float]:
@@ -204,7 +198,7 @@ def export_onnx(model: Any, info: CheckpointInfo, /, *, tile: int, fp16: bool = 
     info.geometry.check_tile(tile)
     output = "intensity" if info.kind == "denoiser" else "probability"
     all_classes = info.kind == "segmenter" and info.inference.labels_kind != "membrane"
-    channels = input_channels(info)
+    channels = info.input_channels
     head = _inference_head(model.cpu().float().eval(), output=output, all_classes=all_classes)
     proto = onnx.load_from_string(_trace(head, tile=tile, opset=opset, fixed_tile=fixed_tile, output=output,
                                          channels=channels))

@@ -5,8 +5,9 @@ import torch
 from segkit.config import validate_recipe
 from segkit.demo import SAMPLE_LABELS, SAMPLE_RAW
 from segkit.errors import SegkitError
-from segkit.training.data import border_weight_map, class_balance_weights, prepare_slices, sample_patch
+from segkit.training.data import intensity_scale, pad_examples, sample_patch
 from segkit.training.losses import segmentation_loss, weighted_cross_entropy
+from segkit.training.targets import LabelRule, class_weights, weight_map
 from tests.conftest import tiny_recipe
 
 
@@ -14,7 +15,8 @@ def test_border_weights_peak_between_touching_cells():
     membrane = np.zeros((40, 60), bool)
     membrane[:, 29:31] = True  # a 2 px membrane between two cells
     membrane[:, :2] = True
-    w = border_weight_map(membrane, w0=10, sigma=5)
+    labels = (~membrane).astype(np.uint8)  # ISBI: 0 = membrane
+    w = weight_map(labels, LabelRule().target(labels), LabelRule(), [0.0, 0.0], w0=10, sigma=5)  # border term only
     assert w[~membrane].max() == 0
     # between the cells d1 + d2 is 3 px (2 + 1) -> 10 exp(-9/50)
     assert w[20, 29] == pytest.approx(10 * np.exp(-9 / 50), rel=1e-4)
@@ -24,7 +26,7 @@ def test_border_weights_peak_between_touching_cells():
 def test_class_balance_weights():
     membrane = np.zeros(100, bool)
     membrane[:20] = True
-    interior, membrane_w = class_balance_weights(membrane)
+    interior, membrane_w = class_weights([membrane.astype(np.uint8)], 2)
     assert interior * 80 == pytest.approx(membrane_w * 20)
 
 
@@ -36,11 +38,21 @@ def test_weighted_ce_matches_manual():
     assert weighted_cross_entropy(logits, target, weight) == pytest.approx(manual.item(), rel=1e-5)
 
 
+def _membrane_slices(raw: list, membrane: list, *, margin: int, min_size: int, balance: list, w0: float, sigma: float):
+    """ISBI-style raw planes and boolean membranes as training's SliceSet (raw in [0, 1] units), as train() builds it."""
+    rule, scale = LabelRule(), intensity_scale(raw[0].dtype)
+    labels = [(~m).astype(np.uint8) for m in membrane]
+    targets = [rule.target(lab) for lab in labels]
+    weights = [weight_map(lab, t, rule, balance, w0=w0, sigma=sigma) for lab, t in zip(labels, targets)]
+    return pad_examples([r.astype(np.float32) / scale for r in raw], targets, weights, margin=margin,
+                        min_size=min_size, scale=scale)
+
+
 def test_patches_have_context_and_targets():
     rng = np.random.default_rng(0)
     raw = [rng.integers(0, 255, (60, 70), dtype=np.uint8)]
     membrane = [rng.random((60, 70)) < 0.3]
-    slices = prepare_slices(raw, membrane, margin=92, min_size=20, class_weights=(1.0, 2.0), w0=10, sigma=5)
+    slices = _membrane_slices(raw, membrane, margin=92, min_size=20, balance=[1.0, 2.0], w0=10, sigma=5)
     image, target, weight = sample_patch(slices, rng, tile=204, out_tile=20, augment=None)
     assert image.shape == (1, 204, 204) and target.shape == (20, 20) and weight.shape == (20, 20)
     assert 0 <= image.min() and image.max() <= 1 and set(np.unique(target)) <= {0, 1}
@@ -56,7 +68,7 @@ def test_training_lowers_the_loss():
 
     raw = list(tifffile.imread(SAMPLE_RAW)[:2])
     membrane = list(tifffile.imread(SAMPLE_LABELS)[:2] == 0)
-    slices = prepare_slices(raw, membrane, margin=92, min_size=52, class_weights=(0.6, 2.3), w0=10, sigma=5)
+    slices = _membrane_slices(raw, membrane, margin=92, min_size=52, balance=[0.6, 2.3], w0=10, sigma=5)
     batch = [sample_patch(slices, rng, tile=236, out_tile=52, augment=build_augmentation(
         validate_recipe({})["augment"], seed=0)) for _ in range(2)]
     x = torch.from_numpy(np.stack([(b[0] - 0.5) / 0.2 for b in batch]))

@@ -31,7 +31,7 @@ TILE, OUT_TILE, PLANE = 572, 388, 1024
 
 def synthetic_slices(seed: int) -> Any:
     """One 1024 x 1024 EM-like plane in [0, 1] (smoothed noise), a membrane target and a weight map,
-    mirror-padded by the U-Net margin as prepare_slices pads them."""
+    mirror-padded by the U-Net margin as training pads them (pad_examples)."""
     from scipy import ndimage
 
     from segkit.training.data import pad_examples

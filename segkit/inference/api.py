@@ -272,19 +272,13 @@ def _spec_factory(info: Any, *, kind: str, choice: OutputChoice) -> Callable[[An
     return lambda stack: spec
 
 
-def model_classes(info: Any) -> int:
-    """How many classes a segmenter's record says it outputs (2 for membrane models)."""
-    kwargs = info.model_kwargs.get("segmenter", {}).get("kwargs", info.model_kwargs)
-    return int(kwargs.get("classes") or len(info.classes) or 2)
-
-
 def spec_for_model(info: Any, choice: OutputChoice) -> Any:
     """The output spec for a segmenter: membrane models as `output_spec`; models of K classes by label kind."""
     from segkit.inference.pipeline import ClassMapOutput, OutputSpec
     from segkit.instances import ObjectOutput, ObjectParams
 
     kind = info.inference.labels_kind
-    classes = model_classes(info)
+    classes = info.output_classes
     if choice.class_index is not None and not 0 <= choice.class_index < classes:
         names = ", ".join(f"{k} {name}" for k, name in enumerate(info.classes)) or f"0-{classes - 1}"
         raise SegkitError(f"class_index={choice.class_index} is not a class of this model ({names})")
@@ -369,7 +363,7 @@ def _describe_classes(info: Any, spec: Any) -> tuple[str, float | None]:
     from segkit.inference.pipeline import ClassMapOutput
     from segkit.instances import ObjectOutput
 
-    names = info.classes or [str(k) for k in range(model_classes(info))]
+    names = info.classes or [str(k) for k in range(info.output_classes)]
     if isinstance(spec, ClassMapOutput):
         return "uint8 classes (argmax): " + ", ".join(f"{k} {n}" for k, n in enumerate(names)), None
     if isinstance(spec, ObjectOutput):
@@ -496,15 +490,9 @@ class _Runner:
         self.result.failed.extend((o.job.source, o.error or "") for o in outcomes if not o.ok)
 
 
-def model_channels(info: Any) -> int:
-    """Input channels a segmenter or denoiser record takes (1 unless its model says otherwise)."""
-    kwargs = info.model_kwargs.get("denoiser", {}).get("kwargs", info.model_kwargs)
-    return int(kwargs.get("in_channels") or 1)
-
-
 def check_channels(stack: Any, info: Any, source: str) -> None:
     """Refuse (one line) input whose channel count is not the model's."""
-    have, want = getattr(stack, "channels", 1), model_channels(info)
+    have, want = getattr(stack, "channels", 1), info.input_channels
     if have != want:
         what = {1: "single-channel (grayscale)", 3: "3-channel (e.g. RGB)"}.get(want, f"{want}-channel")
         kind = {1: "a single-channel image", 3: "a multi-channel image (3 channels, e.g. RGB)"}.get(

@@ -1,8 +1,5 @@
-"""Training data: label slices to targets and U-Net weight maps, and augmented patch sampling.
-
-Weight maps follow Ronneberger et al. 2015, eq. 2: w = w_c + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)),
-with d1, d2 the distances to the nearest and second-nearest cell. They are computed once per
-label slice, on membrane pixels, where touching cells must be separated.
+"""Training data: where it comes from (data.root), its global normalisation, mirror-padded images and
+augmented patch sampling (albumentations on CPU workers). Targets and weight maps are targets.py's.
 """
 
 from __future__ import annotations
@@ -18,29 +15,6 @@ from segkit.checkpoint import Normalization
 def mirror_array(array: np.ndarray, padding: Any) -> np.ndarray:
     """Mirror-extrapolate a 2D training array (numpy's reflect, as the tiler's mirror; any width)."""
     return np.pad(array, padding, mode="reflect" if min(array.shape) > 1 else "symmetric")
-
-
-def class_balance_weights(membrane: np.ndarray) -> tuple[float, float]:
-    """(interior, membrane) weights n / (2 n_c), so both classes weigh the same in total."""
-    n = membrane.size
-    n_membrane = max(int(membrane.sum()), 1)
-    n_interior = max(n - int(membrane.sum()), 1)
-    return n / (2.0 * n_interior), n / (2.0 * n_membrane)
-
-
-def border_weight_map(membrane: np.ndarray, *, w0: float = 10.0, sigma: float = 5.0) -> np.ndarray:
-    """The border term w0 exp(-(d1+d2)^2 / 2 sigma^2) on membrane pixels, 0 on cell interiors."""
-    from scipy import ndimage
-
-    from segkit.training.targets import border_term
-
-    return border_term(ndimage.label(~membrane)[0], membrane, w0=w0, sigma=sigma)
-
-
-def weight_map(membrane: np.ndarray, class_weights: tuple[float, float], *, w0: float, sigma: float) -> np.ndarray:
-    """Full U-Net loss weight map: class balance plus border term."""
-    base = np.where(membrane, class_weights[1], class_weights[0]).astype(np.float32)
-    return base + border_weight_map(membrane, w0=w0, sigma=sigma)
 
 
 def split_planes(stack: Any, data: dict[str, Any], split: str) -> list[np.ndarray]:
@@ -154,23 +128,6 @@ def pad_examples(units: list[np.ndarray], targets: list[np.ndarray], weights: li
         padded_weights.append(mirror_array(weight.astype(np.float32), grow))
         areas.append(int(target.size))
     return SliceSet(raws, padded_targets, padded_weights, margin, scale, areas)
-
-
-def prepare_slices(
-    raw_planes: list[np.ndarray],
-    membranes: list[np.ndarray],
-    *,
-    margin: int,
-    min_size: int,
-    class_weights: tuple[float, float],
-    w0: float,
-    sigma: float,
-) -> SliceSet:
-    """ISBI-style membrane slices ((H, W) raw planes and boolean membranes) as a SliceSet in [0, 1] units."""
-    scale = intensity_scale(raw_planes[0].dtype) if raw_planes else 1.0
-    weights = [weight_map(m, class_weights, w0=w0, sigma=sigma) for m in membranes]
-    return pad_examples([r.astype(np.float32) / scale for r in raw_planes], [m.astype(np.uint8) for m in membranes],
-                        weights, margin=margin, min_size=min_size, scale=scale)
 
 
 def sample_patch(
