@@ -58,6 +58,13 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
         "normalization": ((str,), "meanstd"),
         "percentiles": ((list,), [1.0, 99.8]),
         "pixel_size": (_NUM + (type(None),), None),  # micrometres per pixel every image is rescaled to
+        # factor every image and its labels are resized by before training (0.5: half the size), e.g. so the
+        # typical object has the diameter the model sees best; stored in the checkpoint, undone at prediction
+        "scale": (_NUM + (type(None),), None),
+        # share of training patches centred on a pixel of a foreground class (a class drawn uniformly among
+        # the classes other than 0 present in the image), so sparse objects and rare classes are not starved;
+        # 0: patches drawn uniformly (the old behaviour)
+        "foreground_fraction": (_NUM, 0.33),
         "tile": ((int,), 572),
     },
     "augment": {
@@ -80,10 +87,20 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
         "epochs": ((int,), 50),
         "iters_per_epoch": ((int,), 100),
         "batch": ((int,), 4),
-        "optimizer": ((str,), "adam"),
+        # adamw (decoupled weight decay), adam or sgd (with train.momentum)
+        "optimizer": ((str,), "adamw"),
         "lr": (_NUM, 1e-4),
         "momentum": (_NUM, 0.99),
-        "weight_decay": (_NUM, 0.0),
+        # null: 0.01 for adamw, 0 for adam and sgd
+        "weight_decay": (_NUM + (type(None),), None),
+        # cosine: linear warm-up over train.warmup of the run, then cosine decay to 0 over the planned
+        # iterations (epochs x iters_per_epoch) or over train.time_limit_min, whichever ends the run first;
+        # constant: train.lr throughout (the old behaviour)
+        "schedule": ((str,), "cosine"),
+        "warmup": (_NUM, 0.05),
+        # exponential moving average of the weights, used for validation and saved in the checkpoints
+        # (0: off, the raw weights as before); the decay per iteration
+        "ema_decay": (_NUM, 0.99),
         "amp": ((bool,), True),
         "device": ((str,), "auto"),
         "seed": ((int,), 0),
@@ -148,7 +165,8 @@ DENOISE_SCHEMA: dict[str, dict[str, Leaf]] = {
 }
 
 CHOICES = {
-    "train.optimizer": ("adam", "sgd"),
+    "train.optimizer": ("adamw", "adam", "sgd"),
+    "train.schedule": ("cosine", "constant"),
     "train.mode": ("supervised", "blind_spot"),
     "train.loss": ("mse", "l1"),
     "corruption.noise": ("none", "gaussian", "poisson_gaussian", "masking", "salt_pepper"),
@@ -158,13 +176,16 @@ CHOICES = {
 POSITIVE = {"data.tile", "train.epochs", "train.iters_per_epoch", "train.batch", "train.val_batch", "train.lr",
             "corruption.gain", "train.blind_spot_fraction", "train.blind_spot_radius", "loss.border_sigma",
             "augment.elastic_sigma", "train.time_limit_min", "data.boundary_width", "data.channels", "train.val_tile",
-            "data.pixel_size"}
+            "data.pixel_size", "data.scale"}
 NON_NEGATIVE = {"train.workers", "train.seed", "train.weight_decay", "loss.border_w0", "loss.dice_weight",
                 "augment.elastic_alpha", "corruption.sigma"}
 #: Bounded settings: path -> (low, high, low excluded, high excluded).
 RANGES = {
     "train.val_threshold": (0.0, 1.0, True, True),
     "train.momentum": (0.0, 1.0, False, True),
+    "train.warmup": (0.0, 0.5, False, False),
+    "train.ema_decay": (0.0, 1.0, False, True),
+    "data.foreground_fraction": (0.0, 1.0, False, False),
     "train.blind_spot_fraction": (0.0, 1.0, True, False),
     "corruption.fraction": (0.0, 1.0, False, False),
     "augment.brightness_contrast": (0.0, 1.0, False, False),

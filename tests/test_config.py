@@ -31,7 +31,7 @@ def test_overrides_and_types(tmp_path):
         ({"train": {"epoch": 2}}, "train.epoch: unknown key; did you mean 'epochs'.*allowed: epochs"),
         ({"train": {"epochs": "2"}}, "train.epochs: expected int, got str"),
         ({"train": {"epochs": True}}, "train.epochs: expected int, got a boolean"),
-        ({"train": {"optimizer": "rmsprop"}}, "not one of adam, sgd"),
+        ({"train": {"optimizer": "rmsprop"}}, "not one of adamw, adam, sgd"),
         ({"train": {"batch": 0}}, "train.batch: must be positive"),
         ({"data": {"val_slices": [25, 20]}}, r"data.val_slices: expected \[start, stop\)"),
         ([1, 2], "must be a mapping"),

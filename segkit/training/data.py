@@ -95,10 +95,16 @@ def build_augmentation(settings: dict[str, Any], *, seed: int) -> Any:
     return A.Compose(steps, seed=seed)
 
 
+#: Foreground pixels remembered per class and image for object-centred patches (a random subset beyond
+#: this; enough to spread the centres over every object of the image).
+FOREGROUND_POINTS = 20_000
+
+
 @dataclass
 class SliceSet:
     """Mirror-padded training images in unit space (about [0, 1]; (C, H, W)), their class targets and
-    loss weights, and how often each is drawn (in proportion to its area)."""
+    loss weights, how often each is drawn (in proportion to its area), and where their foreground
+    classes lie (for patches centred on objects and rare classes)."""
 
     raw: list[np.ndarray]
     target: list[np.ndarray]
@@ -106,20 +112,51 @@ class SliceSet:
     margin: int
     scale: float = 1.0  # raw units per unit of `raw` (255 for uint8 data; 1 when `raw` is in model units)
     areas: list[int] | None = None  # pixels of each image before padding
+    # per image: {class k >= 1: (n, 2) int32 (y, x) of its pixels in padded coordinates}
+    foreground: list[dict[int, np.ndarray]] | None = None
 
-    def draw(self, rng: np.random.Generator) -> int:
-        """An image index, drawn in proportion to the images' areas (uniform without areas)."""
+    def draw(self, rng: np.random.Generator, among: list[int] | None = None) -> int:
+        """An image index (of `among`, default all), drawn in proportion to the images' areas (uniform
+        without areas)."""
+        indices = list(range(len(self.raw))) if among is None else among
         if not self.areas:
-            return int(rng.integers(len(self.raw)))
-        cumulative = np.cumsum(self.areas)
-        return int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+            return indices[int(rng.integers(len(indices)))]
+        cumulative = np.cumsum([self.areas[i] for i in indices])
+        return indices[int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))]
+
+    def draw_foreground(self, rng: np.random.Generator) -> tuple[int, int, int] | None:
+        """(image, y, x) of a foreground pixel: an image that has any (by area), a class drawn uniformly
+        among the foreground classes it holds, a pixel of it; None when no image has foreground."""
+        among = [i for i, classes in enumerate(self.foreground or []) if classes]
+        if not among:
+            return None
+        index = self.draw(rng, among)
+        classes = self.foreground[index]  # type: ignore[index]
+        points = classes[sorted(classes)[int(rng.integers(len(classes)))]]
+        y, x = points[int(rng.integers(len(points)))]
+        return index, int(y), int(x)
+
+
+def foreground_points(target: np.ndarray, offset: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """{class k >= 1: (n, 2) int32 (y, x) + offset of up to FOREGROUND_POINTS of its pixels} of a target."""
+    points: dict[int, np.ndarray] = {}
+    for k in np.unique(target):
+        if k == 0:
+            continue
+        where = np.argwhere(target == k).astype(np.int32)
+        if len(where) > FOREGROUND_POINTS:
+            where = where[rng.choice(len(where), FOREGROUND_POINTS, replace=False)]
+        points[int(k)] = where + np.int32(offset)
+    return points
 
 
 def pad_examples(units: list[np.ndarray], targets: list[np.ndarray], weights: list[np.ndarray], *, margin: int,
                  min_size: int, scale: float = 1.0) -> SliceSet:
     """Pad every image ((C, H, W) or (H, W), in unit space) by the model margin (mirror), so any patch of
-    the image has its context; images smaller than `min_size` output pixels are mirror-padded up to it."""
-    raws, padded_targets, padded_weights, areas = [], [], [], []
+    the image has its context; images smaller than `min_size` output pixels are mirror-padded up to it.
+    Foreground pixels of weight 0 (ignored labels) are never patch centres."""
+    raws, padded_targets, padded_weights, areas, foreground = [], [], [], [], []
+    rng = np.random.default_rng(0)
     for unit, target, weight in zip(units, targets, weights):
         unit = unit[None] if unit.ndim == 2 else unit
         grow = [(margin, margin + max(0, min_size - n)) for n in unit.shape[-2:]]
@@ -127,17 +164,36 @@ def pad_examples(units: list[np.ndarray], targets: list[np.ndarray], weights: li
         padded_targets.append(mirror_array(target.astype(np.uint8), grow))
         padded_weights.append(mirror_array(weight.astype(np.float32), grow))
         areas.append(int(target.size))
-    return SliceSet(raws, padded_targets, padded_weights, margin, scale, areas)
+        foreground.append(foreground_points(np.where(weight > 0, target, 0), margin, rng))
+    return SliceSet(raws, padded_targets, padded_weights, margin, scale, areas, foreground)
+
+
+def patch_corner(slices: SliceSet, rng: np.random.Generator, *, tile: int,
+                 foreground_fraction: float = 0.0) -> tuple[int, int, int]:
+    """(image, y, x) of a training patch's top-left corner in padded coordinates: with probability
+    `foreground_fraction` the patch is centred on a foreground pixel (`SliceSet.draw_foreground`,
+    clipped to the padded image), otherwise drawn uniformly."""
+    if foreground_fraction > 0 and rng.random() < foreground_fraction:
+        drawn = slices.draw_foreground(rng)
+        if drawn is not None:
+            index, cy, cx = drawn
+            height, width = slices.raw[index].shape[-2:]
+            y = min(max(cy - tile // 2, 0), height - tile)
+            x = min(max(cx - tile // 2, 0), width - tile)
+            return index, y, x
+    index = slices.draw(rng)
+    raw = slices.raw[index]
+    return index, int(rng.integers(raw.shape[-2] - tile + 1)), int(rng.integers(raw.shape[-1] - tile + 1))
 
 
 def sample_patch(
-    slices: SliceSet, rng: np.random.Generator, *, tile: int, out_tile: int, augment: Any
+    slices: SliceSet, rng: np.random.Generator, *, tile: int, out_tile: int, augment: Any,
+    foreground_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One augmented (input tile (C, tile, tile), target, weight) triple; targets are the centre out_tile crop."""
-    index = slices.draw(rng)
+    """One augmented (input tile (C, tile, tile), target, weight) triple; targets are the centre out_tile crop.
+    A share `foreground_fraction` of patches is centred on foreground (see `patch_corner`)."""
+    index, y, x = patch_corner(slices, rng, tile=tile, foreground_fraction=foreground_fraction)
     raw, target, weight = slices.raw[index], slices.target[index], slices.weight[index]
-    y = int(rng.integers(raw.shape[-2] - tile + 1))
-    x = int(rng.integers(raw.shape[-1] - tile + 1))
     window = (slice(y, y + tile), slice(x, x + tile))
     image, masks = raw[(slice(None), *window)], [target[window], weight[window]]
     if augment is not None:
@@ -164,6 +220,7 @@ def normalize_unit(image: np.ndarray, normalization: Normalization, scale: float
 def patch_stream(
     slices: SliceSet, *, tile: int, out_tile: int, augment_settings: dict[str, Any],
     normalization: Normalization, seed: tuple[int, ...], augment_later: bool = False,
+    foreground_fraction: float = 0.0,
 ) -> Any:
     """An endless torch IterableDataset of (image (C, tile, tile), target, weight) training patches.
 
@@ -171,7 +228,8 @@ def patch_stream(
     workers never repeat each other and a resumed run (seeded with its start epoch) never
     replays the patches of the first run. With `augment_later` the patches are left as they are, in
     unit space, with whole-tile targets and weights: augmentation, centre crop and normalisation
-    then happen on the training device (`augment.on_device`).
+    then happen on the training device (`augment.on_device`). A share `foreground_fraction` of the
+    patches is centred on foreground pixels (`data.foreground_fraction`).
     """
     import torch
 
@@ -184,9 +242,11 @@ def patch_stream(
             scale = slices.scale
             while True:
                 if augment_later:
-                    image, target, weight = sample_patch(slices, rng, tile=tile, out_tile=tile, augment=None)
+                    image, target, weight = sample_patch(slices, rng, tile=tile, out_tile=tile, augment=None,
+                                                         foreground_fraction=foreground_fraction)
                 else:
-                    image, target, weight = sample_patch(slices, rng, tile=tile, out_tile=out_tile, augment=augment)
+                    image, target, weight = sample_patch(slices, rng, tile=tile, out_tile=out_tile, augment=augment,
+                                                         foreground_fraction=foreground_fraction)
                     image = normalize_unit(image, normalization, scale).astype(np.float32)
                 yield torch.from_numpy(image), torch.from_numpy(target), torch.from_numpy(weight)
 

@@ -24,6 +24,8 @@ from segkit.training.runs import (
     Clock,
     EpochPlan,
     RunFiles,
+    Schedule,
+    WeightAverage,
     amp_setup,
     announce,
     build_optimizer,
@@ -234,14 +236,19 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg_train)
     use_cuda = device.startswith("cuda")
     amp_dtype, scaler = amp_setup(cfg_train["amp"], device)
+    average = WeightAverage(model, cfg_train["ema_decay"]) if cfg_train["ema_decay"] > 0 else None
+    scored = average.model if average is not None else model  # validated and saved
 
     history: list[dict[str, float]] = []
     start_epoch, best = 1, -math.inf  # higher is better: -adapted Rand error, mean Dice, mean AP
     if resume:
-        meta = resume_run(files, model, optimizer, name=model_name, kwargs=model_kwargs, lr=cfg_train["lr"])
+        meta = resume_run(files, model, optimizer, name=model_name, kwargs=model_kwargs, lr=cfg_train["lr"],
+                          average=average)
         start_epoch, history = meta["epoch"] + 1, meta["history"]
         best = meta["best_score"] if "best_score" in meta else -meta["best_error"]
         echo(f"resuming {files.root} after epoch {meta['epoch']}")
+    schedule = Schedule.from_recipe(cfg_train)
+    done_before = (start_epoch - 1) * cfg_train["iters_per_epoch"]  # iterations of earlier runs, for the schedule
 
     files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
     info = CheckpointInfo(
@@ -249,18 +256,22 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
         classes=rule.class_names(cfg_data["class_names"]),
         inference=InferenceDefaults(threshold=cfg_train["val_threshold"] if rule.kind == "membrane" else None,
                                     tile=val_tile, input_dtype=str(examples["train"][0].image.dtype),
-                                    labels_kind=rule.kind, pixel_size=cfg_data["pixel_size"]),
+                                    labels_kind=rule.kind, pixel_size=cfg_data["pixel_size"],
+                                    scale=cfg_data["scale"]),
         recipe=recipe,
     )
 
     def save_last(completed: int) -> None:
-        save_checkpoint(files.last, model, info)
-        save_optimizer(files.optimizer, optimizer, {"epoch": completed, "best_score": best, "history": history})
+        save_checkpoint(files.last, scored, info)
+        state = {"epoch": completed, "best_score": best, "history": history}
+        if average is not None:
+            state["averaged_updates"] = average.updates
+        save_optimizer(files.optimizer, optimizer, state, weights=model if average is not None else None)
 
     on_device = recipe["augment"]["on_device"]
     stream = patch_stream(slices, tile=tile, out_tile=out_tile, augment_settings=recipe["augment"],
                           normalization=unit_normalization, seed=(cfg_train["seed"], start_epoch),
-                          augment_later=on_device)
+                          augment_later=on_device, foreground_fraction=cfg_data["foreground_fraction"])
     workers = loader_workers(cfg_train["workers"], echo)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=cfg_train["batch"], num_workers=workers,
                                               pin_memory=use_cuda, persistent_workers=workers > 0))
@@ -268,20 +279,24 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                                             device=device, seed=(cfg_train["seed"], start_epoch)) if on_device else None
 
     def step(epoch: int) -> float:
+        schedule.apply(optimizer, done_before + plan.clock.done, time.monotonic() - plan.clock.started)
         image, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
         if augment_on_device is not None:
             image, target, weight = augment_on_device(image, target, weight)
         with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(image)
         loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
-        return optimizer_step(loss, optimizer, scaler, epoch=epoch)
+        value = optimizer_step(loss, optimizer, scaler, epoch=epoch)
+        if average is not None:
+            average.update(model)
+        return value
 
     evaluate = {"membrane": _membrane_epoch, "semantic": _semantic_epoch, "instances": _instance_epoch}[rule.kind]
 
     def finish(epoch: int, losses: list[float], started: float) -> tuple[dict[str, Any], bool, str]:
         nonlocal best
         row, score, text, inference, validation = evaluate(
-            model, val_inputs, val_labels, rule=rule, tile=val_tile, batch=cfg_train["val_batch"], device=device,
+            scored, val_inputs, val_labels, rule=rule, tile=val_tile, batch=cfg_train["val_batch"], device=device,
             val_threshold=cfg_train["val_threshold"])
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), **row,
                "seconds": time.monotonic() - started, "lr": optimizer.param_groups[0]["lr"]}
@@ -292,7 +307,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
         best = max(best, score)
         return row, improved, f"loss {row['train_loss']:.4f}  {text}"
 
-    make_interruptible(model, device)
+    make_interruptible(model, device)  # after the average copied the model: its copy needs no hooks
     iters, epochs = cfg_train["iters_per_epoch"], cfg_train["epochs"]
     announce(echo, model=model, name=model_name, device=device, requested_device=cfg_train["device"],
              amp=cfg_train["amp"], data=what, iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
@@ -306,7 +321,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
                      log_fields=fields, loss_label="weighted cross-entropy" + (" + Dice" if cfg_loss["dice_weight"] else ""),
                      curve_metrics=metrics, metric_label=label)
     run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
-               save_best=lambda: save_checkpoint(files.best, model, info), save_last=save_last)
+               save_best=lambda: save_checkpoint(files.best, scored, info), save_last=save_last)
     return files
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -77,11 +78,14 @@ def open_run(out: str | Path, *, resume: bool) -> RunFiles:
     return files
 
 
-def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs: dict[str, Any], lr: float) -> dict[str, Any]:
+def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs: dict[str, Any], lr: float,
+               average: "WeightAverage | None" = None) -> dict[str, Any]:
     """Load the last weights and optimizer state of `files` into `model` and `optimizer`.
 
-    Refuses a run of another model. The recipe's learning rate applies from here on. Returns the
-    extra state saved with the optimizer (epoch, history, best score).
+    Refuses a run of another model. The recipe's learning rate applies from here on (the schedule then
+    sets it per step). With a weight average, the last checkpoint holds the average and the optimizer
+    file the trained weights (a run without an average left only the checkpoint: both start from it).
+    Returns the extra state saved with the optimizer (epoch, history, best score).
     """
     from safetensors.torch import load_file
 
@@ -91,8 +95,12 @@ def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs
 
         raise CheckpointError(f"resume=True: {files.last} holds model {previous.model} "
                               f"{short(previous.model_kwargs, 120)}, not this recipe's {name} {short(kwargs, 120)}")
-    model.load_state_dict(load_file(str(files.last)))
-    meta = load_optimizer(files.optimizer, optimizer)
+    last = load_file(str(files.last))
+    model.load_state_dict(last)
+    meta = load_optimizer(files.optimizer, optimizer, weights=model)
+    if average is not None:
+        average.model.load_state_dict(last)
+        average.restore(meta.get("averaged_updates", 1))
     for group in optimizer.param_groups:
         group["lr"] = lr
     return meta
@@ -384,18 +392,122 @@ def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any
         raise
 
 
+#: train.weight_decay when the recipe leaves it out: decoupled decay for AdamW (torch's default), none
+#: for Adam and SGD (an L2 term there, which the paper recipes never used).
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "adam": 0.0, "sgd": 0.0}
+
+
 def build_optimizer(params: Any, settings: dict[str, Any]) -> Any:
-    """Adam or SGD with momentum, from a recipe's `train` section."""
+    """AdamW, Adam or SGD with momentum, from a recipe's `train` section."""
     import torch
 
-    if settings["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
-    return torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"],
-                           weight_decay=settings["weight_decay"])
+    name = settings["optimizer"]
+    decay = settings.get("weight_decay")
+    decay = DEFAULT_WEIGHT_DECAY[name] if decay is None else decay
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=settings["lr"], weight_decay=decay)
+    return torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"], weight_decay=decay)
 
 
-def save_optimizer(path: Path, optimizer: Any, state: dict[str, Any]) -> None:
-    """Optimizer tensors as safetensors, its scalars and `state` (epoch, history...) as JSON; no pickle."""
+def scheduled_lr(base: float, progress: float, *, warmup: float, schedule: str = "cosine") -> float:
+    """The learning rate at `progress` (0 at the start of the run, 1 at its planned end): linear warm-up
+    from base / 10 over the first `warmup` of the run, then cosine decay from `base` to 0 (SGDR without
+    restarts, as every modern recipe trains); `base` throughout for the constant schedule."""
+    if schedule == "constant":
+        return base
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and progress < warmup:
+        return base * (0.1 + 0.9 * progress / warmup)
+    decay = (progress - warmup) / (1.0 - warmup) if warmup < 1 else 1.0
+    return base * 0.5 * (1.0 + math.cos(math.pi * decay))
+
+
+@dataclass
+class Schedule:
+    """A run's learning rate over its course: `progress` is the larger of the iterations done over those
+    planned (epochs x iters_per_epoch) and the time spent over train.time_limit_min, so the decay ends
+    when the run does, whichever of the two ends it."""
+
+    base: float
+    planned: int
+    warmup: float
+    kind: str
+    limit_min: float | None = None
+
+    @classmethod
+    def from_recipe(cls, settings: dict[str, Any]) -> "Schedule":
+        return cls(base=settings["lr"], planned=settings["epochs"] * settings["iters_per_epoch"],
+                   warmup=settings.get("warmup", 0.0), kind=settings.get("schedule", "constant"),
+                   limit_min=settings.get("time_limit_min"))
+
+    def progress(self, done: int, elapsed: float) -> float:
+        by_iterations = done / max(self.planned, 1)
+        by_time = elapsed / (self.limit_min * 60) if self.limit_min else 0.0
+        return max(by_iterations, by_time)
+
+    def lr(self, done: int, elapsed: float) -> float:
+        return scheduled_lr(self.base, self.progress(done, elapsed), warmup=self.warmup, schedule=self.kind)
+
+    def apply(self, optimizer: Any, done: int, elapsed: float) -> float:
+        """Set the optimizer's learning rate for the next step (after `done` steps); returns it."""
+        lr = self.lr(done, elapsed)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers (BatchNorm statistics too), the
+    model validation scores and the checkpoints hold. The decay ramps up as min(decay, (1 + n) / (10 + n))
+    after n updates, so the average is not dominated by the random initial weights in a short run.
+    Built on torch.optim.swa_utils.AveragedModel."""
+
+    def __init__(self, model: Any, decay: float):
+        from torch.optim.swa_utils import AveragedModel
+
+        self.decay = decay
+
+        def average(averaged: list[Any], current: list[Any], count: Any) -> None:
+            import torch
+
+            n = float(count)
+            kept = min(self.decay, (1.0 + n) / (10.0 + n))
+            if averaged[0].is_floating_point():
+                torch._foreach_lerp_(averaged, current, 1.0 - kept)
+            else:  # integer buffers (BatchNorm's batch counter) follow the model
+                torch._foreach_copy_(averaged, current)
+
+        self.averaged = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+        self.averaged.module.eval()
+        for parameter in self.averaged.module.parameters():
+            parameter.requires_grad_(False)
+
+    @property
+    def model(self) -> Any:
+        """The averaged model (same class and geometry as the trained one), always in eval mode."""
+        return self.averaged.module
+
+    @property
+    def updates(self) -> int:
+        return int(self.averaged.n_averaged)
+
+    def update(self, model: Any) -> None:
+        self.averaged.update_parameters(model)
+
+    def restore(self, updates: int) -> None:
+        """After resume: the average holds the last checkpoint; `updates` steps were averaged into it."""
+        self.averaged.n_averaged.fill_(max(updates, 1))
+
+
+#: Prefix of the trained (not averaged) weights in the optimizer file of a run with a weight average.
+WEIGHTS_PREFIX = "weights."
+
+
+def save_optimizer(path: Path, optimizer: Any, state: dict[str, Any], *, weights: Any = None) -> None:
+    """Optimizer tensors as safetensors, its scalars and `state` (epoch, history...) as JSON; no pickle.
+    `weights`: the trained model, stored beside them when the checkpoints hold its weight average."""
     import torch
     from safetensors.torch import save_file
 
@@ -407,6 +519,8 @@ def save_optimizer(path: Path, optimizer: Any, state: dict[str, Any]) -> None:
                 tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
             else:
                 scalars[f"{index}.{name}"] = value
+    if weights is not None:
+        tensors.update({WEIGHTS_PREFIX + k: v.detach().contiguous().cpu() for k, v in weights.state_dict().items()})
     meta = {"param_groups": optimizer.state_dict()["param_groups"], "scalars": scalars, **state}
     tmp = path.with_name(f".{path.name}.partial")
     save_file(tensors, str(tmp), metadata={"segkit-optimizer": json.dumps(meta)})
@@ -414,8 +528,9 @@ def save_optimizer(path: Path, optimizer: Any, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_optimizer(path: Path, optimizer: Any) -> dict[str, Any]:
-    """Restore what save_optimizer wrote; returns the extra state."""
+def load_optimizer(path: Path, optimizer: Any, *, weights: Any = None) -> dict[str, Any]:
+    """Restore what save_optimizer wrote (and the trained weights into `weights`, when stored); returns
+    the extra state."""
     from safetensors import safe_open
 
     try:
@@ -424,6 +539,9 @@ def load_optimizer(path: Path, optimizer: Any) -> dict[str, Any]:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read the optimizer state for resume=True: {exc}") from exc
+    trained = {k[len(WEIGHTS_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(WEIGHTS_PREFIX)}
+    if trained and weights is not None:
+        weights.load_state_dict(trained)
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta.pop("scalars").items()):
         index, name = key.split(".", 1)
