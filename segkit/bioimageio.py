@@ -460,6 +460,11 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
     license = _check_license(license)
     if info.kind not in KINDS:
         raise PackageError(f"a {info.kind} checkpoint cannot be packaged; package a segmenter or a denoiser")
+    scale = info.inference.scale
+    if scale is not None and abs(scale - 1.0) > 1e-3:
+        raise PackageError(f"this checkpoint was trained on images resized by {scale:g} (data.scale), and a bioimage.io "
+                           "package cannot resize its input for the model and the output back; export it to ONNX with "
+                           "`segkit export` instead (segkit predict resizes for it), or train without data.scale")
     unsupported = [what for what, present in (
         ("percentile normalisation", info.normalization.percentiles is not None),
         ("several input channels", info.normalization.channels is not None or info.input_channels > 1),

@@ -164,8 +164,13 @@ class InferenceDefaults:
             `segkit evaluate --write-defaults` stores them.
         intensity_scale: a denoiser's raw-to-[0, 1] scale (255 for uint8 training data).
         labels_kind: what the training labels were: "membrane" (boundary maps, the default),
-            "semantic" (one class per pixel) or "instances" (recorded; nothing uses it yet).
-        pixel_size: micrometres per pixel of the training data (recorded; nothing uses it yet).
+            "semantic" (one class per pixel) or "instances" (object ids); it chooses what prediction
+            writes by default (probabilities, classes or objects) and how validation scores.
+        pixel_size: micrometres per pixel of the training data; input of another known pixel size
+            is resampled to it for the model, and the output back to the input's size.
+        scale: the factor the training images were resized by (`data.scale`, after any pixel-size
+            rescaling; 0.5: half size); input planes are resized by it for the model, and the
+            output back to the input's size.
         output_channel: the model output channel segkit writes (recorded; nothing uses it yet).
 
     Values are kept as stored; `check_record` validates them (one line per problem) when a
@@ -180,6 +185,7 @@ class InferenceDefaults:
     labels_kind: str = "membrane"
     pixel_size: float | None = None
     output_channel: int | None = None
+    scale: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record's `inference` entry: every field that is set (None values are left out, so a
@@ -340,6 +346,9 @@ def _check_inference(inference: InferenceDefaults, geometry: Geometry, source: s
     size = inference.pixel_size
     if size is not None and (not number(size) or not math.isfinite(size) or size <= 0):
         raise refuse("pixel_size", size, "is not a finite number of micrometres per pixel above 0")
+    factor = inference.scale
+    if factor is not None and (not number(factor) or not math.isfinite(factor) or factor <= 0):
+        raise refuse("scale", factor, "is not a finite resize factor above 0")
     channel = inference.output_channel
     if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
         raise refuse("output_channel", channel, "is not a channel index (a whole number, 0 or more)")

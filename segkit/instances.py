@@ -9,6 +9,7 @@ ridge, gap or not. Small seeds are dropped and small segments merged into their 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -96,6 +97,16 @@ class ObjectParams(_Settings):
                 raise SegkitError(f"watershed {name} {getattr(self, name)} must be between 0 and 1")
         if self.seed_distance < 0 or self.min_seed_size < 1 or self.min_size < 0:
             raise SegkitError(f"watershed parameters must be >= 0 (seed size >= 1): {self}")
+
+    def resized(self, factor: float) -> "ObjectParams":
+        """The same settings for images `factor` times the size they were chosen at (a model trained on
+        resized images, its probabilities resized back): distances scale by `factor`, sizes by its square."""
+        if abs(factor - 1.0) < 1e-3:
+            return self
+        area = factor * factor
+        return dataclasses.replace(self, seed_distance=self.seed_distance * factor,
+                                   min_seed_size=max(1, round(self.min_seed_size * area)),
+                                   min_size=round(self.min_size * area))
 
 
 def object_watershed(probabilities: np.ndarray, params: ObjectParams = ObjectParams()) -> np.ndarray:

@@ -269,7 +269,17 @@ def _spec_factory(info: Any, *, kind: str, choice: OutputChoice) -> Callable[[An
         return lambda stack: IntensityOutput(info.normalization, stack.dtype if choice.output_type == "same"
                                              else np.dtype(np.float32))
     spec = spec_for_model(info, choice)
-    return lambda stack: spec
+    from segkit.instances import ObjectOutput
+
+    if not isinstance(spec, ObjectOutput):
+        return lambda stack: spec
+
+    def objects_at_input_size(stack: Any) -> Any:
+        # the watershed runs on probabilities resized back to the input: its sizes follow the resize
+        factor = rescale_factor(stack, info)
+        return spec if factor is None else ObjectOutput(spec.params.resized(1.0 / factor), spec.channels)
+
+    return objects_at_input_size
 
 
 def spec_for_model(info: Any, choice: OutputChoice) -> Any:
@@ -440,21 +450,18 @@ class _Runner:
             if note:
                 self.report(f"{source}: {note}")
             rescale = rescale_factor(stack, self.loaded.info)
-            seen = stack  # the planes as the model sees them (rescaled), for tile counts
-            if rescale is not None:
-                from segkit.inference.pipeline import RescaledStack
-
-                seen = RescaledStack(stack, rescale)
-                self.report(f"{source}: pixel size {stack.pixel_size:.4g} um, the model was trained at "
-                            f"{self.loaded.info.inference.pixel_size:.4g} um: planes are rescaled by {rescale:.4g} for "
-                            "the model and its output back to the input's size")
+            seen = model_view(stack, self.loaded.info)  # the planes as the model sees them, for tile counts
+            resampled = describe_rescale(stack, self.loaded.info)
             if header:
                 z, h, w = stack.shape
                 channels = getattr(stack, "channels", 1)
                 what = f"{stack.dtype}" + (f", {channels} channels" if channels > 1 else "")
                 self.report(f"{source} -> {output}: {z} x {h} x {w} {what}, {count_tiles(seen, geometry, self.tile)}"
                             f" tiles of {self.tile} px, batch {self.batch}, model {self.result.model}, on "
-                            f"{self.loaded.engine.label}; writes {self.result.writes}")
+                            f"{self.loaded.engine.label}; writes {self.result.writes}"
+                            + (f"; {resampled}" if resampled else ""))
+            elif resampled:
+                self.report(f"{source}: {resampled}")
             spec = self.spec_for(stack)
 
             def run(size: int) -> Path:
@@ -476,7 +483,8 @@ class _Runner:
         output_dir.mkdir(exist_ok=True)
         if skipped:
             self.report(f"skipping {len(skipped)} files whose output exists")
-        counts, failed = count_file_tiles(jobs, self.loaded.geometry, self.tile)
+        counts, failed = count_file_tiles(jobs, self.loaded.geometry, self.tile,
+                                          view=lambda stack: model_view(stack, self.loaded.info))
         for outcome in failed:
             self.report(failure_line(outcome.job.source, outcome.error or ""))
         runnable = [job for job in jobs if job in counts]
@@ -504,15 +512,49 @@ def check_channels(stack: Any, info: Any, source: str) -> None:
 
 #: Pixel sizes within this relative difference count as equal (no rescaling).
 PIXEL_SIZE_TOLERANCE = 0.01
+#: Resize factors within this of 1 leave planes as they are (as `data.scale` does in training).
+SCALE_TOLERANCE = 1e-3
 
 
 def rescale_factor(stack: Any, info: Any) -> float | None:
-    """How much to resample a stack's planes for the model: its pixel size over the training data's, when
-    both are known and differ (None: as they are)."""
+    """How much to resample a stack's planes for the model (None: as they are): the stack's pixel size over
+    the training data's (when both are known and differ), times the checkpoint's training scale (the
+    factor its training images were resized by). The one place prediction and scoring decide it."""
+    return _rescale_parts(stack, info)[0]
+
+
+def _rescale_parts(stack: Any, info: Any) -> tuple[float | None, float, float]:
+    """(combined factor or None, the pixel-size part, the training-scale part)."""
     trained, own = info.inference.pixel_size, getattr(stack, "pixel_size", None)
-    if not trained or not own or abs(own / trained - 1.0) <= PIXEL_SIZE_TOLERANCE:
-        return None
-    return own / trained
+    by_size = own / trained if trained and own and abs(own / trained - 1.0) > PIXEL_SIZE_TOLERANCE else 1.0
+    by_scale = float(info.inference.scale) if info.inference.scale is not None else 1.0
+    combined = by_size * by_scale
+    return (None if abs(combined - 1.0) <= SCALE_TOLERANCE else combined), by_size, by_scale
+
+
+def describe_rescale(stack: Any, info: Any) -> str:
+    """Why and how much a stack's planes are resampled for the model, in words ('' when they are not)."""
+    factor, by_size, by_scale = _rescale_parts(stack, info)
+    if factor is None:
+        return ""
+    causes = []
+    if by_size != 1.0:
+        causes.append(f"pixel size {stack.pixel_size:.4g} um, the model was trained at "
+                      f"{info.inference.pixel_size:.4g} um")
+    if by_scale != 1.0:
+        causes.append(f"training scale {by_scale:.4g} (its training images were resized by {by_scale:.4g})")
+    return (f"{' and '.join(causes)}: planes are rescaled by {factor:.4g} for the model and its output back to the "
+            "input's size")
+
+
+def model_view(stack: Any, info: Any) -> Any:
+    """The stack as the model sees it: resampled by `rescale_factor` as its planes are read, or itself."""
+    factor = rescale_factor(stack, info)
+    if factor is None:
+        return stack
+    from segkit.inference.pipeline import RescaledStack
+
+    return RescaledStack(stack, factor)
 
 
 def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int | str | None, batch: int | None,
@@ -555,10 +597,17 @@ def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int
         if getattr(volume, "channels", 1) > 1:
             raise SegkitError(f"{sources[0]} has {volume.channels} channels; the Dask path reads single-channel "
                               "stacks: write a TIFF instead (segkit predict without workers/scheduler)")
-        if rescale_factor(volume, info) is not None:
-            raise SegkitError(f"{sources[0]} has pixel size {volume.pixel_size:.4g} um but the model was trained at "
-                              f"{info.inference.pixel_size:.4g} um; the Dask path does not rescale: write a TIFF "
-                              "(segkit predict without workers/scheduler), or resample the stack first")
+        factor, by_size, by_scale = _rescale_parts(volume, info)
+        if factor is not None:
+            why = []
+            if by_size != 1.0:
+                why.append(f"{sources[0]} has pixel size {volume.pixel_size:.4g} um but the model was trained at "
+                           f"{info.inference.pixel_size:.4g} um")
+            if by_scale != 1.0:
+                why.append(f"the model was trained on images resized by {by_scale:.4g} (training scale)")
+            raise SegkitError(f"{' and '.join(why)}; the Dask path does not rescale: write a TIFF (segkit predict "
+                              "without workers/scheduler), which resizes the planes for the model and back"
+                              + (", or resample the stack first" if by_scale == 1.0 else ""))
     where = scheduler or (f"a local Dask cluster of {workers} workers" if workers else "local Dask threads")
     writes, used_threshold = describe_output(info, choice=choice)
     report(f"{sources[0]} -> {output} on {where}, device {request.device}, tile {chosen_tile}, batch {batch}, "

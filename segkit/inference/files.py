@@ -75,14 +75,17 @@ def _reason(exc: Exception) -> str:
     return text if isinstance(exc, SegkitError) else f"{type(exc).__name__}: {text}"
 
 
-def count_file_tiles(jobs: Sequence[FileJob], geometry: Geometry, tile: int) -> tuple[dict[FileJob, int], list[FileOutcome]]:
-    """Tiles per readable file (for one progress bar over all files) and the files that cannot be opened."""
+def count_file_tiles(jobs: Sequence[FileJob], geometry: Geometry, tile: int, *,
+                     view: Callable[[Any], Any] | None = None) -> tuple[dict[FileJob, int], list[FileOutcome]]:
+    """Tiles per readable file (for one progress bar over all files) and the files that cannot be opened.
+    `view`: the stack as the model sees it (`segkit.inference.api.model_view`: resampled for a model of
+    another pixel size or a training scale), so the count is the tiles the model runs."""
     counts: dict[FileJob, int] = {}
     failed: list[FileOutcome] = []
     for job in jobs:
         try:
             with open_stack(job.source) as stack:
-                counts[job] = count_tiles(stack, geometry, tile)
+                counts[job] = count_tiles(view(stack) if view is not None else stack, geometry, tile)
         except Exception as exc:  # reported per file; the others go on
             failed.append(FileOutcome(job, _reason(exc)))
     return counts, failed

@@ -152,7 +152,8 @@ def _label_file(image: str, labels: str) -> str:
 
 def load_examples(data: dict[str, Any], split: str) -> list[Example]:
     """Every labelled image of one split, read and paired (checked: sizes agree, labels are integers,
-    channels agree), rescaled to `data.pixel_size` when set."""
+    channels agree), rescaled to `data.pixel_size` when set, then resized by `data.scale` when set (so
+    every split is at the model's resolution)."""
     from segkit.io.tiff import open_stack
 
     sources = split_sources(data, split)
@@ -187,6 +188,8 @@ def load_examples(data: dict[str, Any], split: str) -> list[Example]:
     check_channels(examples, data)
     if data.get("pixel_size") is not None:
         examples = [rescale_example(e, data["pixel_size"]) for e in examples]
+    if data.get("scale") is not None:
+        examples = [scale_example(e, data["scale"]) for e in examples]
     return examples
 
 
@@ -215,4 +218,15 @@ def rescale_example(example: Example, pixel_size: float) -> Example:
     if abs(factor - 1.0) < 1e-3:
         return example
     image, labels = rescale(example.image, factor), rescale(example.labels, factor, labels=True)
+    return Example(example.name, image, labels, pixel_size, example.source)
+
+
+def scale_example(example: Example, factor: float) -> Example:
+    """The example resized by `factor` (`data.scale`: 0.5 halves each side; images by area/linear
+    interpolation, labels by nearest neighbour, so ids and classes are kept); a factor within 1e-3 of 1
+    leaves it as it is. Its pixel size, when known, grows as its pixels do."""
+    if abs(factor - 1.0) < 1e-3:
+        return example
+    image, labels = rescale(example.image, factor), rescale(example.labels, factor, labels=True)
+    pixel_size = example.pixel_size / factor if example.pixel_size is not None else None
     return Example(example.name, image, labels, pixel_size, example.source)

@@ -79,10 +79,11 @@ def score_split(checkpoint: str, data: dict[str, Any], split: str = "test", *, d
                 batch: int = 4, tile: int | None = None) -> dict[str, Any]:
     """Scores of a trained checkpoint on one split of its recipe's data (per-image means), with the
     settings stored in the checkpoint (threshold or watershed, chosen on validation), at each image's
-    own resolution (images of another pixel size than the training data's are rescaled for the model,
-    and its probabilities back, as `segkit predict` does): semantic
+    own resolution (images are resampled for the model by the pixel-size factor and the training scale,
+    and its probabilities back, as `segkit predict` does: `segkit.inference.api.rescale_factor`): semantic
     Dice/IoU, or matched instances; membrane checkpoints get pixel error, adapted Rand error and VI."""
     from segkit.checkpoint import load_model
+    from segkit.inference.api import rescale_factor
     from segkit.instances import ObjectParams, object_watershed
     from segkit.io.resample import rescale
     from segkit.metrics import instance_scores, mean_instance_rows, mean_scores, score_thresholds
@@ -92,10 +93,9 @@ def score_split(checkpoint: str, data: dict[str, Any], split: str = "test", *, d
 
     model, info = load_model(checkpoint)
     rule = LabelRule.from_data(data)
-    examples = load_examples({**data, "pixel_size": None}, split)  # scored at their own resolution
-    trained_size = info.inference.pixel_size
-    factors = [e.pixel_size / trained_size if trained_size and e.pixel_size else 1.0 for e in examples]
-    inputs = [model_input(rescale(e.image, f) if f != 1.0 else e.image, info.normalization)
+    examples = load_examples({**data, "pixel_size": None, "scale": None}, split)  # scored at their own resolution
+    factors = [rescale_factor(e, info) for e in examples]
+    inputs = [model_input(rescale(e.image, f) if f is not None else e.image, info.normalization)
               for e, f in zip(examples, factors)]
     tile = tile or info.inference.tile
     predicted = (rescale(p, 1.0, shape=e.labels.shape) if p.shape[-2:] != e.labels.shape else p
@@ -105,7 +105,9 @@ def score_split(checkpoint: str, data: dict[str, Any], split: str = "test", *, d
         scores = semantic_scores(list(predicted), labels, classes=rule.classes, ignore=rule.ignore)
     elif rule.kind == "instances":
         params = ObjectParams.from_dict(info.inference.watershed or {})
-        scores = mean_instance_rows([instance_scores(t, object_watershed(p, params)) for p, t in zip(predicted, labels)])
+        scores = mean_instance_rows([instance_scores(t, object_watershed(p, params if f is None else
+                                                                         params.resized(1.0 / f)))
+                                     for p, t, f in zip(predicted, labels, factors)])
     else:
         threshold = info.inference.threshold or 0.5
         scores = mean_scores([score_thresholds(p[1], t == 0, (threshold,))[threshold]
