@@ -147,6 +147,7 @@ def main() -> None:
       segkit evaluate membranes.tif labels.tif      # pixel error, adapted Rand, VI
       segkit segment membranes.tif -o neurons.tif   # neuron instances (seeded watershed)
       segkit train recipes/em_neurons.yaml          # train the U-Net on ISBI 2012
+      segkit init my_data/                          # a recipe for your own images/ + labels/
       segkit models                                 # registered architectures and their geometry
       segkit export best.safetensors -o unet.onnx   # ONNX for onnxruntime (--engine onnx)
       segkit predict big.tif -o big.ome.zarr --workers 4   # Dask, OME-Zarr, resumable
@@ -165,6 +166,12 @@ def main() -> None:
 def train(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -> None:
     """Train a model from a YAML RECIPE, with optional section.key=value OVERRIDES.
 
+    RECIPE may also be a data folder (images/ + labels/, or an image stack and its label stack): `segkit
+    init` then writes its recipe into the run folder (train.out, default runs/<folder name>) as
+    init_recipe.yaml, and training starts from it. The OVERRIDES apply to it; train.device,
+    train.time_limit_min, data.labels_kind, data.raw and data.labels also steer init (device, budget,
+    label kind, which files).
+
     \b
     Examples:
       segkit train recipes/em_neurons.yaml
@@ -172,13 +179,91 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -
       segkit train recipes/em_neurons.yaml --resume
       segkit train recipes/nuclei_bbbc039_cpu.yaml          # your own images/ + labels/ + train.txt ...
       segkit train recipes/axon_myelin_sem.yaml data.root=/data/sem train.device=cuda
+      segkit train my_data/                                 # segkit init my_data/, then train its recipe
+      segkit train my_data/ train.time_limit_min=60 train.device=cuda
     """
     from segkit.config import load_recipe
     from segkit.training.loop import train as run_training
 
+    if recipe.is_dir():
+        recipe = _init_for_training(recipe, overrides, resume)
     resolved = load_recipe(recipe, overrides)
     files = run_training(resolved, resume=resume, progress=not quiet, echo=_cli_echo())
     click.echo(cli_message(files.summary(), {"resume"}))
+
+
+def _init_for_training(data: Path, overrides: tuple[str, ...], resume: bool) -> Path:
+    """`segkit train DATA`: the run folder's init_recipe.yaml, written by segkit init (kept when resuming)."""
+    from segkit.config import apply_overrides
+    from segkit.training.init import init_recipe
+    from segkit.training.runs import open_run
+
+    raw = apply_overrides({}, list(overrides))
+    given = lambda section, key: (raw.get(section) or {}).get(key)  # noqa: E731
+    out = given("train", "out") or f"runs/{data.resolve().name}"
+    new_folder = not Path(out).exists()
+    files = open_run(out, resume=resume)  # a finished run is refused before any work
+    recipe = files.root / "init_recipe.yaml"
+    if resume and recipe.is_file():
+        click.echo(f"resuming with {recipe} (written by segkit init for this run)")
+        return recipe
+    try:
+        init_recipe(data, recipe, minutes=given("train", "time_limit_min"), device=given("train", "device") or "auto",
+                    kind=given("data", "labels_kind"), images=given("data", "raw"), labels=given("data", "labels"),
+                    overwrite=True, overrides=overrides, out=out, echo=_cli_echo(),
+                    settings={"device": "train.device", "kind": "data.labels_kind", "minutes": "train.time_limit_min",
+                              "images": "data.raw", "labels": "data.labels"})
+    except BaseException:
+        if new_folder and files.root.is_dir() and not any(files.root.iterdir()):
+            files.root.rmdir()  # no empty run folder is left by data that could not be read
+        raise
+    return recipe
+
+
+# -- init ----------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, show_default="./<DATA name>.yaml",
+              help="The recipe to write (.yaml); split files, when DATA has none, are written beside it.")
+@click.option("--minutes", type=float, default=None, show_default="20 on a CPU, 60 on a GPU",
+              help="Time budget of the training run: epochs and iterations are sized to fill it.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N: the device to train on (its speed is measured here).")
+@click.option("--kind", type=click.Choice(["membrane", "semantic", "instances"]), default=None,
+              show_default="guessed from the labels", help="The label kind (refused when the labels contradict it).")
+@click.option("--images", default=None,
+              help="The images in DATA: a folder (paired with --labels by file name) or one stack file "
+                   "(default: images/, else the stack sharing the label stack's size and name).")
+@click.option("--labels", default=None,
+              help="The labels in DATA: a folder or one stack file (default: labels/, else the TIFF named *label*).")
+@click.option("--no-measure", is_flag=True,
+              help="Do not time training on the device: size the run from nominal timings (quick, less exact).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing recipe file.")
+def init(data: Path, output: Path | None, minutes: float | None, device: str, kind: str | None, images: str | None,
+         labels: str | None, no_measure: bool, overwrite: bool) -> None:
+    """Read the data folder DATA, print its fingerprint, and write a complete, commented recipe that
+    `segkit train` runs as it is.
+
+    DATA holds images/ and labels/ (the same file names; optional train.txt, val.txt, test.txt), or one
+    image stack and its label stack (e.g. train-volume.tif + train-labels.tif). Every choice (label kind,
+    split, normalisation, pixel size and scale, model, tiles, epochs and iterations for the time budget)
+    is written with its reason. Three training iterations are timed on the device (--no-measure: not).
+
+    \b
+    Examples:
+      segkit init my_data/                                   # writes my_data.yaml (+ split files if needed)
+      segkit train my_data.yaml
+      segkit init ../shared/data/isbi2012 -o isbi.yaml --minutes 30 --device cpu
+      segkit init my_data/ --device cuda --kind instances    # budget 60 min on a GPU
+      segkit init stacks/ --images raw.tif --labels labels.tif
+      segkit train my_data/                                  # init into the run folder, then train
+    """
+    from segkit.training.init import init_recipe
+
+    result = init_recipe(data, output, minutes=minutes, device=device, kind=kind, images=images, labels=labels,
+                         overwrite=overwrite, measure=not no_measure, echo=_cli_echo())
+    click.echo(f"train it with: segkit train {result.recipe}")
 
 
 # -- predict -------------------------------------------------------------------------------

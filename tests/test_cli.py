@@ -6,7 +6,7 @@ import tifffile
 
 from tests.conftest import assert_plane_matches_library, assert_user_error, run
 
-COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export", "segment", "convert"]
+COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export", "segment", "convert", "init"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
