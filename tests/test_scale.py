@@ -317,3 +317,27 @@ def test_watershed_sizes_follow_the_resize_back_to_the_input():
     assert (bigger.seed_distance, bigger.min_seed_size, bigger.min_size) == (3.0, 16, 40)
     assert params.resized(1.0) is params
     assert params.resized(0.1).min_seed_size == 1  # never below one pixel
+
+
+def test_prediction_runs_the_watershed_with_sizes_at_the_input_resolution():
+    """An instance model trained at scale 0.5: its stored watershed sizes are the model's; the objects of a
+    prediction (resized back to the input) get them doubled (distances) and quadrupled (areas)."""
+    from types import SimpleNamespace
+
+    from segkit.inference.api import OutputChoice, _spec_factory
+    from segkit.instances import ObjectParams
+    from segkit.models import create_model
+
+    model = create_model("unet", base=4, depth=2, classes=3)
+    stored = ObjectParams(seed_distance=1.5, min_seed_size=4, min_size=10).to_dict()
+    info = CheckpointInfo(kind="segmenter", model="unet", model_kwargs={"base": 4, "depth": 2, "classes": 3},
+                          geometry=model.geometry, normalization=Normalization(100.0, 60.0),
+                          classes=["background", "interior", "boundary"],
+                          inference=InferenceDefaults(tile=TILE, labels_kind="instances", scale=0.5, watershed=stored))
+    spec = _spec_factory(info, kind="segmenter", choice=OutputChoice())(SimpleNamespace(pixel_size=None))
+    assert (spec.params.seed_distance, spec.params.min_seed_size, spec.params.min_size) == (3.0, 16, 40)
+    unscaled = CheckpointInfo(kind="segmenter", model="unet", model_kwargs=info.model_kwargs, geometry=info.geometry,
+                              normalization=info.normalization, classes=info.classes,
+                              inference=info.inference.replace(scale=None))
+    plain = _spec_factory(unscaled, kind="segmenter", choice=OutputChoice())(SimpleNamespace(pixel_size=None))
+    assert plain.params.min_size == 10
