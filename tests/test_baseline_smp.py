@@ -464,3 +464,14 @@ def test_bench_runs_init_then_both_with_the_recipes_split(tmp_path, monkeypatch)
     assert (run_dir / "init.log").read_text() == "fingerprint\n"
     with pytest.raises(SystemExit, match="earlier run"):  # run folders are kept, never overwritten
         bench(dataset, minutes=0.5, device="cpu", sequential=False, out=tmp_path / "runs")
+
+
+def test_bench_reports_the_epoch_the_run_kept():
+    """Membrane runs keep the epoch of the lowest error at the validation-chosen threshold."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from _bench_train import best_epoch
+
+    rows = [{"epoch": 1, "adapted_rand_error": 0.10, "best_adapted_rand_error": 0.09},
+            {"epoch": 2, "adapted_rand_error": 0.12, "best_adapted_rand_error": 0.05}]
+    assert best_epoch(rows) == 2
+    assert best_epoch([{"epoch": 1, "map": 0.5}, {"epoch": 2, "map": 0.7}]) == 2

@@ -91,7 +91,9 @@ def best_epoch(history: list[dict[str, Any]]) -> int | None:
     adapted Rand error)."""
     if not history:
         return None
-    return max(history, key=lambda row: row.get("map", row.get("dice_mean", -row.get("adapted_rand_error", 1))))["epoch"]
+    # membrane runs keep the epoch of the lowest error at the threshold chosen on validation
+    return max(history, key=lambda row: row.get("map", row.get("dice_mean", -row.get(
+        "best_adapted_rand_error", row.get("adapted_rand_error", 1)))))["epoch"]
 
 
 def segkit_iterations(history: list[dict[str, Any]], iters_per_epoch: int, log_text: str = "") -> int:
