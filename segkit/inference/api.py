@@ -532,8 +532,8 @@ def _rescale_parts(stack: Any, info: Any) -> tuple[float | None, float, float]:
     return (None if abs(combined - 1.0) <= SCALE_TOLERANCE else combined), by_size, by_scale
 
 
-def describe_rescale(stack: Any, info: Any) -> str:
-    """Why and how much a stack's planes are resampled for the model, in words ('' when they are not)."""
+def _rescale_causes(stack: Any, info: Any) -> str:
+    """Why a stack's planes would be resampled for the model, in words ('' when they are not)."""
     factor, by_size, by_scale = _rescale_parts(stack, info)
     if factor is None:
         return ""
@@ -543,8 +543,16 @@ def describe_rescale(stack: Any, info: Any) -> str:
                       f"{info.inference.pixel_size:.4g} um")
     if by_scale != 1.0:
         causes.append(f"training scale {by_scale:.4g} (its training images were resized by {by_scale:.4g})")
-    return (f"{' and '.join(causes)}: planes are rescaled by {factor:.4g} for the model and its output back to the "
-            "input's size")
+    return " and ".join(causes)
+
+
+def describe_rescale(stack: Any, info: Any) -> str:
+    """Why and how much a stack's planes are resampled for the model, in words ('' when they are not)."""
+    why = _rescale_causes(stack, info)
+    if not why:
+        return ""
+    return (f"{why}: planes are rescaled by {rescale_factor(stack, info):.4g} for the model and its output back to "
+            "the input's size")
 
 
 def model_view(stack: Any, info: Any) -> Any:
@@ -597,17 +605,10 @@ def _predict_on_dask(sources: list[str], output: str, request: Any, *, tile: int
         if getattr(volume, "channels", 1) > 1:
             raise SegkitError(f"{sources[0]} has {volume.channels} channels; the Dask path reads single-channel "
                               "stacks: write a TIFF instead (segkit predict without workers/scheduler)")
-        factor, by_size, by_scale = _rescale_parts(volume, info)
-        if factor is not None:
-            why = []
-            if by_size != 1.0:
-                why.append(f"{sources[0]} has pixel size {volume.pixel_size:.4g} um but the model was trained at "
-                           f"{info.inference.pixel_size:.4g} um")
-            if by_scale != 1.0:
-                why.append(f"the model was trained on images resized by {by_scale:.4g} (training scale)")
-            raise SegkitError(f"{' and '.join(why)}; the Dask path does not rescale: write a TIFF (segkit predict "
-                              "without workers/scheduler), which resizes the planes for the model and back"
-                              + (", or resample the stack first" if by_scale == 1.0 else ""))
+        why = _rescale_causes(volume, info)
+        if why:
+            raise SegkitError(f"{sources[0]}: {why}; the Dask path does not rescale: write a TIFF (segkit predict "
+                              "without workers/scheduler), which resizes the planes for the model and back")
     where = scheduler or (f"a local Dask cluster of {workers} workers" if workers else "local Dask threads")
     writes, used_threshold = describe_output(info, choice=choice)
     report(f"{sources[0]} -> {output} on {where}, device {request.device}, tile {chosen_tile}, batch {batch}, "
