@@ -342,21 +342,12 @@ def objects_from(maps: np.ndarray, t_seed: float, t_mask: float, min_size: int) 
     return remove_small(_flood(interior, _seeds(interior, t_seed), foreground > t_mask), min_size)
 
 
-def matched_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """segkit.metrics.instance_scores of two instance images, computed on the pixels where either has an
-    object (background-only pixels change no object's area or overlap; this is many times faster)."""
-    from segkit.metrics import instance_scores
-
-    keep = (truth > 0) | (pred > 0)
-    return instance_scores(truth[keep], pred[keep])
-
-
 def choose_objects(predicted: list[np.ndarray], labels: list[np.ndarray], *, seed_thresholds=SEED_THRESHOLDS,
                    mask_thresholds=MASK_THRESHOLDS, min_sizes=MIN_SIZES) -> dict:
     """The grid point (t_seed, t_mask, min_size) with the best mean AP (ties: F1@0.5, then the first in
     grid order) over these images: {"params": {...}, "scores": {...}}. Seeds are labelled once per t_seed,
     flooded once per (t_seed, t_mask); min_size only filters."""
-    from segkit.metrics import mean_instance_rows
+    from segkit.metrics import instance_scores, mean_instance_rows
 
     rows: dict[tuple, list[dict[str, float]]] = {}
     for maps, truth in zip(predicted, labels):
@@ -367,7 +358,7 @@ def choose_objects(predicted: list[np.ndarray], labels: list[np.ndarray], *, see
                 flooded = _flood(interior, seeds, foreground > t_mask)
                 for min_size in min_sizes:
                     rows.setdefault((t_seed, t_mask, min_size), []).append(
-                        matched_scores(truth, remove_small(flooded, min_size)))
+                        instance_scores(truth, remove_small(flooded, min_size)))
     table = [{"params": {"t_seed": t, "t_mask": m, "min_size": s}, "scores": mean_instance_rows(r)}
              for (t, m, s), r in rows.items()]
     return max(table, key=lambda row: (row["scores"]["map"], row["scores"]["f1@0.5"]))
@@ -402,9 +393,9 @@ def semantic_scores(predicted: list[np.ndarray], labels: list[np.ndarray], class
 
 
 def instance_test_scores(predicted: Iterator[tuple[np.ndarray, np.ndarray]], params: dict) -> dict[str, float]:
-    from segkit.metrics import mean_instance_rows
+    from segkit.metrics import instance_scores, mean_instance_rows
 
-    return mean_instance_rows([matched_scores(t, objects_from(p, **params)) for p, t in predicted])
+    return mean_instance_rows([instance_scores(t, objects_from(p, **params)) for p, t in predicted])
 
 
 def membrane_test_scores(predicted: Iterator[tuple[np.ndarray, np.ndarray]], threshold: float) -> dict[str, float]:
