@@ -622,7 +622,10 @@ def base_plan(fp: Fingerprint, layout: DataLayout, *, gpu: bool, device: str, mi
              "is left out (calibrate them to have them rescaled)")
     if scale:
         plan.set("data.scale", scale, scale_reason, derived=True)
-    plan.set("data.foreground_fraction", 0.33,
+    from segkit.config import SCHEMA
+    from segkit.training.runs import DEFAULT_WEIGHT_DECAY, cpu_cores
+
+    plan.set("data.foreground_fraction", SCHEMA["data"]["foreground_fraction"][1],
              "a third of the patches centred on a foreground class (nnU-Net's oversampling), so sparse objects are seen")
     plan.set("data.tile", tile, "; ".join(tile_reasons), derived=True)
 
@@ -656,15 +659,13 @@ def base_plan(fp: Fingerprint, layout: DataLayout, *, gpu: bool, device: str, mi
                 "U-Net on common GPUs)"))
     plan.set("train.optimizer", "adamw", "AdamW, lr 1e-3, weight decay 0.01, linear warm-up (5 %) then cosine decay")
     plan.set("train.lr", 0.001)
-    plan.set("train.weight_decay", 0.01)
+    plan.set("train.weight_decay", DEFAULT_WEIGHT_DECAY["adamw"])
     plan.set("train.schedule", "cosine")
-    plan.set("train.warmup", 0.05)
-    plan.set("train.ema_decay", 0.99)
+    plan.set("train.warmup", SCHEMA["train"]["warmup"][1])
+    plan.set("train.ema_decay", SCHEMA["train"]["ema_decay"][1])  # set by schedule_plan
     plan.set("train.amp", gpu, "mixed precision (bf16 where supported)" if gpu else "full precision on the CPU")
     plan.set("train.device", device, f"the device the timings were made on ({device_kind})", derived=True)
     plan.set("train.seed", 0)
-    from segkit.training.runs import cpu_cores
-
     workers = min(8, cpu_cores()) if gpu else 0
     plan.set("train.workers", workers, "GPU: patch sampling and augmentation in worker processes" if gpu
              else "CPU: patches made in the training process (workers would compete for the same cores)")
