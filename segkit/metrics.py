@@ -1,10 +1,13 @@
-"""Segmentation metrics for EM membrane maps: pixel error, adapted Rand error, VI, Dice, IoU.
+"""Segmentation metrics: membrane maps (pixel error, adapted Rand error, VI, membrane Dice and IoU),
+semantic class maps (Dice and IoU per class) and instance label images (matched objects: precision,
+recall, F1 and average precision per IoU threshold).
 
-Convention: a membrane probability map is thresholded; the connected components of the
+Membrane convention: a membrane probability map is thresholded; the connected components of the
 non-membrane pixels are the predicted cells. Ground truth cells are the components of the
 label's interior. As in ISBI 2012 / SNEMI3D, ground-truth membrane pixels are ignored by the
 Rand and VI scores (foreground-restricted) and predicted membrane pixels count as singletons.
-The scores themselves come from skimage.metrics.
+The Rand and VI scores themselves come from skimage.metrics; class and instance scores are counted
+here, as the 2018 Data Science Bowl and StarDist count them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,21 @@ from segkit.errors import InputError
 
 @dataclass(frozen=True)
 class SliceScores:
-    """Scores of one 2D slice (lower error is better; dice/iou of the membrane class)."""
+    """Scores of one 2D slice of a membrane map (lower error is better; dice/iou of the membrane class).
+
+    Attributes
+    ----------
+    pixel_error : float
+        Share of pixels whose thresholded membrane label differs from the ground truth.
+    adapted_rand_error : float
+        1 - the foreground-restricted Rand F-score (ISBI 2012 / SNEMI3D).
+    rand_precision, rand_recall : float
+        The Rand precision and recall behind that error.
+    vi_split, vi_merge : float
+        Variation of information: false splits and false merges, in nats.
+    dice, iou : float
+        Dice and IoU of the membrane class.
+    """
 
     pixel_error: float
     adapted_rand_error: float
@@ -31,14 +48,33 @@ class SliceScores:
 
     @property
     def vi(self) -> float:
+        """Variation of information: split + merge."""
         return self.vi_split + self.vi_merge
 
     def to_dict(self) -> dict[str, float]:
+        """The scores as a dictionary, `vi` included.
+
+        Returns
+        -------
+        dict of str to float
+            One entry per attribute, plus `vi`.
+        """
         return {**asdict(self), "vi": self.vi}
 
 
 def label_cells(interior: np.ndarray) -> np.ndarray:
-    """Label 4-connected components of a boolean interior mask (0 = membrane/background)."""
+    """Label the 4-connected components of a boolean interior mask (0 = membrane/background).
+
+    Parameters
+    ----------
+    interior : (H, W) ndarray of bool
+        True inside cells.
+
+    Returns
+    -------
+    (H, W) ndarray of int64
+        0 on membrane/background, 1..n for the n components.
+    """
     from skimage.measure import label
 
     return label(interior, connectivity=1).astype(np.int64)
@@ -54,7 +90,29 @@ def _singleton_background(segmentation: np.ndarray) -> np.ndarray:
 
 
 def segmentation_scores(true_cells: np.ndarray, pred_cells: np.ndarray) -> tuple[float, float, float, float, float]:
-    """(adapted Rand error, precision, recall, VI split, VI merge) of two 2D label images."""
+    """Adapted Rand error and variation of information of two 2D label images.
+
+    Label 0 of the truth is ignored (foreground-restricted); label 0 of the prediction counts as
+    singletons, so a predicted membrane neither merges nor splits cells.
+
+    Parameters
+    ----------
+    true_cells : (H, W) ndarray of int
+        Ground-truth cells, 0 = membrane.
+    pred_cells : (H, W) ndarray of int
+        Predicted cells, 0 = membrane.
+
+    Returns
+    -------
+    tuple of float
+        (adapted Rand error, Rand precision, Rand recall, VI split, VI merge). A truth without cells
+        scores (0, 1, 1, 0, 0); a prediction that is all membrane gets the error 1.
+
+    Raises
+    ------
+    InputError
+        When the two images differ in shape.
+    """
     from skimage.metrics import adapted_rand_error, variation_of_information
 
     if true_cells.shape != pred_cells.shape:
@@ -73,14 +131,53 @@ def segmentation_scores(true_cells: np.ndarray, pred_cells: np.ndarray) -> tuple
 
 
 def score_slice(membrane_probability: np.ndarray, true_membrane: np.ndarray, *, threshold: float = 0.5) -> SliceScores:
-    """Score one slice: probability in [0, 1] vs boolean ground-truth membrane mask."""
+    """Score one slice of a membrane probability map at one threshold.
+
+    Parameters
+    ----------
+    membrane_probability : (H, W) ndarray of float
+        Membrane probability in [0, 1].
+    true_membrane : (H, W) ndarray of bool
+        Ground-truth membrane mask.
+    threshold : float
+        Pixels with probability >= threshold are membrane.
+
+    Returns
+    -------
+    SliceScores
+
+    Raises
+    ------
+    InputError
+        When the two images differ in shape.
+    """
     return score_thresholds(membrane_probability, true_membrane, (threshold,))[threshold]
 
 
 def score_thresholds(
     membrane_probability: np.ndarray, true_membrane: np.ndarray, thresholds: tuple[float, ...] | list[float]
 ) -> dict[float, SliceScores]:
-    """Scores of one slice at each threshold; the ground-truth cells are labelled once."""
+    """Scores of one slice at each threshold; the ground-truth cells are labelled once.
+
+    Parameters
+    ----------
+    membrane_probability : (H, W) ndarray of float
+        Membrane probability in [0, 1].
+    true_membrane : (H, W) ndarray of bool
+        Ground-truth membrane mask.
+    thresholds : sequence of float
+        Thresholds to score at (pixels with probability >= threshold are membrane).
+
+    Returns
+    -------
+    dict of float to SliceScores
+        The scores at each threshold.
+
+    Raises
+    ------
+    InputError
+        When the two images differ in shape.
+    """
     if membrane_probability.shape != true_membrane.shape:
         raise InputError(
             f"prediction shape {membrane_probability.shape} differs from label shape {true_membrane.shape}"
@@ -102,24 +199,81 @@ def score_thresholds(
 
 
 def mean_scores(scores: list[SliceScores]) -> dict[str, float]:
-    """Per-slice scores averaged over slices (ISBI 2012 scores 2D sections)."""
+    """Per-slice scores averaged over slices (ISBI 2012 scores 2D sections).
+
+    Parameters
+    ----------
+    scores : list of SliceScores
+
+    Returns
+    -------
+    dict of str to float
+        The mean of every score, `vi` included.
+
+    Raises
+    ------
+    InputError
+        When `scores` is empty.
+    """
     return mean_rows([s.to_dict() for s in scores])
 
 
 def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Per-slice score dictionaries averaged key by key."""
+    """Per-slice score dictionaries averaged key by key.
+
+    Parameters
+    ----------
+    rows : list of dict of str to float
+        One dictionary per slice, all with the keys of the first.
+
+    Returns
+    -------
+    dict of str to float
+
+    Raises
+    ------
+    InputError
+        When `rows` is empty.
+    """
     if not rows:
         raise InputError("no slices to score")
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
 def membrane_from_labels(labels: np.ndarray) -> np.ndarray:
-    """Boolean membrane mask from an ISBI-style label image (0 = membrane, >0 = interior)."""
+    """Boolean membrane mask from an ISBI-style label image (0 = membrane, > 0 = interior).
+
+    Parameters
+    ----------
+    labels : (H, W) ndarray of int
+        ISBI 2012 labels (0 = membrane, > 0 = cell; cell ids or a 0/255 mask).
+
+    Returns
+    -------
+    (H, W) ndarray of bool
+        True on membrane.
+    """
     return labels == 0
 
 
 def to_probability(plane: np.ndarray) -> np.ndarray:
-    """Stored prediction plane (uint8 0-255, float in [0, 1], or 0/255 mask) as float probability."""
+    """A stored prediction plane as float probability.
+
+    Parameters
+    ----------
+    plane : (H, W) ndarray of uint8, uint16 or float
+        uint8 0-255 (or a 0/255 mask), uint16 0-65535, or float in [0, 1].
+
+    Returns
+    -------
+    (H, W) ndarray of float32
+        Probability in [0, 1].
+
+    Raises
+    ------
+    InputError
+        When float values leave [0, 1] or the dtype is not a probability map's.
+    """
     if plane.dtype == np.uint8:
         return plane.astype(np.float32) / 255.0
     if plane.dtype.kind == "f":
@@ -146,9 +300,31 @@ def _value_list(values: np.ndarray, limit: int = 8) -> str:
 def class_scores(pred: np.ndarray, truth: np.ndarray, classes: int, *, ignore: int | None = None) -> dict[str, float]:
     """Per-class Dice and IoU of two 2D class maps (values 0..classes-1), from one confusion matrix.
 
-    Pixels where truth == `ignore` are left out. Keys `dice_<k>`, `iou_<k>` per class and `dice_mean`,
-    `iou_mean` over the classes present in truth or prediction; a class absent from both is NaN (it is
-    neither right nor wrong here) and left out of the means, so images can be averaged with `mean_class_rows`.
+    Pixels where truth == `ignore` are left out. A class absent from both truth and prediction is NaN (it
+    is neither right nor wrong here) and left out of the means, so images can be averaged with
+    `mean_class_rows`.
+
+    Parameters
+    ----------
+    pred : (H, W) ndarray of int
+        Predicted class map.
+    truth : (H, W) ndarray of int
+        Class labels.
+    classes : int
+        Number of classes K (values 0..K-1).
+    ignore : int, optional
+        Truth value of unlabelled pixels, left out.
+
+    Returns
+    -------
+    dict of str to float
+        `dice_<k>`, `iou_<k>` per class and `dice_mean`, `iou_mean` over the classes present in truth or
+        prediction.
+
+    Raises
+    ------
+    InputError
+        When the maps differ in shape, are not integer, `classes` < 1, or a value lies outside the classes.
     """
     if pred.shape != truth.shape:
         raise InputError(f"class maps differ in shape: prediction {pred.shape} vs truth {truth.shape}")
@@ -183,8 +359,23 @@ def class_scores(pred: np.ndarray, truth: np.ndarray, classes: int, *, ignore: i
 
 
 def mean_class_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Per-image class scores averaged key by key, skipping NaN (a class absent from an image);
-    a key that is NaN in every image stays NaN."""
+    """Per-image class scores averaged key by key, skipping NaN (a class absent from an image).
+
+    Parameters
+    ----------
+    rows : list of dict of str to float
+        One `class_scores` dictionary per image.
+
+    Returns
+    -------
+    dict of str to float
+        The means; a key that is NaN in every image stays NaN.
+
+    Raises
+    ------
+    InputError
+        When `rows` is empty.
+    """
     if not rows:
         raise InputError("no slices to score")
     table = np.array([[row[key] for key in rows[0]] for row in rows], dtype=np.float64)
@@ -220,6 +411,27 @@ def instance_scores(truth: np.ndarray, pred: np.ndarray,
     precision"); `map` and `f1_mean` average them over the thresholds; `n_true`, `n_pred` count objects.
     An image without objects in truth and prediction scores 1.0 everywhere (nothing to find, nothing
     wrong); a precision or recall whose denominator is 0 while the other image has objects is 0.0.
+
+    Parameters
+    ----------
+    truth : (H, W) ndarray of int
+        True objects, 0 = background.
+    pred : (H, W) ndarray of int
+        Predicted objects, 0 = background.
+    thresholds : tuple of float
+        IoU thresholds in [0.5, 1]; default 0.5, 0.55, ..., 0.95.
+
+    Returns
+    -------
+    dict of str to float
+        `precision@t`, `recall@t`, `f1@t`, `ap@t` per threshold (t written as `0.5`, `0.55`, ...), `map`,
+        `f1_mean`, `n_true`, `n_pred`.
+
+    Raises
+    ------
+    InputError
+        When the images differ in shape, are not integer labels, hold negative ids, or a threshold lies
+        outside [0.5, 1].
     """
     if truth.shape != pred.shape:
         raise InputError(f"label images differ in shape: truth {truth.shape} vs prediction {pred.shape}")
@@ -267,6 +479,21 @@ def instance_scores(truth: np.ndarray, pred: np.ndarray,
 
 
 def mean_instance_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Per-image instance scores averaged over images key by key (the DSB / StarDist per-image mean;
-    `n_true`, `n_pred` become mean object counts per image)."""
+    """Per-image instance scores averaged over images key by key (the DSB / StarDist per-image mean).
+
+    Parameters
+    ----------
+    rows : list of dict of str to float
+        One `instance_scores` dictionary per image.
+
+    Returns
+    -------
+    dict of str to float
+        The means; `n_true`, `n_pred` become mean object counts per image.
+
+    Raises
+    ------
+    InputError
+        When `rows` is empty.
+    """
     return mean_rows(rows)
