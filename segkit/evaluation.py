@@ -51,7 +51,38 @@ def evaluate_stacks(
     prediction: str, labels: str, /, *, threshold: float = 0.5, sweep: bool = False,
     slices: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Mean per-slice scores at `threshold` and, with `sweep`, at every threshold of a sweep."""
+    """Score a membrane probability stack against ISBI-style labels (0 = membrane, > 0 = cell).
+
+    Per slice, then averaged: pixel error, adapted Rand error, VI and membrane Dice/IoU of the
+    4-connected components of the thresholded prediction (see `segkit.metrics.score_thresholds`).
+
+    Parameters
+    ----------
+    prediction : str
+        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
+    labels : str
+        Path of the label stack, in the same forms.
+    threshold : float
+        Membrane threshold in (0, 1).
+    sweep : bool
+        Also score every threshold 0.05, 0.10, ..., 0.95 and report the best by adapted Rand error.
+    slices : tuple of (int, int), optional
+        The label slices [start, stop) to score; the prediction holds either all label slices or just
+        these. Default: every slice.
+
+    Returns
+    -------
+    dict
+        `prediction`, `labels`, `threshold`, `slices` (how many), `scores` (the means), `per_slice`; with
+        `sweep` also `sweep` (`thresholds`, `adapted_rand_error`, `pixel_error` per threshold, and `best`:
+        its `threshold` and `scores`).
+
+    Raises
+    ------
+    InputError
+        When a file cannot be read, the planes differ in size or count, the labels look like
+        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+    """
     if not 0.0 < threshold < 1.0:
         raise InputError(f"threshold={threshold!r} must be between 0 and 1")
     thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
@@ -101,8 +132,21 @@ LABEL_MIN_EQUAL_NEIGHBOURS = 0.8
 
 
 def label_constancy(plane: np.ndarray) -> float:
-    """The share of neighbouring pixel pairs (4-connected, both > 0) that hold the same value: near 1 for
-    labels (a 0/255 mask or cell IDs), far below for an image or a probability map; 1 without such pairs."""
+    """The share of neighbouring pixel pairs (4-connected, both > 0) that hold the same value.
+
+    Near 1 for labels (a 0/255 mask or cell IDs), far below for an image or a probability map; the
+    checks that refuse swapped arguments compare it with `LABEL_MIN_EQUAL_NEIGHBOURS`.
+
+    Parameters
+    ----------
+    plane : (H, W) ndarray
+        A label image, an image or a probability map.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1 when no pair has both pixels > 0.
+    """
     same = total = 0
     for a, b in ((plane[:, 1:], plane[:, :-1]), (plane[1:], plane[:-1])):
         both = (a != 0) & (b != 0)
@@ -131,7 +175,32 @@ def _true_cells(label_stack: TiffStack, index: int, source: str) -> np.ndarray:
 
 
 def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Adapted Rand error and VI of an instance label stack (`segkit segment`, `predict --instances`)."""
+    """Adapted Rand error and VI of an instance label stack (`segkit segment`, `predict --instances`)
+    against ISBI-style labels (0 = membrane, > 0 = cell).
+
+    Parameters
+    ----------
+    prediction : str
+        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
+    labels : str
+        Path of the label stack, in the same forms.
+        The prediction holds integer labels of at least 16 bits (segkit writes uint32).
+    slices : tuple of (int, int), optional
+        The label slices [start, stop) to score; the prediction holds either all label slices or just
+        these. Default: every slice.
+
+    Returns
+    -------
+    dict
+        `prediction`, `labels`, `slices` (how many), `scores` (the means of `adapted_rand_error`,
+        `rand_precision`, `rand_recall`, `vi_split`, `vi_merge`, `vi`) and `per_slice`.
+
+    Raises
+    ------
+    InputError
+        When a file cannot be read, the planes differ in size or count, the labels look like
+        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+    """
     rows = []
     with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
         _check_labels(label_stack, labels)
@@ -148,7 +217,32 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
 
 def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] | None = None,
                        params: Any = None) -> dict[str, Any]:
-    """Scores of the watershed instances (`params`) of a probability stack."""
+    """Scores of the seeded-watershed instances of a membrane probability stack, at one setting.
+
+    Parameters
+    ----------
+    prediction : str
+        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
+    labels : str
+        Path of the label stack, in the same forms.
+    slices : tuple of (int, int), optional
+        The label slices [start, stop) to score; the prediction holds either all label slices or just
+        these. Default: every slice.
+    params : segkit.instances.WatershedParams, optional
+        The watershed settings; default `WatershedParams()`.
+
+    Returns
+    -------
+    dict
+        `prediction`, `labels`, `slices` (how many), `params` (the settings as a dict) and `scores` (the
+        means of the adapted Rand error, Rand precision and recall, and VI).
+
+    Raises
+    ------
+    InputError
+        When a file cannot be read, the planes differ in size or count, the labels look like
+        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+    """
     from segkit.instances import WatershedParams
 
     params = params or WatershedParams()
@@ -159,8 +253,36 @@ def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, in
 
 def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] | None = None,
                     min_seed_size: int = 10, min_size: int = 50) -> dict[str, Any]:
-    """Scores of the watershed instances of a probability stack for every (threshold, seed distance)
-    of the grid; the best by adapted Rand error."""
+    """Scores of the seeded-watershed instances of a membrane probability stack for every (threshold,
+    seed distance) of the grid `WATERSHED_THRESHOLDS` x `WATERSHED_SEED_DISTANCES`; the best by adapted
+    Rand error.
+
+    Parameters
+    ----------
+    prediction : str
+        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
+    labels : str
+        Path of the label stack, in the same forms.
+    slices : tuple of (int, int), optional
+        The label slices [start, stop) to score; the prediction holds either all label slices or just
+        these. Default: every slice.
+    min_seed_size : int
+        px of the smallest seed, the same for every setting.
+    min_size : int
+        Segments smaller than this (px) are merged into their neighbours, the same for every setting.
+
+    Returns
+    -------
+    dict
+        `prediction`, `labels`, `slices` (how many), `table` (one row per setting: `params`, `scores`) and
+        `best` (the row with the lowest adapted Rand error; ties go to the threshold nearest 0.5).
+
+    Raises
+    ------
+    InputError
+        When a file cannot be read, the planes differ in size or count, the labels look like
+        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+    """
     from segkit.instances import WatershedParams
 
     grid = [WatershedParams(t, d, min_seed_size, min_size) for t in WATERSHED_THRESHOLDS
@@ -189,7 +311,35 @@ def _watershed_table(prediction: str, labels: str, slices: tuple[int, int] | Non
 def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: int | None = None,
                       slices: tuple[int, int] | None = None) -> dict[str, Any]:
     """Per-class Dice and IoU of a stack of class maps (integer class per pixel, e.g. an argmax output)
-    against a stack of class labels, averaged over slices (NaN-aware: a class absent from a slice is skipped)."""
+    against a stack of class labels, averaged over slices (NaN-aware: a class absent from a slice is
+    skipped).
+
+    Parameters
+    ----------
+    prediction : str
+        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
+    labels : str
+        Path of the label stack, in the same forms.
+    classes : int
+        Number of classes K >= 2 (values 0..K-1).
+    ignore : int, optional
+        Label value of unlabelled pixels, left out of the scores.
+    slices : tuple of (int, int), optional
+        The label slices [start, stop) to score; the prediction holds either all label slices or just
+        these. Default: every slice.
+
+    Returns
+    -------
+    dict
+        `prediction`, `labels`, `slices` (how many), `scores` (`dice_<k>`, `iou_<k>`, `dice_mean`,
+        `iou_mean`, see `segkit.metrics.class_scores`) and `per_slice`.
+
+    Raises
+    ------
+    InputError
+        When a file cannot be read, the planes differ in size or count, the labels look like
+        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+    """
     from segkit.metrics import class_scores, mean_class_rows
 
     if classes < 2:
@@ -216,9 +366,33 @@ def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: 
 
 def evaluate_matched_instances(prediction: str, labels: str, /, *,
                                slices: tuple[int, int] | None = None) -> dict[str, Any]:
-    """DSB 2018 / StarDist object matching scores (precision, recall, F1, AP at IoU 0.5..0.95, mAP) of an
-    instance label stack against instance labels; both 0 = background and one id per object (not the
-    ISBI membrane convention). Scores are per-slice means."""
+    """DSB 2018 / StarDist object matching scores of an instance label stack against instance labels.
+
+    Both hold 0 = background and one id per object (not the ISBI membrane convention). Scores are
+    per-slice means of `segkit.metrics.instance_scores`: precision, recall, F1 and AP at IoU 0.5..0.95,
+    and their means.
+
+    Parameters
+    ----------
+    prediction : str
+        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
+    labels : str
+        Path of the label stack, in the same forms.
+    slices : tuple of (int, int), optional
+        The label slices [start, stop) to score; the prediction holds either all label slices or just
+        these. Default: every slice.
+
+    Returns
+    -------
+    dict
+        `prediction`, `labels`, `slices` (how many), `scores` (the means) and `per_slice`.
+
+    Raises
+    ------
+    InputError
+        When a file cannot be read, the planes differ in size or count, the labels look like
+        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+    """
     from segkit.metrics import instance_scores, mean_instance_rows
 
     rows = []
