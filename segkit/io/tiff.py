@@ -39,8 +39,18 @@ _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexErro
 
 @dataclass(frozen=True)
 class Resolution:
-    """Pixel size metadata copied from input to output (TIFF X/YResolution + unit, and the ImageJ
-    unit the resolution counts pixels per when ResolutionUnit is none, e.g. 'um')."""
+    """Pixel size metadata copied from input to output.
+
+    Attributes
+    ----------
+    x, y : float
+        TIFF XResolution and YResolution: pixels per unit.
+    unit : int
+        TIFF ResolutionUnit code: 1 none, 2 inch, 3 centimeter.
+    unit_name : str or None
+        The ImageJ unit the resolution counts pixels per when ResolutionUnit is none (e.g. 'um'); None
+        when the file has none.
+    """
 
     x: float
     y: float
@@ -51,7 +61,8 @@ class Resolution:
     def pixel_size_um(self) -> float | None:
         """Micrometres per pixel (x; the mean of x and y where they differ by more than 1 %), or None
         where the file holds no calibration: no known unit, or a TIFF default (1 pixel per unit without
-        an ImageJ unit, 72 dpi, a screen default)."""
+        an ImageJ unit, 72 dpi, a screen default).
+        """
         x, y = float(self.x), float(self.y)
         if not (np.isfinite(x) and np.isfinite(y) and x > 0 and y > 0):
             return None
@@ -96,11 +107,41 @@ def _unit_micrometres(name: str) -> float | None:
 class TiffStack:
     """A read-only ZYX view of one TIFF file or of a list of 2D TIFF files.
 
-    `shape` is (Z, H, W) (Z = 1 for a 2D image) and `channels` the channels of each plane (1 for
-    grayscale; CYX, ZCYX and RGB/RGBA images have more). `plane(i)` is (H, W) for a single-channel
-    stack and (C, H, W), channel first, for a multi-channel one. `pixel_size` is micrometres per
-    pixel from the resolution tags, or None where the file holds no calibration.
-    Planes are returned as fresh numpy arrays; NaN/inf in float planes raise InputError.
+    Planes are read one at a time, never the whole stack; each is returned as a fresh numpy array.
+    Use it as a context manager (or call `close`), or open it with `open_stack`.
+
+    Parameters
+    ----------
+    source : str or Path
+        A 2D or ZYX TIFF (CYX / ZCYX / RGB for several channels), a folder of 2D TIFFs, or a glob of
+        them (sorted by name).
+    labels : bool
+        Also admit 32-bit integer label stacks (uint32, int32; single-channel only).
+    workers : int, optional
+        Threads that decode one compressed page; default: up to 4.
+    check_memory : bool
+        Refuse, before any work, planes that do not fit in memory (off where a caller checked already,
+        e.g. a Dask task re-opening a stack its client opened).
+
+    Attributes
+    ----------
+    shape : tuple of (int, int, int)
+        (Z, H, W); Z = 1 for a 2D image.
+    channels : int
+        Channels of each plane: 1 for grayscale; CYX, ZCYX and RGB/RGBA images have more.
+    dtype : numpy.dtype
+        uint8, uint16 or float32 (labels also uint32, int32).
+    resolution : Resolution or None
+        The resolution tags, copied to outputs.
+    pixel_size : float or None
+        Micrometres per pixel from the resolution tags, or None where the file holds no calibration.
+
+    Raises
+    ------
+    InputError
+        When the source does not exist, is not a readable TIFF, is damaged or truncated, holds an
+        unsupported dtype or layout (4D, pages of differing sizes, several stacks in one file, a folder
+        of stacks), or when one plane would not fit in memory; the message names the fix.
     """
 
     def __init__(self, source: str | Path, *, labels: bool = False, workers: int | None = None,
@@ -206,8 +247,27 @@ class TiffStack:
         return self.shape[0]
 
     def plane(self, index: int) -> np.ndarray:
-        """Plane `index` in the stack's dtype, checked for NaN/inf: (H, W) for a single-channel stack,
-        (C, H, W) (channel first, contiguous) for a multi-channel one."""
+        """One plane, decoded and checked.
+
+        Parameters
+        ----------
+        index : int
+            Plane index in [0, Z).
+
+        Returns
+        -------
+        (H, W) or (C, H, W) ndarray of uint8, uint16 or float32
+            (H, W) for a single-channel stack, (C, H, W) (channel first, contiguous) for a multi-channel
+            one, in the stack's dtype (label stacks also uint32 or int32).
+
+        Raises
+        ------
+        IndexError
+            When `index` is outside the stack.
+        InputError
+            When the plane cannot be decoded (a truncated or corrupt file), a file of a folder differs from the
+            first one, or a float plane holds NaN or inf.
+        """
         if not 0 <= index < self.shape[0]:
             raise IndexError(index)
         page_axes = self._page_axes
@@ -268,6 +328,7 @@ class TiffStack:
             yield self.plane(index)
 
     def close(self) -> None:
+        """Close the open file handles (the context manager does it on exit)."""
         for handle in self._handles:
             handle.close()
         self._handles.clear()
@@ -280,7 +341,27 @@ class TiffStack:
 
 
 def check_finite(plane: np.ndarray, source: str, index: int) -> np.ndarray:
-    """`plane`, unless it is a float plane holding NaN or inf (InputError naming the fix)."""
+    """`plane`, unless it is a float plane holding NaN or inf.
+
+    Parameters
+    ----------
+    plane : (H, W) or (C, H, W) ndarray
+        A plane as read.
+    source : str
+        The file it came from, for the message.
+    index : int
+        Its plane index, for the message.
+
+    Returns
+    -------
+    (H, W) or (C, H, W) ndarray
+        `plane` itself.
+
+    Raises
+    ------
+    InputError
+        When a float plane holds NaN or inf (the message names the fix).
+    """
     if plane.dtype.kind == "f" and not np.isfinite(plane).all():
         raise InputError(f"{source}: plane {index} contains NaN or inf values; replace them "
                          "(e.g. numpy.nan_to_num) before segmenting")
@@ -289,10 +370,35 @@ def check_finite(plane: np.ndarray, source: str, index: int) -> np.ndarray:
 
 def open_stack(source: str | Path, *, labels: bool = False, workers: int | None = None,
                check_memory: bool = True) -> TiffStack:
-    """Open a 2D/ZYX TIFF, a folder of 2D TIFFs or a glob of them as a lazy ZYX stack, single-channel
-    or multi-channel (CYX, ZCYX, RGB/RGBA: `channels` > 1, planes (C, H, W)); `labels` also admits 32-bit
-    integer label stacks (single-channel only); `workers` threads decode a compressed page (default: up to 4);
-    `check_memory` refuses planes that do not fit in memory (off where a caller checked already)."""
+    """Open a TIFF, a folder of 2D TIFFs or a glob of them as a lazy ZYX stack.
+
+    Single-channel or multi-channel (CYX, ZCYX, RGB/RGBA: `channels` > 1, planes (C, H, W)).
+
+    Parameters
+    ----------
+    source : str or Path
+        A 2D or ZYX TIFF (CYX / ZCYX / RGB for several channels), a folder of 2D TIFFs, or a glob of
+        them (sorted by name).
+    labels : bool
+        Also admit 32-bit integer label stacks (uint32, int32; single-channel only).
+    workers : int, optional
+        Threads that decode one compressed page; default: up to 4.
+    check_memory : bool
+        Refuse, before any work, planes that do not fit in memory (off where a caller checked already,
+        e.g. a Dask task re-opening a stack its client opened).
+
+    Returns
+    -------
+    TiffStack
+        Open; use it as a context manager.
+
+    Raises
+    ------
+    InputError
+        When the source does not exist, is not a readable TIFF, is damaged or truncated, holds an
+        unsupported dtype or layout (4D, pages of differing sizes, several stacks in one file, a folder
+        of stacks), or when one plane would not fit in memory; the message names the fix.
+    """
     return TiffStack(source, labels=labels, workers=workers, check_memory=check_memory)
 
 
@@ -327,7 +433,22 @@ def _decode(page: Any, workers: int) -> np.ndarray:
 
 
 def list_tiff_files(source: str) -> list[str]:
-    """The files a source names: a folder's .tif/.tiff files or a glob's matches (sorted), or the file itself."""
+    """The files a source names: a folder's .tif/.tiff files or a glob's matches (sorted), or the file itself.
+
+    Parameters
+    ----------
+    source : str
+        A file, a folder or a glob (`*`, `?`, `[`).
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    InputError
+        When the folder holds no TIFF, the glob matches nothing, or the file does not exist.
+    """
     path = Path(source)
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
@@ -378,8 +499,19 @@ _TIFFFILE_PROBLEMS = (
 
 
 def tiff_problem(message: str) -> str:
-    """A tifffile error or log message in a user's words, without tifffile's object names
-    ("<tifffile.TiffPages @8> invalid page offset 12496" -> "a page offset points outside the file")."""
+    """A tifffile error or log message in a user's words, without tifffile's object names.
+
+    Parameters
+    ----------
+    message : str
+        E.g. "<tifffile.TiffPages @8> invalid page offset 12496".
+
+    Returns
+    -------
+    str
+        E.g. "a page offset points outside the file"; an unknown message's first line, at most 120
+        characters.
+    """
     text = re.sub(r"<[^<>]*>\s*", "", str(message)).strip()
     for key, meaning in _TIFFFILE_PROBLEMS:
         if key in text:
@@ -568,9 +700,24 @@ def _metadata_unit(tif: tifffile.TiffFile) -> str | None:
 
 
 def pixel_size_um(path: str | Path) -> float | None:
-    """Micrometres per pixel of one TIFF file from its resolution tags and unit (ImageJ unit, or
-    ResolutionUnit centimetre / inch); None where the file holds no calibration (see
-    Resolution.pixel_size_um)."""
+    """Micrometres per pixel of one TIFF file from its resolution tags and unit.
+
+    Parameters
+    ----------
+    path : str or Path
+        A TIFF file.
+
+    Returns
+    -------
+    float or None
+        From the ImageJ unit, or ResolutionUnit centimetre / inch; None where the file holds no
+        calibration (see `Resolution.pixel_size_um`).
+
+    Raises
+    ------
+    InputError
+        When the file is not a readable TIFF or is damaged.
+    """
     path = str(path)
     with _open_tiff(path) as tif, _fail_on_tifffile_errors(path):
         resolution = _resolution(tif) if tif.pages else None
@@ -580,8 +727,26 @@ def pixel_size_um(path: str | Path) -> float | None:
 # -- writing -------------------------------------------------------------------------------
 
 def check_output_path(path: str | Path, *, overwrite: bool) -> Path:
-    """Refuse to clobber an existing output unless asked, a folder where the file goes, and a folder
-    that is missing, read-only or full (segkit.io.outputs.check_output, any file name)."""
+    """Check an output path before any work (`segkit.io.outputs.check_output`, any file name).
+
+    Parameters
+    ----------
+    path : str or Path
+        The output file.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    OutputExistsError
+        When the file exists and `overwrite` is false.
+    OutputError
+        When a folder is where the file goes, or the output folder is missing, read-only or full.
+    """
     return check_output(path, kind=None, overwrite=overwrite)
 
 
@@ -612,15 +777,53 @@ def write_stack(
 ) -> Path:
     """Write planes, as they arrive, to a tiled BigTIFF at `path` (atomically).
 
-    `shape` is ZYX, YX for a single 2D image (stored without a Z axis), or with a channel axis
-    ZCYX / CYX (`axes` says which; by default ZYX or YX by rank). Every item of `planes` is one
-    (Y, X) plane, in C-order of the leading axes: for ZCYX, z0c0, z0c1, ..., z1c0, ... (channel
-    fastest, as ImageJ/Fiji expect: one page per plane in that order). Planes are cast to `dtype`.
-    Storage blocks of `block` x `block` px (a multiple of 16) are compressed with `compression`
-    (one of COMPRESSIONS; zlib and zstd at `compression_level`) on `workers` threads (default: up to 8),
-    at most about two planes' worth at a time, so memory does not grow with the stack.
-    `resolution` is stored in the resolution tags, and its ImageJ unit (`unit_name`, e.g. 'um') in the
-    description's `unit`, so the output reads back with the input's pixel size.
+    The file is written under a temporary name and renamed when every plane is written. Storage blocks
+    are compressed on `workers` threads, at most about two planes' worth at a time, so memory does not
+    grow with the stack.
+
+    Parameters
+    ----------
+    path : str or Path
+        The output file (.tif / .tiff).
+    planes : iterable of (Y, X) ndarray
+        One (Y, X) plane per item, in C-order of the leading axes: for ZCYX, z0c0, z0c1, ..., z1c0, ...
+        (channel fastest, as ImageJ/Fiji expect: one page per plane in that order).
+    shape : tuple of int
+        ZYX, YX for a single 2D image (stored without a Z axis), or with a channel axis ZCYX / CYX.
+    dtype : numpy.dtype or type
+        The stored dtype; planes are cast to it.
+    axes : str, optional
+        'YX', 'ZYX', 'CYX' or 'ZCYX'; by default ZYX or YX by rank.
+    resolution : Resolution, optional
+        Stored in the resolution tags, and its ImageJ unit (`unit_name`, e.g. 'um') in the
+        description's `unit`, so the output reads back with the input's pixel size.
+    overwrite : bool
+        Replace an existing file.
+    block : int
+        Storage block size in px (a multiple of 16).
+    compression : str
+        One of `COMPRESSIONS`: 'zlib' (default; every reader opens it), 'zstd', 'lzw' or 'none'.
+    compression_level : int
+        Level of zlib and zstd.
+    workers : int, optional
+        Compression threads; default: up to 8.
+
+    Returns
+    -------
+    Path
+        The written file.
+
+    Raises
+    ------
+    SegkitError
+        When `compression` is unknown (naming the closest choice).
+    MissingDependencyError
+        When zstd or lzw is asked for without imagecodecs.
+    OutputExistsError, OutputError
+        From `check_output_path`, before anything is written.
+    ValueError
+        When a plane has another shape than (Y, X), the number of planes does not match `shape`, or
+        `axes` does not fit `shape` (a programming error, not a user's).
     """
     dtype = np.dtype(dtype)
     axes = _check_axes(shape, axes)
