@@ -30,13 +30,32 @@ PARTIAL_SUFFIX = ".partial"
 
 
 def mark_complete(store: str | Path) -> None:
-    """Mark a store the Dask path finished writing (before its rename from NAME.partial)."""
+    """Mark a store the Dask path finished writing (before its rename from NAME.partial).
+
+    Parameters
+    ----------
+    store : str or Path
+        The store folder; a `segkit_complete` file is written into it.
+    """
     (Path(store) / COMPLETE).write_text("every chunk of this store was written by segkit\n")
 
 
 def check_complete(store: str | Path) -> None:
-    """Refuse a store of an unfinished segkit run: NAME.partial, or a store with a segkit manifest
-    and no COMPLETE mark (a renamed .partial). Stores segkit did not write are taken as they are."""
+    """Refuse a store of an unfinished segkit run.
+
+    Stores segkit did not write are taken as they are.
+
+    Parameters
+    ----------
+    store : str or Path
+        The store folder.
+
+    Raises
+    ------
+    InputError
+        When the store is NAME.partial, or holds a segkit manifest and no COMPLETE mark (a renamed
+        .partial); the message says to rerun the prediction with resume.
+    """
     name = str(store).rstrip("/\\")
     if name.endswith(PARTIAL_SUFFIX):
         final = name[: -len(PARTIAL_SUFFIX)]
@@ -62,7 +81,31 @@ def _written_with_complete_marks(store: Path) -> bool:
 
 class ZarrStack:
     """A ZYX (or YX) zarr array, or the level 0 of an OME-Zarr group, with the plane interface of
-    TiffStack, so normalisation and reading work the same for both inputs."""
+    TiffStack, so normalisation and reading work the same for both inputs.
+
+    Parameters
+    ----------
+    source : str or Path
+        A zarr array, or an OME-Zarr group whose level-0 array "0" has axes (y, x) or (z, y, x).
+
+    Attributes
+    ----------
+    shape : tuple of (int, int, int)
+        (Z, H, W); Z = 1 for a YX array.
+    dtype : numpy.dtype
+        uint8, uint16 or float32.
+    array : zarr.Array
+        The array read.
+
+    Raises
+    ------
+    InputError
+        When the source does not exist, is an unfinished segkit store, is not a zarr store, is a group
+        without level 0, has a channel or other axis, or is not a YX / ZYX array of uint8, uint16 or
+        float32.
+    MissingDependencyError
+        When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
+    """
 
     def __init__(self, source: str | Path) -> None:
         require("zarr", feature="zarr input", package="zarr")
@@ -100,7 +143,24 @@ class ZarrStack:
         return self.shape[0]
 
     def plane(self, index: int) -> np.ndarray:
-        """Plane `index` as a 2D array, checked for NaN/inf."""
+        """One plane, checked for NaN/inf.
+
+        Parameters
+        ----------
+        index : int
+            Plane index in [0, Z).
+
+        Returns
+        -------
+        (H, W) ndarray of uint8, uint16 or float32
+
+        Raises
+        ------
+        IndexError
+            When `index` is outside the stack.
+        InputError
+            When a float plane holds NaN or inf.
+        """
         if not 0 <= index < self.shape[0]:
             raise IndexError(index)
         return check_finite(np.asarray(self.array[...] if self.is_2d else self.array[index]), self.source, index)
@@ -113,7 +173,25 @@ class ZarrStack:
 
 
 def open_volume(source: str | Path, *, check_memory: bool = True) -> Any:
-    """A TIFF stack, or a zarr / OME-Zarr store (a path ending in .zarr); `check_memory` as open_stack."""
+    """Open a TIFF stack, or a zarr / OME-Zarr store (a path ending in .zarr), plane by plane.
+
+    Parameters
+    ----------
+    source : str or Path
+        A TIFF, a folder or glob of TIFFs (see `segkit.io.tiff.open_stack`), or a zarr store.
+    check_memory : bool
+        As for `segkit.io.tiff.open_stack` (TIFF only).
+
+    Returns
+    -------
+    TiffStack or ZarrStack
+        Open; use it as a context manager.
+
+    Raises
+    ------
+    InputError
+        As `open_stack` or `ZarrStack` raise it.
+    """
     source = str(source)
     if source.rstrip("/").lower().endswith(".zarr"):
         return ZarrStack(source)
@@ -121,8 +199,21 @@ def open_volume(source: str | Path, *, check_memory: bool = True) -> Any:
 
 
 def plane_reader(source: str) -> Callable[[int], np.ndarray]:
-    """A picklable-by-cloudpickle function reading plane `index` of `source` (opens it per call,
-    so a Dask task needs no open file handle)."""
+    """A function that reads one plane of `source`, picklable by cloudpickle.
+
+    It opens the source per call, so a Dask task needs no open file handle (the client checked the plane
+    size against memory once).
+
+    Parameters
+    ----------
+    source : str
+        As for `open_volume`.
+
+    Returns
+    -------
+    callable
+        `read(index)` -> (H, W) or (C, H, W) ndarray.
+    """
 
     def read(index: int) -> np.ndarray:  # the client checked the plane size against memory once
         with open_volume(source, check_memory=False) as stack:
@@ -134,8 +225,22 @@ def plane_reader(source: str) -> Callable[[int], np.ndarray]:
 def ome_zarr_attributes(shape: tuple[int, ...], resolution_um: tuple[float, float] | None,
                         channel_names: tuple[str, ...] | None = None) -> dict[str, Any]:
     """NGFF 0.4 multiscales metadata: one level, axes z, y, x (micrometres when known), after a channel
-    axis c when `shape` has four axes (CZYX); `channel_names` (one per channel) label the channels
-    (the transitional 'omero' block napari reads)."""
+    axis c when `shape` has four axes (CZYX).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ZYX, or CZYX.
+    resolution_um : tuple of (float, float) or None
+        Pixel size (y, x) in micrometres; None: unit scale, no unit.
+    channel_names : tuple of str, optional
+        One per channel: they label the channels (the transitional 'omero' block napari reads).
+
+    Returns
+    -------
+    dict
+        The group attributes (`multiscales`, and `omero` with channel names).
+    """
     scale = [1.0, *(resolution_um or (1.0, 1.0))]
     axes = [{"name": "z", "type": "space"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
     if resolution_um is not None:
@@ -152,7 +257,22 @@ def ome_zarr_attributes(shape: tuple[int, ...], resolution_um: tuple[float, floa
 
 
 def store_axes(store: str | Path) -> tuple[str, ...] | None:
-    """The axis names of an OME-Zarr store's multiscales metadata (None when it has none)."""
+    """The axis names of an OME-Zarr store's multiscales metadata.
+
+    Parameters
+    ----------
+    store : str or Path
+
+    Returns
+    -------
+    tuple of str or None
+        E.g. ('z', 'y', 'x'); None when the store is not a group or has no (or malformed) metadata.
+
+    Raises
+    ------
+    MissingDependencyError
+        When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
+    """
     require("zarr", feature="OME-Zarr", package="zarr")
     import zarr
 
@@ -164,7 +284,17 @@ def store_axes(store: str | Path) -> tuple[str, ...] | None:
 
 
 def resolution_um(resolution: Resolution | None) -> tuple[float, float] | None:
-    """Pixel size (y, x) in micrometres from TIFF resolution tags, when they are in pixels per centimetre."""
+    """Pixel size (y, x) in micrometres from TIFF resolution tags, when they are in pixels per centimetre.
+
+    Parameters
+    ----------
+    resolution : Resolution or None
+
+    Returns
+    -------
+    tuple of (float, float) or None
+        None for other units or no resolution.
+    """
     if resolution is not None and resolution.unit == 3 and resolution.x > 0 and resolution.y > 0:
         return (1e4 / resolution.y, 1e4 / resolution.x)
     return None
@@ -173,9 +303,29 @@ def resolution_um(resolution: Resolution | None) -> tuple[float, float] | None:
 def create_ome_zarr(path: str | Path, shape: tuple[int, ...], chunks: tuple[int, ...],
                     dtype: np.dtype | type | str, resolution: Resolution | None,
                     channel_names: tuple[str, ...] | None = None) -> None:
-    """Create an empty OME-Zarr store at `path` (replacing what is there): a zarr v2 group holding the
-    level-0 array "0" (filled with 0; ZYX, or CZYX for a `shape` of four axes) and its multiscales
-    attributes (pixel size from `resolution`, channel labels from `channel_names`)."""
+    """Create an empty OME-Zarr store at `path`, replacing what is there.
+
+    A zarr v2 group holding the level-0 array "0" (filled with 0) and its multiscales attributes.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store folder.
+    shape : tuple of int
+        ZYX, or CZYX (one channel per class).
+    chunks : tuple of int
+        Chunk shape, one entry per axis of `shape`.
+    dtype : numpy.dtype, type or str
+    resolution : Resolution or None
+        Pixel size written into the metadata (see `resolution_um`).
+    channel_names : tuple of str, optional
+        Channel labels.
+
+    Raises
+    ------
+    MissingDependencyError
+        When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
+    """
     require("zarr", feature="OME-Zarr output", package="zarr")
     import zarr
 
@@ -186,7 +336,22 @@ def create_ome_zarr(path: str | Path, shape: tuple[int, ...], chunks: tuple[int,
 
 def create_array(store: str | Path, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
                  dtype: np.dtype | type | str) -> None:
-    """Add an array `name` (filled with 0) to an existing zarr group."""
+    """Add an array `name` (filled with 0) to an existing zarr group.
+
+    Parameters
+    ----------
+    store : str or Path
+        The store (a folder).
+    name : str
+        The array's name in the group.
+    shape, chunks : tuple of int
+    dtype : numpy.dtype, type or str
+
+    Raises
+    ------
+    MissingDependencyError
+        When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
+    """
     require("zarr", feature="OME-Zarr output", package="zarr")
     import zarr
 
@@ -195,7 +360,26 @@ def create_array(store: str | Path, name: str, shape: tuple[int, ...], chunks: t
 
 
 def open_array(store: str | Path, name: str = "0", *, mode: str = "r") -> Any:
-    """The array `name` of a zarr group."""
+    """The array `name` of a zarr group.
+
+    Parameters
+    ----------
+    store : str or Path
+        The store (a folder).
+    name : str
+        The array's name; default the level 0, "0".
+    mode : str
+        zarr's mode: 'r' to read, 'r+' to write into it.
+
+    Returns
+    -------
+    zarr.Array
+
+    Raises
+    ------
+    MissingDependencyError
+        When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
+    """
     require("zarr", feature="OME-Zarr", package="zarr")
     import zarr
 
@@ -203,7 +387,26 @@ def open_array(store: str | Path, name: str = "0", *, mode: str = "r") -> Any:
 
 
 def open_level0(store: str | Path, *, mode: str = "r") -> Any:
-    """The level-0 array of an OME-Zarr store (InputError when the store has none)."""
+    """The level-0 array of an OME-Zarr store.
+
+    Parameters
+    ----------
+    store : str or Path
+        The store (a folder).
+    mode : str
+        zarr's mode: 'r' to read, 'r+' to write into it.
+
+    Returns
+    -------
+    zarr.Array
+
+    Raises
+    ------
+    InputError
+        When the store has no level-0 array.
+    MissingDependencyError
+        When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
+    """
     if not (Path(store) / "0").exists():
         raise InputError(f"{store} is not a segkit OME-Zarr store (no level 0 array); pass a store from "
                          "`segkit predict ... -o out.ome.zarr`")
@@ -212,10 +415,39 @@ def open_level0(store: str | Path, *, mode: str = "r") -> Any:
 
 def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bool = False,
                          compression: str = "zlib", report: Callable[[str], object] | None = None) -> Path:
-    """Stream the level-0 array of an OME-Zarr store into a tiled BigTIFF, plane by plane
-    (`compression`: one of segkit.io.tiff.COMPRESSIONS): YX and ZYX as they are, a CZYX store (one
-    channel per class) as a ZCYX TIFF (ImageJ's order: channel fastest). A store of an unfinished run
-    is refused; `report` hears about stale temporary files of the output that were removed."""
+    """Stream the level-0 array of an OME-Zarr store into a tiled BigTIFF, plane by plane.
+
+    YX and ZYX stores are written as they are, a CZYX store (one channel per class) as a ZCYX TIFF
+    (ImageJ's order: channel fastest).
+
+    Parameters
+    ----------
+    store : str or Path
+        An OME-Zarr store (e.g. from `segkit predict ... -o out.ome.zarr`).
+    output : str or Path
+        The TIFF to write.
+    overwrite : bool
+        Replace an existing output.
+    compression : str
+        One of `segkit.io.tiff.COMPRESSIONS`.
+    report : callable, optional
+        Hears about stale temporary files of the output that were removed.
+
+    Returns
+    -------
+    Path
+        The written TIFF.
+
+    Raises
+    ------
+    InputError
+        When the store is of an unfinished run, has no level 0, or holds axes other than YX, ZYX or CZYX.
+    OutputExistsError, OutputError
+        When the output cannot be written (it exists, it is the input, its folder is missing or
+        read-only), before any work.
+    MissingDependencyError
+        When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
+    """
     from segkit.io.outputs import check_output
 
     if Path(store).exists():
