@@ -21,6 +21,17 @@ import click
 
 from segkit import __version__
 from segkit.errors import SegkitError
+from segkit.inference.options import (
+    DENOISER_OUTPUT_TYPES,
+    SEGMENTER_OUTPUT_TYPES,
+    TTA,
+    Amp,
+    Blend,
+    EngineChoice,
+    Normalize,
+    PredictOptions,
+)
+from segkit.io.tiff import COMPRESSIONS
 
 #: A library setting as a Python keyword: `overwrite=True`, `device='cpu'`, `opset=12`, `slices=(20, 25)`;
 #: not a recipe key (`train.out=...`) nor part of a longer name.
@@ -275,7 +286,7 @@ def _progress(quiet: bool, unit: str = "tile") -> Any:
 
 
 COMPRESSION_OPTION = click.option(
-    "--compression", type=click.Choice(["zlib", "zstd", "lzw", "none"]), default="zlib", show_default=True,
+    "--compression", type=click.Choice(COMPRESSIONS), default="zlib", show_default=True,
     help="TIFF compression of the output, done in parallel on all cores. zlib opens everywhere (Fiji, napari, "
          "Python); zstd is faster and smaller but not every reader has it; none writes fastest and largest.")
 
@@ -288,7 +299,7 @@ COMPRESSION_OPTION = click.option(
 @click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Checkpoint (.safetensors) from `segkit train`, or an .onnx file from `segkit export` "
                    "(default: the bundled demo U-Net).")
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+@click.option("--engine", type=click.Choice(EngineChoice.values()), default="auto", show_default=True,
               help="torch, or onnx (ONNX Runtime: TensorRT > CUDA > CPU). auto: onnx for .onnx files, else torch. "
                    "onnx with a checkpoint exports it (verified) for this run.")
 @click.option("--denoise", "denoiser_path", type=click.Path(path_type=Path), default=None,
@@ -299,7 +310,7 @@ COMPRESSION_OPTION = click.option(
                    "device and take the fastest that fits in memory.")
 @click.option("--compile", "compile_model", is_flag=True,
               help="torch.compile the model (torch engine; pays off on long GPU runs).")
-@click.option("--blend", type=click.Choice(["cosine", "gaussian"]), default="cosine", show_default=True,
+@click.option("--blend", type=click.Choice(Blend.values()), default="cosine", show_default=True,
               help="Window that blends overlapping tiles of same-padding models (FCN, smp).")
 @click.option("--halo", type=click.IntRange(min=0), default=None,
               help="Override the context (px) added around tiles of same-padding models.")
@@ -307,18 +318,18 @@ COMPRESSION_OPTION = click.option(
               show_default="GPU: from the free memory (or measured with --tile auto); CPU: 4",
               help="Tiles per forward pass (halved automatically when the GPU runs out of memory).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(["auto", "none", "fp16", "bf16"]), default="auto", show_default=True,
+@click.option("--amp", type=click.Choice(Amp.values()), default="auto", show_default=True,
               help="Autocast precision of the forward pass. auto: bf16 on GPUs that have it, else fp16; none on "
                    "the CPU. none keeps full precision. onnx: fp16 runs an fp16 graph.")
-@click.option("--output-type", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True,
+@click.option("--output-type", type=click.Choice([str(t) for t in SEGMENTER_OUTPUT_TYPES]), default="uint8", show_default=True,
               help="Membrane probability as uint8 (0-255) or float16.")
 @click.option("--threshold", default=None,
               help="Write a binary 0/255 membrane mask at this threshold, or 'auto' for the checkpoint's "
                    "(chosen on validation slices during training).")
-@click.option("--normalize", type=click.Choice(["auto", "checkpoint", "stack"]), default="auto", show_default=True,
+@click.option("--normalize", type=click.Choice(Normalize.values()), default="auto", show_default=True,
               help="Intensity statistics: the checkpoint's (training data), or computed once for this stack. "
                    "auto uses the checkpoint's unless the input dtype differs from the training data.")
-@click.option("--tta", type=click.Choice(["none", "flips", "d4"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(TTA.values()), default="none", show_default=True,
               help="Test-time augmentation: average over 4 flips or the 8 flips/rotations (one batched forward each).")
 @click.option("--instances", is_flag=True,
               help="Write uint32 neuron instances (seeded watershed per slice, `segkit segment`) instead of "
@@ -365,14 +376,15 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
     """
     from segkit.inference.api import predict as run_prediction
 
+    options = PredictOptions(
+        engine=engine, denoise=denoiser_path, tile=_tile_option(tile), batch=batch, device=device, amp=amp,
+        compile_model=compile_model, blend=blend, halo=halo, output_type=output_type, threshold=threshold,
+        normalize=normalize, tta=tta, instances=instances, class_index=class_index, argmax=argmax,
+        compression=compression, workers=workers, scheduler=scheduler, chunk=chunk, resume=resume,
+        overwrite=overwrite, skip_existing=skip_existing)
     with _progress(quiet) as bar:
-        result = run_prediction(
-            sources, output, model=model_path, engine=engine, denoise=denoiser_path, tile=_tile_option(tile), batch=batch,
-            device=device, amp=amp, compile_model=compile_model, blend=blend, halo=halo, output_type=output_type,
-            threshold=threshold, normalize=normalize, tta=tta, instances=instances, class_index=class_index,
-            argmax=argmax, compression=compression,
-            workers=workers, scheduler=scheduler, chunk=chunk, resume=resume, overwrite=overwrite,
-            skip_existing=skip_existing, report=_cli_echo(err=True), progress=bar)
+        result = run_prediction(sources, output, model=model_path, options=options, report=_cli_echo(err=True),
+                                progress=bar)
     _print_result(result)
 
 
@@ -401,9 +413,9 @@ def _tile_option(text: str | None) -> int | str | None:
 
 def _watershed_params(inference: Any, threshold: str | None, **overrides: Any) -> Any:
     """The checkpoint's watershed defaults (`evaluate --write-defaults`), then the command line's."""
-    from segkit.inference.api import output_spec
+    from segkit.inference.encodings import membrane_encoding
 
-    return output_spec(inference, threshold=threshold, instances=True, watershed=overrides).params
+    return membrane_encoding(inference, threshold=threshold, instances=True, watershed=overrides).params
 
 
 # -- export --------------------------------------------------------------------------------
@@ -486,15 +498,15 @@ def train_denoiser(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet
               help="Output TIFF (default: <input>_denoised.tif beside the input).")
 @click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), required=True,
               help="Denoiser checkpoint from `segkit train-denoiser`, or its .onnx from `segkit export`.")
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+@click.option("--engine", type=click.Choice(EngineChoice.values()), default="auto", show_default=True,
               help="torch or onnx (ONNX Runtime); auto: onnx for .onnx files, else torch.")
 @click.option("--tile", type=int, default=None, show_default="the model's", help="Input tile size (a valid size).")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               show_default="GPU: from the free memory; CPU: 4", help="Tiles per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(["auto", "none", "fp16", "bf16"]), default="auto", show_default=True,
+@click.option("--amp", type=click.Choice(Amp.values()), default="auto", show_default=True,
               help="Autocast precision of the forward pass (auto: bf16/fp16 on a GPU, none on the CPU).")
-@click.option("--output-type", type=click.Choice(["same", "float32"]), default="same", show_default=True,
+@click.option("--output-type", type=click.Choice([str(t) for t in DENOISER_OUTPUT_TYPES]), default="same", show_default=True,
               help="Store denoised intensities in the input's dtype (rounded, clipped) or as float32.")
 @COMPRESSION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -511,10 +523,11 @@ def denoise(source: str, output: Path | None, model_path: Path, engine: str, til
     """
     from segkit.inference.api import predict as run_prediction
 
+    options = PredictOptions(engine=engine, tile=tile, batch=batch, device=device, amp=amp, kind="denoiser",
+                             output_type=output_type, compression=compression, overwrite=overwrite)
     with _progress(quiet) as bar:
-        result = run_prediction(source, output, model=model_path, engine=engine, tile=tile, batch=batch,
-                                device=device, amp=amp, kind="denoiser", output_type=output_type,
-                                compression=compression, overwrite=overwrite, report=_cli_echo(err=True), progress=bar)
+        result = run_prediction(source, output, model=model_path, options=options, report=_cli_echo(err=True),
+                                progress=bar)
     _print_result(result)
 
 
@@ -554,7 +567,7 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
 
     from segkit.checkpoint import InferenceDefaults, read_info
     from segkit.inference.api import default_output
-    from segkit.instances import segment_stack
+    from segkit.inference.segment import segment_stack
     from segkit.io.outputs import check_output
     from segkit.io.tiff import open_stack
 

@@ -43,7 +43,8 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
     from segkit.checkpoint import read_info
     from segkit.evaluation import evaluate_instances, evaluate_stacks
     from segkit.inference.api import predict
-    from segkit.instances import WatershedParams, segment_stack
+    from segkit.inference.segment import segment_stack
+    from segkit.instances import WatershedParams
     from segkit.io.outputs import check_folder
     from segkit.io.tiff import atomic_path, open_stack
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from segkit.errors import InputError
-from segkit.instances import check_probability_stack
+from segkit.inference.segment import check_probability_stack
 from segkit.io.tiff import TiffStack, open_stack
 from segkit.metrics import (
     SliceScores,

@@ -10,9 +10,7 @@ ridge, gap or not. Small seeds are dropped and small segments merged into their 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,71 +137,3 @@ def object_watershed(probabilities: np.ndarray, params: ObjectParams = ObjectPar
         if small.any():
             labels[small[labels]] = 0
     return relabel_sequential(labels)[0].astype(np.uint32)
-
-
-@dataclass(frozen=True)
-class ObjectOutput:
-    """Output spec for models trained on instance labels: the (3, H, W) probabilities come back to the
-    host as float32 and become uint32 object labels there (`object_watershed`)."""
-
-    params: ObjectParams = ObjectParams()
-    channels: int = 1
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint32)
-
-    def encode(self, values: Any) -> Any:
-        return values.float()
-
-    def finish(self, probabilities: np.ndarray) -> np.ndarray:
-        return object_watershed(probabilities, self.params)
-
-
-def check_probability_stack(dtype: np.dtype, source: str) -> None:
-    """Instance label stacks (16/32-bit integers) passed where probabilities belong get a clear error."""
-    if dtype.kind in "iu" and dtype.itemsize > 1 and dtype != np.uint16:
-        raise InputError(f"{source} is a {dtype} stack, which looks like instance labels, not membrane "
-                         "probabilities; pass the output of `segkit predict` (score label stacks with "
-                         "`segkit evaluate --instances`)")
-
-
-@dataclass(frozen=True)
-class InstanceOutput:
-    """Output spec for `segkit predict --instances`: each plane's probability (channel `channel`)
-    comes back to the host as float32 and becomes uint32 labels there (scikit-image's watershed)."""
-
-    params: WatershedParams = WatershedParams()
-    channel: int = 0
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint32)
-
-    def encode(self, values: Any) -> Any:
-        return values[self.channel].float()
-
-    def finish(self, probability: np.ndarray) -> np.ndarray:
-        return watershed_slice(probability, self.params)
-
-
-def segment_stack(source: str, output: str | Path, params: WatershedParams, *, overwrite: bool = False,
-                  on_plane: Callable[[int], object] | None = None, compression: str = "zlib") -> Path:
-    """Watershed every plane of a probability stack (streaming) into a uint32 label stack."""
-    from segkit.io.outputs import check_output
-    from segkit.io.tiff import open_stack, write_stack
-    from segkit.metrics import to_probability
-
-    check_output(output, kind="tiff", inputs=[source], overwrite=overwrite)  # a TIFF name, not the input
-    with open_stack(source, labels=True) as stack:  # admits label dtypes, to refuse them with a clear message
-        check_probability_stack(stack.dtype, source)
-
-        def planes() -> Iterator[np.ndarray]:
-            for index in range(len(stack)):
-                yield watershed_slice(to_probability(stack.plane(index)), params)
-                if on_plane is not None:
-                    on_plane(1)
-
-        shape = stack.shape[1:] if stack.is_2d else stack.shape
-        return write_stack(output, planes(), shape=shape, dtype=np.uint32, resolution=stack.resolution,
-                           overwrite=overwrite, compression=compression)

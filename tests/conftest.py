@@ -103,7 +103,7 @@ def randomize_zero_layers(model):
     return model
 
 
-# == Engine-protocol test doubles and plane helpers (test_tiler, test_engines, test_adapt, test_pipeline,
+# == Engine-protocol test doubles and plane helpers (test_tiler, test_engines, test_device_fit, test_pipeline,
 # test_instances, test_denoiser). Import them as `from tests.conftest import FakeEngine, ...`.
 
 

@@ -269,11 +269,12 @@ def test_depth_beyond_the_geometry_is_an_error_not_stopiteration():
 
 def test_tile_that_cannot_fit_in_memory_is_refused_before_loading(tmp_path, tiny_checkpoint, uint8_stack, little_memory):
     from segkit.inference.loading import EngineRequest, load_prediction_engine
+    from segkit.inference.options import PredictOptions
 
     path = _with_record(tmp_path, tiny_checkpoint, "bigtile.safetensors", _set("inference", "tile", 160012))
     with pytest.raises(TileSizeError, match=r"tile 160012 needs at least .* GB .* but 8.0 GB of memory is available "
                                             r"on this machine; use tile 572"):
-        load_prediction_engine(EngineRequest(path, device="cpu"), report=lambda _: None)
+        load_prediction_engine(EngineRequest(path, PredictOptions(device="cpu")), report=lambda _: None)
     out = tmp_path / "out.tif"
     assert_user_error(run("predict", uint8_stack, "-o", out, "-m", path, "--device", "cpu", "-q"),
                       "tile 160012 needs at least", "use --tile 572")
@@ -316,11 +317,12 @@ def _onnx_with(path, target, *, record=None, graph=None):
 
 def test_onnx_metadata_that_lies_about_the_margin(tmp_path, tiny_onnx, uint8_stack):
     from segkit.inference.loading import EngineRequest, load_prediction_engine
+    from segkit.inference.options import PredictOptions
 
     # margin 76 instead of 92: tiles of 156 + 16k px are valid by the metadata, 236 and 220 among them
     liar = _onnx_with(tiny_onnx, tmp_path / "liar.onnx", record=_set("geometry", "margin", 76))
     with pytest.raises(SegkitError, match=r"turns a 156 px tile into output of shape \(1, 1, 0, 0\)|fails on a 156 px"):
-        load_prediction_engine(EngineRequest(liar, device="cpu"), report=lambda _: None)
+        load_prediction_engine(EngineRequest(liar, PredictOptions(device="cpu")), report=lambda _: None)
     assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "o.tif", "-m", liar, "--device", "cpu", "-q"),
                       "its metadata does not match its graph", "segkit export")
 

@@ -11,7 +11,8 @@ import tifffile
 import torch
 
 from segkit.checkpoint import Normalization
-from segkit.inference.pipeline import IntensityOutput, OutputSpec, predict_stack, read_ahead, stack_normalization
+from segkit.inference.encodings import IntensityEncoding, ProbabilityEncoding
+from segkit.inference.pipeline import predict_stack, read_ahead, stack_normalization
 from segkit.io.tiff import open_stack
 from segkit.models.geometry import Geometry
 from tests.conftest import FakeEngine, crop_engine
@@ -85,7 +86,7 @@ def test_pipeline_values(tmp_path):
     source = make_stack(tmp_path / "in.tif", 3, size=50)
     with open_stack(source) as stack:
         predict_stack(stack, centre_engine(), GEOMETRY, tmp_path / "o.tif", normalization=Normalization(100.0, 50.0),
-                      tile=30, spec=OutputSpec("float16"))
+                      tile=30, spec=ProbabilityEncoding("float16"))
     expected = 1 / (1 + np.exp(-(tifffile.imread(source).astype(np.float32) - 100) / 50))
     written = tifffile.imread(tmp_path / "o.tif")
     assert written.dtype == np.float16 and written.shape == (3, 50, 50)
@@ -103,8 +104,8 @@ def test_uint16_input_gives_the_values_of_float32_input(tmp_path, norm):
     for dtype in (np.uint16, np.float32):
         source = tmp_path / f"in_{np.dtype(dtype).name}.tif"
         tifffile.imwrite(source, data.astype(dtype), photometric="minisblack")
-        for kind, engine, spec in (("identity", crop_engine(3), IntensityOutput(norm, np.dtype(np.float32))),
-                                   ("sigmoid", centre_engine(), OutputSpec("float16"))):
+        for kind, engine, spec in (("identity", crop_engine(3), IntensityEncoding(norm, np.dtype(np.float32))),
+                                   ("sigmoid", centre_engine(), ProbabilityEncoding("float16"))):
             out = tmp_path / f"out_{np.dtype(dtype).name}_{kind}.tif"
             with open_stack(source) as stack:
                 assert stack.dtype == dtype
@@ -135,7 +136,7 @@ def test_pipeline_on_cuda_equals_the_cpu(tmp_path, tiny_unet, kind, monkeypatch)
         engine = TorchEngine(copy.deepcopy(tiny_unet), device=device, amp="none")  # .to() moves in place
         with open_stack(tmp_path / "in.tif") as stack:
             predict_stack(stack, engine, tiny_unet.geometry, tmp_path / f"{device}.tif", normalization=norm,
-                          tile=220, batch=3, spec=OutputSpec(kind))
+                          tile=220, batch=3, spec=ProbabilityEncoding(kind))
         written[device] = tifffile.imread(tmp_path / f"{device}.tif").astype(np.float32)
     assert written["cuda"].shape == data.shape
     scale = 255 if kind == "uint8" else 1
@@ -154,10 +155,10 @@ def test_stack_normalization_is_global(tmp_path):
 
 def test_output_spec_encodes_tensors_on_the_device():
     p = torch.tensor([[0.0, 0.49, 0.5, 1.0]])  # (K=1, ...) values of one plane
-    uint8 = OutputSpec("uint8").encode(p.clone())
+    uint8 = ProbabilityEncoding("uint8").encode(p.clone())
     assert isinstance(uint8, torch.Tensor) and uint8.dtype == torch.uint8 and uint8.device == p.device
     assert uint8.tolist() == [0, 125, 128, 255]
-    assert OutputSpec("mask", 0.5).encode(p).tolist() == [0, 0, 255, 255]
+    assert ProbabilityEncoding("mask", 0.5).encode(p).tolist() == [0, 0, 255, 255]
     # against numpy: rint(clip(p) * 255), a mask at the threshold, float16; values outside [0, 1]
     # (a blended or TTA-averaged output may overshoot by rounding) are clipped
     rng = np.random.default_rng(8)
@@ -165,20 +166,20 @@ def test_output_spec_encodes_tensors_on_the_device():
                              np.resize(np.arange(256) / 255, (2, 30, 40))]).astype(np.float32)
     tensor = torch.from_numpy(values.copy())
     for channel in (0, 3):
-        spec = OutputSpec("uint8", channel=channel)
+        spec = ProbabilityEncoding("uint8", channel=channel)
         assert spec.dtype == np.uint8
         expected = np.rint(np.clip(values[channel], 0, 1) * 255).astype(np.uint8)
         np.testing.assert_array_equal(spec.encode(tensor.clone()).numpy(), expected)
-        mask = OutputSpec("mask", 0.3, channel=channel)
+        mask = ProbabilityEncoding("mask", 0.3, channel=channel)
         assert mask.dtype == np.uint8
         np.testing.assert_array_equal(mask.encode(tensor).numpy(), np.where(values[channel] >= 0.3, 255, 0))
-        half = OutputSpec("float16", channel=channel)
+        half = ProbabilityEncoding("float16", channel=channel)
         assert half.dtype == np.float16 and half.encode(tensor).dtype == torch.float16
         np.testing.assert_array_equal(half.encode(tensor).numpy(), values[channel].astype(np.float16))
     assert torch.equal(tensor, torch.from_numpy(values))  # masks and float16 leave the values alone
     spec.encode(tensor)  # uint8 encodes in place (the tiler's accumulator): one float32 plane less per plane
     assert not torch.equal(tensor[3], torch.from_numpy(values[3])) and torch.equal(tensor[0], torch.from_numpy(values[0]))
-    assert OutputSpec().finish(expected) is expected  # nothing left to do on the host
+    assert ProbabilityEncoding().finish(expected) is expected  # nothing left to do on the host
 
 
 def test_read_ahead_keeps_order_reraises_and_stops_early():
@@ -312,7 +313,7 @@ def test_cpu_pipeline_gives_the_engine_every_thread_and_restores_the_count(tmp_p
 
             def encode(self, values):
                 encoding_threads.append(torch.get_num_threads())
-                return OutputSpec().encode(values)
+                return ProbabilityEncoding().encode(values)
 
             def finish(self, plane):
                 return plane

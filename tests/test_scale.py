@@ -324,7 +324,9 @@ def test_prediction_runs_the_watershed_with_sizes_at_the_input_resolution():
     prediction (resized back to the input) get them doubled (distances) and quadrupled (areas)."""
     from types import SimpleNamespace
 
-    from segkit.inference.api import OutputChoice, _spec_factory
+    from segkit.inference.api import rescale_factor
+    from segkit.inference.encodings import stack_encoding
+    from segkit.inference.options import PredictOptions
     from segkit.instances import ObjectParams
     from segkit.models import create_model
 
@@ -334,10 +336,11 @@ def test_prediction_runs_the_watershed_with_sizes_at_the_input_resolution():
                           geometry=model.geometry, normalization=Normalization(100.0, 60.0),
                           classes=["background", "interior", "boundary"],
                           inference=InferenceDefaults(tile=TILE, labels_kind="instances", scale=0.5, watershed=stored))
-    spec = _spec_factory(info, kind="segmenter", choice=OutputChoice())(SimpleNamespace(pixel_size=None))
+    stack = SimpleNamespace(pixel_size=None)
+    spec = stack_encoding(info, PredictOptions(), stack, rescale_factor(stack, info))
     assert (spec.params.seed_distance, spec.params.min_seed_size, spec.params.min_size) == (3.0, 16, 40)
     unscaled = CheckpointInfo(kind="segmenter", model="unet", model_kwargs=info.model_kwargs, geometry=info.geometry,
                               normalization=info.normalization, classes=info.classes,
                               inference=info.inference.replace(scale=None))
-    plain = _spec_factory(unscaled, kind="segmenter", choice=OutputChoice())(SimpleNamespace(pixel_size=None))
+    plain = stack_encoding(unscaled, PredictOptions(), stack, rescale_factor(stack, unscaled))
     assert plain.params.min_size == 10

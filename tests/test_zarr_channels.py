@@ -91,14 +91,15 @@ def test_k_class_model_writes_a_czyx_store_equal_to_the_tiff_path(tmp_path, stac
 def test_one_class_and_argmax_specs_write_zyx(tmp_path, stack, semantic):
     """Specs of one value per voxel keep a ZYX store (predict_to_zarr given the spec directly)."""
     from segkit.inference.distributed import predict_to_zarr
+    from segkit.inference.encodings import ClassMapEncoding, ProbabilityEncoding
     from segkit.inference.loading import EngineRequest
-    from segkit.inference.pipeline import ClassMapOutput, OutputSpec
+    from segkit.inference.options import PredictOptions
 
     _, probabilities = _tiff_path(tmp_path, stack, semantic)
-    request = EngineRequest(semantic, device="cpu")
-    for name, spec, expected in (("argmax", ClassMapOutput(), probabilities.argmax(1)),
-                                 ("axon", OutputSpec(channel=2), probabilities[:, 2])):
-        store = predict_to_zarr(str(stack), tmp_path / f"{name}.ome.zarr", request, tile=92, chunk=40, spec=spec,
+    request = EngineRequest(semantic, PredictOptions(device="cpu", chunk=40))
+    for name, spec, expected in (("argmax", ClassMapEncoding(), probabilities.argmax(1)),
+                                 ("axon", ProbabilityEncoding(channel=2), probabilities[:, 2])):
+        store = predict_to_zarr(str(stack), tmp_path / f"{name}.ome.zarr", request, tile=92, spec=spec,
                                 report=lambda _: None)
         written = zarr.open_array(str(store / "0"), mode="r")
         assert written.shape == (2, 130, 110) and written.chunks == (1, 52, 52)

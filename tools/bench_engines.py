@@ -86,7 +86,7 @@ def measure(engine: Callable, tiles: np.ndarray, *, warmup: int, seconds: float)
     """Tiles per second of the engine protocol: tiles already on the engine's device, outputs left there."""
     import torch
 
-    from segkit.inference.adapt import synchronize
+    from segkit.inference.device_fit import synchronize
 
     x = torch.from_numpy(tiles).to(engine.device)
     first = engine(x).cpu().numpy()

@@ -126,7 +126,7 @@ def plan_pixels(size: int, tile: int) -> int:
 
 
 def fewest_pixels_tile(size: int) -> int:
-    from segkit.inference.adapt import candidate_tiles
+    from segkit.inference.device_fit import candidate_tiles
     from segkit.inference.tiler import plan_tiles
     from segkit.models import create_model
 
@@ -323,7 +323,7 @@ def model_only(checkpoint: Path, device: str, amp: str, tile: int, batch: int, *
     import torch
 
     from segkit.checkpoint import load_model
-    from segkit.inference.adapt import synchronize
+    from segkit.inference.device_fit import synchronize
     from segkit.inference.engines import TorchEngine
 
     model, _ = load_model(checkpoint)

@@ -15,7 +15,8 @@ grid as in the single-machine path, so the outputs are equal (float rounding asi
 models blend tiles placed per chunk, so they differ slightly near chunk borders.
 
 Each worker builds the engine once (kept on the dask worker object) from a plain EngineRequest
-(model file, engine, denoiser, amp, TTA, ...) and reuses it for all its chunks. With several
+(the model file and the prediction's options: engine, denoiser, amp, TTA, ...) and reuses it for
+all its chunks. With several
 GPUs and `device` 'cuda', worker i takes GPU i mod n (round robin, as dask-cuda's
 LocalCUDACluster does). Instances need whole planes (a watershed must not stop at chunk
 borders): the chunks write probabilities to the store's "probability" array first (ZYX for
@@ -47,6 +48,8 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import OutputError, OutputExistsError, SegkitError
+from segkit.inference.encodings import InstanceEncoding, ObjectEncoding, PlaneEncoding, ProbabilityEncoding
+from segkit.inference.loading import EngineRequest
 from segkit.io.outputs import check_output, is_write_error, write_failure
 from segkit.io.zarr import (  # noqa: F401  (the zarr names stay importable from here until the CLI moves)
     MANIFEST,
@@ -201,11 +204,12 @@ def _engine_for_worker(request: Any, threads: int | None) -> Any:
     except (ImportError, ValueError):  # not on a dask worker (local threads): this process's cache
         holder, cache = None, _LOCAL_ENGINES
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = worker_device(request.device, getattr(holder, "name", None), gpus)
+    device = worker_device(request.options.device, getattr(holder, "name", None), gpus)
     key = f"{request}::{device}"
     with _ENGINE_LOCK:
         if key not in cache:
-            cache[key] = load_prediction_engine(replace(request, device=device), report=lambda _: None).engine
+            on_device = replace(request, options=replace(request.options, device=device))
+            cache[key] = load_prediction_engine(on_device, report=lambda _: None).engine
         return cache[key]
 
 
@@ -309,19 +313,18 @@ class _DeviceHalf:
         return plane
 
 
-def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: int, batch: int = 4,
-                    chunk: int = 1024, spec: Any = None, blend: str = "cosine", normalize: str = "auto",
-                    scheduler: str | None = None, workers: int | None = None, resume: bool = False,
-                    overwrite: bool = False, record: tuple[Any, Any] | None = None,
+def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, *, tile: int, batch: int = 4,
+                    spec: PlaneEncoding | None = None, record: tuple[Any, Any] | None = None,
                     report: Callable[[str], object] = print) -> Path:
-    """Predict `source` (TIFF stack, or zarr/OME-Zarr store) with the engine of `request` (an
-    EngineRequest) into an OME-Zarr store on Dask.
+    """Predict `source` (TIFF stack, or zarr/OME-Zarr store) with the engine of `request` into an
+    OME-Zarr store on Dask, at `tile` and `batch`, encoded by `spec` (default: uint8 probabilities).
 
-    `scheduler` is a dask.distributed address (tcp://host:8786); `workers` starts a local cluster
-    of that many worker processes; neither: the current dask scheduler (threads). The store is
-    built under `<output>.partial` and renamed when every chunk (and, for instances, every
-    plane's labels) is written. `record`: the model's (record, geometry) when the caller already
-    has them (else read from the model files).
+    The request's options say the rest: `scheduler` is a dask.distributed address (tcp://host:8786);
+    `workers` starts a local cluster of that many worker processes; neither: the current dask
+    scheduler (threads); `chunk`, `blend`, `normalize`, `resume` and `overwrite` as their names say.
+    The store is built under `<output>.partial` and renamed when every chunk (and, for instances,
+    every plane's labels) is written. `record`: the model's (record, geometry) when the caller
+    already has them (else read from the model files).
     """
     require("dask", feature="the Dask path (workers=N, scheduler=ADDRESS or an .ome.zarr output)", package="dask[distributed]")
     require("zarr", feature="OME-Zarr output", package="zarr")
@@ -329,43 +332,44 @@ def predict_to_zarr(source: str, output: str | Path, request: Any, /, *, tile: i
     import dask.array as da
 
     from segkit.inference.loading import model_record
-    from segkit.inference.pipeline import OutputSpec, choose_normalization
-    from segkit.instances import InstanceOutput, ObjectOutput
+    from segkit.inference.pipeline import choose_normalization
     from segkit.io.zarr import create_array
 
-    spec = spec or OutputSpec()
+    options = request.options
+    blend, scheduler, workers = options.blend, options.scheduler, options.workers
+    spec = spec or ProbabilityEncoding()
     output = Path(output)
     partial_store = output.with_name(output.name + ".partial")
-    check_output(output, kind="store", inputs=[source], overwrite=overwrite)  # not the input, not a file, writable
+    check_output(output, kind="store", inputs=[source], overwrite=options.overwrite)  # not the input, not a file, writable
     info, geometry = record or model_record(request)
     geometry.check_tile(tile)
     context = _context(geometry)
     with open_volume(source) as stack:
-        normalization, note = choose_normalization(stack, info, mode=normalize)
+        normalization, note = choose_normalization(stack, info, mode=options.normalize)
         if note:
             report(note)
         shape = tuple(stack.shape)
         resolution = stack.resolution
         dtype = stack.dtype
-    size = chunk_size(chunk, geometry, tile, context)
+    size = chunk_size(options.chunk, geometry, tile, context)
     chunks = (1, min(size, shape[1]), min(size, shape[2]))
     layout = ((1,) * shape[0], axis_chunks(shape[1], chunks[1], context + 1), axis_chunks(shape[2], chunks[2], context + 1))
     starts = tuple(tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)])) for sizes in layout)
-    instances = isinstance(spec, (InstanceOutput, ObjectOutput))  # labels of whole planes, after the chunks
+    instances = isinstance(spec, (InstanceEncoding, ObjectEncoding))  # labels of whole planes, after the chunks
     chunk_spec = _DeviceHalf(spec) if instances else spec
     # a channel axis in front (CZYX, chunks of one channel and plane): every class of a K-class model, or
     # the background / interior / boundary probabilities an object model's watershed reads
     channels = getattr(spec, "channels", 1)
     level0 = ((channels, *shape), (1, *chunks)) if channels > 1 else (shape, chunks)
-    probability = (((OBJECT_CHANNELS, *shape), (1, *chunks)) if isinstance(spec, ObjectOutput) else (shape, chunks))
+    probability = (((OBJECT_CHANNELS, *shape), (1, *chunks)) if isinstance(spec, ObjectEncoding) else (shape, chunks))
     names = tuple(getattr(info, "classes", None) or ())
-    models = [request.model] + ([request.denoiser] if request.denoiser is not None else [])
+    models = [request.model] + ([options.denoise] if options.denoise is not None else [])
     manifest = RunManifest("+".join(file_sha256(m) for m in models), str(Path(source).resolve()), tile,
                            normalization.to_dict(), shape, chunks, repr(spec),
-                           f"{request.engine} {request.amp} tta {request.tta} halo {request.halo} blend {blend}",
+                           f"{options.engine} {options.amp} tta {options.tta} halo {options.halo} blend {blend}",
                            input=input_fingerprint(source))
     if partial_store.exists():
-        if not resume:
+        if not options.resume:
             raise OutputExistsError(f"{partial_store} holds an interrupted run; pass resume=True to finish it, "
                                     "or delete it")
         found = (RunManifest.from_json((partial_store / MANIFEST).read_text())

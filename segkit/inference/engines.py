@@ -132,7 +132,7 @@ CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 #: cuDNN convolution algorithm search of the CUDA provider. EXHAUSTIVE and HEURISTIC ran the
-#: 572-px U-Net equally fast on an H100 (../shared/tools/ort-gpu-to-device.md); HEURISTIC starts at once.
+#: 572-px U-Net equally fast on an H100 (measured when this default was chosen); HEURISTIC starts at once.
 CONV_ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from segkit.errors import SegkitError
+from segkit.inference.options import PredictOptions
 
 
 def default_model_path() -> Path:
@@ -33,20 +34,12 @@ def trained_tile(info: Any, geometry: Any) -> int:
 class EngineRequest:
     """How to build an engine: plain data, so a Dask worker can build its own from it.
 
-    model: checkpoint (.safetensors) or ONNX file; engine: auto | torch | onnx; denoiser: a
-    denoiser checkpoint run in front of the segmenter; halo: overrides the checkpoint's; tta:
-    none | flips | d4; kind: segmenter | denoiser (what the model must be).
+    model: checkpoint (.safetensors), ONNX file or bioimage.io package; options: the prediction's
+    (engine, denoise, halo, device, amp, compile_model, tta and kind shape the engine).
     """
 
     model: Path
-    engine: str = "auto"
-    denoiser: Path | None = None
-    halo: int | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    compile_model: bool = False
-    tta: str = "none"
-    kind: str = "segmenter"
+    options: PredictOptions = PredictOptions()
 
 
 @dataclass(frozen=True)
@@ -64,30 +57,30 @@ def load_prediction_engine(request: EngineRequest, *, tile: int | None = None,
                            report: Callable[[str], object] = print) -> LoadedEngine:
     """Open the requested checkpoint or ONNX file as a torch or ONNX Runtime engine (wrapped for
     test-time augmentation when asked), checking that the options fit together."""
-    from segkit.inference.tta import TTAForward, tta_transforms
+    from segkit.inference.tta import TTAForward
 
-    tta_transforms(request.tta)  # an unknown mode fails before the model loads
     loaded = _load_engine(request, tile=tile, report=report)
-    if request.tta != "none":
-        loaded = replace(loaded, engine=TTAForward(loaded.engine, request.tta))
+    if request.options.tta != "none":
+        loaded = replace(loaded, engine=TTAForward(loaded.engine, request.options.tta))
     return loaded
 
 
 def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[str], object]) -> LoadedEngine:
     from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp, resolve_device
 
-    model_path, kind, amp, device = Path(request.model), request.kind, request.amp, request.device
+    options = request.options
+    model_path, kind, amp, device = Path(request.model), options.kind, options.amp, options.device
     if _is_package(model_path):
         return _load_package(request, tile=tile)
     is_onnx = model_path.suffix.lower() == ".onnx"
-    engine = ("onnx" if is_onnx else "torch") if request.engine == "auto" else request.engine
+    engine = ("onnx" if is_onnx else "torch") if options.engine == "auto" else options.engine
     if is_onnx:
         from segkit.export import read_onnx_metadata
 
         if engine == "torch":
             raise SegkitError(f"{model_path} is an ONNX file: run it with the onnx engine, or pass its .safetensors "
                               "checkpoint to use the torch engine")
-        if request.denoiser is not None:
+        if options.denoise is not None:
             raise SegkitError("a denoiser pre-stage takes .safetensors checkpoints; for ONNX, export the pair with "
                               "`segkit export SEGMENTER --with-denoiser DENOISER`")
         info, record = read_onnx_metadata(model_path)
@@ -97,30 +90,30 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
             raise SegkitError(f"{model_path} is an {record.precision} graph; amp={amp!r} needs a graph exported with "
                               "`segkit export --fp16` (or use amp='none')")
         tile = _onnx_tile(model_path, record, tile)
-        geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
+        geometry = info.geometry if options.halo is None else info.geometry.with_halo(options.halo)
         geometry.check_tile(tile)
         check_tile_memory(info, geometry, tile, device)
-        if request.compile_model:
+        if options.compile_model:
             raise SegkitError("compile applies to the torch engine; an ONNX file is already compiled by onnxruntime")
         onnx_engine = OnnxEngine(model_path, geometry, device=device, fp16=record.precision == "fp16")
         # one trial tile (the smallest the graph takes): metadata that does not match the graph fails here
         onnx_engine.check_geometry(record.tile if record.spatial == "fixed" else geometry.min_input, model_path)
         return LoadedEngine(onnx_engine, info, geometry, tile, fixed_tile=record.spatial == "fixed")
-    model, info = _load_checkpoint(model_path, request.denoiser, kind)
-    geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
+    model, info = _load_checkpoint(model_path, options.denoise, kind)
+    geometry = info.geometry if options.halo is None else info.geometry.with_halo(options.halo)
     tile = tile or trained_tile(info, geometry)
     check_tile_memory(info, geometry, tile, device)
     if engine == "torch":
         channel = (1 if info.inference.labels_kind == "membrane" else "all") if kind == "segmenter" else None
         torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel,
-                                   compile_model=request.compile_model)
+                                   compile_model=options.compile_model)
         return LoadedEngine(torch_engine, info, geometry, tile)
     from segkit.export import export_onnx
 
     resolve_amp(amp, "cpu")  # an unknown amp fails here
     if amp == "bf16":
         raise SegkitError("the onnx engine runs fp32 or fp16 graphs; use amp fp16 or none")
-    if request.compile_model:
+    if options.compile_model:
         raise SegkitError("compile applies to the torch engine; use the torch engine")
     fp16 = amp == "fp16" or (amp == "auto" and resolve_device(device) != "cpu")  # auto: fp16 graphs on GPUs
     geometry.check_tile(tile)
@@ -140,23 +133,23 @@ def _records(request: EngineRequest) -> tuple[Any, Any, Any]:
     """`model_record` plus an ONNX file's export record (None for checkpoints), each file read once."""
     from segkit.checkpoint import read_info
 
-    path = Path(request.model)
+    path, options = Path(request.model), request.options
     export_record = None
     if _is_package(path):
         from segkit.inference.packages import plan_package
 
-        info = plan_package(path, kind=request.kind)[1].info
+        info = plan_package(path, kind=options.kind)[1].info
     elif path.suffix.lower() == ".onnx":
         from segkit.export import read_onnx_metadata
 
         info, export_record = read_onnx_metadata(path)
-    elif request.denoiser is not None:
-        info = _load_checkpoint(path, request.denoiser, request.kind)[1]
+    elif options.denoise is not None:
+        info = _load_checkpoint(path, options.denoise, options.kind)[1]
     else:
         info = read_info(path)
-    if info.kind != request.kind:
-        raise SegkitError(f"{path} is a {info.kind} model, but a {request.kind} is needed here")
-    geometry = info.geometry if request.halo is None else info.geometry.with_halo(request.halo)
+    if info.kind != options.kind:
+        raise SegkitError(f"{path} is a {info.kind} model, but a {options.kind} is needed here")
+    geometry = info.geometry if options.halo is None else info.geometry.with_halo(options.halo)
     return info, geometry, export_record
 
 
@@ -172,7 +165,7 @@ def planned_tile(request: EngineRequest, tile: int | None = None) -> tuple[Any, 
     geometry.check_tile(tile)
     from segkit.inference.engines import resolve_device
 
-    if resolve_device(request.device) == "cpu":  # asking a GPU here would hold a CUDA context for the
+    if resolve_device(request.options.device) == "cpu":  # asking a GPU here would hold a CUDA context for the
         check_tile_memory(info, geometry, tile, "cpu")  # whole run; workers check theirs as they load
     return info, geometry, tile
 
@@ -210,13 +203,14 @@ def _load_package(request: EngineRequest, *, tile: int | None) -> LoadedEngine:
 
     if not Path(request.model).exists():
         raise SegkitError(f"model file {request.model} does not exist; check the path")
-    for option, value, default in (("engine", request.engine, "auto"), ("tta", request.tta, "none"),
-                                   ("denoise", request.denoiser, None), ("halo", request.halo, None),
-                                   ("compile_model", request.compile_model, False)):
+    options = request.options
+    for option, value, default in (("engine", options.engine, "auto"), ("tta", options.tta, "none"),
+                                   ("denoise", options.denoise, None), ("halo", options.halo, None),
+                                   ("compile_model", options.compile_model, False)):
         if value != default:
             raise SegkitError(f"{option}={value!r} does not apply to a bioimage.io package (it brings its own "
                               "weights and geometry); leave it out")
-    engine = load_package(request.model, kind=request.kind, device=request.device)
+    engine = load_package(request.model, kind=options.kind, device=options.device)
     tile = tile or default_tile(engine.geometry)
     engine.geometry.check_tile(tile)
     return LoadedEngine(engine, engine.info, engine.geometry, tile)

@@ -22,114 +22,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from segkit.checkpoint import CheckpointInfo, Normalization
 from segkit.errors import SegkitError
+from segkit.inference.encodings import PlaneEncoding, ProbabilityEncoding
 from segkit.inference.tiler import Forward, TilePlan, pad_plane, plan_tiles, predict_planes
 from segkit.io.tiff import TiffStack, write_stack
 from segkit.models.geometry import Geometry
 
-OUTPUT_TYPES = ("uint8", "float16", "mask")
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class PlaneEncoding(Protocol):
-    """How a plane of engine outputs (K, H, W) becomes what is written.
-
-    `encode` runs on the device and returns the (small) tensor to copy back; it may overwrite
-    `values` (the tiler's accumulator, which nothing reads afterwards). `finish` runs on the host
-    in the writer thread (identity, or work that needs the CPU such as a watershed).
-    """
-
-    @property
-    def dtype(self) -> np.dtype: ...
-
-    def encode(self, values: Any) -> Any: ...
-
-    def finish(self, plane: np.ndarray) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """Probabilities stored as uint8 0-255, float16, or a 0/255 mask at `threshold`."""
-
-    kind: str = "uint8"
-    threshold: float = 0.5
-    channel: int | None = 0  # the class written; None: every class, `channels` of them (a C axis)
-    channels: int = 1
-
-    def __post_init__(self) -> None:
-        if self.kind not in OUTPUT_TYPES:
-            raise SegkitError(f"unknown output type {self.kind!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-        if not 0.0 < self.threshold < 1.0:
-            raise SegkitError(f"threshold {self.threshold} must be between 0 and 1 (exclusive)")
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.float16 if self.kind == "float16" else np.uint8)
-
-    def encode(self, values: Any) -> Any:
-        import torch
-
-        probability = values if self.channel is None else values[self.channel]
-        if self.kind == "float16":
-            return probability.to(torch.float16)
-        if self.kind == "mask":
-            return (probability >= self.threshold).to(torch.uint8).mul_(255)
-        # 255 p + 0.5, clipped and truncated: round half up, in three passes, the first two in place
-        half = probability.new_full((), 0.5)  # filled on the device: no host copy, no synchronisation
-        return torch.add(half, probability, alpha=255.0, out=probability).clamp_(0.0, 255.0).to(torch.uint8)
-
-    def finish(self, plane: np.ndarray) -> np.ndarray:
-        return plane
-
-
-@dataclass(frozen=True)
-class ClassMapOutput:
-    """The most probable class of every pixel (argmax), as uint8 class numbers 0..K-1."""
-
-    channels: int = 1
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint8)
-
-    def encode(self, values: Any) -> Any:
-        import torch
-
-        return values.argmax(0).to(torch.uint8)
-
-    def finish(self, plane: np.ndarray) -> np.ndarray:
-        return plane
-
-
-@dataclass(frozen=True)
-class IntensityOutput:
-    """How a denoiser's output (normalised units) is stored: back in raw units, as `dtype`.
-
-    Integer dtypes are rounded and clipped to their range, so a denoised uint8 stack stays uint8.
-    """
-
-    normalization: Normalization
-    dtype: np.dtype
-
-    def encode(self, values: Any) -> Any:
-        import torch
-
-        raw = self.normalization.invert(values[0])
-        if self.dtype == np.uint8:
-            return raw.round_().clamp_(0, 255).to(torch.uint8)
-        if self.dtype.kind in "ui":
-            limits = np.iinfo(self.dtype)
-            return raw.round_().clamp_(float(limits.min), float(limits.max))  # the host casts: torch lacks uint16 math
-        return raw.float()
-
-    def finish(self, plane: np.ndarray) -> np.ndarray:
-        return plane.astype(self.dtype, copy=False)
 
 
 def stack_sample(stack: Any, *, max_planes: int = 16, max_pixels: int = 4_000_000) -> np.ndarray:
@@ -395,6 +300,9 @@ def _pad_and_normalize(raw: Any, plan: TilePlan, *, normalization: Normalization
     return pad_plane(normalization.apply(raw), plan)
 
 
+_UINT8_PROBABILITIES = ProbabilityEncoding()  # predict_stack's default encoding
+
+
 def count_tiles(stack: TiffStack, geometry: Geometry, tile: int) -> int:
     return plan_tiles(stack.shape[1:], geometry, tile=tile).n_tiles * len(stack)
 
@@ -410,7 +318,7 @@ def predict_stack(
     tile: int,
     batch: int = 4,
     blend: str = "cosine",
-    spec: PlaneEncoding = OutputSpec(),
+    spec: PlaneEncoding = _UINT8_PROBABILITIES,
     overwrite: bool = False,
     compression: str = "zlib",
     on_tiles: Callable[[int], None] | None = None,

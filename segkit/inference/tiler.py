@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from segkit.errors import TileSizeError
+from segkit.inference.options import Blend
 from segkit.models.geometry import Geometry
 
 #: The engine protocol (segkit.inference.engines.Engine): (N, C, tile, tile) float32 tensor on its
@@ -30,7 +31,7 @@ from segkit.models.geometry import Geometry
 Forward = Callable[[Any], Any]
 
 
-BLEND_WINDOWS = ("cosine", "gaussian")
+BLEND_WINDOWS = Blend.values()  # the choices of PredictOptions.blend
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,28 @@ def _axis_plan(size: int, out_tile: int, geometry: Geometry) -> tuple[int, tuple
 
 
 def plan_tiles(plane_shape: tuple[int, int], geometry: Geometry, /, *, tile: int) -> TilePlan:
-    """Plan the tiles of a plane for input tiles of size `tile` (a valid input size)."""
+    """Plan the tiles of a plane for input tiles of size `tile` (pure arithmetic over the geometry).
+
+    Parameters
+    ----------
+    plane_shape : (H, W) tuple of int
+        The plane's height and width.
+    geometry : Geometry
+        The model's geometry: valid input sizes, margin, halo, step.
+    tile : int
+        The input tile, a valid input size of the model.
+
+    Returns
+    -------
+    TilePlan
+        The output tile, the tiles' origins (multiples of the step) and the padding around the plane.
+
+    Raises
+    ------
+    TileSizeError
+        `tile` is not a valid input size (the message names the nearest valid ones), or its output
+        minus twice the halo is smaller than the model's step.
+    """
     geometry.check_tile(tile)
     out_tile = geometry.output_size(tile)
     if out_tile - 2 * geometry.halo < geometry.step:
@@ -119,9 +141,26 @@ def plan_tiles(plane_shape: tuple[int, int], geometry: Geometry, /, *, tile: int
 def blend_profile(size: int, overlap: int, kind: str = "cosine") -> list[float]:
     """1D blending weights for a tile of `size` whose neighbours overlap it by `overlap` pixels.
 
-    cosine: flat top with raised-cosine ramps of length `overlap`; tiles on a regular grid with
-    that overlap sum to exactly 1 (a partition of unity), so blending never rescales.
-    gaussian: nnU-Net's centre-weighted window (sigma = size / 8). Both stay > 0 at the border.
+    Parameters
+    ----------
+    size : int
+        The output tile's side (px).
+    overlap : int
+        Pixels its neighbours overlap it by (the length of the cosine ramps).
+    kind : {'cosine', 'gaussian'}
+        cosine: flat top with raised-cosine ramps of length `overlap`; tiles on a regular grid with
+        that overlap sum to exactly 1 (a partition of unity), so blending never rescales.
+        gaussian: nnU-Net's centre-weighted window (sigma = size / 8). Both stay > 0 at the border.
+
+    Returns
+    -------
+    list of float
+        `size` weights in (0, 1].
+
+    Raises
+    ------
+    ValueError
+        An unknown `kind`.
     """
     if kind == "cosine":
         profile = [1.0] * size
@@ -139,7 +178,20 @@ def blend_profile(size: int, overlap: int, kind: str = "cosine") -> list[float]:
 
 
 def blend_window(size: int, overlap: int, kind: str = "cosine", *, device: Any = "cpu") -> Any:
-    """2D blending weights (size x size float32 tensor): the outer product of `blend_profile`."""
+    """2D blending weights: the outer product of `blend_profile` with itself.
+
+    Parameters
+    ----------
+    size, overlap, kind
+        As for `blend_profile`.
+    device : str or torch.device
+        Where the window is made.
+
+    Returns
+    -------
+    (size, size) tensor of float32
+        The window, on `device`.
+    """
     import torch
 
     profile = torch.tensor(blend_profile(size, overlap, kind), dtype=torch.float64)
@@ -147,8 +199,23 @@ def blend_window(size: int, overlap: int, kind: str = "cosine", *, device: Any =
 
 
 def reflect_indices(size: int, before: int, after: int, *, device: Any = "cpu") -> Any:
-    """Source indices of a mirror extension by (before, after) of an axis of `size` (numpy's
-    'reflect': the edge pixel is not repeated; any pad width, by repeated reflection)."""
+    """Source indices of a mirror extension of an axis (numpy's 'reflect': the edge pixel is not
+    repeated; any pad width, by repeated reflection).
+
+    Parameters
+    ----------
+    size : int
+        The axis length.
+    before, after : int
+        Pixels added before and after it.
+    device : str or torch.device
+        Where the indices are made.
+
+    Returns
+    -------
+    (before + size + after,) tensor of int64
+        For each position of the extended axis, the index it copies.
+    """
     import torch
 
     positions = torch.arange(-before, size + after, device=device)
@@ -160,9 +227,22 @@ def reflect_indices(size: int, before: int, after: int, *, device: Any = "cpu") 
 
 
 def mirror_pad(plane: Any, padding: tuple[tuple[int, int], tuple[int, int]]) -> Any:
-    """Mirror-extrapolate the last two axes of a float tensor (reflect without repeating the edge;
-    any width). Pads narrower than the plane (the usual case) use torch's reflection padding;
-    wider ones reflect repeatedly through an index gather."""
+    """Mirror-extrapolate the last two axes of a tensor (reflect without repeating the edge; any
+    width). Pads narrower than the plane (the usual case) use torch's reflection padding; wider
+    ones reflect repeatedly through an index gather.
+
+    Parameters
+    ----------
+    plane : (..., H, W) tensor of float32 (or uint8, int8, int16, float16)
+        The plane, on any device.
+    padding : ((top, bottom), (left, right)) tuple of int
+        Pixels to add on each side.
+
+    Returns
+    -------
+    (..., H + top + bottom, W + left + right) tensor
+        The padded plane, same dtype and device.
+    """
     import torch.nn.functional as F
 
     (top, bottom), (left, right) = padding
@@ -177,7 +257,20 @@ def mirror_pad(plane: Any, padding: tuple[tuple[int, int], tuple[int, int]]) -> 
 
 
 def pad_plane(plane: Any, plan: TilePlan) -> Any:
-    """The padded plane whose whole-plane forward equals the tiled prediction."""
+    """The padded plane whose whole-plane forward equals the tiled prediction.
+
+    Parameters
+    ----------
+    plane : (C, H, W) tensor
+        The plane, on the engine's device.
+    plan : TilePlan
+        Its tile plan (`plan_tiles`), which says the padding.
+
+    Returns
+    -------
+    (C, H', W') tensor
+        The plane mirror-padded by `plan.padding()`.
+    """
     return mirror_pad(plane, plan.padding())
 
 
@@ -288,16 +381,44 @@ def predict_planes(
     on_tiles: Callable[[int], None] | None = None,
     pad: Callable[[Any, TilePlan], Any] | None = None,
 ) -> Iterator[Any]:
-    """Predict each (C, H, W) float32 plane (a tensor on the engine's device, normalised) by
-    overlap-tiling; yields a (K, H, W) float32 tensor on the same device per plane.
-
-    `pad(plane, plan)` builds the padded plane the tiles are cut from (default: mirror
-    extrapolation, `pad_plane`); the Dask path passes real context from neighbouring chunks.
+    """Predict planes by overlap-tiling, on the engine's device.
 
     Valid-conv models: tiles are placed exactly. Same-padding models (halo > 0): tiles overlap
     by at least twice the halo and are blended with a `blend` window, normalised by the summed
     weights. Tiles of consecutive planes share batches, so small planes still fill the engine;
-    only the planes whose tiles are in flight are held. `on_tiles(n)` reports progress.
+    only the planes whose tiles are in flight are held.
+
+    Parameters
+    ----------
+    planes : iterable of (C, H, W) tensor of float32
+        Normalised planes on the engine's device (a padding hook may take them raw, see `pad`).
+    forward : callable
+        The engine: (N, C, tile, tile) float32 tensor -> (N, K, tile - 2 margin, tile - 2 margin).
+    geometry : Geometry
+        The model's geometry.
+    tile : int
+        The input tile, a valid input size.
+    batch : int
+        Tiles per forward.
+    blend : {'cosine', 'gaussian'}
+        The window blending overlapping tiles of same-padding models.
+    on_tiles : callable, optional
+        Called with the number of tiles of each finished batch (progress).
+    pad : callable, optional
+        `pad(plane, plan)` builds the padded plane the tiles are cut from (default: mirror
+        extrapolation, `pad_plane`); the Dask path passes real context from neighbouring chunks.
+
+    Yields
+    ------
+    (K, H, W) tensor of float32
+        Each plane's prediction, in order, on the same device.
+
+    Raises
+    ------
+    ValueError
+        batch < 1, an unknown blend window, or a plane that is not (C, H, W).
+    TileSizeError
+        A tile the model does not take (`plan_tiles`).
     """
     import torch
 
@@ -352,14 +473,40 @@ def predict_planes(
 
 def predict_plane(plane: Any, forward: Forward, geometry: Geometry, /, *, tile: int, batch: int = 4,
                   blend: str = "cosine") -> Any:
-    """Overlap-tile prediction of a single (C, H, W) plane tensor; returns (K, H, W)."""
+    """Overlap-tile prediction of a single plane (`predict_planes` of one).
+
+    Parameters
+    ----------
+    plane : (C, H, W) tensor of float32
+        A normalised plane on the engine's device.
+    forward, geometry, tile, batch, blend
+        As for `predict_planes`.
+
+    Returns
+    -------
+    (K, H, W) tensor of float32
+        The prediction, on the same device.
+    """
     return next(predict_planes([plane], forward, geometry, tile=tile, batch=batch, blend=blend))
 
 
 def predict_arrays(planes: Iterable[Any], forward: Forward, geometry: Geometry, /, *, tile: int, batch: int = 4,
                    blend: str = "cosine") -> Iterator[Any]:
-    """`predict_planes` for numpy callers (training validation, tools): normalised float32 (H, W)
-    or (C, H, W) arrays in, (K, H, W) float32 arrays out; each plane goes to the engine's device once."""
+    """`predict_planes` for numpy callers (training validation, tools); each plane goes to the
+    engine's device once.
+
+    Parameters
+    ----------
+    planes : iterable of (H, W) or (C, H, W) ndarray of float32
+        Normalised planes.
+    forward, geometry, tile, batch, blend
+        As for `predict_planes`.
+
+    Yields
+    ------
+    (K, H, W) ndarray of float32
+        Each plane's prediction, in order.
+    """
     import torch
 
     def tensors() -> Iterator[Any]:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from segkit.errors import SegkitError
+from segkit.inference.options import TTA
 
-TTA_MODES = ("none", "flips", "d4")
+TTA_MODES = TTA.values()  # the choices of PredictOptions.tta
 Transform = tuple[Callable[[Any], Any], Callable[[Any], Any]]
 
 

@@ -5,7 +5,7 @@ import pytest
 import tifffile
 import torch
 
-from segkit.inference.adapt import (
+from segkit.inference.device_fit import (
     BackoffForward,
     DeviceMemoryError,
     Trial,
