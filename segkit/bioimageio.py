@@ -42,10 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from segkit import __version__
 from segkit._optional import require
 from segkit.checkpoint import CheckpointInfo
 from segkit.errors import OutputError, SegkitError, TileSizeError
+from segkit.version import __version__
 
 #: bioimage.io packages are zip files.
 PACKAGE_SUFFIX = ".zip"

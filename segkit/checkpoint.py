@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from segkit import __version__
 from segkit.errors import CheckpointError, SegkitError
 from segkit.models.geometry import Geometry
+from segkit.version import __version__
 
 FORMAT = "segkit-checkpoint/1"
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
-from segkit import __version__
 from segkit.errors import SegkitError
+from segkit.version import __version__
 
 #: A library setting as a Python keyword: `overwrite=True`, `device='cpu'`, `opset=12`, `slices=(20, 25)`;
 #: not a recipe key (`train.out=...`) nor part of a longer name.
