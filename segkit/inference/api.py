@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from segkit.errors import SegkitError
+from segkit.record import MODEL_KINDS
 
 if TYPE_CHECKING:
-    from segkit.checkpoint import InferenceDefaults
+    from segkit.record import InferenceDefaults
 
 OUTPUT_TYPES = ("uint8", "float16")
 DENOISED_TYPES = ("same", "float32")
@@ -194,7 +195,7 @@ def _default_suffix(request: Any) -> str:
 def _check_choices(*, output_type: str, kind: str, instances: bool, compression: str) -> None:
     from segkit.io.tiff import COMPRESSIONS
 
-    if kind not in ("segmenter", "denoiser"):
+    if kind not in MODEL_KINDS:
         raise SegkitError(f"unknown model kind {kind!r}; choose segmenter or denoiser")
     allowed = DENOISED_TYPES if kind == "denoiser" else OUTPUT_TYPES
     if output_type not in allowed:
@@ -211,14 +212,15 @@ def _is_engine(model: Any) -> bool:
 
 def _load(model: Any, request: Any, *, tile: int | str | None, report: Callable[[str], object]) -> Any:
     """The LoadedEngine for a model file, or for an engine passed in directly."""
-    from segkit.checkpoint import CheckpointInfo, Normalization
-    from segkit.inference.loading import LoadedEngine, default_tile, load_prediction_engine
+    from segkit.inference.loading import LoadedEngine, load_prediction_engine
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     if request is not None:
         return load_prediction_engine(request, tile=_fixed_tile(tile), report=report)
     info = getattr(model, "info", None) or CheckpointInfo("segmenter", "engine", {}, model.geometry,
                                                           Normalization(0.0, 1.0))
-    return LoadedEngine(model, info, model.geometry, _fixed_tile(tile) or default_tile(model.geometry))
+    return LoadedEngine(model, info, model.geometry, _fixed_tile(tile) or model.geometry.default_tile)
 
 
 def _fixed_tile(tile: int | str | None) -> int | None:
