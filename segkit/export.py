@@ -33,6 +33,7 @@ from segkit._optional import require
 from segkit.errors import CheckpointError, SegkitError
 from segkit.io.outputs import atomic_path
 from segkit.io.tiff import check_output_path
+from segkit.normalization import mean_std_normalization
 from segkit.record import CheckpointInfo
 
 EXPORT_FORMAT = "segkit-onnx/1"
@@ -153,7 +154,7 @@ def parity_inputs(info: CheckpointInfo, tile: int, *, fixed_tile: bool) -> dict[
     if info.inference.input_dtype in (None, "uint8") and norm.channels is None and norm.percentiles is None:
         real = info.normalization.apply(raw)
     else:  # the model was trained on other units, channels or a percentile rule: the crop's own statistics
-        real = (raw - raw.mean()) / raw.std()
+        real = mean_std_normalization([raw]).apply(raw)
     reps = -(-tile // min(real.shape))
     if reps > 1:
         real = np.pad(real, [(0, real.shape[0] * (reps - 1)), (0, real.shape[1] * (reps - 1))], mode="symmetric")

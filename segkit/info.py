@@ -9,6 +9,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from segkit.inference.engines import resolve_device
 from segkit.version import __version__
 
 #: Distributions whose versions matter for a bug report (name on PyPI).
@@ -34,7 +35,6 @@ def torch_devices() -> dict[str, Any]:
         import torch
     except ImportError:
         return {"installed": False}
-    from segkit.inference.engines import resolve_device
 
     cuda = torch.cuda.is_available()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from segkit.errors import CheckpointError, SegkitError
+from segkit.models import create_model
 
 #: float32 copies of a plane that predicting it holds at once: the normalised plane, its padded copy
 #: (the tiler cuts tiles from it) and the output it accumulates.
@@ -123,8 +124,6 @@ def plane_problem(shape: tuple[int, int], itemsize: int, *, available: int | Non
 def meta_model(name: str, kwargs: dict[str, Any]) -> Any:
     """The model built on torch's meta device: shapes only, no memory (for counting and tracing)."""
     import torch
-
-    from segkit.models import create_model
 
     with torch.device("meta"):
         return create_model(name, **kwargs)

@@ -105,7 +105,7 @@ class CheckpointInfo:
     `inference` is an InferenceDefaults; a plain dict (a record's `inference` entry) is accepted
     and converted with `InferenceDefaults.from_dict`."""
 
-    kind: str  # "segmenter" (later also "denoiser")
+    kind: str  # one of MODEL_KINDS
     model: str
     model_kwargs: dict[str, Any]
     geometry: Geometry

@@ -30,6 +30,7 @@ from typing import Any
 
 from segkit._optional import require
 from segkit.errors import CheckpointError
+from segkit.inference.engines import OnnxEngine, TorchEngine
 from segkit.models.geometry import Geometry
 from segkit.normalization import Normalization
 from segkit.record import MODEL_KINDS, CheckpointInfo, InferenceDefaults
@@ -47,7 +48,18 @@ class PackageModelError(CheckpointError):
 
 
 def is_package(path: str | Path) -> bool:
-    """Whether `path` names a bioimage.io package: a .zip, or an rdf.yaml / bioimageio.yaml."""
+    """Whether `path` names a bioimage.io package, by its name only (nothing is read).
+
+    Parameters
+    ----------
+    path : str or Path
+        A model file.
+
+    Returns
+    -------
+    bool
+        True for a .zip, or an rdf.yaml / bioimageio.yaml (also with a prefix: NAME.rdf.yaml).
+    """
     name = Path(path).name.lower()
     return name.endswith(".zip") or name in DESCRIPTION_NAMES or name.endswith((".rdf.yaml", ".bioimageio.yaml"))
 
@@ -72,7 +84,23 @@ def _fail(field: str, why: str) -> PackageModelError:
 
 
 def read_description(source: Any) -> Any:
-    """The package's ModelDescr (format 0.5), read without downloading anything."""
+    """Read a package's description, without downloading anything.
+
+    Parameters
+    ----------
+    source : str, Path or ModelDescr
+        A package (.zip), the rdf.yaml of an unpacked one, or a description (returned as it is).
+
+    Returns
+    -------
+    ModelDescr
+        The description in format 0.5 (0.4 is converted).
+
+    Raises
+    ------
+    PackageModelError
+        The file is missing, not a bioimage.io package, invalid, or describes no model.
+    """
     require("bioimageio.spec", feature="running bioimage.io packages", package="segkit[bioimageio]")
     from bioimageio.spec import InvalidDescr, load_description
     from bioimageio.spec.model import v0_5
@@ -274,8 +302,6 @@ class PackageEngine:
 
     def __init__(self, descr: Any, plan: PackagePlan, *, device: str = "auto") -> None:
         import torch
-
-        from segkit.inference.engines import OnnxEngine, TorchEngine
 
         self.plan, self.info, self.geometry = plan, plan.info, plan.info.geometry
         entry = getattr(descr.weights, plan.weights)

@@ -48,6 +48,7 @@ from segkit.errors import OutputError, SegkitError, TileSizeError
 from segkit.export import export_onnx, inference_head
 from segkit.io.outputs import atomic_path, check_output
 from segkit.models import COMPOSED, create_model
+from segkit.normalization import mean_std_normalization
 from segkit.record import MODEL_KINDS, CheckpointInfo
 from segkit.version import __version__
 
@@ -108,10 +109,23 @@ class PackageRecord:
 # -- the model ---------------------------------------------------------------------------------
 
 def inference_model(model: str, model_kwargs: dict[str, Any] | None = None, output: str = "probability") -> Any:
-    """The pytorch_state_dict weights' architecture: the registered segkit model `model` (built with
-    `model_kwargs`) returning what segkit's exports return: float32 (N, 1, H, W) in, the membrane
-    probability (softmax inside) or the denoised intensity out. Its state dict is the checkpoint's,
-    each key prefixed with `model.`."""
+    """The architecture of a package's pytorch_state_dict weights (bioimageio.core builds it by name).
+
+    Parameters
+    ----------
+    model : str
+        A segkit registry name.
+    model_kwargs : dict, optional
+        Its parameters.
+    output : {"probability", "intensity"}
+        What it returns (see `segkit.export.inference_head`).
+
+    Returns
+    -------
+    torch.nn.Module
+        float32 (N, 1, H, W) in, the membrane probability (softmax inside) or the denoised intensity
+        out; its state dict is the checkpoint's, each key prefixed with `model.`.
+    """
     return inference_head(create_model(model, **(model_kwargs or {})), output=output)
 
 
@@ -218,7 +232,7 @@ def sample_tile(info: CheckpointInfo, tile: int) -> np.ndarray:
     raw = tifffile.imread(SAMPLE)
     plane = raw[len(raw) // 2].astype(np.float32)
     if info.inference.input_dtype not in (None, "uint8"):
-        plane = (plane - plane.mean()) / plane.std() * info.normalization.std + info.normalization.mean
+        plane = info.normalization.invert(mean_std_normalization([plane]).apply(plane))
     while min(plane.shape) < tile:
         plane = np.pad(plane, [(0, plane.shape[0]), (0, plane.shape[1])], mode="symmetric")
     top, left = (plane.shape[0] - tile) // 2, (plane.shape[1] - tile) // 2

@@ -1,8 +1,8 @@
 """Open a model file for prediction: a checkpoint or an ONNX file, as a torch or ONNX Runtime
 engine, with its record, geometry and tile, after checking that the options fit together.
 
-The engines, test-time augmentation and the denoiser composition import torch, so they are imported
-by the functions that build an engine; reading records and planning import no torch."""
+The denoiser composition imports torch, so it is imported by the function that loads a pair of
+checkpoints; reading records and planning import no torch."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from segkit.bioimageio.read import is_package, load_package, plan_package
 from segkit.checkpoint import load_model, read_info
 from segkit.errors import SegkitError, TileSizeError
 from segkit.export import export_onnx, read_onnx_metadata
+from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp, resolve_device
+from segkit.inference.tta import TTAForward, tta_transforms
 from segkit.memory import tile_problem
 
 
@@ -63,8 +65,6 @@ def load_prediction_engine(request: EngineRequest, *, tile: int | None = None,
                            report: Callable[[str], object] = print) -> LoadedEngine:
     """Open the requested checkpoint or ONNX file as a torch or ONNX Runtime engine (wrapped for
     test-time augmentation when asked), checking that the options fit together."""
-    from segkit.inference.tta import TTAForward, tta_transforms
-
     tta_transforms(request.tta)  # an unknown mode fails before the model loads
     loaded = _load_engine(request, tile=tile, report=report)
     if request.tta != "none":
@@ -73,8 +73,6 @@ def load_prediction_engine(request: EngineRequest, *, tile: int | None = None,
 
 
 def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[str], object]) -> LoadedEngine:
-    from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp, resolve_device
-
     model_path, kind, amp, device = Path(request.model), request.kind, request.amp, request.device
     if is_package(model_path):
         return _load_package(request, tile=tile)
@@ -159,8 +157,6 @@ def planned_tile(request: EngineRequest, tile: int | None = None) -> tuple[Any, 
     else:
         tile = tile or trained_tile(info, geometry)
     geometry.check_tile(tile)
-    from segkit.inference.engines import resolve_device
-
     if resolve_device(request.device) == "cpu":  # asking a GPU here would hold a CUDA context for the
         check_tile_memory(info, geometry, tile, "cpu")  # whole run; workers check theirs as they load
     return info, geometry, tile
