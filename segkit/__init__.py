@@ -10,7 +10,7 @@ set here, before any import of it, so worker processes inherit it. A value the u
 
 import os
 
-__version__ = "0.1.0"
+from segkit.version import __version__
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

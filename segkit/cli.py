@@ -19,7 +19,6 @@ from typing import Any
 
 import click
 
-from segkit import __version__
 from segkit.errors import SegkitError
 from segkit.inference.options import (
     DENOISER_OUTPUT_TYPES,
@@ -32,6 +31,8 @@ from segkit.inference.options import (
     PredictOptions,
 )
 from segkit.io.tiff import COMPRESSIONS
+from segkit.record import LABELS_KINDS
+from segkit.version import __version__
 
 #: A library setting as a Python keyword: `overwrite=True`, `device='cpu'`, `opset=12`, `slices=(20, 25)`;
 #: not a recipe key (`train.out=...`) nor part of a longer name.
@@ -241,7 +242,7 @@ def _init_for_training(data: Path, overrides: tuple[str, ...], resume: bool) -> 
               help="Time budget of the training run: epochs and iterations are sized to fill it.")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N: the device to train on (its speed is measured here).")
-@click.option("--kind", type=click.Choice(["membrane", "semantic", "instances"]), default=None,
+@click.option("--kind", type=click.Choice(list(LABELS_KINDS)), default=None,
               show_default="guessed from the labels", help="The label kind (refused when the labels contradict it).")
 @click.option("--images", default=None,
               help="The images in DATA: a folder (paired with --labels by file name) or one stack file "
@@ -449,10 +450,11 @@ def export(checkpoint: Path, output: Path | None, denoiser_path: Path | None, ti
       segkit export best.safetensors -o unet_fp16.onnx --fp16 --tile 572 --fixed-tile
       segkit export seg.safetensors --with-denoiser den.safetensors -o denoised_unet.onnx
     """
-    from segkit.checkpoint import compose_with_denoiser, load_model, read_info
+    from segkit.checkpoint import load_model, read_info
     from segkit.export import export_onnx, write_onnx
     from segkit.inference.loading import trained_tile
     from segkit.io.outputs import check_output
+    from segkit.models.compose import compose_with_denoiser
 
     output = output or checkpoint.with_suffix(".onnx")
     check_output(output, kind="onnx", inputs=[checkpoint, denoiser_path], overwrite=overwrite, report=_cli_echo(err=True))
@@ -565,11 +567,12 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     """
     from tqdm import tqdm
 
-    from segkit.checkpoint import InferenceDefaults, read_info
+    from segkit.checkpoint import read_info
     from segkit.inference.api import default_output
     from segkit.inference.segment import segment_stack
     from segkit.io.outputs import check_output
     from segkit.io.tiff import open_stack
+    from segkit.record import InferenceDefaults
 
     output = output or default_output(source, "instances")
     check_output(output, kind="tiff", inputs=[source], overwrite=overwrite, report=_cli_echo(err=True))
@@ -635,7 +638,7 @@ def _parse_slices(text: str | None) -> tuple[int, int] | None:
 @click.option("--write-defaults", "write_defaults", type=click.Path(path_type=Path), default=None,
               help="Store the best sweep setting in this checkpoint's inference defaults (needs --sweep and "
                    "--slices on the recipe's validation slices).")
-@click.option("--labels-kind", type=click.Choice(["membrane", "semantic", "instances"]), default="membrane",
+@click.option("--labels-kind", type=click.Choice(list(LABELS_KINDS)), default="membrane",
               show_default=True,
               help="What LABELS hold: ISBI membrane labels; semantic classes 0..K-1 (PREDICTION: a class map, "
                    "e.g. predict --argmax; needs --classes); or object ids, 0 = background (PREDICTION: object "
@@ -860,7 +863,7 @@ def package(checkpoint: Path, output: Path | None, author: tuple[str, ...], name
       segkit package runs/em_neurons/best.safetensors -o unet_em.zip --author "Jane Doe"
       segkit package seg.safetensors --with-denoiser den.safetensors -o denoised_unet.zip --author "Jane Doe"
     """
-    from segkit.bioimageio import package_checkpoint
+    from segkit.bioimageio.write import package_checkpoint
 
     record = package_checkpoint(checkpoint, output, author=author, denoiser=denoiser_path, name=name,
                                 description=description, license=license, tile=tile, opset=opset, test=not no_test,

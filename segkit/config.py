@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from segkit.errors import ConfigError
+from segkit.record import LABELS_KINDS
 
 # Leaf: (allowed types, default). A dict leaf of type `dict` is free-form (checked elsewhere).
 Leaf = tuple[tuple[type, ...], Any]
@@ -170,7 +171,7 @@ CHOICES = {
     "train.mode": ("supervised", "blind_spot"),
     "train.loss": ("mse", "l1"),
     "corruption.noise": ("none", "gaussian", "poisson_gaussian", "masking", "salt_pepper"),
-    "data.labels_kind": ("membrane", "semantic", "instances"),
+    "data.labels_kind": LABELS_KINDS,
     "data.normalization": ("meanstd", "percentile"),
 }
 POSITIVE = {"data.tile", "train.epochs", "train.iters_per_epoch", "train.batch", "train.val_batch", "train.lr",

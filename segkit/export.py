@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 
 from segkit._optional import require
-from segkit.checkpoint import CheckpointInfo
 from segkit.errors import CheckpointError, SegkitError
-from segkit.io.tiff import atomic_path, check_output_path
+from segkit.io.outputs import atomic_path
+from segkit.io.tiff import check_output_path
+from segkit.normalization import mean_std_normalization
+from segkit.record import CheckpointInfo
 
 EXPORT_FORMAT = "segkit-onnx/1"
 INPUT_NAME = "input"
@@ -77,9 +79,24 @@ class ExportRecord:
             raise CheckpointError(f"{source}: malformed segkit export record: {exc}") from exc
 
 
-def _inference_head(model: Any, *, output: str, all_classes: bool = False) -> Any:
-    """The module that is traced: float32 in, float32 probability (of class 1, or of every class for
-    models of K classes) or intensity out."""
+def inference_head(model: Any, *, output: str, all_classes: bool = False) -> Any:
+    """The module that is exported: the model with its output turned into what segkit writes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A segkit model; it takes (N, C, H, W) float32 normalised input.
+    output : {"probability", "intensity"}
+        "probability": softmax over the model's classes (a segmenter); "intensity": the model's output
+        as it is (a denoiser).
+    all_classes : bool
+        With "probability": every class's probability, (N, K, h, w), instead of class 1's, (N, 1, h, w).
+
+    Returns
+    -------
+    torch.nn.Module
+        The head, in eval mode: (N, C, H, W) float32 in, (N, 1 or K, h, w) float32 out.
+    """
     import torch
 
     class InferenceHead(torch.nn.Module):
@@ -112,8 +129,23 @@ def _trace(head: Any, *, tile: int, opset: int, fixed_tile: bool, output: str, c
 
 
 def parity_inputs(info: CheckpointInfo, tile: int, *, fixed_tile: bool) -> dict[str, np.ndarray]:
-    """Inputs the export is checked on: random noise (batch 2), a real EM crop (the bundled ISBI
-    slice, normalised) and, when H and W are dynamic, noise at a second valid size."""
+    """The inputs an export is checked on.
+
+    Parameters
+    ----------
+    info : CheckpointInfo
+        The model's record (normalisation, channels, geometry).
+    tile : int
+        The export tile (a valid input size).
+    fixed_tile : bool
+        Whether the graph takes only `tile`; otherwise a second valid size is checked too.
+
+    Returns
+    -------
+    dict of str to (N, C, tile, tile) ndarray of float32
+        Random noise (batch 2), a real EM crop (the bundled ISBI slice, normalised) and, when H and W
+        are dynamic, noise at a second valid size.
+    """
     import tifffile
 
     rng = np.random.default_rng(0)
@@ -122,7 +154,7 @@ def parity_inputs(info: CheckpointInfo, tile: int, *, fixed_tile: bool) -> dict[
     if info.inference.input_dtype in (None, "uint8") and norm.channels is None and norm.percentiles is None:
         real = info.normalization.apply(raw)
     else:  # the model was trained on other units, channels or a percentile rule: the crop's own statistics
-        real = (raw - raw.mean()) / raw.std()
+        real = mean_std_normalization([raw]).apply(raw)
     reps = -(-tile // min(real.shape))
     if reps > 1:
         real = np.pad(real, [(0, real.shape[0] * (reps - 1)), (0, real.shape[1] * (reps - 1))], mode="symmetric")
@@ -139,8 +171,28 @@ def parity_inputs(info: CheckpointInfo, tile: int, *, fixed_tile: bool) -> dict[
 
 
 def check_parity(onnx_bytes: bytes, reference: Any, inputs: dict[str, np.ndarray], *, fp16: bool) -> dict[str, float]:
-    """Run the graph on ONNX Runtime's CPU provider and compare with `reference` (the fp32 torch
-    head); returns the max and mean abs difference per input; raises ExportError beyond tolerance.
+    """Run the graph on ONNX Runtime's CPU provider and compare it with `reference`.
+
+    Parameters
+    ----------
+    onnx_bytes : bytes
+        The graph.
+    reference : torch.nn.Module
+        The fp32 torch head it was exported from (`inference_head`).
+    inputs : dict of str to (N, C, H, W) ndarray of float32
+        The inputs to compare on (`parity_inputs`).
+    fp16 : bool
+        Whether the graph is fp16 (looser tolerances).
+
+    Returns
+    -------
+    dict of str to float
+        The max and mean absolute difference per input.
+
+    Raises
+    ------
+    ExportError
+        Shapes differ, or a difference exceeds the tolerance.
 
     fp16 graphs are compared with the fp32 model: torch has no trustworthy fp16 path on the CPU
     to compare against, so rounding is allowed (mean and max bounds) but a wrong graph is not.
@@ -171,7 +223,18 @@ def check_parity(onnx_bytes: bytes, reference: Any, inputs: dict[str, np.ndarray
 
 
 def to_float16(proto: Any) -> Any:
-    """fp16 weights and activations with float32 input and output, in topological order."""
+    """An fp16 copy of an fp32 graph: fp16 weights and activations, float32 input and output.
+
+    Parameters
+    ----------
+    proto : onnx.ModelProto
+        The fp32 graph.
+
+    Returns
+    -------
+    onnx.ModelProto
+        The converted graph, its nodes in topological order.
+    """
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -188,8 +251,37 @@ def _quiet_options(ort: Any) -> Any:
 
 def export_onnx(model: Any, info: CheckpointInfo, /, *, tile: int, fp16: bool = False, opset: int = 17,
                 fixed_tile: bool = False) -> tuple[bytes, ExportRecord]:
-    """Export `model` (described by `info`) to ONNX bytes, checked with onnx.checker and against
-    torch on random and real input; returns the bytes (with metadata) and the export record."""
+    """Export a model to ONNX, checked with onnx.checker and against torch on random and real input.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (moved to the CPU in float32 for tracing).
+    info : CheckpointInfo
+        Its record, stored in the graph's metadata.
+    tile : int
+        The tile traced (a valid input size of the model).
+    fp16 : bool
+        Convert the graph to fp16 (input and output stay float32).
+    opset : int
+        The ONNX opset, 13 to 20.
+    fixed_tile : bool
+        Fix H and W to `tile` (batch stays dynamic).
+
+    Returns
+    -------
+    onnx_bytes : bytes
+        The graph with its metadata (the record and the export record).
+    record : ExportRecord
+        How it was made, with the measured parity.
+
+    Raises
+    ------
+    ExportError
+        An unsupported opset, a graph onnx.checker rejects, or one that differs from torch.
+    TileSizeError
+        `tile` is not a valid input size of the model.
+    """
     require("onnx", feature="ONNX export")
     import onnx
 
@@ -199,7 +291,7 @@ def export_onnx(model: Any, info: CheckpointInfo, /, *, tile: int, fp16: bool = 
     output = "intensity" if info.kind == "denoiser" else "probability"
     all_classes = info.kind == "segmenter" and info.inference.labels_kind != "membrane"
     channels = info.input_channels
-    head = _inference_head(model.cpu().float().eval(), output=output, all_classes=all_classes)
+    head = inference_head(model.cpu().float().eval(), output=output, all_classes=all_classes)
     proto = onnx.load_from_string(_trace(head, tile=tile, opset=opset, fixed_tile=fixed_tile, output=output,
                                          channels=channels))
     if fp16:
@@ -222,7 +314,27 @@ def export_onnx(model: Any, info: CheckpointInfo, /, *, tile: int, fp16: bool = 
 
 
 def write_onnx(onnx_bytes: bytes, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the bytes under a temporary name and rename, so no half-written .onnx is left behind."""
+    """Write an exported graph under a temporary name and rename it, so no half-written .onnx is left.
+
+    Parameters
+    ----------
+    onnx_bytes : bytes
+        The graph (`export_onnx`).
+    path : str or Path
+        The .onnx file to write.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    OutputError
+        The path is refused (see `segkit.io.outputs.check_output`) or the write failed.
+    """
     path = check_output_path(path, overwrite=overwrite)
     with atomic_path(path) as tmp:
         tmp.write_bytes(onnx_bytes)
@@ -230,7 +342,26 @@ def write_onnx(onnx_bytes: bytes, path: str | Path, *, overwrite: bool = False) 
 
 
 def read_onnx_metadata(path: str | Path) -> tuple[CheckpointInfo, ExportRecord]:
-    """The checkpoint and export records of a segkit ONNX file; clear errors for anything else."""
+    """The records stored in a segkit ONNX file.
+
+    Parameters
+    ----------
+    path : str or Path
+        An .onnx file from `segkit export`.
+
+    Returns
+    -------
+    info : CheckpointInfo
+        The model's record.
+    record : ExportRecord
+        How the file was exported.
+
+    Raises
+    ------
+    CheckpointError
+        The file is missing, not ONNX, has no segkit metadata, or its graph does not take one
+        (N, C, H, W) input.
+    """
     require("onnx", feature="reading ONNX models")
     import onnx
 

@@ -9,6 +9,9 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from segkit.inference.engines import resolve_device
+from segkit.version import __version__
+
 #: Distributions whose versions matter for a bug report (name on PyPI).
 PACKAGES = ("torch", "torchvision", "onnxruntime-gpu", "onnxruntime", "segmentation-models-pytorch", "timm",
             "albumentations", "opencv-python-headless", "opencv-python", "tifffile", "imagecodecs", "numpy",
@@ -32,7 +35,6 @@ def torch_devices() -> dict[str, Any]:
         import torch
     except ImportError:
         return {"installed": False}
-    from segkit.inference.engines import resolve_device
 
     cuda = torch.cuda.is_available()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
@@ -54,8 +56,6 @@ def onnxruntime_providers() -> dict[str, Any]:
 
 def describe() -> dict[str, Any]:
     """Everything `segkit info` prints, as plain data."""
-    from segkit import __version__
-
     return {"segkit": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "packages": package_versions(), "torch": torch_devices(), "onnxruntime": onnxruntime_providers()}
 

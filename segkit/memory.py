@@ -8,7 +8,11 @@ of a MemoryError (or a machine swapping) after the model has loaded.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
+
+from segkit.errors import CheckpointError, SegkitError
+from segkit.models import create_model
 
 #: float32 copies of a plane that predicting it holds at once: the normalised plane, its padded copy
 #: (the tiler cuts tiles from it) and the output it accumulates.
@@ -121,8 +125,6 @@ def meta_model(name: str, kwargs: dict[str, Any]) -> Any:
     """The model built on torch's meta device: shapes only, no memory (for counting and tracing)."""
     import torch
 
-    from segkit.models import create_model
-
     with torch.device("meta"):
         return create_model(name, **kwargs)
 
@@ -130,6 +132,58 @@ def meta_model(name: str, kwargs: dict[str, Any]) -> Any:
 def parameter_bytes(model: Any) -> int:
     """float32 bytes of a model's parameters and buffers."""
     return 4 * (sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()))
+
+
+def check_weights_fit(path: str | Path, info: Any, stored: int) -> Any:
+    """Check a checkpoint's record against its file and the memory available, before anything is allocated.
+
+    The record's model is built on torch's meta device (shapes only); it is refused when its values
+    do not match the file's, or when its parameters do not fit in the memory available.
+
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint (named in messages).
+    info : CheckpointInfo
+        Its record.
+    stored : int
+        The number of values the file's tensors hold.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model on the meta device.
+
+    Raises
+    ------
+    CheckpointError
+        The record names a model that cannot be built, its values differ from `stored`, or its
+        parameters exceed the memory available (one line, with the numbers).
+    """
+    fix = "the checkpoint is damaged or was edited: use another one or train again"
+    try:
+        meta = meta_model(info.model, info.model_kwargs)
+    except SegkitError as exc:
+        raise CheckpointError(f"{path}: {exc}; {fix}") from exc
+    wanted = sum(t.numel() for t in meta.state_dict().values())
+    params = parameter_bytes(meta)
+    available = available_memory()
+    if available is not None and params > available:
+        why = (f" (and the file holds only {stored:,} values: its weights do not match its record); {fix}"
+               if stored != wanted else "; use a machine with more memory")
+        raise CheckpointError(f"{path}: its record describes a {info.model} model ({_kwargs_text(info.model_kwargs)}) of "
+                              f"{format_bytes(params)} of parameters, but {format_bytes(available)} of memory is "
+                              f"available{why}")
+    if stored != wanted:
+        raise CheckpointError(f"{path}: its weights do not match its record: the record describes a {info.model} model "
+                              f"({_kwargs_text(info.model_kwargs)}) of {wanted:,} values, but the file holds {stored:,}; "
+                              f"{fix}")
+    return meta
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if not isinstance(v, dict)) or "defaults"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 #: float32 copies of the parameters that training holds: weights, gradients, two optimiser moments (Adam).
@@ -191,9 +245,7 @@ def tile_problem(info: Any, geometry: Any, tile: int, device: str) -> str | None
     params = parameter_bytes(model)
     if params + activations <= available:
         return None
-    from segkit.inference.loading import default_tile
-
-    smaller = default_tile(geometry)
+    smaller = geometry.default_tile
     smaller = smaller if smaller < tile else geometry.min_input
     return (f"tile {tile} needs at least {format_bytes(params + activations)} ({format_bytes(params)} of parameters and "
             f"{format_bytes(activations)} of activations for one tile), but {format_bytes(available)} of memory is "

@@ -31,7 +31,9 @@ def tiny_unet():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_unet) -> Path:
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     info = CheckpointInfo(
@@ -166,8 +168,10 @@ def tiny_denoiser(tmp_path_factory):
     """A base-4 denoiser checkpoint (random weights) trained on uint8 data, for the pre-stage paths."""
     import torch
 
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     torch.manual_seed(0)
     model = create_model("denoiser", base=4)

@@ -1,6 +1,6 @@
 """bioimage.io model packages: `segkit package` builds them offline from tiny models (a U-Net, an FCN,
 an smp model, a denoiser), bioimageio.spec validates them and bioimageio.core's model test runs them
-on the CPU; segkit.inference.packages runs them (and a package made without segkit) through segkit's
+on the CPU; segkit.bioimageio.read runs them (and a package made without segkit) through segkit's
 pipeline. Internet connections are refused throughout."""
 
 import json
@@ -18,10 +18,12 @@ pytest.importorskip("bioimageio.core", reason="needs the bioimageio extra: pip i
 from bioimageio.spec import load_description  # noqa: E402
 from bioimageio.spec.model import v0_5  # noqa: E402
 
-from segkit.bioimageio import PackageError, build_package, sample_tile, validate_package  # noqa: E402
-from segkit.checkpoint import CheckpointInfo, Normalization, load_model, read_info  # noqa: E402
+from segkit.bioimageio.write import PackageError, build_package, sample_tile, validate_package  # noqa: E402
+from segkit.checkpoint import load_model, read_info  # noqa: E402
 from segkit.export import read_onnx_metadata  # noqa: E402
 from segkit.models import create_model, model_kind  # noqa: E402
+from segkit.normalization import Normalization  # noqa: E402
+from segkit.record import CheckpointInfo  # noqa: E402
 from tests.conftest import assert_user_error, randomize_zero_layers, run, tiny  # noqa: E402
 
 CITED_DOIS = {"10.1007/978-3-319-24574-4_28", "10.1371/journal.pbio.1000502", "10.3389/fnana.2015.00142"}
@@ -157,7 +159,7 @@ def test_fcn_smp_and_denoiser_packages_pass_the_core_test(tmp_path, registered, 
 
 
 def test_weights_that_do_not_reproduce_the_test_output_are_not_written(tmp_path, monkeypatch):
-    import segkit.bioimageio as bioimageio
+    import segkit.bioimageio.write as bioimageio
 
     name, kwargs = tiny("fcn8s")
     torch.manual_seed(0)
@@ -196,7 +198,7 @@ def test_package_user_errors(tmp_path, tiny_checkpoint, monkeypatch):
     assert no_partials(tmp_path)
 
 
-# == running packages with segkit's pipeline (segkit.inference.packages) ==========================
+# == running packages with segkit's pipeline (segkit.bioimageio.read) =============================
 
 def predict_float(stack, out, model, **kwargs):
     import segkit
@@ -209,7 +211,7 @@ def predict_float(stack, out, model, **kwargs):
 
 @pytest.mark.parametrize("weights", ["onnx", "pytorch_state_dict", "torchscript"])
 def test_segkit_runs_its_own_package_as_the_checkpoint(tmp_path, uint8_stack, tiny_checkpoint, unet_package, weights):
-    from segkit.inference.packages import load_package
+    from segkit.bioimageio.read import load_package
 
     engine = load_package(unet_package[0], weights=weights, device="cpu")
     assert engine.geometry == read_info(tiny_checkpoint).geometry and engine.info.inference.input_dtype == "uint8"
@@ -309,8 +311,8 @@ def foreign_package(folder):
 def test_segkit_runs_a_foreign_package_through_its_pipeline(tmp_path, uint8_stack, weights):
     import tifffile
 
+    from segkit.bioimageio.read import load_package
     from segkit.errors import SegkitError
-    from segkit.inference.packages import load_package
 
     package, net, normalize = foreign_package(tmp_path)
     with pytest.raises(SegkitError, match=r"outputs\[0\]\.axes\[channel\]: 2 output channels \(bg, fg\); pass channel=N"):
@@ -348,8 +350,8 @@ def bare_descr(folder, *, axes="yx", preprocessing=(), weights="onnx"):
 
 
 def test_packages_segkit_cannot_run_get_one_line_naming_the_field(tmp_path):
+    from segkit.bioimageio.read import load_package, plan_package
     from segkit.errors import SegkitError
-    from segkit.inference.packages import load_package, plan_package
 
     s = v0_5
     cases = [

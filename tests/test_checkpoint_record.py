@@ -7,14 +7,10 @@ import shutil
 
 import pytest
 
-from segkit.checkpoint import (
-    CheckpointInfo,
-    InferenceDefaults,
-    Normalization,
-    read_info,
-    update_inference_defaults,
-)
+from segkit.checkpoint import read_info, update_inference_defaults
 from segkit.errors import CheckpointError
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo, InferenceDefaults
 
 
 def _with_inference(tmp_path, checkpoint, inference, name="edited.safetensors"):

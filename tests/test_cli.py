@@ -159,7 +159,9 @@ def test_cli_message_names_the_flags_of_the_invoked_command():
 
 
 def test_predict_checkpoint_of_another_model(tmp_path, uint8_stack, tiny_unet):
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     info = CheckpointInfo("segmenter", "unet", {"base": 16}, tiny_unet.geometry, Normalization(0, 1))
     save_checkpoint(tmp_path / "other.safetensors", tiny_unet, info)
@@ -250,8 +252,10 @@ def test_predict_2d_image_gives_2d_output(tmp_path, tiny_checkpoint):
 def test_every_registered_model_predicts_through_the_cli(tmp_path, uint8_stack, registered):
     import torch
 
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
     from tests.conftest import randomize_zero_layers, tiny
 
     torch.manual_seed(0)
@@ -271,8 +275,10 @@ def test_every_registered_model_predicts_through_the_cli(tmp_path, uint8_stack, 
 def test_blend_and_halo_options(tmp_path, uint8_stack, tiny_checkpoint):
     import torch
 
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
     from tests.conftest import randomize_zero_layers
 
     torch.manual_seed(0)

@@ -5,15 +5,17 @@ import pytest
 import tifffile
 import torch
 
-from segkit.checkpoint import CheckpointInfo, Normalization, compose_with_denoiser, save_checkpoint
+from segkit.checkpoint import save_checkpoint
 from segkit.config import DENOISE_SCHEMA, validate_recipe
 from segkit.demo import SAMPLE_RAW
 from segkit.errors import ConfigError
 from segkit.inference.engines import TorchEngine
 from segkit.inference.tiler import pad_plane, plan_tiles, predict_plane
 from segkit.models import create_model
-from segkit.models.compose import compose_geometry
+from segkit.models.compose import compose_geometry, compose_with_denoiser
 from segkit.models.geometry import valid_unet_geometry
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo
 from tests.conftest import assert_user_error, run
 
 

@@ -99,9 +99,11 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, chunky_stack, tiny
 def test_resume_refuses_another_model_or_settings(tmp_path, chunky_stack, tiny_checkpoint, monkeypatch):
     import torch
 
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
     from segkit.inference import tiler
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     def interrupted(*args, **kwargs):
         raise RuntimeError("stop")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization
 from segkit.errors import SegkitError
 from segkit.inference.encodings import (
     ClassMapEncoding,
@@ -16,6 +15,8 @@ from segkit.inference.encodings import (
 )
 from segkit.inference.options import PredictOptions
 from segkit.models import create_model
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo, InferenceDefaults
 
 
 def _record(classes: int, labels_kind: str, **inference) -> CheckpointInfo:

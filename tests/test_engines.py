@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from segkit.checkpoint import CheckpointInfo, Normalization
 from segkit.errors import SegkitError
 from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp
 from segkit.inference.tiler import predict_plane
 from segkit.inference.tta import TTA_MODES, TTAForward, tta_transforms
 from segkit.models.geometry import Geometry
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo
 from tests.conftest import as_plane, crop_engine
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -8,9 +8,9 @@ import pytest
 import tifffile
 import torch
 
-from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+from segkit.checkpoint import save_checkpoint
 from segkit.errors import CheckpointError, SegkitError
-from segkit.export import ExportError, _inference_head, check_parity, export_onnx, read_onnx_metadata, write_onnx
+from segkit.export import ExportError, check_parity, export_onnx, inference_head, read_onnx_metadata, write_onnx
 from segkit.inference.engines import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
@@ -20,6 +20,8 @@ from segkit.inference.engines import (
     plan_providers,
 )
 from segkit.models import create_model, model_kind
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo
 from tests.conftest import assert_user_error, randomize_zero_layers, run, tiny
 
 
@@ -79,7 +81,7 @@ def test_fp16_export_and_fixed_tile(tiny_unet):
 def test_parity_failure_is_loud(tiny_unet):
     info = tiny_info("unet", {"base": 4, "depth": 4}, tiny_unet)
     onnx_bytes, _ = export_onnx(tiny_unet, info, tile=220)
-    head = _inference_head(tiny_unet, output="probability")
+    head = inference_head(tiny_unet, output="probability")
     inputs = {"random": np.random.default_rng(0).standard_normal((1, 1, 220, 220)).astype(np.float32)}
     with pytest.raises(ExportError, match="differs from torch"):
         check_parity(onnx_bytes, lambda x: head(x) * 0.5, inputs, fp16=False)

@@ -2,10 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segkit.checkpoint import CheckpointInfo, Normalization, initialize_from, save_checkpoint
+from segkit.checkpoint import initialize_from, save_checkpoint
 from segkit.errors import CheckpointError, ConfigError
 from segkit.models import create_model
 from segkit.models.fcn import bilinear_kernel
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo
 
 
 def test_fcn32s_has_vgg16_size():

@@ -54,3 +54,11 @@ def test_with_halo():
     assert g.with_halo(16).halo == 16
     with pytest.raises(TileSizeError, match="halo=16 applies to same-padding"):
         valid_unet_geometry(4).with_halo(16)
+
+
+def test_default_tile_is_the_papers_572_where_valid_else_the_smallest_valid_size_from_512():
+    assert valid_unet_geometry(4).default_tile == 572
+    assert Geometry(margin=0, step=32, min_output=32).default_tile == 512
+    assert Geometry(margin=0, step=48, min_output=48).default_tile == 528
+    g = valid_unet_geometry(2)
+    assert g.is_valid_input(g.default_tile) and g.default_tile >= 512

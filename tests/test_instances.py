@@ -144,7 +144,9 @@ def report_best(prob, truth):
 
 
 def test_write_defaults_refuses_test_slices(tmp_path, tiny_unet):
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     prob, truth = _write_pair(tmp_path, slices=30)
     checkpoint = tmp_path / "m.safetensors"

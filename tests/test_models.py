@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from segkit.checkpoint import CheckpointInfo, Normalization, load_model, read_info, save_checkpoint
+from segkit.checkpoint import load_model, read_info, save_checkpoint
 from segkit.errors import CheckpointError, ConfigError
 from segkit.models import create_model, list_models, model_kind
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo
 from tests.conftest import randomize_zero_layers, tiny
 
 

@@ -9,8 +9,10 @@ import pytest
 import tifffile
 
 import segkit
-from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
+from segkit.checkpoint import save_checkpoint
 from segkit.errors import SegkitError
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo, InferenceDefaults
 
 quiet = dict(report=lambda _: None)
 
@@ -211,7 +213,7 @@ def test_cli_predict_class_and_evaluate_kinds(tmp_path):
 
 def test_package_refuses_what_it_cannot_write_yet(tmp_path):
     pytest.importorskip("bioimageio.spec")
-    from segkit.bioimageio import PackageError, package_checkpoint
+    from segkit.bioimageio.write import PackageError, package_checkpoint
 
     checkpoint, _ = _checkpoint(tmp_path, kind="semantic")
     with pytest.raises(PackageError, match="semantic labels .K class outputs.*segkit export"):

@@ -10,11 +10,11 @@ import pytest
 import tifffile
 import torch
 
-from segkit.checkpoint import Normalization
 from segkit.inference.encodings import IntensityEncoding, ProbabilityEncoding
-from segkit.inference.pipeline import predict_stack, read_ahead, stack_normalization
+from segkit.inference.pipeline import predict_stack, read_ahead
 from segkit.io.tiff import open_stack
 from segkit.models.geometry import Geometry
+from segkit.normalization import Normalization, stack_normalization
 from tests.conftest import FakeEngine, crop_engine
 
 GEOMETRY = Geometry(margin=3, step=4, min_output=4)

@@ -12,9 +12,11 @@ import pytest
 import tifffile
 
 import segkit
-from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, check_record, save_checkpoint
+from segkit.checkpoint import save_checkpoint
 from segkit.config import validate_recipe
 from segkit.errors import CheckpointError, SegkitError
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo, InferenceDefaults, check_record
 from segkit.training.datasets import load_examples
 
 TILE = 92  # a valid input of the depth-2 U-Net (margin 20, step 4): 52 px output
@@ -251,7 +253,7 @@ def test_onnx_export_records_the_scale_and_predicts_alike(tmp_path):
 
 def test_package_refuses_a_scaled_checkpoint_in_one_line(tmp_path):
     pytest.importorskip("bioimageio.spec")
-    from segkit.bioimageio import PackageError, package_checkpoint
+    from segkit.bioimageio.write import PackageError, package_checkpoint
 
     checkpoint, _, _ = _checkpoint(tmp_path, scale=0.5)
     with pytest.raises(PackageError) as caught:

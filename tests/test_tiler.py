@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from segkit.checkpoint import Normalization
 from segkit.errors import TileSizeError
 from segkit.inference.engines import TorchEngine
 from segkit.inference.tiler import (
@@ -18,6 +17,7 @@ from segkit.inference.tiler import (
 )
 from segkit.models import create_model
 from segkit.models.geometry import Geometry
+from segkit.normalization import Normalization
 from tests.conftest import FakeEngine, as_plane, crop_engine, randomize_zero_layers
 
 

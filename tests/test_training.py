@@ -5,7 +5,8 @@ import torch
 from segkit.config import validate_recipe
 from segkit.demo import SAMPLE_LABELS, SAMPLE_RAW
 from segkit.errors import SegkitError
-from segkit.training.data import intensity_scale, pad_examples, sample_patch
+from segkit.normalization import intensity_scale
+from segkit.training.data import pad_examples, sample_patch
 from segkit.training.losses import segmentation_loss, weighted_cross_entropy
 from segkit.training.targets import LabelRule, class_weights, weight_map
 from tests.conftest import tiny_recipe

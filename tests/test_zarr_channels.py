@@ -11,8 +11,10 @@ import pytest
 import tifffile
 
 import segkit
-from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
+from segkit.checkpoint import save_checkpoint
 from segkit.errors import InputError, OutputExistsError
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo, InferenceDefaults
 
 pytest.importorskip("dask")
 zarr = pytest.importorskip("zarr")

@@ -47,7 +47,7 @@ def synthetic_slices(seed: int) -> Any:
 
 def worker_rate(slices: Any, augment: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Patches/s of patch_stream iterated in this process (a DataLoader worker's loop)."""
-    from segkit.checkpoint import Normalization
+    from segkit.normalization import Normalization
     from segkit.training.data import patch_stream
 
     stream = iter(patch_stream(slices, tile=TILE, out_tile=OUT_TILE, augment_settings=augment,

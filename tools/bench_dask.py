@@ -36,9 +36,11 @@ def main() -> None:
 
     import torch
 
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
     from segkit.cli import main as cli
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     work = Path(tempfile.mkdtemp(prefix="segkit-dask-"))
     try:

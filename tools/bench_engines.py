@@ -31,8 +31,10 @@ CPU_ENGINES = ("torch-cpu", "ort-cpu")
 def load(model_path: str | None, base: int) -> tuple[object, object]:
     import torch
 
-    from segkit.checkpoint import CheckpointInfo, Normalization, load_model
+    from segkit.checkpoint import load_model
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     if model_path:
         return load_model(model_path)

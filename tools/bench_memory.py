@@ -36,8 +36,10 @@ def make_checkpoint(path: Path, base: int, depth: int) -> int:
     """A random tiny U-Net checkpoint; returns its valid tile size nearest above 1024."""
     import torch
 
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     torch.manual_seed(0)
     model = create_model("unet", base=base, depth=depth)

@@ -45,10 +45,10 @@ def main() -> None:
     import torch
     from bench_predict import SMP_KWARGS, SMP_NAME, fewest_pixels_tile, make_stack, on_one_thread
 
-    from segkit.checkpoint import Normalization
     from segkit.inference.pipeline import OutputSpec, predict_stack
     from segkit.io.tiff import open_stack
     from segkit.models import create_model
+    from segkit.normalization import Normalization
 
     assert Path(sys.modules["segkit"].__file__).is_relative_to(args.checkout), "the old segkit was not imported"
     geometry = create_model(SMP_NAME, **SMP_KWARGS).geometry
@@ -73,8 +73,9 @@ def after(workdir: Path, runs: int) -> None:
     from bench_predict import SMP_KWARGS, SMP_NAME, NullEngine, fewest_pixels_tile, make_stack
 
     import segkit
-    from segkit.checkpoint import CheckpointInfo, Normalization
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     geometry = create_model(SMP_NAME, **SMP_KWARGS).geometry
     info = CheckpointInfo("segmenter", SMP_NAME, SMP_KWARGS, geometry, Normalization(110.0, 60.0))

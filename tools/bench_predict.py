@@ -81,8 +81,10 @@ def make_stack(path: Path, planes: int, size: int) -> Path:
 def make_checkpoints(workdir: Path, *, tile: int, fp16: bool, onnx: bool = True) -> dict[str, Path]:
     import torch
 
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     paths = {}
     for key, name, kwargs, trained_tile in (("smp", SMP_NAME, SMP_KWARGS, TILE), ("unet", "unet", {}, 572)):
@@ -422,11 +424,12 @@ def isbi_slice(args: argparse.Namespace) -> None:
     `segkit predict` runs it (model load and ONNX export excluded, tile auto-chosen as one 700 tile)."""
     import torch
 
-    from segkit.checkpoint import CheckpointInfo, Normalization
     from segkit.export import export_onnx
     from segkit.inference.engines import OnnxEngine, TorchEngine
     from segkit.inference.tiler import predict_arrays
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     raw = tifffile.imread(Path(__file__).resolve().parents[1] / "segkit" / "data" / "isbi_test_raw.tif")[0]
     torch.manual_seed(0)

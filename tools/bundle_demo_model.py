@@ -10,7 +10,6 @@ the bundled file). Prints one JSON line.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,14 +18,14 @@ def main(source: str, target: str) -> None:
     from safetensors.torch import load_file, save_file
 
     from segkit.checkpoint import match_umask, read_info
+    from segkit.io.outputs import atomic_path
 
     info = read_info(source)
     info.training = {**info.training, "bundled_from": Path(source).as_posix(), "weights_dtype": "float16"}
     tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(source).items()}
-    tmp = Path(target).with_name(f".{Path(target).name}.partial")
-    save_file(tensors, str(tmp), metadata={"segkit": info.to_json()})
-    match_umask(tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata={"segkit": info.to_json()})
+        match_umask(tmp)
     print(json.dumps({"target": target, "bytes": Path(target).stat().st_size, "epoch": info.training.get("epoch"),
                       "validation": info.training.get("validation")}))
 

@@ -71,8 +71,10 @@ def main(quick: bool = False) -> None:
     print(json.dumps({"check": "instances gpu vs cpu", "equal": bool((a == b).all()),
                       "fraction_differing": round(float((a != b).mean()), 5)}), flush=True)
 
-    from segkit.checkpoint import CheckpointInfo, Normalization, save_checkpoint
+    from segkit.checkpoint import save_checkpoint
     from segkit.models import create_model
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     torch.manual_seed(0)
     model = create_model("smp:Unet:resnet18", halo=32)

@@ -35,11 +35,12 @@ def main() -> None:
 
     import torch
 
-    from segkit.checkpoint import Normalization, load_model
+    from segkit.checkpoint import load_model
     from segkit.inference.engines import TorchEngine
     from segkit.inference.tiler import pad_plane, plan_tiles, predict_plane
     from segkit.io.tiff import open_stack
     from segkit.models import create_model
+    from segkit.normalization import Normalization
 
     if args.checkpoint:
         model, info = load_model(args.checkpoint)

@@ -26,7 +26,6 @@ from segkit.inference.loading import (
     EngineRequest,
     LoadedEngine,
     default_model_path,
-    default_tile,
     load_prediction_engine,
     planned_tile,
 )
@@ -190,13 +189,14 @@ def _is_engine(model: Any) -> bool:
 def _load(model: Any, request: EngineRequest | None, options: PredictOptions, *,
           report: Callable[[str], object]) -> LoadedEngine:
     """The LoadedEngine for a model file, or for an engine passed in directly."""
-    from segkit.checkpoint import CheckpointInfo, Normalization
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo
 
     if request is not None:
         return load_prediction_engine(request, tile=options.fixed_tile, report=report)
     info = getattr(model, "info", None) or CheckpointInfo("segmenter", "engine", {}, model.geometry,
                                                           Normalization(0.0, 1.0))
-    return LoadedEngine(model, info, model.geometry, options.fixed_tile or default_tile(model.geometry))
+    return LoadedEngine(model, info, model.geometry, options.fixed_tile or model.geometry.default_tile)
 
 
 def _fit_to_device(loaded: Any, first_source: str, options: PredictOptions, *,

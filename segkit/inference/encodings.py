@@ -28,7 +28,8 @@ from segkit.inference.options import PredictOptions
 from segkit.instances import ObjectParams, WatershedParams, object_watershed, watershed_slice
 
 if TYPE_CHECKING:
-    from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization
+    from segkit.normalization import Normalization
+    from segkit.record import CheckpointInfo, InferenceDefaults
 
 #: What a `ProbabilityEncoding` stores: probabilities as uint8 0-255 or float16, or a 0/255 mask.
 PROBABILITY_KINDS = ("uint8", "float16", "mask")

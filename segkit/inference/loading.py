@@ -1,5 +1,8 @@
 """Open a model file for prediction: a checkpoint or an ONNX file, as a torch or ONNX Runtime
-engine, with its record, geometry and tile, after checking that the options fit together."""
+engine, with its record, geometry and tile, after checking that the options fit together.
+
+The denoiser composition imports torch, so it is imported by the function that loads a pair of
+checkpoints; reading records and planning import no torch."""
 
 from __future__ import annotations
 
@@ -8,8 +11,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from segkit.errors import SegkitError
+from segkit.bioimageio.read import is_package, load_package, plan_package
+from segkit.checkpoint import load_model, read_info
+from segkit.errors import SegkitError, TileSizeError
+from segkit.export import export_onnx, read_onnx_metadata
+from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp, resolve_device
 from segkit.inference.options import PredictOptions
+from segkit.inference.tta import TTAForward
+from segkit.memory import tile_problem
 
 
 def default_model_path() -> Path:
@@ -17,17 +26,9 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parents[1] / "data" / "unet_isbi_demo.safetensors"
 
 
-def default_tile(geometry: Any) -> int:
-    """572 (the U-Net paper's tile) where valid, else the smallest valid size of at least 512."""
-    if geometry.is_valid_input(572):
-        return 572
-    below, above = geometry.nearest_valid(512)
-    return 512 if below == 512 else above
-
-
 def trained_tile(info: Any, geometry: Any) -> int:
-    """The tile the model was trained with, else `default_tile`."""
-    return int(info.inference.tile or default_tile(geometry))
+    """The tile the model was trained with, else the geometry's default tile."""
+    return int(info.inference.tile or geometry.default_tile)
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,6 @@ def load_prediction_engine(request: EngineRequest, *, tile: int | None = None,
                            report: Callable[[str], object] = print) -> LoadedEngine:
     """Open the requested checkpoint or ONNX file as a torch or ONNX Runtime engine (wrapped for
     test-time augmentation when asked), checking that the options fit together."""
-    from segkit.inference.tta import TTAForward
-
     loaded = _load_engine(request, tile=tile, report=report)
     if request.options.tta != "none":
         loaded = replace(loaded, engine=TTAForward(loaded.engine, request.options.tta))
@@ -66,17 +65,13 @@ def load_prediction_engine(request: EngineRequest, *, tile: int | None = None,
 
 
 def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[str], object]) -> LoadedEngine:
-    from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp, resolve_device
-
     options = request.options
     model_path, kind, amp, device = Path(request.model), options.kind, options.amp, options.device
-    if _is_package(model_path):
+    if is_package(model_path):
         return _load_package(request, tile=tile)
     is_onnx = model_path.suffix.lower() == ".onnx"
     engine = ("onnx" if is_onnx else "torch") if options.engine == "auto" else options.engine
     if is_onnx:
-        from segkit.export import read_onnx_metadata
-
         if engine == "torch":
             raise SegkitError(f"{model_path} is an ONNX file: run it with the onnx engine, or pass its .safetensors "
                               "checkpoint to use the torch engine")
@@ -108,8 +103,6 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
         torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel,
                                    compile_model=options.compile_model)
         return LoadedEngine(torch_engine, info, geometry, tile)
-    from segkit.export import export_onnx
-
     resolve_amp(amp, "cpu")  # an unknown amp fails here
     if amp == "bf16":
         raise SegkitError("the onnx engine runs fp32 or fp16 graphs; use amp fp16 or none")
@@ -131,17 +124,11 @@ def model_record(request: EngineRequest) -> tuple[Any, Any]:
 
 def _records(request: EngineRequest) -> tuple[Any, Any, Any]:
     """`model_record` plus an ONNX file's export record (None for checkpoints), each file read once."""
-    from segkit.checkpoint import read_info
-
     path, options = Path(request.model), request.options
     export_record = None
-    if _is_package(path):
-        from segkit.inference.packages import plan_package
-
+    if is_package(path):
         info = plan_package(path, kind=options.kind)[1].info
     elif path.suffix.lower() == ".onnx":
-        from segkit.export import read_onnx_metadata
-
         info, export_record = read_onnx_metadata(path)
     elif options.denoise is not None:
         info = _load_checkpoint(path, options.denoise, options.kind)[1]
@@ -163,8 +150,6 @@ def planned_tile(request: EngineRequest, tile: int | None = None) -> tuple[Any, 
     else:
         tile = tile or trained_tile(info, geometry)
     geometry.check_tile(tile)
-    from segkit.inference.engines import resolve_device
-
     if resolve_device(request.options.device) == "cpu":  # asking a GPU here would hold a CUDA context for the
         check_tile_memory(info, geometry, tile, "cpu")  # whole run; workers check theirs as they load
     return info, geometry, tile
@@ -173,9 +158,6 @@ def planned_tile(request: EngineRequest, tile: int | None = None) -> tuple[Any, 
 def check_tile_memory(info: Any, geometry: Any, tile: int, device: str) -> None:
     """Refuse (TileSizeError, with the numbers) a tile whose parameters and activations cannot fit in
     the memory of `device`, before anything is allocated (segkit.memory.tile_problem)."""
-    from segkit.errors import TileSizeError
-    from segkit.memory import tile_problem
-
     problem = tile_problem(info, geometry, tile, device)
     if problem is not None:
         raise TileSizeError(problem)
@@ -190,17 +172,9 @@ def _onnx_tile(path: Path, record: Any, tile: int | None) -> int:
     return tile
 
 
-def _is_package(path: Path) -> bool:
-    from segkit.inference.packages import is_package
-
-    return is_package(path)
-
-
 def _load_package(request: EngineRequest, *, tile: int | None) -> LoadedEngine:
     """A bioimage.io package (.zip or rdf.yaml) as an engine: its own weights (ONNX, TorchScript or
-    PyTorch state dict), geometry and normalisation (segkit.inference.packages)."""
-    from segkit.inference.packages import load_package
-
+    PyTorch state dict), geometry and normalisation (segkit.bioimageio.read)."""
     if not Path(request.model).exists():
         raise SegkitError(f"model file {request.model} does not exist; check the path")
     options = request.options
@@ -211,13 +185,13 @@ def _load_package(request: EngineRequest, *, tile: int | None) -> LoadedEngine:
             raise SegkitError(f"{option}={value!r} does not apply to a bioimage.io package (it brings its own "
                               "weights and geometry); leave it out")
     engine = load_package(request.model, kind=options.kind, device=options.device)
-    tile = tile or default_tile(engine.geometry)
+    tile = tile or engine.geometry.default_tile
     engine.geometry.check_tile(tile)
     return LoadedEngine(engine, engine.info, engine.geometry, tile)
 
 
 def _load_checkpoint(model_path: Path, denoiser_path: Path | None, kind: str) -> tuple[Any, Any]:
-    from segkit.checkpoint import compose_with_denoiser, load_model
+    from segkit.models.compose import compose_with_denoiser  # torch: imported when a model loads
 
     if denoiser_path is not None:
         return compose_with_denoiser(denoiser_path, model_path)

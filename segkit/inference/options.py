@@ -18,6 +18,7 @@ from typing import Any
 
 from segkit.errors import SegkitError
 from segkit.io.tiff import COMPRESSIONS
+from segkit.record import MODEL_KINDS
 
 
 class Choice(str, enum.Enum):
@@ -185,7 +186,7 @@ class PredictOptions:
     skip_existing: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ("segmenter", "denoiser"):
+        if self.kind not in MODEL_KINDS:
             raise SegkitError(f"unknown model kind {self.kind!r}; choose segmenter or denoiser")
         allowed = DENOISER_OUTPUT_TYPES if self.kind == "denoiser" else SEGMENTER_OUTPUT_TYPES
         output_type = allowed[0] if self.output_type is None else str(self.output_type)

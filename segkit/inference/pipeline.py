@@ -26,40 +26,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from segkit.checkpoint import CheckpointInfo, Normalization
 from segkit.errors import SegkitError
 from segkit.inference.encodings import PlaneEncoding, ProbabilityEncoding
 from segkit.inference.tiler import Forward, TilePlan, pad_plane, plan_tiles, predict_planes
 from segkit.io.tiff import TiffStack, write_stack
 from segkit.models.geometry import Geometry
+from segkit.normalization import Normalization, stack_normalization, stack_sample
+from segkit.record import CheckpointInfo
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def stack_sample(stack: Any, *, max_planes: int = 16, max_pixels: int = 4_000_000) -> np.ndarray:
-    """Up to `max_planes` evenly spaced planes of a stack, subsampled to about `max_pixels` pixels in all,
-    as (N, C, h, w) float64 (C = 1 for grayscale): what stack statistics are computed from (one pass)."""
-    indices = np.unique(np.linspace(0, len(stack) - 1, min(len(stack), max_planes)).astype(int))
-    per_plane = max(1, max_pixels // len(indices))
-    samples = []
-    for index in indices:
-        plane = stack.plane(int(index))
-        plane = plane[None] if plane.ndim == 2 else plane
-        stride = max(1, int(np.sqrt(plane[0].size / per_plane)))
-        samples.append(plane[:, ::stride, ::stride].astype(np.float64))
-    shape = min(s.shape[-2] for s in samples), min(s.shape[-1] for s in samples)
-    return np.stack([s[:, : shape[0], : shape[1]] for s in samples])
-
-
-def stack_normalization(stack: Any, *, max_planes: int = 16, max_pixels: int = 4_000_000) -> Normalization:
-    """Mean/std of a stack, per channel for multi-channel stacks, from `stack_sample` (one pass)."""
-    values = stack_sample(stack, max_planes=max_planes, max_pixels=max_pixels)
-    if values.shape[1] == 1:
-        return Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
-    per_channel = np.moveaxis(values, 1, 0).reshape(values.shape[1], -1)
-    return Normalization(mean=tuple(per_channel.mean(axis=1).tolist()),
-                         std=tuple(np.maximum(per_channel.std(axis=1), 1e-6).tolist()))
 
 
 def choose_normalization(stack: TiffStack, info: CheckpointInfo, *, mode: str = "auto") -> tuple[Normalization, str]:

@@ -14,6 +14,9 @@ from typing import Any
 
 from segkit.errors import ConfigError
 
+__all__ = ["COMPOSED", "SMP_PREFIX", "ModelEntry", "check_model_kwargs", "create_model", "list_models", "model_class",
+           "model_kind", "model_summary"]
+
 
 @dataclass(frozen=True)
 class ModelEntry:

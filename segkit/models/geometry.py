@@ -35,6 +35,15 @@ class Geometry:
     def min_input(self) -> int:
         return self.min_output + 2 * self.margin
 
+    @property
+    def default_tile(self) -> int:
+        """The tile used where none is given or recorded: 572 (the U-Net paper's tile) where valid,
+        else the smallest valid size of at least 512."""
+        if self.is_valid_input(572):
+            return 572
+        below, above = self.nearest_valid(512)
+        return 512 if below == 512 else above
+
     def output_size(self, input_size: int) -> int:
         """Output size for a valid input size."""
         self.check_tile(input_size)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from segkit.checkpoint import Normalization
+from segkit.normalization import Normalization, normalize_unit
 
 
 def mirror_array(array: np.ndarray, padding: Any) -> np.ndarray:
@@ -50,23 +50,6 @@ def data_source(data: dict[str, Any], key: str) -> str:
                          "(a relative data.root in a recipe file is relative to the file's folder)")
     fix = f"data.root={found}" if found else f"data.{key}=<a file in {root}> or data.root=<the folder holding {name}>"
     raise InputError(f"data.{key}: {source} does not exist; pass {fix}")
-
-
-def data_normalization(planes: list[np.ndarray], *, channels: int | None = None) -> Normalization:
-    """Global mean/std of training planes in raw units, per channel when `channels` is set (planes are
-    then (C, H, W)); stored in the checkpoint, never computed per tile."""
-    if channels is None:
-        values = np.concatenate([p.astype(np.float64).ravel() for p in planes])
-        return Normalization(mean=float(values.mean()), std=float(max(values.std(), 1e-6)))
-    per_channel = [np.concatenate([p[c].astype(np.float64).ravel() for p in planes]) for c in range(channels)]
-    return Normalization(mean=tuple(float(v.mean()) for v in per_channel),
-                         std=tuple(float(max(v.std(), 1e-6)) for v in per_channel))
-
-
-def intensity_scale(dtype: np.dtype) -> float:
-    """Maximum of an integer dtype (to map raw data into [0, 1] for augmentation); 1 for floats."""
-    dtype = np.dtype(dtype)
-    return float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
 
 
 def build_augmentation(settings: dict[str, Any], *, seed: int) -> Any:
@@ -210,11 +193,6 @@ def sample_patch(
         np.asarray(masks[0][inner], np.int64),
         np.asarray(masks[1][inner], np.float32),
     )
-
-
-def normalize_unit(image: np.ndarray, normalization: Normalization, scale: float) -> np.ndarray:
-    """Map an image in [0, 1] units back to raw units and apply the global normalisation."""
-    return normalization.apply(image * scale)
 
 
 def patch_stream(

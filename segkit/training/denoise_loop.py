@@ -17,12 +17,14 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
+from segkit.checkpoint import save_checkpoint
 from segkit.errors import ConfigError
 from segkit.inference.tiler import predict_arrays
 from segkit.io.tiff import open_stack
+from segkit.normalization import Normalization, intensity_scale, mean_std_normalization
+from segkit.record import CheckpointInfo, InferenceDefaults
 from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
-from segkit.training.data import data_normalization, data_source, intensity_scale, mirror_array, split_planes
+from segkit.training.data import data_source, mirror_array, split_planes
 from segkit.training.runs import (
     Clock,
     EpochPlan,
@@ -126,7 +128,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     echo(f"loading raw data from {cfg_data['root']}")
     train_raw, val_raw = load_raw(cfg_data, "train"), load_raw(cfg_data, "val")
     scale = intensity_scale(train_raw[0].dtype)
-    normalization = data_normalization(train_raw)
+    normalization = mean_std_normalization(train_raw)
     unit = lambda plane: plane.astype(np.float32) / scale  # noqa: E731
     padded = [mirror_array(unit(p), [(geometry.margin, geometry.margin + max(0, out_tile - n)) for n in p.shape])
               for p in train_raw]

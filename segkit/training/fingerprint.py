@@ -31,7 +31,6 @@ INSTANCE_SHARE = 0.75
 #: Semantic labels have few classes; more values than this that are not one piece each are not labels.
 MAX_CLASSES = 32
 SPLIT_FILES = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
-KINDS = ("membrane", "semantic", "instances")
 
 
 # -- files -----------------------------------------------------------------------------------

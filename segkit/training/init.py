@@ -28,6 +28,7 @@ import numpy as np
 
 from segkit.config import short
 from segkit.errors import ConfigError, InputError
+from segkit.record import LABELS_KINDS
 from segkit.training.fingerprint import DataLayout, Fingerprint, find_layout, fingerprint, read_samples
 
 #: Median object diameter (px) instance data is rescaled to (cellpose's convention for its cyto model).
@@ -483,7 +484,7 @@ def init_recipe(data: str | Path, output: str | Path | None = None, *, minutes: 
     names = {"device": "device", "kind": "kind", "minutes": "minutes", "images": "images", "labels": "labels",
              **(settings or {})}
     root = Path(data).expanduser()
-    if kind is not None and kind not in ("membrane", "semantic", "instances"):
+    if kind is not None and kind not in LABELS_KINDS:
         raise ConfigError(f"{names['kind']}={short(kind)} is not one of membrane, semantic, instances")
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
                                 or not math.isfinite(minutes) or minutes <= 0):

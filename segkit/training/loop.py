@@ -15,10 +15,17 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
+from segkit.checkpoint import save_checkpoint
 from segkit.errors import ConfigError, InputError, SegkitError
 from segkit.metrics import SliceScores, mean_scores, score_thresholds
-from segkit.training.data import data_normalization, data_source, intensity_scale, pad_examples, patch_stream
+from segkit.normalization import (
+    Normalization,
+    intensity_scale,
+    mean_std_normalization,
+    typical_percentile_normalization,
+)
+from segkit.record import CheckpointInfo, InferenceDefaults
+from segkit.training.data import data_source, pad_examples, patch_stream
 from segkit.training.datasets import Example, load_examples
 from segkit.training.runs import (
     Clock,
@@ -95,19 +102,16 @@ def dataset_normalization(examples: list[Example], data: dict[str, Any]) -> Norm
     """The recipe's normalisation of the training images: global per-channel mean/std, or the percentile
     rule (typical training values kept for display)."""
     channels = examples[0].image.shape[0]
+    images = [e.image if channels > 1 else e.image[0] for e in examples]
     if data["normalization"] == "percentile":
-        rule = Normalization((0.0,) * channels, (1.0,) * channels, percentiles=tuple(data["percentiles"]), clip=True)
-        per_image = [rule.for_image(e.image if channels > 1 else e.image[0]) for e in examples]
-        typical = lambda values: tuple(np.median(np.array(values), axis=0).reshape(-1).tolist())  # noqa: E731
-        return Normalization(typical([n.mean for n in per_image]), typical([n.std for n in per_image]),
-                             percentiles=tuple(data["percentiles"]), clip=True)
+        return typical_percentile_normalization(images, tuple(data["percentiles"]),
+                                                channels=channels if channels > 1 else None)
     dtypes = {e.image.dtype for e in examples}
     if len(dtypes) > 1:
         raise InputError(f"the training images mix dtypes ({', '.join(sorted(map(str, dtypes)))}), so one global "
                          "mean/std does not fit them all; convert them to one dtype, or set "
                          "data.normalization=percentile (each image scaled by its own percentiles)")
-    images = [e.image if channels > 1 else e.image[0] for e in examples]
-    return data_normalization(images, channels=channels if channels > 1 else None)
+    return mean_std_normalization(images, channels=channels if channels > 1 else None)
 
 
 def model_input(image: np.ndarray, normalization: Normalization) -> np.ndarray:
@@ -146,7 +150,8 @@ def build_model(settings: dict[str, Any], segmenter_normalization: Normalization
         model = create_model(settings["name"], **kwargs)
         _initialize(model, settings, echo)
         return model, settings["name"], kwargs, segmenter_normalization
-    from segkit.checkpoint import load_model, put_in_front
+    from segkit.checkpoint import load_model
+    from segkit.models.compose import put_in_front
 
     denoiser, denoiser_info = load_model(settings["denoiser"], expect_kind="denoiser")
     model, composed_kwargs = put_in_front(denoiser, denoiser_info, settings["name"], kwargs, segmenter_normalization)

@@ -18,7 +18,6 @@ import numpy as np
 
 from segkit.errors import InputError
 
-KINDS = ("membrane", "semantic", "instances")
 CLASS_NAMES = {"membrane": ["interior", "membrane"], "instances": ["background", "interior", "boundary"]}
 
 

@@ -1,7 +1,7 @@
 """Run bioimage.io model packages (2D models, spec 0.5; 0.4 is converted on reading) with segkit's
 streaming overlap-tile pipeline, on stacks of any size.
 
-    from segkit.inference.packages import load_package
+    from segkit.bioimageio.read import load_package
     engine = load_package("model.zip")          # a package zip, or the rdf.yaml of an unpacked one
     segkit.predict("stack.tif", "membranes.tif", model=engine)
 
@@ -24,15 +24,16 @@ weights in other formats, or files given as URLs (segkit downloads nothing).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from segkit._optional import require
-from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization
 from segkit.errors import CheckpointError
+from segkit.inference.engines import OnnxEngine, TorchEngine
 from segkit.models.geometry import Geometry
+from segkit.normalization import Normalization
+from segkit.record import MODEL_KINDS, CheckpointInfo, InferenceDefaults
 
 #: The weight formats segkit runs, in the order it picks them.
 RUNNABLE_WEIGHTS = ("onnx", "pytorch_state_dict", "torchscript")
@@ -47,7 +48,18 @@ class PackageModelError(CheckpointError):
 
 
 def is_package(path: str | Path) -> bool:
-    """Whether `path` names a bioimage.io package: a .zip, or an rdf.yaml / bioimageio.yaml."""
+    """Whether `path` names a bioimage.io package, by its name only (nothing is read).
+
+    Parameters
+    ----------
+    path : str or Path
+        A model file.
+
+    Returns
+    -------
+    bool
+        True for a .zip, or an rdf.yaml / bioimageio.yaml (also with a prefix: NAME.rdf.yaml).
+    """
     name = Path(path).name.lower()
     return name.endswith(".zip") or name in DESCRIPTION_NAMES or name.endswith((".rdf.yaml", ".bioimageio.yaml"))
 
@@ -72,7 +84,23 @@ def _fail(field: str, why: str) -> PackageModelError:
 
 
 def read_description(source: Any) -> Any:
-    """The package's ModelDescr (format 0.5), read without downloading anything."""
+    """Read a package's description, without downloading anything.
+
+    Parameters
+    ----------
+    source : str, Path or ModelDescr
+        A package (.zip), the rdf.yaml of an unpacked one, or a description (returned as it is).
+
+    Returns
+    -------
+    ModelDescr
+        The description in format 0.5 (0.4 is converted).
+
+    Raises
+    ------
+    PackageModelError
+        The file is missing, not a bioimage.io package, invalid, or describes no model.
+    """
     require("bioimageio.spec", feature="running bioimage.io packages", package="segkit[bioimageio]")
     from bioimageio.spec import InvalidDescr, load_description
     from bioimageio.spec.model import v0_5
@@ -196,10 +224,31 @@ def _normalization(steps: list[Any], field: str) -> Normalization:
 
 def plan_package(source: Any, *, weights: str | None = None, channel: int | None = None,
                  kind: str | None = None) -> tuple[Any, PackagePlan]:
-    """Read a package (path, or a ModelDescr) and decide how segkit runs it; PackageModelError, one line
-    naming the field, for a package it cannot run. weights: onnx, pytorch_state_dict or torchscript
-    (default: the first present in that order); channel: the output channel to return when there are
-    several; kind: segmenter or denoiser (default: a segkit package's, else segmenter)."""
+    """Read a package and decide how segkit runs it.
+
+    Parameters
+    ----------
+    source : str, Path or ModelDescr
+        A package (.zip), the rdf.yaml of an unpacked one, or its description.
+    weights : {"onnx", "pytorch_state_dict", "torchscript"}, optional
+        Default: the first present, in that order.
+    channel : int, optional
+        The output channel to return when there are several.
+    kind : {"segmenter", "denoiser"}, optional
+        Default: a segkit package's, else segmenter.
+
+    Returns
+    -------
+    descr : ModelDescr
+        The package's description (format 0.5).
+    plan : PackagePlan
+        Its record, weights, output channel and postprocessing.
+
+    Raises
+    ------
+    PackageModelError
+        One line naming the field of a package segkit cannot run.
+    """
     descr = read_description(source)
     geometry, channels = _geometry(descr)
     present = [w for w, entry in descr.weights if entry is not None]
@@ -232,7 +281,7 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
         raise _fail("outputs[0].axes[channel]", f"channel={channel} is not one of the {channels} output channels "
                                                 f"({', '.join(map(str, names))}); pass channel=0 to {channels - 1}")
     kind = kind or str(record.get("kind") or "segmenter")
-    if kind not in ("segmenter", "denoiser"):
+    if kind not in MODEL_KINDS:
         raise PackageModelError(f"kind={kind!r}: choose segmenter or denoiser")
     chosen = names[channel or 0]
     info = CheckpointInfo(
@@ -253,8 +302,6 @@ class PackageEngine:
 
     def __init__(self, descr: Any, plan: PackagePlan, *, device: str = "auto") -> None:
         import torch
-
-        from segkit.inference.engines import OnnxEngine, TorchEngine
 
         self.plan, self.info, self.geometry = plan, plan.info, plan.info.geometry
         entry = getattr(descr.weights, plan.weights)
@@ -309,14 +356,30 @@ class PackageEngine:
 
 def load_package(source: Any, *, weights: str | None = None, channel: int | None = None, kind: str | None = None,
                  device: str = "auto") -> PackageEngine:
-    """A bioimage.io package (.zip or rdf.yaml path, or a ModelDescr) as an engine for segkit's pipeline."""
+    """A bioimage.io package as an engine for segkit's pipeline (`segkit.predict(..., model=engine)`).
+
+    Parameters
+    ----------
+    source : str, Path or ModelDescr
+        A package (.zip), the rdf.yaml of an unpacked one, or its description.
+    weights : {"onnx", "pytorch_state_dict", "torchscript"}, optional
+        The weight format to run (default: the first present, in that order).
+    channel : int, optional
+        The output channel returned when the model has several.
+    kind : {"segmenter", "denoiser"}, optional
+        Default: a segkit package's, else segmenter.
+    device : str
+        "auto", "cpu", "cuda" or "cuda:N".
+
+    Returns
+    -------
+    PackageEngine
+        The engine, with `geometry` and `info`.
+
+    Raises
+    ------
+    PackageModelError
+        One line naming the field of a package segkit cannot run.
+    """
     descr, plan = plan_package(source, weights=weights, channel=channel, kind=kind)
     return PackageEngine(descr, plan, device=device)
-
-
-def describe_plan(plan: PackagePlan) -> str:
-    """One line: what segkit runs."""
-    g, n = plan.info.geometry, plan.info.normalization
-    border = f"margin {g.margin}" if g.margin else f"halo {g.halo}"
-    return (f"{plan.name}: {plan.weights} weights, tiles {g.min_input} + {g.step}k px, {border}, normalisation "
-            f"(x - {n.mean:.6g}) / {n.std:.6g}" + (f", post {json.dumps(list(plan.post))}" if plan.post else ""))

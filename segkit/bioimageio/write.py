@@ -42,10 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from segkit import __version__
 from segkit._optional import require
-from segkit.checkpoint import CheckpointInfo
+from segkit.checkpoint import load_model, read_info
 from segkit.errors import OutputError, SegkitError, TileSizeError
+from segkit.export import export_onnx, inference_head
+from segkit.io.outputs import atomic_path, check_output
+from segkit.models import COMPOSED, create_model
+from segkit.normalization import mean_std_normalization
+from segkit.record import MODEL_KINDS, CheckpointInfo
+from segkit.version import __version__
 
 #: bioimage.io packages are zip files.
 PACKAGE_SUFFIX = ".zip"
@@ -55,9 +60,8 @@ WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript", "onnx")
 TOLERANCE = 1e-4
 #: The input tensor's id in rdf.yaml (the output's is `<class>_probability` or `denoised`).
 INPUT_ID = "raw"
-KINDS = ("segmenter", "denoiser")
 #: Pixels of the ISBI 2012 crop (segkit/data/isbi_test_raw.tif) the test tile is cut from.
-SAMPLE = Path(__file__).parent / "data" / "isbi_test_raw.tif"
+SAMPLE = Path(__file__).parents[1] / "data" / "isbi_test_raw.tif"
 #: A cover's short side is scaled up to at least this many pixels (test tiles of tiny models are small).
 COVER_MIN_SIDE = 256
 
@@ -105,14 +109,24 @@ class PackageRecord:
 # -- the model ---------------------------------------------------------------------------------
 
 def inference_model(model: str, model_kwargs: dict[str, Any] | None = None, output: str = "probability") -> Any:
-    """The pytorch_state_dict weights' architecture: the registered segkit model `model` (built with
-    `model_kwargs`) returning what segkit's exports return: float32 (N, 1, H, W) in, the membrane
-    probability (softmax inside) or the denoised intensity out. Its state dict is the checkpoint's,
-    each key prefixed with `model.`."""
-    from segkit.export import _inference_head
-    from segkit.models import create_model
+    """The architecture of a package's pytorch_state_dict weights (bioimageio.core builds it by name).
 
-    return _inference_head(create_model(model, **(model_kwargs or {})), output=output)
+    Parameters
+    ----------
+    model : str
+        A segkit registry name.
+    model_kwargs : dict, optional
+        Its parameters.
+    output : {"probability", "intensity"}
+        What it returns (see `segkit.export.inference_head`).
+
+    Returns
+    -------
+    torch.nn.Module
+        float32 (N, 1, H, W) in, the membrane probability (softmax inside) or the denoised intensity
+        out; its state dict is the checkpoint's, each key prefixed with `model.`.
+    """
+    return inference_head(create_model(model, **(model_kwargs or {})), output=output)
 
 
 # -- the package --------------------------------------------------------------------------------
@@ -179,8 +193,6 @@ def _check_name(name: str) -> str:
 def check_package_path(path: str | Path, *, inputs: Sequence[str | Path | None] = (), overwrite: bool = False,
                        report: Any = None) -> Path:
     """`path`, once it is known that a package can be written there (a .zip name; see check_output)."""
-    from segkit.io.outputs import check_output
-
     if not Path(path).name.lower().endswith(PACKAGE_SUFFIX):
         shown = Path(path).suffix or "no extension"
         raise OutputError(f"output {path}: segkit does not write {shown} files here; name it with {PACKAGE_SUFFIX} "
@@ -220,7 +232,7 @@ def sample_tile(info: CheckpointInfo, tile: int) -> np.ndarray:
     raw = tifffile.imread(SAMPLE)
     plane = raw[len(raw) // 2].astype(np.float32)
     if info.inference.input_dtype not in (None, "uint8"):
-        plane = (plane - plane.mean()) / plane.std() * info.normalization.std + info.normalization.mean
+        plane = info.normalization.invert(mean_std_normalization([plane]).apply(plane))
     while min(plane.shape) < tile:
         plane = np.pad(plane, [(0, plane.shape[0]), (0, plane.shape[1])], mode="symmetric")
     top, left = (plane.shape[0] - tile) // 2, (plane.shape[1] - tile) // 2
@@ -298,7 +310,7 @@ def _cover(raw: np.ndarray, out: np.ndarray, *, margin: int, kind: str) -> bytes
 
 def _cites(info: CheckpointInfo) -> list[tuple[str, str]]:
     names = [info.model]
-    if info.model == "denoised" and isinstance(info.model_kwargs.get("denoiser"), dict):
+    if info.model == COMPOSED and isinstance(info.model_kwargs.get("denoiser"), dict):
         names = [str(info.model_kwargs[part].get("name", "")) for part in ("denoiser", "segmenter")]
     cites: list[tuple[str, str]] = []
     for name in names:
@@ -404,9 +416,28 @@ def _first_error(summary: Any) -> str:
 
 
 def validate_package(path: str | Path, *, test: bool = True) -> tuple[str, ...]:
-    """Validate a package with bioimageio.spec and, with `test`, run bioimageio.core's model test for each
-    weight format (it reproduces the test output, and runs at other sizes and batch sizes) on the CPU,
-    offline. Returns the checks passed; raises PackageError naming the first failure."""
+    """Validate a package with bioimageio.spec and, with `test`, bioimageio.core's model test.
+
+    The model test runs each weight format on the CPU, offline: it must reproduce the test output
+    and run at other sizes and batch sizes.
+
+    Parameters
+    ----------
+    path : str or Path
+        The package (.zip).
+    test : bool
+        Run bioimageio.core's model test too.
+
+    Returns
+    -------
+    tuple of str
+        The checks passed.
+
+    Raises
+    ------
+    PackageError
+        The first failure.
+    """
     require("bioimageio.spec", feature="bioimage.io packages", package="segkit[bioimageio]")
     from bioimageio.spec import InvalidDescr, ValidationContext, load_description
 
@@ -444,12 +475,47 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
                   name: str | None = None, description: str | None = None, license: str = "MIT",
                   tile: int | None = None, opset: int = 17, test: bool = True, overwrite: bool = False,
                   inputs: Sequence[str | Path | None] = (), report: Any = None) -> PackageRecord:
-    """Write a bioimage.io package (spec 0.5) of `model` (described by `info`) to `output` (a .zip).
+    """Write a bioimage.io package (spec 0.5) of a model.
 
-    author: one name or several; name, description: default from the model; license: an SPDX id;
-    tile: the test tensors' tile (default: the checkpoint's); opset: the ONNX opset; test: run
-    bioimageio.core's model test before the package is moved into place; inputs: the files the package
-    is made from (the output must be none of them).
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    info : CheckpointInfo
+        Its record (a segmenter or a denoiser).
+    output : str or Path
+        The package to write (.zip).
+    author : str or sequence of str
+        One name or several.
+    name, description : str, optional
+        Default: from the model.
+    license : str
+        An SPDX license id.
+    tile : int, optional
+        The test tensors' tile (default: the checkpoint's).
+    opset : int
+        The ONNX opset of the onnx weights.
+    test : bool
+        Run bioimageio.core's model test before the package is moved into place.
+    overwrite : bool
+        Replace an existing package.
+    inputs : sequence of paths
+        The files the package is made from (the output must be none of them).
+    report : callable, optional
+        Receives one-line notes (stale temporary files removed).
+
+    Returns
+    -------
+    PackageRecord
+        What was written and the checks it passed.
+
+    Raises
+    ------
+    PackageError
+        The model cannot be packaged, a weight format does not reproduce torch, or bioimageio.spec or
+        bioimageio.core rejects the package.
+    OutputError
+        The output path is refused or the write failed.
     """
     output = check_package_path(output, inputs=inputs, overwrite=overwrite, report=report)
     require("bioimageio.spec", feature="bioimage.io packages", package="segkit[bioimageio]")
@@ -458,7 +524,7 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
     authors = _authors(author)
     name = _check_name(name or default_name(info))
     license = _check_license(license)
-    if info.kind not in KINDS:
+    if info.kind not in MODEL_KINDS:
         raise PackageError(f"a {info.kind} checkpoint cannot be packaged; package a segmenter or a denoiser")
     scale = info.inference.scale
     if scale is not None and abs(scale - 1.0) > 1e-3:
@@ -482,10 +548,9 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
     out_id = output_id(info)
     description = " ".join(str(description or default_description(info)).split())
 
-    from segkit.export import _inference_head, export_onnx
 
     model = model.cpu().float().eval()
-    head = _inference_head(model, output="intensity" if info.kind == "denoiser" else "probability")
+    head = inference_head(model, output="intensity" if info.kind == "denoiser" else "probability")
     raw = sample_tile(info, tile)
     x = _normalize(info, raw)
     expected = _run(head, x)
@@ -527,7 +592,6 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
         with _quiet_bioimageio():
             save_bioimageio_package(descr, output_path=package)
         passed = validate_package(package, test=test)
-        from segkit.io.outputs import atomic_path
 
         with atomic_path(output) as tmp:
             shutil.copyfile(package, tmp)
@@ -635,9 +699,32 @@ def package_checkpoint(checkpoint: str | Path, output: str | Path | None = None,
                        denoiser: str | Path | None = None, name: str | None = None, description: str | None = None,
                        license: str = "MIT", tile: int | None = None, opset: int = 17, test: bool = True,
                        overwrite: bool = False, report: Any = None) -> PackageRecord:
-    """Write the bioimage.io package of a segkit checkpoint (a segmenter, with `denoiser` in front of it,
-    or a denoiser); `output` defaults to the checkpoint's name with .bioimageio.zip. See build_package."""
-    from segkit.checkpoint import compose_with_denoiser, load_model, read_info
+    """Write the bioimage.io package of a segkit checkpoint (`segkit package`).
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        A segmenter or denoiser checkpoint.
+    output : str or Path, optional
+        The package; default: the checkpoint's name with .bioimageio.zip.
+    author : str or sequence of str
+        One name or several.
+    denoiser : str or Path, optional
+        A denoiser checkpoint packaged in front of the segmenter.
+    name, description, license, tile, opset, test, overwrite, report
+        As for `build_package`.
+
+    Returns
+    -------
+    PackageRecord
+        What was written and the checks it passed.
+
+    Raises
+    ------
+    PackageError, OutputError, CheckpointError
+        As for `build_package`, and for a checkpoint that cannot be read.
+    """
+    from segkit.models.compose import compose_with_denoiser  # torch: imported when a package is written
 
     checkpoint = Path(checkpoint)
     output = Path(output) if output is not None else checkpoint.with_name(checkpoint.stem + ".bioimageio.zip")
