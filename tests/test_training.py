@@ -5,8 +5,8 @@ import torch
 from segkit.config import validate_recipe
 from segkit.demo import SAMPLE_LABELS, SAMPLE_RAW
 from segkit.errors import SegkitError
-from segkit.training.data import intensity_scale, pad_examples, sample_patch
 from segkit.training.losses import segmentation_loss, weighted_cross_entropy
+from segkit.training.patches import intensity_scale, pad_examples, sample_patch
 from segkit.training.targets import LabelRule, class_weights, weight_map
 from tests.conftest import tiny_recipe
 
@@ -60,7 +60,7 @@ def test_patches_have_context_and_targets():
 
 def test_training_lowers_the_loss():
     from segkit.models import create_model
-    from segkit.training.data import build_augmentation
+    from segkit.training.patches import build_augmentation
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -111,7 +111,7 @@ def _is_one_file(source: str) -> bool:
 
 def split_sources(data: dict[str, Any], split: str) -> list[tuple[str, str, int | None]]:
     """(image file, label file, plane or None for every plane) of each image of one split."""
-    from segkit.training.data import data_source
+    from segkit.training.patches import data_source
 
     raw, labels = data_source(data, "raw"), data_source(data, "labels")
     names = split_names(data, split)

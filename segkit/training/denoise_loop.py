@@ -22,7 +22,7 @@ from segkit.errors import ConfigError
 from segkit.inference.tiler import predict_arrays
 from segkit.io.tiff import open_stack
 from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
-from segkit.training.data import data_normalization, data_source, intensity_scale, mirror_array, split_planes
+from segkit.training.patches import data_normalization, data_source, intensity_scale, mirror_array, split_planes
 from segkit.training.runs import (
     Clock,
     EpochPlan,

@@ -18,8 +18,8 @@ import yaml
 from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
 from segkit.errors import ConfigError, InputError, SegkitError
 from segkit.metrics import SliceScores, mean_scores, score_thresholds
-from segkit.training.data import data_normalization, data_source, intensity_scale, pad_examples, patch_stream
 from segkit.training.datasets import Example, load_examples
+from segkit.training.patches import data_normalization, data_source, intensity_scale, pad_examples, patch_stream
 from segkit.training.runs import (
     Clock,
     EpochPlan,
