@@ -217,6 +217,13 @@ def normalize_unit(image: np.ndarray, normalization: Normalization, scale: float
     return normalization.apply(image * scale)
 
 
+def model_input(image: np.ndarray, normalization: Normalization) -> np.ndarray:
+    """A (C, H, W) image as the model sees it: normalised globally, or by its own percentiles."""
+    image = image if image.shape[0] > 1 else image[0]
+    normalized = normalization.for_image(image).apply(image)
+    return normalized if normalized.ndim == 3 else normalized[None]
+
+
 def patch_stream(
     slices: SliceSet, *, tile: int, out_tile: int, augment_settings: dict[str, Any],
     normalization: Normalization, seed: tuple[int, ...], augment_later: bool = False,
