@@ -32,7 +32,7 @@ def torch_devices() -> dict[str, Any]:
         import torch
     except ImportError:
         return {"installed": False}
-    from segkit.inference.engines import resolve_device
+    from segkit.devices import resolve_device
 
     cuda = torch.cuda.is_available()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []

@@ -133,8 +133,9 @@ def test_staged_fcn_training_through_recipes(tmp_path):
 def test_optimizer_step_refuses_a_loss_that_is_not_finite():
     import torch
 
+    from segkit.devices import training_precision as amp_setup
     from segkit.errors import SegkitError
-    from segkit.training.runs import amp_setup, optimizer_step
+    from segkit.training.runs import optimizer_step
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)

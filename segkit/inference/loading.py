@@ -74,7 +74,8 @@ def load_prediction_engine(request: EngineRequest, *, tile: int | None = None,
 
 
 def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[str], object]) -> LoadedEngine:
-    from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp, resolve_device
+    from segkit.devices import resolve_amp, resolve_device
+    from segkit.inference.engines import OnnxEngine, TorchEngine
 
     model_path, kind, amp, device = Path(request.model), request.kind, request.amp, request.device
     if _is_package(model_path):
@@ -170,7 +171,7 @@ def planned_tile(request: EngineRequest, tile: int | None = None) -> tuple[Any, 
     else:
         tile = tile or trained_tile(info, geometry)
     geometry.check_tile(tile)
-    from segkit.inference.engines import resolve_device
+    from segkit.devices import resolve_device
 
     if resolve_device(request.device) == "cpu":  # asking a GPU here would hold a CUDA context for the
         check_tile_memory(info, geometry, tile, "cpu")  # whole run; workers check theirs as they load

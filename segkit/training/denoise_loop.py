@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
+from segkit.devices import resolve_device, training_precision
 from segkit.errors import ConfigError
 from segkit.inference.tiler import predict_arrays
 from segkit.io.tiff import open_stack
@@ -27,7 +28,6 @@ from segkit.training.runs import (
     Clock,
     EpochPlan,
     RunFiles,
-    amp_setup,
     announce,
     build_optimizer,
     check_model_fits,
@@ -39,7 +39,6 @@ from segkit.training.runs import (
     run_epochs,
     save_optimizer,
     slice_text,
-    training_device,
 )
 
 LOG_FIELDS = ["epoch", "train_loss", "psnr", "ssim", "noisy_psnr", "seconds", "lr"]
@@ -111,7 +110,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     if cfg_train["mode"] == "supervised" and recipe["corruption"]["noise"] == "none":
         raise ConfigError("corruption.noise: 'none' leaves nothing to learn in supervised mode; choose a noise or "
                           "train.mode: blind_spot")
-    device = training_device(cfg_train["device"])
+    device = resolve_device(cfg_train["device"], option="train.device", recipe=True)
     data_source(cfg_data, "raw")  # missing data fails before the run folder exists
     files = open_run(cfg_train["out"], resume=resume)
 
@@ -140,7 +139,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     model = model.to(device)
     optimizer = build_optimizer(model.parameters(), cfg_train)
     use_cuda = device.startswith("cuda")
-    amp_dtype, scaler = amp_setup(cfg_train["amp"], device)
+    amp_dtype, scaler = training_precision(cfg_train["amp"], device)
     history: list[dict[str, float]] = []
     start_epoch, best_psnr = 1, -math.inf
     if resume:

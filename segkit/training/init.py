@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from segkit.config import short
+from segkit.devices import resolve_device
 from segkit.errors import ConfigError, InputError
 from segkit.training.fingerprint import DataLayout, Fingerprint, find_layout, fingerprint, read_samples
 
@@ -443,11 +444,9 @@ class InitResult:
     text: str
 
 
-def resolve_device(requested: str, setting: str = "device") -> tuple[str, str]:
+def recipe_device(requested: str, setting: str = "device") -> tuple[str, str]:
     """(device to write in the recipe, device to time on): 'auto' is a GPU where CUDA is available."""
-    from segkit.inference.engines import resolve_device as resolve
-
-    device = resolve(requested, option=setting)
+    device = resolve_device(requested, option=setting)
     if requested in ("auto", "cuda") and device.startswith("cuda"):
         return "cuda", device
     return device, device
@@ -493,7 +492,7 @@ def init_recipe(data: str | Path, output: str | Path | None = None, *, minutes: 
     for setting, value in ((names["images"], images), (names["labels"], labels)):
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{setting}={short(value)}: name a folder or TIFF file in the data folder")
-    written_device, actual_device = resolve_device(device, names["device"])
+    written_device, actual_device = recipe_device(device, names["device"])
     gpu = actual_device.startswith("cuda")
     layout = find_layout(root, images=images, labels=labels, settings=(names["images"], names["labels"]))
     recipe = check_recipe_path(output if output is not None else Path.cwd() / f"{layout.root.name}.yaml",

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
+from segkit.devices import resolve_device, training_precision
 from segkit.errors import ConfigError, InputError, SegkitError
 from segkit.training.datasets import Example, load_examples
 from segkit.training.patches import (
@@ -32,7 +33,6 @@ from segkit.training.runs import (
     RunFiles,
     Schedule,
     WeightAverage,
-    amp_setup,
     announce,
     build_optimizer,
     check_model_fits,
@@ -45,7 +45,6 @@ from segkit.training.runs import (
     run_epochs,
     save_optimizer,
     slice_text,
-    training_device,
 )
 from segkit.training.targets import LabelRule, check_classes_present, check_labels, class_weights, weight_map
 from segkit.training.validation import EPOCH_VALIDATIONS
@@ -162,7 +161,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     cfg_data, cfg_train, cfg_loss, cfg_model = recipe["data"], recipe["train"], recipe["loss"], recipe["model"]
     rule = LabelRule.from_data(cfg_data)
-    device = training_device(cfg_train["device"])
+    device = resolve_device(cfg_train["device"], option="train.device", recipe=True)
     data_source(cfg_data, "raw"), data_source(cfg_data, "labels")  # missing data fails before the run folder exists
     echo(f"loading data from {cfg_data['root']}")
     examples = {split: load_examples(cfg_data, split) for split in ("train", "val")}
@@ -218,7 +217,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     model = model.to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg_train)
     use_cuda = device.startswith("cuda")
-    amp_dtype, scaler = amp_setup(cfg_train["amp"], device)
+    amp_dtype, scaler = training_precision(cfg_train["amp"], device)
     average = WeightAverage(model, cfg_train["ema_decay"]) if cfg_train["ema_decay"] > 0 else None
     scored = average.model if average is not None else model  # validated and saved
 

@@ -106,18 +106,6 @@ def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs
     return meta
 
 
-def amp_setup(enabled: bool, device: str) -> tuple[Any, Any]:
-    """(autocast dtype or None, GradScaler) for training: bf16 where the GPU has it, else fp16 with
-    loss scaling; nothing on the CPU."""
-    import torch
-
-    dtype = None
-    if enabled and device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        torch.backends.cudnn.benchmark = True
-    return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-
 def optimizer_step(loss: Any, optimizer: Any, scaler: Any, *, epoch: int) -> float:
     """One optimiser step through the AMP grad scaler (a no-op scaler without AMP); a loss that is
     not finite stops training with advice instead of corrupting the weights. Returns the loss."""
@@ -130,21 +118,6 @@ def optimizer_step(loss: Any, optimizer: Any, scaler: Any, *, epoch: int) -> flo
     scaler.step(optimizer)
     scaler.update()
     return float(loss.item())
-
-
-def training_device(requested: str) -> str:
-    """train.device resolved ('auto' -> a GPU if there is one, else the CPU), errors in the recipe's words."""
-    import torch
-
-    from segkit.inference.engines import resolve_device
-
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={requested} was asked for but CUDA is not available here; "
-                          "set train.device=cpu (or auto)")
-    try:
-        return resolve_device(requested, option="train.device")
-    except SegkitError as exc:
-        raise ConfigError(f"train.device: {exc}") from None
 
 
 def check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
