@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
 from segkit.devices import resolve_device, training_precision
@@ -39,6 +38,7 @@ from segkit.training.runs import (
     run_epochs,
     save_optimizer,
     slice_text,
+    write_recipe,
 )
 
 LOG_FIELDS = ["epoch", "train_loss", "psnr", "ssim", "noisy_psnr", "seconds", "lr"]
@@ -148,7 +148,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
         start_epoch, best_psnr, history = meta["epoch"] + 1, meta["best_psnr"], meta["history"]
         echo(f"resuming {files.root} after epoch {meta['epoch']}")
 
-    files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    write_recipe(files, recipe)
     info = CheckpointInfo(
         kind="denoiser", model=recipe["model"]["name"], model_kwargs=model_kwargs, geometry=geometry,
         normalization=normalization, classes=[],

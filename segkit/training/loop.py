@@ -1,5 +1,6 @@
-"""The training loop: patches -> model -> weighted loss; validation with the real tiler;
-best/last checkpoints, resume, CSV/JSON logs and a training-curve PNG.
+"""The training loop of segmenters: patches -> model -> weighted loss; after every epoch the
+validation of the label kind (validation.py, with the real tiler); best/last checkpoints, resume,
+CSV/JSON logs and a training-curve PNG (runs.py).
 
 One loop for every label kind (membrane, semantic classes, instances; see targets.py) and any
 number of input channels. Everything a run writes lives in `train.out`; an interrupted run keeps
@@ -13,7 +14,6 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from segkit.checkpoint import CheckpointInfo, InferenceDefaults, Normalization, save_checkpoint
 from segkit.devices import resolve_device, training_precision
@@ -45,6 +45,7 @@ from segkit.training.runs import (
     run_epochs,
     save_optimizer,
     slice_text,
+    write_recipe,
 )
 from segkit.training.targets import LabelRule, check_classes_present, check_labels, class_weights, weight_map
 from segkit.training.validation import EPOCH_VALIDATIONS
@@ -154,7 +155,29 @@ def _initialize(model: Any, settings: dict[str, Any], echo: Callable[[str], None
 
 def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True,
           echo: Callable[[str], None] = print) -> RunFiles:
-    """Train the recipe's model; returns the run's files (best/last checkpoints, logs, curve)."""
+    """Train the recipe's model, validating and saving after every epoch.
+
+    Parameters
+    ----------
+    recipe : dict
+        A validated recipe (`segkit.config.load_recipe`); `train.out` is the run folder.
+    resume : bool
+        Continue the run in `train.out` from its last checkpoint (otherwise a run there is refused).
+    progress : bool
+        Show a progress bar per epoch.
+    echo : callable taking a str
+        Where the run's messages go.
+
+    Returns
+    -------
+    RunFiles
+        The run's files (best/last checkpoints, optimizer state, logs, curve, recipe).
+
+    Raises
+    ------
+    SegkitError
+        The recipe, its data or its device cannot train (ConfigError, InputError, TileSizeError, ...).
+    """
     import torch
 
     from segkit.training.losses import segmentation_loss
@@ -232,7 +255,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     schedule = Schedule.from_recipe(cfg_train)
     done_before = (start_epoch - 1) * cfg_train["iters_per_epoch"]  # iterations of earlier runs, for the schedule
 
-    files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    write_recipe(files, recipe)
     info = CheckpointInfo(
         kind="segmenter", model=model_name, model_kwargs=model_kwargs, geometry=geometry, normalization=normalization,
         classes=rule.class_names(cfg_data["class_names"]),
