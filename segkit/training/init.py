@@ -445,7 +445,27 @@ class InitResult:
 
 
 def recipe_device(requested: str, setting: str = "device") -> tuple[str, str]:
-    """(device to write in the recipe, device to time on): 'auto' is a GPU where CUDA is available."""
+    """The device a recipe names and the one `segkit init` times on.
+
+    Parameters
+    ----------
+    requested : str
+        'auto', 'cpu', 'cuda' or 'cuda:N'.
+    setting : str
+        The name errors give it ('device', '--device').
+
+    Returns
+    -------
+    written : str
+        For the recipe: 'cuda' where 'auto' or 'cuda' found a GPU (any machine's current GPU), else as resolved.
+    timed : str
+        The resolved device ('cpu', 'cuda:N').
+
+    Raises
+    ------
+    SegkitError
+        CUDA was asked for but is not available, or the device is unknown.
+    """
     device = resolve_device(requested, option=setting)
     if requested in ("auto", "cuda") and device.startswith("cuda"):
         return "cuda", device

@@ -53,14 +53,48 @@ EpochResult = tuple[dict[str, Any], float, str, dict[str, Any], dict[str, Any]]
 
 
 def probabilities(model: Any, images: list[np.ndarray], *, tile: int, batch: int, device: str) -> Iterator[np.ndarray]:
-    """(K, H, W) class probabilities of each normalised (C, H, W) image, tiled as `segkit predict` tiles."""
+    """Class probabilities of whole images, tiled as `segkit predict` tiles.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A segkit model with a `geometry`.
+    images : list of (C, H, W) ndarray of float32
+        Normalised images (`model_input`).
+    tile, batch : int
+        Input tile size and tiles per forward pass.
+    device : str
+        Where the model runs ('cpu', 'cuda:N').
+
+    Returns
+    -------
+    iterator of (K, H, W) ndarray of float32
+        Each image's class probabilities, in order.
+    """
     engine = TorchEngine(model, device=device, amp="none", channel="all")
     return predict_arrays(images, engine, model.geometry, tile=tile, batch=batch)
 
 
 def semantic_scores(predicted: list[np.ndarray], labels: list[np.ndarray], *, classes: int,
                     ignore: int | None) -> dict[str, float]:
-    """Mean over images of per-class Dice/IoU of argmax classes against the labels."""
+    """Mean over images of per-class Dice/IoU of argmax classes against the labels.
+
+    Parameters
+    ----------
+    predicted : list of (K, H, W) ndarray of float32
+        Class probabilities.
+    labels : list of (H, W) ndarray of int
+        True classes.
+    classes : int
+        K.
+    ignore : int or None
+        A label value left out of the scores.
+
+    Returns
+    -------
+    dict of str to float
+        dice_k and iou_k per class k, and dice_mean, iou_mean.
+    """
     rows = [class_scores(p.argmax(0).astype(np.uint8), t, classes, ignore=ignore) for p, t in zip(predicted, labels)]
     return mean_class_rows(rows)
 
@@ -68,7 +102,20 @@ def semantic_scores(predicted: list[np.ndarray], labels: list[np.ndarray], *, cl
 def choose_objects(predicted: list[np.ndarray], labels: list[np.ndarray]) -> dict[str, Any]:
     """The object watershed settings with the best mean AP on these (validation) images, by coordinate
     search: the foreground threshold at the default seeds, then the seeds at that threshold (11 settings
-    instead of the 30 of the full grid). Returns the best row (params and scores)."""
+    instead of the 30 of the full grid).
+
+    Parameters
+    ----------
+    predicted : list of (3, H, W) ndarray of float32
+        Background/interior/boundary probabilities.
+    labels : list of (H, W) ndarray of int
+        True object ids (0: background).
+
+    Returns
+    -------
+    dict
+        The best row: "params" (`ObjectParams.to_dict`) and "scores" (map, f1@0.5, ap@0.5, ...).
+    """
     default = ObjectParams()
     first = instance_table(predicted, labels, [replace(default, foreground_threshold=f) for f in FOREGROUND_THRESHOLDS])
     chosen = best_instances(first)
@@ -210,7 +257,33 @@ def score_split(checkpoint: str, data: dict[str, Any], split: str = "test", *, d
     settings stored in the checkpoint (threshold or watershed, chosen on validation), at each image's
     own resolution (images are resampled for the model by the pixel-size factor and the training scale,
     and its probabilities back, as `segkit predict` does: `segkit.inference.api.rescale_factor`): semantic
-    Dice/IoU, or matched instances; membrane checkpoints get pixel error, adapted Rand error and VI."""
+    Dice/IoU, or matched instances; membrane checkpoints get pixel error, adapted Rand error and VI.
+
+    Parameters
+    ----------
+    checkpoint : str
+        A segmenter checkpoint (.safetensors).
+    data : dict
+        The `data` section of its recipe.
+    split : str
+        'train', 'val' or 'test'.
+    device : str
+        Where the model runs.
+    batch : int
+        Tiles per forward pass.
+    tile : int, optional
+        Input tile size (default: the checkpoint's).
+
+    Returns
+    -------
+    dict
+        {"split": split, "images": count, "scores": {name: mean over images}}.
+
+    Raises
+    ------
+    SegkitError
+        The checkpoint or the split's data cannot be read (CheckpointError, InputError, ...).
+    """
     model, info = load_model(checkpoint)
     rule = LabelRule.from_data(data)
     examples = load_examples({**data, "pixel_size": None, "scale": None}, split)  # scored at their own resolution
