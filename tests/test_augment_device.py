@@ -16,7 +16,7 @@ from segkit.training.augment_device import (  # noqa: E402
     gaussian_kernel_size,
     warp_batch,
 )
-from segkit.training.data import build_augmentation  # noqa: E402
+from segkit.training.patches import build_augmentation  # noqa: E402
 
 OFF = {"elastic": False, "elastic_alpha": 34.0, "elastic_sigma": 4.0, "flips": False, "rot90": False,
        "brightness_contrast": 0.0, "noise_std": 0.0}

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from segkit.devices import resolve_amp
 from segkit.errors import SegkitError
-from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp
+from segkit.inference.engines import OnnxEngine, TorchEngine
 from segkit.inference.tiler import predict_plane
 from segkit.inference.tta import TTA_MODES, TTAForward, tta_transforms
 from segkit.models.geometry import Geometry

@@ -228,7 +228,8 @@ def _two_channel_examples(tmp_path: Path):
 
 
 def test_meanstd_normalization_is_per_channel(tmp_path):
-    from segkit.training.loop import dataset_normalization, model_input
+    from segkit.training.loop import dataset_normalization
+    from segkit.training.patches import model_input
 
     examples, images = _two_channel_examples(tmp_path)
     norm = dataset_normalization(examples, _data(tmp_path, train_files="i*"))
@@ -241,7 +242,8 @@ def test_meanstd_normalization_is_per_channel(tmp_path):
 
 
 def test_percentile_normalization_is_per_channel(tmp_path):
-    from segkit.training.loop import dataset_normalization, model_input
+    from segkit.training.loop import dataset_normalization
+    from segkit.training.patches import model_input
 
     examples, _ = _two_channel_examples(tmp_path)
     data = _data(tmp_path, train_files="i*", normalization="percentile", percentiles=[0.0, 100.0])

@@ -153,6 +153,7 @@ class _Interrupt(torch.autograd.Function):
 @pytest.mark.parametrize("where", ["sampling", "forward", "backward", "validation", "saving the best checkpoint"])
 def test_an_interrupt_anywhere_keeps_the_last_checkpoint(tmp_path, monkeypatch, where):
     import segkit.training.loop as loop
+    import segkit.training.validation as validation
     from segkit.checkpoint import load_model
 
     calls = {"n": 0}
@@ -189,7 +190,7 @@ def test_an_interrupt_anywhere_keeps_the_last_checkpoint(tmp_path, monkeypatch, 
         def validate(*args, **kwargs):
             if third_call_interrupts():
                 raise KeyboardInterrupt
-        monkeypatch.setattr(loop, "validate", validate)
+        monkeypatch.setattr(validation, "validate", validate)
     else:
         def save(path, *args, **kwargs):
             if Path(path).name == "best.safetensors" and third_call_interrupts():

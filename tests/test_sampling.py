@@ -4,7 +4,7 @@ rare classes (data.foreground_fraction)."""
 import numpy as np
 import pytest
 
-from segkit.training.data import pad_examples, sample_patch
+from segkit.training.patches import pad_examples, sample_patch
 
 
 def _sparse_set(margin=10, size=200):

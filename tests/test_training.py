@@ -6,8 +6,8 @@ from segkit.config import validate_recipe
 from segkit.demo import SAMPLE_LABELS, SAMPLE_RAW
 from segkit.errors import SegkitError
 from segkit.normalization import intensity_scale
-from segkit.training.data import pad_examples, sample_patch
 from segkit.training.losses import segmentation_loss, weighted_cross_entropy
+from segkit.training.patches import pad_examples, sample_patch
 from segkit.training.targets import LabelRule, class_weights, weight_map
 from tests.conftest import tiny_recipe
 
@@ -61,7 +61,7 @@ def test_patches_have_context_and_targets():
 
 def test_training_lowers_the_loss():
     from segkit.models import create_model
-    from segkit.training.data import build_augmentation
+    from segkit.training.patches import build_augmentation
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -134,8 +134,9 @@ def test_staged_fcn_training_through_recipes(tmp_path):
 def test_optimizer_step_refuses_a_loss_that_is_not_finite():
     import torch
 
+    from segkit.devices import training_precision as amp_setup
     from segkit.errors import SegkitError
-    from segkit.training.runs import amp_setup, optimizer_step
+    from segkit.training.runs import optimizer_step
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)

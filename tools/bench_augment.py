@@ -5,7 +5,7 @@ Usage:
   python tools/bench_augment.py --seconds 5 --batch 8
 
 (a) One worker, as training runs it: a single process with torch and OpenCV on 1 thread iterates
-segkit.training.data.patch_stream over a mirror-padded 1024 x 1024 float32 plane (margin 92): crop
+segkit.training.patches.patch_stream over a mirror-padded 1024 x 1024 float32 plane (margin 92): crop
 a random 572 x 572 patch with its target and weight map, apply build_augmentation with the
 recipe's (--recipe, default em_neurons.yaml) `augment` settings (elastic included) to the image and both masks, crop the 388 x 388
 targets, normalise. (b) The same with elastic off. (c) segkit.training.augment_device.augment_batch
@@ -34,7 +34,7 @@ def synthetic_slices(seed: int) -> Any:
     mirror-padded by the U-Net margin as training pads them (pad_examples)."""
     from scipy import ndimage
 
-    from segkit.training.data import pad_examples
+    from segkit.training.patches import pad_examples
 
     rng = np.random.default_rng(seed)
     smooth = ndimage.gaussian_filter(rng.standard_normal((PLANE, PLANE)).astype(np.float32), 6)
@@ -48,7 +48,7 @@ def synthetic_slices(seed: int) -> Any:
 def worker_rate(slices: Any, augment: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Patches/s of patch_stream iterated in this process (a DataLoader worker's loop)."""
     from segkit.normalization import Normalization
-    from segkit.training.data import patch_stream
+    from segkit.training.patches import patch_stream
 
     stream = iter(patch_stream(slices, tile=TILE, out_tile=OUT_TILE, augment_settings=augment,
                                normalization=Normalization(0.5, 0.2), seed=(0,)))

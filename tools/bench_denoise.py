@@ -38,7 +38,8 @@ def main() -> None:
     from scipy import ndimage
 
     from segkit.checkpoint import load_model
-    from segkit.inference.engines import TorchEngine, resolve_device
+    from segkit.devices import resolve_device
+    from segkit.inference.engines import TorchEngine
     from segkit.inference.tiler import predict_arrays
     from segkit.metrics import mean_scores, score_slice
     from segkit.training.corruption import corrupt, psnr, ssim

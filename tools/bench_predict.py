@@ -479,7 +479,7 @@ def main() -> None:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = args.device.startswith("cuda")
-    from segkit.inference.engines import resolve_amp
+    from segkit.devices import resolve_amp
 
     args.amp = resolve_amp(args.amp, args.device)
     args.batch = args.batch or (16 if gpu else 2)

@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from segkit.config import load_recipe
-    from segkit.inference.engines import resolve_device
+    from segkit.devices import resolve_device
 
     device = resolve_device(args.device)
     runs = []

@@ -385,8 +385,8 @@ def _predict_on_dask(sources: list[str], output: str, request: EngineRequest | N
                      report: Callable[[str], object], started: float) -> PredictResult:
     """One stack into an OME-Zarr store on Dask, chunk by chunk, resumable. Tile 'auto' and the
     batch are decided here, once, on this machine's device; each worker builds its own engine."""
+    from segkit.devices import resolve_device
     from segkit.inference.distributed import predict_to_zarr
-    from segkit.inference.engines import resolve_device
 
     if not output.rstrip("/").lower().endswith(".zarr"):
         raise SegkitError("the Dask path (scheduler/workers) writes OME-Zarr: name the output NAME.ome.zarr "

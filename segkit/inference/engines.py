@@ -16,10 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from segkit.devices import resolve_amp, resolve_device
 from segkit.errors import SegkitError
-
-AMP_DTYPES = ("none", "fp16", "bf16")
-AMP_CHOICES = ("auto",) + AMP_DTYPES
 
 
 class Engine(Protocol):
@@ -29,35 +27,6 @@ class Engine(Protocol):
     label: str
 
     def __call__(self, x: Any) -> Any: ...
-
-
-def resolve_device(requested: str, *, option: str = "device") -> str:
-    """'auto' -> cuda:N (the current GPU) when available, else cpu; 'cuda' -> cuda:N, so the name
-    equals the device of the tensors placed there; 'cuda' without a GPU is an error, not a fallback."""
-    import torch
-
-    if requested in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()}"
-    if requested == "auto":
-        return "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise SegkitError(f"{option}={requested!r} was asked for but CUDA is not available here; use {option}='cpu'")
-    if requested != "cpu" and not requested.startswith("cuda"):
-        raise SegkitError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
-    return requested
-
-
-def resolve_amp(amp: str, device: str) -> str:
-    """'auto': bf16 on GPUs that support it, else fp16; none on the CPU (autocast there is slower)."""
-    if amp not in AMP_CHOICES:
-        raise SegkitError(f"unknown amp {amp!r}; choose one of {', '.join(AMP_CHOICES)}")
-    if amp != "auto":
-        return amp
-    if not device.startswith("cuda"):
-        return "none"
-    import torch
-
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 class TorchEngine:

@@ -1,5 +1,5 @@
 """Augmentation of a whole batch on the tensors' device: the recipe's `augment` section, as
-`segkit.training.data.build_augmentation` (albumentations 2.0.x) applies it to one sample.
+`segkit.training.patches.build_augmentation` (albumentations 2.0.x) applies it to one sample.
 
 Why: one CPU DataLoader worker makes far fewer augmented 572-px patches per second than a GPU
 trains on (tools/bench_augment.py measures both). Here the batch never leaves the device: flips

@@ -1,4 +1,5 @@
-"""A recipe's `data` section as images and labels per split: which files, paired how, rescaled how.
+"""Example sets: a recipe's `data` section as whole labelled images per split (folders, globs, split
+files, stacks): which files, paired how, rescaled how. Cutting patches from them is patches.py's.
 
 Two forms, one result (a list of `Example`s per split):
 - by name: `data.raw` and `data.labels` are folders (or globs) of images and labels paired by file
@@ -111,7 +112,7 @@ def _is_one_file(source: str) -> bool:
 
 def split_sources(data: dict[str, Any], split: str) -> list[tuple[str, str, int | None]]:
     """(image file, label file, plane or None for every plane) of each image of one split."""
-    from segkit.training.data import data_source
+    from segkit.training.patches import data_source
 
     raw, labels = data_source(data, "raw"), data_source(data, "labels")
     names = split_names(data, split)
@@ -185,7 +186,7 @@ def load_examples(data: dict[str, Any], split: str) -> list[Example]:
                                      "labels of the same size")
                 name = _stem(image_path) if len(images) == 1 else f"{_stem(image_path)}[{z}]"
                 examples.append(Example(name, image, label, pixel_size, where))
-    check_channels(examples, data)
+    check_example_channels(examples, data)
     if data.get("pixel_size") is not None:
         examples = [rescale_example(e, data["pixel_size"]) for e in examples]
     if data.get("scale") is not None:
@@ -193,8 +194,28 @@ def load_examples(data: dict[str, Any], split: str) -> list[Example]:
     return examples
 
 
-def check_channels(examples: list[Example], data: dict[str, Any]) -> int:
-    """The channel count all images share (and `data.channels`, when set, agrees); one line otherwise."""
+def check_example_channels(examples: list[Example], data: dict[str, Any]) -> int:
+    """The channel count all images of a dataset share, checked against `data.channels` when set.
+
+    (Not `inference.api.check_channels`, which checks one input against a model.)
+
+    Parameters
+    ----------
+    examples : list of Example
+        The labelled images, each `image` (C, H, W).
+    data : dict
+        The recipe's `data` section.
+
+    Returns
+    -------
+    int
+        The channels C every image has.
+
+    Raises
+    ------
+    InputError
+        Two images have different channels, or `data.channels` disagrees with the images.
+    """
     counts = {e.image.shape[0] for e in examples}
     if len(counts) > 1:
         first = next(e for e in examples if e.image.shape[0] != examples[0].image.shape[0])

@@ -15,21 +15,20 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from segkit.checkpoint import save_checkpoint
+from segkit.devices import resolve_device, training_precision
 from segkit.errors import ConfigError
 from segkit.inference.tiler import predict_arrays
 from segkit.io.tiff import open_stack
 from segkit.normalization import Normalization, intensity_scale, mean_std_normalization
 from segkit.record import CheckpointInfo, InferenceDefaults
 from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
-from segkit.training.data import data_source, mirror_array, split_planes
+from segkit.training.patches import data_source, mirror_array, split_planes
 from segkit.training.runs import (
     Clock,
     EpochPlan,
     RunFiles,
-    amp_setup,
     announce,
     build_optimizer,
     check_model_fits,
@@ -41,7 +40,7 @@ from segkit.training.runs import (
     run_epochs,
     save_optimizer,
     slice_text,
-    training_device,
+    write_recipe,
 )
 
 LOG_FIELDS = ["epoch", "train_loss", "psnr", "ssim", "noisy_psnr", "seconds", "lr"]
@@ -113,7 +112,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     if cfg_train["mode"] == "supervised" and recipe["corruption"]["noise"] == "none":
         raise ConfigError("corruption.noise: 'none' leaves nothing to learn in supervised mode; choose a noise or "
                           "train.mode: blind_spot")
-    device = training_device(cfg_train["device"])
+    device = resolve_device(cfg_train["device"], option="train.device", recipe=True)
     data_source(cfg_data, "raw")  # missing data fails before the run folder exists
     files = open_run(cfg_train["out"], resume=resume)
 
@@ -142,7 +141,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     model = model.to(device)
     optimizer = build_optimizer(model.parameters(), cfg_train)
     use_cuda = device.startswith("cuda")
-    amp_dtype, scaler = amp_setup(cfg_train["amp"], device)
+    amp_dtype, scaler = training_precision(cfg_train["amp"], device)
     history: list[dict[str, float]] = []
     start_epoch, best_psnr = 1, -math.inf
     if resume:
@@ -151,7 +150,7 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
         start_epoch, best_psnr, history = meta["epoch"] + 1, meta["best_psnr"], meta["history"]
         echo(f"resuming {files.root} after epoch {meta['epoch']}")
 
-    files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    write_recipe(files, recipe)
     info = CheckpointInfo(
         kind="denoiser", model=recipe["model"]["name"], model_kwargs=model_kwargs, geometry=geometry,
         normalization=normalization, classes=[],

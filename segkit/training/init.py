@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from segkit.config import short
+from segkit.devices import resolve_device
 from segkit.errors import ConfigError, InputError
 from segkit.record import LABELS_KINDS
 from segkit.training.fingerprint import DataLayout, Fingerprint, find_layout, fingerprint, read_samples
@@ -444,11 +445,29 @@ class InitResult:
     text: str
 
 
-def resolve_device(requested: str, setting: str = "device") -> tuple[str, str]:
-    """(device to write in the recipe, device to time on): 'auto' is a GPU where CUDA is available."""
-    from segkit.inference.engines import resolve_device as resolve
+def recipe_device(requested: str, setting: str = "device") -> tuple[str, str]:
+    """The device a recipe names and the one `segkit init` times on.
 
-    device = resolve(requested, option=setting)
+    Parameters
+    ----------
+    requested : str
+        'auto', 'cpu', 'cuda' or 'cuda:N'.
+    setting : str
+        The name errors give it ('device', '--device').
+
+    Returns
+    -------
+    written : str
+        For the recipe: 'cuda' where 'auto' or 'cuda' found a GPU (any machine's current GPU), else as resolved.
+    timed : str
+        The resolved device ('cpu', 'cuda:N').
+
+    Raises
+    ------
+    SegkitError
+        CUDA was asked for but is not available, or the device is unknown.
+    """
+    device = resolve_device(requested, option=setting)
     if requested in ("auto", "cuda") and device.startswith("cuda"):
         return "cuda", device
     return device, device
@@ -494,7 +513,7 @@ def init_recipe(data: str | Path, output: str | Path | None = None, *, minutes: 
     for setting, value in ((names["images"], images), (names["labels"], labels)):
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{setting}={short(value)}: name a folder or TIFF file in the data folder")
-    written_device, actual_device = resolve_device(device, names["device"])
+    written_device, actual_device = recipe_device(device, names["device"])
     gpu = actual_device.startswith("cuda")
     layout = find_layout(root, images=images, labels=labels, settings=(names["images"], names["labels"]))
     recipe = check_recipe_path(output if output is not None else Path.cwd() / f"{layout.root.name}.yaml",

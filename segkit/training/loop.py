@@ -1,5 +1,6 @@
-"""The training loop: patches -> model -> weighted loss; validation with the real tiler;
-best/last checkpoints, resume, CSV/JSON logs and a training-curve PNG.
+"""The training loop of segmenters: patches -> model -> weighted loss; after every epoch the
+validation of the label kind (validation.py, with the real tiler); best/last checkpoints, resume,
+CSV/JSON logs and a training-curve PNG (runs.py).
 
 One loop for every label kind (membrane, semantic classes, instances; see targets.py) and any
 number of input channels. Everything a run writes lives in `train.out`; an interrupted run keeps
@@ -13,11 +14,10 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from segkit.checkpoint import save_checkpoint
+from segkit.devices import resolve_device, training_precision
 from segkit.errors import ConfigError, InputError, SegkitError
-from segkit.metrics import SliceScores, mean_scores, score_thresholds
 from segkit.normalization import (
     Normalization,
     intensity_scale,
@@ -25,15 +25,14 @@ from segkit.normalization import (
     typical_percentile_normalization,
 )
 from segkit.record import CheckpointInfo, InferenceDefaults
-from segkit.training.data import data_source, pad_examples, patch_stream
 from segkit.training.datasets import Example, load_examples
+from segkit.training.patches import data_source, model_input, pad_examples, patch_stream
 from segkit.training.runs import (
     Clock,
     EpochPlan,
     RunFiles,
     Schedule,
     WeightAverage,
-    amp_setup,
     announce,
     build_optimizer,
     check_model_fits,
@@ -46,17 +45,16 @@ from segkit.training.runs import (
     run_epochs,
     save_optimizer,
     slice_text,
-    training_device,
+    write_recipe,
 )
 from segkit.training.targets import LabelRule, check_classes_present, check_labels, class_weights, weight_map
+from segkit.training.validation import EPOCH_VALIDATIONS
 
 LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "best_threshold",
               "best_adapted_rand_error", "seconds", "lr"]
 SEMANTIC_FIELDS = ["epoch", "train_loss", "dice_mean", "iou_mean", "seconds", "lr"]
 INSTANCE_FIELDS = ["epoch", "train_loss", "map", "f1@0.5", "ap@0.5", "ap@0.75", "foreground_threshold",
                    "seed_threshold", "seed_distance", "seconds", "lr"]
-#: Thresholds tried on the validation slices after every epoch; the best is stored in the checkpoint.
-VALIDATION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def split_description(data: dict[str, Any], examples: dict[str, list[Example]]) -> str:
@@ -114,28 +112,6 @@ def dataset_normalization(examples: list[Example], data: dict[str, Any]) -> Norm
     return mean_std_normalization(images, channels=channels if channels > 1 else None)
 
 
-def model_input(image: np.ndarray, normalization: Normalization) -> np.ndarray:
-    """A (C, H, W) image as the model sees it: normalised globally, or by its own percentiles."""
-    image = image if image.shape[0] > 1 else image[0]
-    normalized = normalization.for_image(image).apply(image)
-    return normalized if normalized.ndim == 3 else normalized[None]
-
-
-def validate(model: Any, planes: list[np.ndarray], membranes: list[np.ndarray], *, tile: int, batch: int, device: str,
-             thresholds: tuple[float, ...]) -> dict[float, dict[str, float]]:
-    """Tiled prediction of whole normalised validation slices (exactly as `segkit predict`); membrane
-    scores per threshold."""
-    from segkit.inference.engines import TorchEngine
-    from segkit.inference.tiler import predict_arrays
-
-    engine = TorchEngine(model, device=device, amp="none")
-    scores: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
-    for probability, membrane in zip(predict_arrays(planes, engine, model.geometry, tile=tile, batch=batch), membranes):
-        for t, slice_scores in score_thresholds(probability[0], membrane, thresholds).items():
-            scores[t].append(slice_scores)
-    return {t: mean_scores(s) for t, s in scores.items()}
-
-
 def build_model(settings: dict[str, Any], segmenter_normalization: Normalization, echo: Callable[[str], None], *,
                 in_channels: int = 1, classes: int = 2) -> tuple[Any, str, dict[str, Any], Normalization]:
     """The model a recipe trains: (model, registry name, kwargs, normalisation of its input).
@@ -177,14 +153,36 @@ def _initialize(model: Any, settings: dict[str, Any], echo: Callable[[str], None
 
 def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True,
           echo: Callable[[str], None] = print) -> RunFiles:
-    """Train the recipe's model; returns the run's files (best/last checkpoints, logs, curve)."""
+    """Train the recipe's model, validating and saving after every epoch.
+
+    Parameters
+    ----------
+    recipe : dict
+        A validated recipe (`segkit.config.load_recipe`); `train.out` is the run folder.
+    resume : bool
+        Continue the run in `train.out` from its last checkpoint (otherwise a run there is refused).
+    progress : bool
+        Show a progress bar per epoch.
+    echo : callable taking a str
+        Where the run's messages go.
+
+    Returns
+    -------
+    RunFiles
+        The run's files (best/last checkpoints, optimizer state, logs, curve, recipe).
+
+    Raises
+    ------
+    SegkitError
+        The recipe, its data or its device cannot train (ConfigError, InputError, TileSizeError, ...).
+    """
     import torch
 
     from segkit.training.losses import segmentation_loss
 
     cfg_data, cfg_train, cfg_loss, cfg_model = recipe["data"], recipe["train"], recipe["loss"], recipe["model"]
     rule = LabelRule.from_data(cfg_data)
-    device = training_device(cfg_train["device"])
+    device = resolve_device(cfg_train["device"], option="train.device", recipe=True)
     data_source(cfg_data, "raw"), data_source(cfg_data, "labels")  # missing data fails before the run folder exists
     echo(f"loading data from {cfg_data['root']}")
     examples = {split: load_examples(cfg_data, split) for split in ("train", "val")}
@@ -240,7 +238,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     model = model.to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg_train)
     use_cuda = device.startswith("cuda")
-    amp_dtype, scaler = amp_setup(cfg_train["amp"], device)
+    amp_dtype, scaler = training_precision(cfg_train["amp"], device)
     average = WeightAverage(model, cfg_train["ema_decay"]) if cfg_train["ema_decay"] > 0 else None
     scored = average.model if average is not None else model  # validated and saved
 
@@ -255,7 +253,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     schedule = Schedule.from_recipe(cfg_train)
     done_before = (start_epoch - 1) * cfg_train["iters_per_epoch"]  # iterations of earlier runs, for the schedule
 
-    files.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    write_recipe(files, recipe)
     info = CheckpointInfo(
         kind="segmenter", model=model_name, model_kwargs=model_kwargs, geometry=geometry, normalization=normalization,
         classes=rule.class_names(cfg_data["class_names"]),
@@ -296,7 +294,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
             average.update(model)
         return value
 
-    evaluate = {"membrane": _membrane_epoch, "semantic": _semantic_epoch, "instances": _instance_epoch}[rule.kind]
+    evaluate = EPOCH_VALIDATIONS[rule.kind]
 
     def finish(epoch: int, losses: list[float], started: float) -> tuple[dict[str, Any], bool, str]:
         nonlocal best
@@ -348,50 +346,3 @@ def device_augmentation(settings: dict[str, Any], normalization: Normalization, 
         return normalization.apply(image * scale), target[inner].long(), weight[inner].float()
 
     return augment
-
-
-def _membrane_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarray], *, rule: LabelRule, tile: int,
-                    batch: int, device: str, val_threshold: float) -> tuple[dict, float, str, dict, dict]:
-    """ISBI validation: scores at each threshold; the best threshold by adapted Rand error."""
-    thresholds = tuple(sorted({*VALIDATION_THRESHOLDS, val_threshold}))
-    table = validate(model, inputs, [lab == 0 for lab in labels], tile=tile, batch=batch, device=device,
-                     thresholds=thresholds)
-    scores = table[val_threshold]
-    chosen = min(thresholds, key=lambda t: (table[t]["adapted_rand_error"], abs(t - 0.5)))
-    row = {"pixel_error": scores["pixel_error"], "adapted_rand_error": scores["adapted_rand_error"], "vi": scores["vi"],
-           "dice": scores["dice"], "best_threshold": chosen,
-           "best_adapted_rand_error": table[chosen]["adapted_rand_error"]}
-    text = (f"val pixel error {row['pixel_error']:.4f}  adapted Rand error {row['adapted_rand_error']:.4f}  "
-            f"VI {row['vi']:.3f}  (best threshold {chosen}: adapted Rand error {row['best_adapted_rand_error']:.4f})")
-    return (row, -row["best_adapted_rand_error"], text, {"threshold": chosen},
-            {"validation": table[chosen], "validation_at_val_threshold": scores})
-
-
-def _semantic_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarray], *, rule: LabelRule, tile: int,
-                    batch: int, device: str, val_threshold: float) -> tuple[dict, float, str, dict, dict]:
-    """Semantic validation: argmax classes, per-class Dice/IoU and their means."""
-    from segkit.training.validation import probabilities, semantic_scores
-
-    predicted = list(probabilities(model, inputs, tile=tile, batch=batch, device=device))
-    scores = semantic_scores(predicted, labels, classes=rule.classes, ignore=rule.ignore)
-    per_class = "  ".join(f"{k} {scores[f'dice_{k}']:.3f}" for k in range(rule.classes))
-    text = f"val mean Dice {scores['dice_mean']:.4f}  IoU {scores['iou_mean']:.4f}  (Dice per class: {per_class})"
-    return scores, scores["dice_mean"], text, {}, {"validation": scores}
-
-
-def _instance_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarray], *, rule: LabelRule, tile: int,
-                    batch: int, device: str, val_threshold: float) -> tuple[dict, float, str, dict, dict]:
-    """Instance validation: the object watershed over a grid of settings, matched F1/AP; the best setting
-    (by mean AP at IoU 0.5-0.95) is stored as the checkpoint's watershed."""
-    from segkit.training.validation import choose_objects, probabilities
-
-    predicted = list(probabilities(model, inputs, tile=tile, batch=batch, device=device))
-    chosen = choose_objects(predicted, labels)
-    scores, params = chosen["scores"], chosen["params"]
-    row = {key: scores[key] for key in ("map", "f1@0.5", "ap@0.5", "ap@0.75")}
-    row.update(seed_threshold=params["seed_threshold"], seed_distance=params["seed_distance"],
-               foreground_threshold=params["foreground_threshold"])
-    text = (f"val mean AP {scores['map']:.4f}  F1@0.5 {scores['f1@0.5']:.4f}  AP@0.5 {scores['ap@0.5']:.4f}  "
-            f"(watershed: foreground below background probability {params['foreground_threshold']}, seed threshold "
-            f"{params['seed_threshold']}, seed distance {params['seed_distance']})")
-    return row, scores["map"], text, {"watershed": params}, {"validation": scores}

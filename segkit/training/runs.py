@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from segkit.checkpoint import match_umask, read_info
 from segkit.errors import CheckpointError, ConfigError, SegkitError, TileSizeError
+from segkit.io.outputs import atomic_path, remove_stale_partials
 
 
 @dataclass
@@ -58,11 +61,25 @@ class RunFiles:
                   if path.exists()]
         return "\n".join(lines)
 
-    def remove_partials(self) -> None:
-        """Delete the temporary files of this run's own writes that an interrupt cut short
-        (.best.safetensors.partial, .curve.partial.png, ...); other programs' temporary files in the
-        folder (an export or a prediction writing beside the checkpoints) are left alone."""
-        for path in (self.best, self.last, self.optimizer, self.log_csv, self.log_json, self.recipe):
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """Every file the run writes."""
+        return (self.best, self.last, self.optimizer, self.log_csv, self.log_json, self.curve, self.recipe)
+
+    def remove_partials(self, report: Callable[[str], object]) -> None:
+        """Delete the temporary files of this run's own files that were cut short: those of killed runs
+        (`io.outputs.remove_stale_partials`, which says so through `report`; a write this process
+        interrupted removes its own), and the fixed names older segkit versions wrote
+        (.best.safetensors.partial, .curve.partial.png, ...). Other programs' temporary files in the
+        folder (an export or a prediction writing beside the checkpoints) are left alone.
+
+        Parameters
+        ----------
+        report : callable taking a str
+            Where the line naming removed (or possibly live) temporary files goes.
+        """
+        remove_stale_partials(self.outputs, report)
+        for path in self.outputs:
             path.with_name(f".{path.name}.partial").unlink(missing_ok=True)
         self.curve.with_name(f".{self.curve.stem}.partial.png").unlink(missing_ok=True)
 
@@ -106,18 +123,6 @@ def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs
     return meta
 
 
-def amp_setup(enabled: bool, device: str) -> tuple[Any, Any]:
-    """(autocast dtype or None, GradScaler) for training: bf16 where the GPU has it, else fp16 with
-    loss scaling; nothing on the CPU."""
-    import torch
-
-    dtype = None
-    if enabled and device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        torch.backends.cudnn.benchmark = True
-    return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-
 def optimizer_step(loss: Any, optimizer: Any, scaler: Any, *, epoch: int) -> float:
     """One optimiser step through the AMP grad scaler (a no-op scaler without AMP); a loss that is
     not finite stops training with advice instead of corrupting the weights. Returns the loss."""
@@ -130,21 +135,6 @@ def optimizer_step(loss: Any, optimizer: Any, scaler: Any, *, epoch: int) -> flo
     scaler.step(optimizer)
     scaler.update()
     return float(loss.item())
-
-
-def training_device(requested: str) -> str:
-    """train.device resolved ('auto' -> a GPU if there is one, else the CPU), errors in the recipe's words."""
-    import torch
-
-    from segkit.inference.engines import resolve_device
-
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={requested} was asked for but CUDA is not available here; "
-                          "set train.device=cpu (or auto)")
-    try:
-        return resolve_device(requested, option="train.device")
-    except SegkitError as exc:
-        raise ConfigError(f"train.device: {exc}") from None
 
 
 def check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
@@ -387,7 +377,7 @@ def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any
                 break
     except KeyboardInterrupt:
         save_last(completed)  # weights of the unfinished epoch; resume=True reruns that epoch
-        plan.files.remove_partials()  # of a best checkpoint or curve the interrupt cut short
+        plan.files.remove_partials(plan.echo)  # of a best checkpoint or curve the interrupt cut short
         plan.echo(f"interrupted; last checkpoint kept in {plan.files.root} (continue with resume=True)")
         raise
 
@@ -507,7 +497,25 @@ WEIGHTS_PREFIX = "weights."
 
 def save_optimizer(path: Path, optimizer: Any, state: dict[str, Any], *, weights: Any = None) -> None:
     """Optimizer tensors as safetensors, its scalars and `state` (epoch, history...) as JSON; no pickle.
-    `weights`: the trained model, stored beside them when the checkpoints hold its weight average."""
+
+    Written atomically (`io.outputs.atomic_path`): an interrupted save leaves the previous file.
+
+    Parameters
+    ----------
+    path : Path
+        The optimizer file (`RunFiles.optimizer`).
+    optimizer : torch.optim.Optimizer
+        The run's optimizer.
+    state : dict
+        JSON-serialisable extra state (epoch, history, best score...), returned by `load_optimizer`.
+    weights : torch.nn.Module, optional
+        The trained model, stored beside them when the checkpoints hold its weight average.
+
+    Raises
+    ------
+    OutputError
+        The disk is full or the folder cannot be written.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -522,10 +530,9 @@ def save_optimizer(path: Path, optimizer: Any, state: dict[str, Any], *, weights
     if weights is not None:
         tensors.update({WEIGHTS_PREFIX + k: v.detach().contiguous().cpu() for k, v in weights.state_dict().items()})
     meta = {"param_groups": optimizer.state_dict()["param_groups"], "scalars": scalars, **state}
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(tmp), metadata={"segkit-optimizer": json.dumps(meta)})
-    match_umask(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"segkit-optimizer": json.dumps(meta)})
+        match_umask(tmp)
 
 
 def load_optimizer(path: Path, optimizer: Any, *, weights: Any = None) -> dict[str, Any]:
@@ -551,18 +558,73 @@ def load_optimizer(path: Path, optimizer: Any, *, weights: Any = None) -> dict[s
 
 
 def write_logs(files: RunFiles, history: list[dict[str, float]], fields: list[str]) -> None:
-    """The per-epoch history as CSV (the given columns) and JSON (everything)."""
-    with open(files.log_csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k, "") for k in fields})
-    files.log_json.write_text(json.dumps(history, indent=1))
+    """The per-epoch history as CSV (the given columns) and JSON (everything), each written atomically.
+
+    Parameters
+    ----------
+    files : RunFiles
+        The run; writes `files.log_csv` and `files.log_json`.
+    history : list of dict of str to float
+        One row per epoch.
+    fields : list of str
+        The CSV's columns (a row without one leaves it empty).
+
+    Raises
+    ------
+    OutputError
+        The disk is full or the folder cannot be written (nothing half-written is left).
+    """
+    with atomic_path(files.log_csv) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            for row in history:
+                writer.writerow({k: row.get(k, "") for k in fields})
+    with atomic_path(files.log_json) as tmp:
+        tmp.write_text(json.dumps(history, indent=1))
+
+
+def write_recipe(files: RunFiles, recipe: dict[str, Any]) -> None:
+    """The resolved recipe the run trains, as YAML beside its checkpoints (written atomically).
+
+    Parameters
+    ----------
+    files : RunFiles
+        The run; writes `files.recipe`.
+    recipe : dict
+        The validated recipe.
+
+    Raises
+    ------
+    OutputError
+        The disk is full or the folder cannot be written.
+    """
+    with atomic_path(files.recipe) as tmp:
+        tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
 def plot_curve(history: list[dict[str, float]], path: Path, *, loss_label: str, metrics: tuple[str, ...],
                metric_label: str) -> None:
-    """Training loss and validation metrics per epoch, as a PNG (written atomically)."""
+    """Training loss and validation metrics per epoch, as a PNG (written atomically).
+
+    Parameters
+    ----------
+    history : list of dict of str to float
+        One row per epoch, with "epoch", "train_loss" and the `metrics`.
+    path : Path
+        The PNG (`RunFiles.curve`).
+    loss_label : str
+        The loss, in words, for the left plot's axis.
+    metrics : tuple of str
+        The validation columns drawn in the right plot.
+    metric_label : str
+        Their axis label.
+
+    Raises
+    ------
+    OutputError
+        The disk is full or the folder cannot be written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -580,7 +642,8 @@ def plot_curve(history: list[dict[str, float]], path: Path, *, loss_label: str, 
     for axis in (left, right):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

@@ -1,19 +1,45 @@
-"""Validation of semantic and instance models on whole images, through the same tiler as
-`segkit predict`, and the choice of their inference settings on the validation split.
+"""Validation for every label kind on whole images, through the same tiler as `segkit predict`, and
+the choice of each kind's inference settings on the validation split.
 
-Membrane (ISBI) validation lives in loop.py (adapted Rand error over thresholds). Here:
+- membrane (ISBI): probability of the membrane class -> pixel error, adapted Rand error and VI at
+  several thresholds; the threshold with the best adapted Rand error is stored in the checkpoint;
 - semantic: argmax classes -> per-class Dice/IoU and their mean (higher is better);
 - instances: the object watershed over a small grid of settings -> matched F1/AP at IoU
   0.5-0.95 (per-image averages); the grid point with the best mean AP is stored in the checkpoint.
+
+`EPOCH_VALIDATIONS` holds the validation the training loop runs after every epoch, per label kind;
+`score_split` scores a finished checkpoint on one split of its recipe's data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from segkit.checkpoint import load_model
+from segkit.inference.api import rescale_factor
+from segkit.inference.engines import TorchEngine
+from segkit.inference.tiler import predict_arrays
+from segkit.instances import ObjectParams, object_watershed
+from segkit.io.resample import rescale
+from segkit.metrics import (
+    SliceScores,
+    class_scores,
+    instance_scores,
+    mean_class_rows,
+    mean_instance_rows,
+    mean_scores,
+    score_thresholds,
+)
+from segkit.training.datasets import load_examples
+from segkit.training.patches import model_input
+from segkit.training.targets import LabelRule
+
+#: Membrane thresholds tried on the validation slices after every epoch; the best is stored in the checkpoint.
+VALIDATION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: Object watershed settings tried on the validation images: first the foreground threshold (how far
 #: objects reach; the setting that matters most, for the outlines scored at high IoU), then, at the best
 #: one, seed threshold x seed distance.
@@ -21,21 +47,54 @@ FOREGROUND_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
 SEED_THRESHOLDS = (0.5, 0.7)
 SEED_DISTANCES = (0.0, 1.0, 2.0)
 
+#: What one epoch's validation returns: (log row, score (higher is better), the line to print,
+#: inference settings for the checkpoint, validation scores for its training record).
+EpochResult = tuple[dict[str, Any], float, str, dict[str, Any], dict[str, Any]]
+
 
 def probabilities(model: Any, images: list[np.ndarray], *, tile: int, batch: int, device: str) -> Iterator[np.ndarray]:
-    """(K, H, W) class probabilities of each normalised (C, H, W) image, tiled as `segkit predict` tiles."""
-    from segkit.inference.engines import TorchEngine
-    from segkit.inference.tiler import predict_arrays
+    """Class probabilities of whole images, tiled as `segkit predict` tiles.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A segkit model with a `geometry`.
+    images : list of (C, H, W) ndarray of float32
+        Normalised images (`model_input`).
+    tile, batch : int
+        Input tile size and tiles per forward pass.
+    device : str
+        Where the model runs ('cpu', 'cuda:N').
+
+    Returns
+    -------
+    iterator of (K, H, W) ndarray of float32
+        Each image's class probabilities, in order.
+    """
     engine = TorchEngine(model, device=device, amp="none", channel="all")
     return predict_arrays(images, engine, model.geometry, tile=tile, batch=batch)
 
 
 def semantic_scores(predicted: list[np.ndarray], labels: list[np.ndarray], *, classes: int,
                     ignore: int | None) -> dict[str, float]:
-    """Mean over images of per-class Dice/IoU of argmax classes against the labels."""
-    from segkit.metrics import class_scores, mean_class_rows
+    """Mean over images of per-class Dice/IoU of argmax classes against the labels.
 
+    Parameters
+    ----------
+    predicted : list of (K, H, W) ndarray of float32
+        Class probabilities.
+    labels : list of (H, W) ndarray of int
+        True classes.
+    classes : int
+        K.
+    ignore : int or None
+        A label value left out of the scores.
+
+    Returns
+    -------
+    dict of str to float
+        dice_k and iou_k per class k, and dice_mean, iou_mean.
+    """
     rows = [class_scores(p.argmax(0).astype(np.uint8), t, classes, ignore=ignore) for p, t in zip(predicted, labels)]
     return mean_class_rows(rows)
 
@@ -43,11 +102,20 @@ def semantic_scores(predicted: list[np.ndarray], labels: list[np.ndarray], *, cl
 def choose_objects(predicted: list[np.ndarray], labels: list[np.ndarray]) -> dict[str, Any]:
     """The object watershed settings with the best mean AP on these (validation) images, by coordinate
     search: the foreground threshold at the default seeds, then the seeds at that threshold (11 settings
-    instead of the 30 of the full grid). Returns the best row (params and scores)."""
-    from dataclasses import replace
+    instead of the 30 of the full grid).
 
-    from segkit.instances import ObjectParams
+    Parameters
+    ----------
+    predicted : list of (3, H, W) ndarray of float32
+        Background/interior/boundary probabilities.
+    labels : list of (H, W) ndarray of int
+        True object ids (0: background).
 
+    Returns
+    -------
+    dict
+        The best row: "params" (`ObjectParams.to_dict`) and "scores" (map, f1@0.5, ap@0.5, ...).
+    """
     default = ObjectParams()
     first = instance_table(predicted, labels, [replace(default, foreground_threshold=f) for f in FOREGROUND_THRESHOLDS])
     chosen = best_instances(first)
@@ -60,9 +128,6 @@ def choose_objects(predicted: list[np.ndarray], labels: list[np.ndarray]) -> dic
 
 def instance_table(predicted: list[np.ndarray], labels: list[np.ndarray], grid: list[Any]) -> list[dict[str, Any]]:
     """Matched-instance scores (per-image averages) of the object watershed for every setting of `grid`."""
-    from segkit.instances import object_watershed
-    from segkit.metrics import instance_scores, mean_instance_rows
-
     table = []
     for params in grid:
         rows = [instance_scores(t, object_watershed(p, params)) for p, t in zip(predicted, labels)]
@@ -75,22 +140,150 @@ def best_instances(table: list[dict[str, Any]]) -> dict[str, Any]:
     return max(table, key=lambda row: (row["scores"]["map"], row["scores"]["f1@0.5"]))
 
 
+def validate(model: Any, planes: list[np.ndarray], membranes: list[np.ndarray], *, tile: int, batch: int, device: str,
+             thresholds: tuple[float, ...]) -> dict[float, dict[str, float]]:
+    """Membrane scores of whole validation slices at several thresholds, tiled exactly as `segkit predict`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A segkit model with a `geometry`; its class 1 is the membrane.
+    planes : list of (C, H, W) ndarray of float32
+        The validation slices, normalised as the model sees them (`model_input`).
+    membranes : list of (H, W) ndarray of bool
+        The true membrane pixels of each slice.
+    tile, batch : int
+        Input tile size and tiles per forward pass.
+    device : str
+        Where the model runs ('cpu', 'cuda:N').
+    thresholds : tuple of float
+        Probabilities above which a pixel is membrane.
+
+    Returns
+    -------
+    dict of float to dict of str to float
+        Per threshold, the mean over slices of pixel error, adapted Rand error, VI, Dice, ...
+    """
+    engine = TorchEngine(model, device=device, amp="none")
+    scores: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
+    for probability, membrane in zip(predict_arrays(planes, engine, model.geometry, tile=tile, batch=batch), membranes):
+        for t, slice_scores in score_thresholds(probability[0], membrane, thresholds).items():
+            scores[t].append(slice_scores)
+    return {t: mean_scores(s) for t, s in scores.items()}
+
+
+def membrane_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarray], *, rule: LabelRule, tile: int,
+                   batch: int, device: str, val_threshold: float) -> EpochResult:
+    """ISBI validation after an epoch: scores at each threshold; the best threshold by adapted Rand error.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to score (the weight average when the run keeps one).
+    inputs : list of (C, H, W) ndarray of float32
+        Validation images, normalised as the model sees them.
+    labels : list of (H, W) ndarray of int
+        Their labels (0 is membrane).
+    rule : LabelRule
+        The recipe's label kind (unused here; every kind's validation takes it).
+    tile, batch : int
+        Input tile size and tiles per forward pass.
+    device : str
+        Where the model runs.
+    val_threshold : float
+        The recipe's `train.val_threshold`: the threshold whose scores the log row holds.
+
+    Returns
+    -------
+    EpochResult
+        (log row, score (higher is better), the line to print, {"threshold": chosen}, validation scores).
+    """
+    thresholds = tuple(sorted({*VALIDATION_THRESHOLDS, val_threshold}))
+    table = validate(model, inputs, [lab == 0 for lab in labels], tile=tile, batch=batch, device=device,
+                     thresholds=thresholds)
+    scores = table[val_threshold]
+    chosen = min(thresholds, key=lambda t: (table[t]["adapted_rand_error"], abs(t - 0.5)))
+    row = {"pixel_error": scores["pixel_error"], "adapted_rand_error": scores["adapted_rand_error"], "vi": scores["vi"],
+           "dice": scores["dice"], "best_threshold": chosen,
+           "best_adapted_rand_error": table[chosen]["adapted_rand_error"]}
+    text = (f"val pixel error {row['pixel_error']:.4f}  adapted Rand error {row['adapted_rand_error']:.4f}  "
+            f"VI {row['vi']:.3f}  (best threshold {chosen}: adapted Rand error {row['best_adapted_rand_error']:.4f})")
+    return (row, -row["best_adapted_rand_error"], text, {"threshold": chosen},
+            {"validation": table[chosen], "validation_at_val_threshold": scores})
+
+
+def semantic_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarray], *, rule: LabelRule, tile: int,
+                   batch: int, device: str, val_threshold: float) -> EpochResult:
+    """Semantic validation after an epoch: argmax classes, per-class Dice/IoU and their means.
+
+    Parameters and returns as `membrane_epoch` (labels are class indices; `val_threshold` is unused);
+    the score is the mean Dice, and no inference setting is chosen.
+    """
+    predicted = list(probabilities(model, inputs, tile=tile, batch=batch, device=device))
+    scores = semantic_scores(predicted, labels, classes=rule.classes, ignore=rule.ignore)
+    per_class = "  ".join(f"{k} {scores[f'dice_{k}']:.3f}" for k in range(rule.classes))
+    text = f"val mean Dice {scores['dice_mean']:.4f}  IoU {scores['iou_mean']:.4f}  (Dice per class: {per_class})"
+    return scores, scores["dice_mean"], text, {}, {"validation": scores}
+
+
+def instance_epoch(model: Any, inputs: list[np.ndarray], labels: list[np.ndarray], *, rule: LabelRule, tile: int,
+                   batch: int, device: str, val_threshold: float) -> EpochResult:
+    """Instance validation after an epoch: the object watershed over a grid of settings, matched F1/AP.
+
+    Parameters and returns as `membrane_epoch` (labels are object ids; `val_threshold` is unused); the
+    score is the mean AP at IoU 0.5-0.95, and the best setting is returned as {"watershed": params}
+    for the checkpoint.
+    """
+    predicted = list(probabilities(model, inputs, tile=tile, batch=batch, device=device))
+    chosen = choose_objects(predicted, labels)
+    scores, params = chosen["scores"], chosen["params"]
+    row = {key: scores[key] for key in ("map", "f1@0.5", "ap@0.5", "ap@0.75")}
+    row.update(seed_threshold=params["seed_threshold"], seed_distance=params["seed_distance"],
+               foreground_threshold=params["foreground_threshold"])
+    text = (f"val mean AP {scores['map']:.4f}  F1@0.5 {scores['f1@0.5']:.4f}  AP@0.5 {scores['ap@0.5']:.4f}  "
+            f"(watershed: foreground below background probability {params['foreground_threshold']}, seed threshold "
+            f"{params['seed_threshold']}, seed distance {params['seed_distance']})")
+    return row, scores["map"], text, {"watershed": params}, {"validation": scores}
+
+
+#: The validation the training loop runs after every epoch, per label kind.
+EPOCH_VALIDATIONS: dict[str, Callable[..., EpochResult]] = {
+    "membrane": membrane_epoch, "semantic": semantic_epoch, "instances": instance_epoch}
+
+
 def score_split(checkpoint: str, data: dict[str, Any], split: str = "test", *, device: str = "cpu",
                 batch: int = 4, tile: int | None = None) -> dict[str, Any]:
     """Scores of a trained checkpoint on one split of its recipe's data (per-image means), with the
     settings stored in the checkpoint (threshold or watershed, chosen on validation), at each image's
     own resolution (images are resampled for the model by the pixel-size factor and the training scale,
     and its probabilities back, as `segkit predict` does: `segkit.inference.api.rescale_factor`): semantic
-    Dice/IoU, or matched instances; membrane checkpoints get pixel error, adapted Rand error and VI."""
-    from segkit.checkpoint import load_model
-    from segkit.inference.api import rescale_factor
-    from segkit.instances import ObjectParams, object_watershed
-    from segkit.io.resample import rescale
-    from segkit.metrics import instance_scores, mean_instance_rows, mean_scores, score_thresholds
-    from segkit.training.datasets import load_examples
-    from segkit.training.loop import model_input
-    from segkit.training.targets import LabelRule
+    Dice/IoU, or matched instances; membrane checkpoints get pixel error, adapted Rand error and VI.
 
+    Parameters
+    ----------
+    checkpoint : str
+        A segmenter checkpoint (.safetensors).
+    data : dict
+        The `data` section of its recipe.
+    split : str
+        'train', 'val' or 'test'.
+    device : str
+        Where the model runs.
+    batch : int
+        Tiles per forward pass.
+    tile : int, optional
+        Input tile size (default: the checkpoint's).
+
+    Returns
+    -------
+    dict
+        {"split": split, "images": count, "scores": {name: mean over images}}.
+
+    Raises
+    ------
+    SegkitError
+        The checkpoint or the split's data cannot be read (CheckpointError, InputError, ...).
+    """
     model, info = load_model(checkpoint)
     rule = LabelRule.from_data(data)
     examples = load_examples({**data, "pixel_size": None, "scale": None}, split)  # scored at their own resolution

@@ -1,5 +1,7 @@
-"""Training data: where it comes from (data.root), its global normalisation, mirror-padded images and
-augmented patch sampling (albumentations on CPU workers). Targets and weight maps are targets.py's.
+"""Patches: the training patches cut from an example set's images (mirror-padded, sampled, augmented by
+albumentations on CPU workers) and the endless patch stream the loop draws from; also where the data
+comes from (data.root) and its global normalisation. Which images form a split is datasets.py's;
+targets and weight maps are targets.py's.
 """
 
 from __future__ import annotations
@@ -193,6 +195,26 @@ def sample_patch(
         np.asarray(masks[0][inner], np.int64),
         np.asarray(masks[1][inner], np.float32),
     )
+
+
+def model_input(image: np.ndarray, normalization: Normalization) -> np.ndarray:
+    """A whole image as the model sees it: normalised globally, or by its own percentiles.
+
+    Parameters
+    ----------
+    image : (C, H, W) ndarray of uint8, uint16 or float32
+        The image in its stored dtype.
+    normalization : Normalization
+        The model's normalisation (`Normalization.for_image` gives an image its own percentiles).
+
+    Returns
+    -------
+    (C, H, W) ndarray of float32
+        The normalised image.
+    """
+    image = image if image.shape[0] > 1 else image[0]
+    normalized = normalization.for_image(image).apply(image)
+    return normalized if normalized.ndim == 3 else normalized[None]
 
 
 def patch_stream(
