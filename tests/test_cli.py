@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.conftest import assert_plane_matches_library, assert_user_error, run
+from tests.helpers import assert_plane_matches_library, assert_user_error, run
 
 COMMANDS = ["train", "predict", "evaluate", "models", "demo", "train-denoiser", "denoise", "export", "segment", "convert", "init"]
 
@@ -256,7 +256,7 @@ def test_every_registered_model_predicts_through_the_cli(tmp_path, uint8_stack, 
     from segkit.models import create_model
     from segkit.normalization import Normalization
     from segkit.record import CheckpointInfo
-    from tests.conftest import randomize_zero_layers, tiny
+    from tests.helpers import randomize_zero_layers, tiny
 
     torch.manual_seed(0)
     name, kwargs = tiny(registered)
@@ -279,7 +279,7 @@ def test_blend_and_halo_options(tmp_path, uint8_stack, tiny_checkpoint):
     from segkit.models import create_model
     from segkit.normalization import Normalization
     from segkit.record import CheckpointInfo
-    from tests.conftest import randomize_zero_layers
+    from tests.helpers import randomize_zero_layers
 
     torch.manual_seed(0)
     model = randomize_zero_layers(create_model("fcn8s", width=4, fc=16, halo=16)).eval()

@@ -1,11 +1,11 @@
-from pathlib import Path
 
 import pytest
 
 from segkit.config import DENOISE_SCHEMA, SCHEMA, apply_overrides, default_recipe, load_recipe, validate_recipe
 from segkit.errors import ConfigError
+from tests.helpers import REPO
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = REPO / "recipes"
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)

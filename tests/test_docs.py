@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from segkit.cli import main
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 TEST_COMMAND = "pip install -e '.[test]' && python -m pytest -q"

@@ -22,7 +22,7 @@ from segkit.inference.engines import (
 from segkit.models import create_model, model_kind
 from segkit.normalization import Normalization
 from segkit.record import CheckpointInfo
-from tests.conftest import assert_user_error, randomize_zero_layers, run, tiny
+from tests.helpers import REPO, assert_user_error, randomize_zero_layers, run, tiny
 
 
 def tiny_info(name, kwargs, model, **inference):
@@ -277,9 +277,8 @@ def test_bench_engines_script_reports_both_cpu_engines():
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "tools" / "bench_engines.py"
+    script = REPO / "tools" / "bench_engines.py"
     out = subprocess.run([sys.executable, str(script), "--base", "4", "--tile", "188", "--batch", "1", "--seconds", "0",
                           "--warmup", "1", "--engines", "torch-cpu,ort-cpu"], capture_output=True, text=True, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])

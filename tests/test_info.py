@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from segkit.info import describe, format_info, package_versions
-from tests.conftest import run
+from tests.helpers import run
 
 
 def test_info_names_versions_devices_and_providers():

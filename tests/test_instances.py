@@ -12,7 +12,7 @@ from segkit.inference.tiler import pad_plane, plan_tiles, predict_plane
 from segkit.inference.tta import TTAForward, tta_transforms
 from segkit.instances import WatershedParams, watershed_slice
 from segkit.metrics import label_cells
-from tests.conftest import FakeEngine, as_plane, assert_user_error, run
+from tests.helpers import REPO, FakeEngine, as_plane, assert_user_error, run
 
 
 @pytest.mark.parametrize("mode, count", [("none", 1), ("flips", 4), ("d4", 8)])
@@ -175,9 +175,8 @@ def test_bench_instances_script_scores_four_variants(isbi, tiny_checkpoint):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "tools" / "bench_instances.py"
+    script = REPO / "tools" / "bench_instances.py"
     out = subprocess.run([sys.executable, str(script), "-m", str(tiny_checkpoint), "--data", str(isbi), "--device",
                           "cpu", "--tta", "flips"], capture_output=True, text=True, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])

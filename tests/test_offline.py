@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import yaml
+
+from tests.helpers import REPO
 
 GUARD = '''
 import os, socket
@@ -41,7 +42,7 @@ def offline(tmp_path):
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(GUARD)
     log = tmp_path / "sockets.log"
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
 
     def run(args: list[str], *, env: dict | None = None) -> list[str]:
         environment = {**os.environ, "SEGKIT_SOCKET_LOG": str(log), **(env or {}),

@@ -7,7 +7,7 @@ from segkit.errors import CheckpointError, ConfigError
 from segkit.models import create_model, list_models, model_kind
 from segkit.normalization import Normalization
 from segkit.record import CheckpointInfo
-from tests.conftest import randomize_zero_layers, tiny
+from tests.helpers import randomize_zero_layers, tiny
 
 
 @pytest.mark.parametrize("registered", list_models())

@@ -1,6 +1,6 @@
 """`segkit.predict`, the library's one entry point: one stack, many files into a folder, the output
 encodings and compressions, denoisers, engine objects, what it returns and how it fails.
-(The Dask path through the same entry point: tests/test_distributed.py.)"""
+(The Dask path through the same entry point: tests/inference/test_distributed.py.)"""
 
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import torch
 
 import segkit
 from segkit.errors import OutputExistsError, SegkitError
-from tests.conftest import assert_plane_matches_library
+from tests.helpers import assert_plane_matches_library
 
 
 class Progress:

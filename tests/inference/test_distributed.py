@@ -1,5 +1,5 @@
 """The Dask/OME-Zarr path: same output as the single-process path with every option, resumable,
-refuses mixed runs. (Reading zarr inputs, the store's layout and convert on their own: tests/test_zarr.py.)"""
+refuses mixed runs. (Reading zarr inputs, the store's layout and convert on their own: tests/io/test_zarr.py.)"""
 
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.conftest import assert_user_error, run
+from tests.helpers import assert_user_error, run
 
 pytest.importorskip("dask")
 zarr = pytest.importorskip("zarr")

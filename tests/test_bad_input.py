@@ -13,7 +13,7 @@ import tifffile
 from segkit.checkpoint import load_model, read_info
 from segkit.errors import CheckpointError, InputError, SegkitError, TileSizeError
 from segkit.io.tiff import open_stack
-from tests.conftest import assert_user_error, run
+from tests.helpers import assert_user_error, run
 
 GB = 1000**3
 

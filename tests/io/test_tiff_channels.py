@@ -10,7 +10,7 @@ import tifffile
 
 from segkit.errors import InputError
 from segkit.io.tiff import Resolution, open_stack, pixel_size_um, write_stack
-from tests.conftest import data_root
+from tests.helpers import data_root
 
 
 def _data(shape, dtype=np.uint16):

@@ -9,7 +9,7 @@ from segkit.normalization import intensity_scale
 from segkit.training.losses import segmentation_loss, weighted_cross_entropy
 from segkit.training.patches import pad_examples, sample_patch
 from segkit.training.targets import LabelRule, class_weights, weight_map
-from tests.conftest import tiny_recipe
+from tests.helpers import tiny_recipe
 
 
 def test_border_weights_peak_between_touching_cells():

@@ -136,7 +136,7 @@ def test_io_imports_no_torch_and_distributed_keeps_the_names():
 
 def test_cli_convert_and_segment_take_compression(tmp_path, volume):
     """`segkit convert` and `segkit segment` write with --compression like predict (the TIFF tag says which)."""
-    from tests.conftest import run
+    from tests.helpers import run
 
     store = tmp_path / "out.ome.zarr"
     create_ome_zarr(store, volume.shape, (1, 16, 16), volume.dtype, None)

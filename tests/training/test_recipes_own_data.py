@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import data_root
+from tests.helpers import REPO, data_root
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = REPO / "recipes"
 
 
 def _names(folder: Path, split: str, count: int) -> list[str]:

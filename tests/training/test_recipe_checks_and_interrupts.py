@@ -21,9 +21,9 @@ import torch
 
 from segkit.config import load_recipe, validate_recipe
 from segkit.errors import ConfigError, InputError
-from tests.conftest import assert_user_error, data_root, run, tiny_recipe
+from tests.helpers import REPO, assert_user_error, data_root, run, tiny_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO
 
 
 def _quiet(_: str) -> None:
@@ -31,7 +31,7 @@ def _quiet(_: str) -> None:
 
 
 def _recipe_file(tmp_path: Path, **train) -> Path:
-    """The tiny training recipe (conftest.tiny_recipe) as a YAML file."""
+    """The tiny training recipe (tests.helpers.tiny_recipe) as a YAML file."""
     import yaml
 
     path = tmp_path / "tiny.yaml"

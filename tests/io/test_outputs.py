@@ -21,7 +21,7 @@ from segkit.io.outputs import (
     temporary_path,
 )
 from segkit.io.tiff import write_stack
-from tests.conftest import assert_user_error, run
+from tests.helpers import assert_user_error, run
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from segkit.inference.tiler import (
 from segkit.models import create_model
 from segkit.models.geometry import Geometry
 from segkit.normalization import Normalization
-from tests.conftest import FakeEngine, as_plane, crop_engine, randomize_zero_layers
+from tests.helpers import FakeEngine, as_plane, crop_engine, randomize_zero_layers
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from segkit.inference.pipeline import predict_stack, read_ahead
 from segkit.io.tiff import open_stack
 from segkit.models.geometry import Geometry
 from segkit.normalization import Normalization, stack_normalization
-from tests.conftest import FakeEngine, crop_engine
+from tests.helpers import FakeEngine, crop_engine
 
 GEOMETRY = Geometry(margin=3, step=4, min_output=4)
 

@@ -16,7 +16,7 @@ from segkit.models.compose import compose_geometry, compose_with_denoiser
 from segkit.models.geometry import valid_unet_geometry
 from segkit.normalization import Normalization
 from segkit.record import CheckpointInfo
-from tests.conftest import assert_user_error, run
+from tests.helpers import assert_user_error, run
 
 
 @pytest.mark.parametrize("kwargs", [{"skip": True}, {"skip": False}, {"upsampling": "transpose"}, {"depth": 3}])
@@ -137,7 +137,7 @@ def test_cli_train_denoiser(tmp_path):
 def test_segmentation_training_with_frozen_denoiser_in_front(tmp_path, denoiser_and_segmenter, uint8_stack):
     from segkit.checkpoint import load_model
     from segkit.training.loop import train
-    from tests.conftest import tiny_recipe
+    from tests.helpers import tiny_recipe
 
     den_path, _ = denoiser_and_segmenter
     den_before, _ = load_model(den_path, expect_kind="denoiser")

@@ -16,7 +16,7 @@ from segkit.inference.tta import TTA_MODES, TTAForward, tta_transforms
 from segkit.models.geometry import Geometry
 from segkit.normalization import Normalization
 from segkit.record import CheckpointInfo
-from tests.conftest import as_plane, crop_engine
+from tests.helpers import as_plane, crop_engine
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -75,7 +75,7 @@ def test_training_validates_and_saves_the_weight_average(tmp_path):
     from segkit.checkpoint import load_model
     from segkit.training.loop import train
     from segkit.training.runs import WEIGHTS_PREFIX, load_optimizer
-    from tests.conftest import tiny_recipe
+    from tests.helpers import tiny_recipe
 
     recipe = tiny_recipe(tmp_path, epochs=1, iters_per_epoch=3, ema_decay=0.5)
     files = train(recipe, progress=False, echo=lambda _: None)
@@ -105,7 +105,7 @@ def test_training_logs_the_scheduled_learning_rate(tmp_path):
     import json
 
     from segkit.training.loop import train
-    from tests.conftest import tiny_recipe
+    from tests.helpers import tiny_recipe
 
     files = train(tiny_recipe(tmp_path, epochs=2, iters_per_epoch=2, warmup=0.0), progress=False, echo=lambda _: None)
     rows = json.loads(files.log_json.read_text())

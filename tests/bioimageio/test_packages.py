@@ -24,7 +24,7 @@ from segkit.export import read_onnx_metadata  # noqa: E402
 from segkit.models import create_model, model_kind  # noqa: E402
 from segkit.normalization import Normalization  # noqa: E402
 from segkit.record import CheckpointInfo  # noqa: E402
-from tests.conftest import assert_user_error, randomize_zero_layers, run, tiny  # noqa: E402
+from tests.helpers import assert_user_error, randomize_zero_layers, run, tiny  # noqa: E402
 
 CITED_DOIS = {"10.1007/978-3-319-24574-4_28", "10.1371/journal.pbio.1000502", "10.3389/fnana.2015.00142"}
 

@@ -170,7 +170,7 @@ def test_truncated_tiff(tmp_path, compression):
     "make, message, labels",
     [
         (lambda p: p.write_text("hello"), "not a readable TIFF", False),
-        # images may have channels (RGB, CYX, ZCYX: tests/test_tiff_channels.py); labels may not
+        # images may have channels (RGB, CYX, ZCYX: tests/io/test_tiff_channels.py); labels may not
         (lambda p: tifffile.imwrite(p, np.zeros((20, 20, 3), np.uint8), photometric="rgb"), "RGB", True),
         (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 20, 20), np.uint8), imagej=True,
                                     metadata={"axes": "ZCYX"}), "multi-channel", True),

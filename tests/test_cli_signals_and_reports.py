@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.conftest import assert_user_error, run
+from tests.helpers import REPO, assert_user_error, run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO
 
 
 def _leftovers(folder: Path, name: str) -> list[str]:

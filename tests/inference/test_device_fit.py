@@ -18,7 +18,7 @@ from segkit.inference.device_fit import (
 )
 from segkit.inference.tiler import plan_tiles, predict_plane
 from segkit.models.geometry import Geometry, valid_unet_geometry
-from tests.conftest import FakeEngine, as_plane, assert_user_error, run
+from tests.helpers import REPO, FakeEngine, as_plane, assert_user_error, run
 
 UNET = valid_unet_geometry(4)
 
@@ -210,9 +210,8 @@ def test_bench_predict_script_runs_end_to_end(tmp_path):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "tools" / "bench_predict.py"
+    script = REPO / "tools" / "bench_predict.py"
     out = subprocess.run([sys.executable, str(script), "--planes", "2", "--size", "200", "--device", "cpu",
                           "--runs", "segkit-torch,segkit-onnx,nnunet-loop", "--workdir", str(tmp_path)],
                          capture_output=True, text=True, check=True)

@@ -15,7 +15,7 @@ import tifffile
 
 import tools.baseline_smp as baseline
 from segkit.metrics import instance_scores
-from tests.conftest import data_root
+from tests.helpers import REPO, data_root
 from tools.baseline_smp import (
     boundary_classes,
     choose_objects,
@@ -31,7 +31,7 @@ from tools.baseline_smp import (
     to_chw,
 )
 
-SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "baseline_smp.py"
+SCRIPT = REPO / "tools" / "baseline_smp.py"
 
 
 def discs(shape: tuple[int, int], centres: list[tuple[int, int]], radius: int = 6) -> np.ndarray:
@@ -458,7 +458,7 @@ def test_bench_runs_init_then_both_with_the_recipes_split(tmp_path, monkeypatch)
 
 def test_bench_reports_the_epoch_the_run_kept():
     """Membrane runs keep the epoch of the lowest error at the validation-chosen threshold."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    sys.path.insert(0, str(REPO / "tools"))
     from _bench_train import best_epoch
 
     rows = [{"epoch": 1, "adapted_rand_error": 0.10, "best_adapted_rand_error": 0.09},

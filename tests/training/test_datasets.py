@@ -551,7 +551,7 @@ def test_refuses_inconsistent_data_settings(tmp_path, data, words):
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path):
-    from tests.conftest import assert_user_error, run
+    from tests.helpers import assert_user_error, run
 
     split = _folders(tmp_path, labels={1: np.zeros((48, 40), np.uint8)})
     recipe = tmp_path / "recipe.yaml"

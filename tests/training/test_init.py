@@ -18,7 +18,7 @@ from segkit.training.fingerprint import (
     touching_objects,
 )
 from segkit.training.init import Timings, init_recipe, random_split, schedule, stack_slices
-from tests.conftest import assert_user_error, data_root, run
+from tests.helpers import assert_user_error, data_root, run
 
 #: Fixed timings, so no test depends on the speed of the machine.
 FIXED = Timings(step_s=1.0, forward_s=0.5, measured=False, note="fixed for the test")
