@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,14 @@ def _check_labels(stack: TiffStack, source: str) -> None:
             f"{source} holds float values, which look like probabilities, not labels; "
             "pass the prediction first and the label stack second"
         )
+
+
+@contextmanager
+def _open_pair(prediction: str, labels: str) -> Iterator[tuple[TiffStack, TiffStack]]:
+    """The prediction and the label stack, open; labels holding float values are refused."""
+    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
+        _check_labels(label_stack, labels)
+        yield pred_stack, label_stack
 
 
 def _paired_planes(pred: TiffStack, labels: TiffStack, slices: tuple[int, int] | None) -> list[tuple[int, int]]:
@@ -87,8 +97,7 @@ def evaluate_stacks(
         raise InputError(f"threshold={threshold!r} must be between 0 and 1")
     thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
     per_threshold: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         check_probability_stack(pred_stack.dtype, prediction)
         for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
             probability = to_probability(pred_stack.plane(pred_index))
@@ -202,8 +211,7 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
         probabilities (or the two were swapped), or a value is out of range; the message names the fix.
     """
     rows = []
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu" or pred_stack.dtype.itemsize < 2:
             raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like membrane probabilities, "
                              "not instance labels (segkit writes uint32 labels); score them with `segkit evaluate PREDICTION LABELS`, "
@@ -297,8 +305,7 @@ def _watershed_table(prediction: str, labels: str, slices: tuple[int, int] | Non
     from segkit.instances import watershed_slice
 
     rows: dict[Any, list[dict[str, float]]] = {params: [] for params in grid}
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         check_probability_stack(pred_stack.dtype, prediction)
         for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
             probability = to_probability(pred_stack.plane(pred_index))
@@ -345,8 +352,7 @@ def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: 
     if classes < 2:
         raise InputError(f"classes={classes!r} must be at least 2 (background and one class)")
     rows = []
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu":
             raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like probabilities, not a "
                              f"class map; pass integer class maps (values 0..{classes - 1}, uint8/uint16)")
@@ -396,8 +402,7 @@ def evaluate_matched_instances(prediction: str, labels: str, /, *,
     from segkit.metrics import instance_scores, mean_instance_rows
 
     rows = []
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu":
             raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like probabilities, "
                              "not instance labels (0 = background, one id per object); run `segkit segment` on it "
