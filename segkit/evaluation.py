@@ -189,14 +189,9 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
-        The prediction holds integer labels of at least 16 bits (segkit writes uint32).
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
+    prediction, labels, slices
+        As for `evaluate_stacks`; the prediction holds integer labels of at least 16 bits (segkit
+        writes uint32).
 
     Returns
     -------
@@ -207,8 +202,7 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     rows = []
     with _open_pair(prediction, labels) as (pred_stack, label_stack):
@@ -229,13 +223,8 @@ def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, in
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
+    prediction, labels, slices
+        As for `evaluate_stacks`.
     params : segkit.instances.WatershedParams, optional
         The watershed settings; default `WatershedParams()`.
 
@@ -248,8 +237,7 @@ def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, in
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     from segkit.instances import WatershedParams
 
@@ -267,13 +255,8 @@ def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] 
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
+    prediction, labels, slices
+        As for `evaluate_stacks`.
     min_seed_size : int
         px of the smallest seed, the same for every setting.
     min_size : int
@@ -288,8 +271,7 @@ def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] 
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     from segkit.instances import WatershedParams
 
@@ -323,17 +305,12 @@ def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: 
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
+    prediction, labels, slices
+        As for `evaluate_stacks`.
     classes : int
         Number of classes K >= 2 (values 0..K-1).
     ignore : int, optional
         Label value of unlabelled pixels, left out of the scores.
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
 
     Returns
     -------
@@ -344,8 +321,7 @@ def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: 
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     from segkit.metrics import class_scores, mean_class_rows
 
@@ -380,13 +356,8 @@ def evaluate_matched_instances(prediction: str, labels: str, /, *,
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
+    prediction, labels, slices
+        As for `evaluate_stacks`.
 
     Returns
     -------
@@ -396,8 +367,7 @@ def evaluate_matched_instances(prediction: str, labels: str, /, *,
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     from segkit.metrics import instance_scores, mean_instance_rows
 

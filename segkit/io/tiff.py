@@ -110,7 +110,7 @@ class TiffStack:
     Planes are read one at a time, never the whole stack; each is returned as a fresh numpy array.
     Use it as a context manager (or call `close`), or open it with `open_stack`.
 
-    Parameters as in `open_stack`.
+    Parameters and errors as in `open_stack`.
 
     Attributes
     ----------
@@ -124,13 +124,6 @@ class TiffStack:
         The resolution tags, copied to outputs.
     pixel_size : float or None
         Micrometres per pixel from the resolution tags, or None where the file holds no calibration.
-
-    Raises
-    ------
-    InputError
-        When the source does not exist, is not a readable TIFF, is damaged or truncated, holds an
-        unsupported dtype or layout (4D, pages of differing sizes, several stacks in one file, a folder
-        of stacks), or when one plane would not fit in memory; the message names the fix.
     """
 
     def __init__(self, source: str | Path, *, labels: bool = False, workers: int | None = None,
