@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,14 @@ def _check_labels(stack: TiffStack, source: str) -> None:
             f"{source} holds float values, which look like probabilities, not labels; "
             "pass the prediction first and the label stack second"
         )
+
+
+@contextmanager
+def _open_pair(prediction: str, labels: str) -> Iterator[tuple[TiffStack, TiffStack]]:
+    """The prediction and the label stack, open; labels holding float values are refused."""
+    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
+        _check_labels(label_stack, labels)
+        yield pred_stack, label_stack
 
 
 def _paired_planes(pred: TiffStack, labels: TiffStack, slices: tuple[int, int] | None) -> list[tuple[int, int]]:
@@ -87,8 +97,7 @@ def evaluate_stacks(
         raise InputError(f"threshold={threshold!r} must be between 0 and 1")
     thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
     per_threshold: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         check_probability_stack(pred_stack.dtype, prediction)
         for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
             probability = to_probability(pred_stack.plane(pred_index))
@@ -180,14 +189,9 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
-        The prediction holds integer labels of at least 16 bits (segkit writes uint32).
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
+    prediction, labels, slices
+        As for `evaluate_stacks`; the prediction holds integer labels of at least 16 bits (segkit
+        writes uint32).
 
     Returns
     -------
@@ -198,12 +202,10 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     rows = []
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu" or pred_stack.dtype.itemsize < 2:
             raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like membrane probabilities, "
                              "not instance labels (segkit writes uint32 labels); score them with `segkit evaluate PREDICTION LABELS`, "
@@ -221,13 +223,8 @@ def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, in
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
+    prediction, labels, slices
+        As for `evaluate_stacks`.
     params : segkit.instances.WatershedParams, optional
         The watershed settings; default `WatershedParams()`.
 
@@ -240,8 +237,7 @@ def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, in
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     from segkit.instances import WatershedParams
 
@@ -259,13 +255,8 @@ def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] 
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
+    prediction, labels, slices
+        As for `evaluate_stacks`.
     min_seed_size : int
         px of the smallest seed, the same for every setting.
     min_size : int
@@ -280,8 +271,7 @@ def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] 
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     from segkit.instances import WatershedParams
 
@@ -297,8 +287,7 @@ def _watershed_table(prediction: str, labels: str, slices: tuple[int, int] | Non
     from segkit.instances import watershed_slice
 
     rows: dict[Any, list[dict[str, float]]] = {params: [] for params in grid}
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         check_probability_stack(pred_stack.dtype, prediction)
         for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
             probability = to_probability(pred_stack.plane(pred_index))
@@ -316,17 +305,12 @@ def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: 
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
+    prediction, labels, slices
+        As for `evaluate_stacks`.
     classes : int
         Number of classes K >= 2 (values 0..K-1).
     ignore : int, optional
         Label value of unlabelled pixels, left out of the scores.
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
 
     Returns
     -------
@@ -337,16 +321,14 @@ def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: 
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     from segkit.metrics import class_scores, mean_class_rows
 
     if classes < 2:
         raise InputError(f"classes={classes!r} must be at least 2 (background and one class)")
     rows = []
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu":
             raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like probabilities, not a "
                              f"class map; pass integer class maps (values 0..{classes - 1}, uint8/uint16)")
@@ -374,13 +356,8 @@ def evaluate_matched_instances(prediction: str, labels: str, /, *,
 
     Parameters
     ----------
-    prediction : str
-        Path of the prediction: a TIFF stack (Z, H, W), a 2D TIFF, a folder or a glob of TIFFs.
-    labels : str
-        Path of the label stack, in the same forms.
-    slices : tuple of (int, int), optional
-        The label slices [start, stop) to score; the prediction holds either all label slices or just
-        these. Default: every slice.
+    prediction, labels, slices
+        As for `evaluate_stacks`.
 
     Returns
     -------
@@ -390,14 +367,12 @@ def evaluate_matched_instances(prediction: str, labels: str, /, *,
     Raises
     ------
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        As for `evaluate_stacks`.
     """
     from segkit.metrics import instance_scores, mean_instance_rows
 
     rows = []
-    with open_stack(prediction, labels=True) as pred_stack, open_stack(labels, labels=True) as label_stack:
-        _check_labels(label_stack, labels)
+    with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu":
             raise InputError(f"{prediction} holds {pred_stack.dtype} values, which look like probabilities, "
                              "not instance labels (0 = background, one id per object); run `segkit segment` on it "

@@ -64,6 +64,17 @@ def choose_normalization(stack: TiffStack, info: CheckpointInfo, *, mode: str = 
     return info.normalization, ""
 
 
+def _queued_items(buffer: queue.Queue, done: object) -> Iterator[Any]:
+    """The items a thread puts into `buffer`, until it puts `done`; a `_Failure` it puts is raised here."""
+    while True:
+        item = buffer.get()
+        if item is done:
+            return
+        if isinstance(item, _Failure):
+            raise item.error
+        yield item
+
+
 def read_ahead(produce: Iterable[T], *, depth: int = 2, name: str = "segkit-reader") -> Iterator[T]:
     """Items of `produce`, computed ahead by a thread of their own through a bounded queue; an
     error in that thread is re-raised here, and leaving early stops it."""
@@ -84,13 +95,7 @@ def read_ahead(produce: Iterable[T], *, depth: int = 2, name: str = "segkit-read
     reader = threading.Thread(target=run, name=name, daemon=True)
     reader.start()
     try:
-        while True:
-            item = buffer.get()
-            if item is done:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
+        yield from _queued_items(buffer, done)
     finally:
         stop.set()
         while reader.is_alive():
@@ -191,13 +196,7 @@ def consume_behind(consume: Callable[[Iterable[T]], R], items: Iterable[T], *, d
     finished = threading.Event()
 
     def stream() -> Iterator[T]:
-        while True:
-            item = buffer.get()
-            if item is done:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
+        return _queued_items(buffer, done)
 
     def run() -> None:
         try:

@@ -110,18 +110,7 @@ class TiffStack:
     Planes are read one at a time, never the whole stack; each is returned as a fresh numpy array.
     Use it as a context manager (or call `close`), or open it with `open_stack`.
 
-    Parameters
-    ----------
-    source : str or Path
-        A 2D or ZYX TIFF (CYX / ZCYX / RGB for several channels), a folder of 2D TIFFs, or a glob of
-        them (sorted by name).
-    labels : bool
-        Also admit 32-bit integer label stacks (uint32, int32; single-channel only).
-    workers : int, optional
-        Threads that decode one compressed page; default: up to 4.
-    check_memory : bool
-        Refuse, before any work, planes that do not fit in memory (off where a caller checked already,
-        e.g. a Dask task re-opening a stack its client opened).
+    Parameters and errors as in `open_stack`.
 
     Attributes
     ----------
@@ -135,13 +124,6 @@ class TiffStack:
         The resolution tags, copied to outputs.
     pixel_size : float or None
         Micrometres per pixel from the resolution tags, or None where the file holds no calibration.
-
-    Raises
-    ------
-    InputError
-        When the source does not exist, is not a readable TIFF, is damaged or truncated, holds an
-        unsupported dtype or layout (4D, pages of differing sizes, several stacks in one file, a folder
-        of stacks), or when one plane would not fit in memory; the message names the fix.
     """
 
     def __init__(self, source: str | Path, *, labels: bool = False, workers: int | None = None,

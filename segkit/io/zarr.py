@@ -387,25 +387,9 @@ def open_array(store: str | Path, name: str = "0", *, mode: str = "r") -> Any:
 
 
 def open_level0(store: str | Path, *, mode: str = "r") -> Any:
-    """The level-0 array of an OME-Zarr store.
+    """The level-0 array of an OME-Zarr store: `open_array(store, "0", mode=mode)`.
 
-    Parameters
-    ----------
-    store : str or Path
-        The store (a folder).
-    mode : str
-        zarr's mode: 'r' to read, 'r+' to write into it.
-
-    Returns
-    -------
-    zarr.Array
-
-    Raises
-    ------
-    InputError
-        When the store has no level-0 array.
-    MissingDependencyError
-        When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
+    Parameters and errors as in `open_array`, and an InputError when the store has no level-0 array.
     """
     if not (Path(store) / "0").exists():
         raise InputError(f"{store} is not a segkit OME-Zarr store (no level 0 array); pass a store from "

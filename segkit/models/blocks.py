@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["center_crop", "double_conv", "he_init", "valid_encoder"]
+__all__ = ["center_crop", "contract", "crop_and_concat", "double_conv", "he_init", "valid_encoder"]
 
 
 def double_conv(in_channels: int, out_channels: int, batch_norm: bool) -> nn.Sequential:
@@ -66,3 +66,48 @@ def center_crop(skip: torch.Tensor, height: int, width: int) -> torch.Tensor:
     top = (skip.shape[-2] - height) // 2
     left = (skip.shape[-1] - width) // 2
     return skip[..., top : top + height, left : left + width]
+
+
+def contract(encoder: nn.ModuleList, pool: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the contracting path: each level of `encoder`, then `pool`, keeping every level's output.
+
+    Parameters
+    ----------
+    encoder : nn.ModuleList
+        The levels, as `valid_encoder` returns them (without the pooling).
+    pool : nn.Module
+        The pooling applied after each level.
+    x : torch.Tensor
+        The input (N, C, H, W).
+
+    Returns
+    -------
+    x : torch.Tensor
+        The last level's pooled output, the bottom block's input.
+    skips : list of torch.Tensor
+        Each level's output before pooling, first level first (the skip connections).
+    """
+    skips = []
+    for block in encoder:
+        x = block(x)
+        skips.append(x)
+        x = pool(x)
+    return x, skips
+
+
+def crop_and_concat(skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The centre of `skip` cropped to the size of `x` and joined before it on the channel axis.
+
+    Parameters
+    ----------
+    skip : torch.Tensor
+        An encoder level's output (N, C1, H1, W1), at least as large as `x`.
+    x : torch.Tensor
+        The decoder's upsampled features (N, C2, H, W).
+
+    Returns
+    -------
+    torch.Tensor
+        (N, C1 + C2, H, W).
+    """
+    return torch.cat([center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1)

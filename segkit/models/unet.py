@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segkit.models.blocks import center_crop, double_conv, he_init, valid_encoder
+from segkit.models.blocks import contract, crop_and_concat, double_conv, he_init, valid_encoder
 from segkit.models.geometry import Geometry, valid_unet_geometry
 
 
@@ -52,13 +52,9 @@ class UNet(nn.Module):
         he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for block in self.encoder:
-            x = block(x)
-            skips.append(x)
-            x = self.pool(x)
+        x, skips = contract(self.encoder, self.pool, x)
         x = self.dropout(self.bottom(x))
         for upconv, block, skip in zip(self.upconvs, self.decoder, reversed(skips)):
             x = upconv(x)
-            x = block(torch.cat([center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1))
+            x = block(crop_and_concat(skip, x))
         return self.head(x)

@@ -26,8 +26,6 @@ from segkit.record import CheckpointInfo, InferenceDefaults
 from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
 from segkit.training.patches import data_source, mirror_array, split_planes
 from segkit.training.runs import (
-    Clock,
-    EpochPlan,
     RunFiles,
     announce,
     build_optimizer,
@@ -36,6 +34,7 @@ from segkit.training.runs import (
     make_interruptible,
     open_run,
     optimizer_step,
+    plan_epochs,
     resume_run,
     run_epochs,
     save_optimizer,
@@ -198,11 +197,9 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
              amp=cfg_train["amp"], data=slice_text({"training": cfg_data["train_slices"],
                                                     "validation": cfg_data["val_slices"]}),
              iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
-    plan = EpochPlan(files=files, model=model, epochs=epochs, iters=iters,
-                     clock=Clock(cfg_train["time_limit_min"], timed_iterations=min(3, iters)), progress=progress,
-                     echo=echo, gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu",
-                     log_fields=LOG_FIELDS, loss_label=f"{cfg_train['loss']} ({cfg_train['mode']})",
-                     curve_metrics=("psnr", "noisy_psnr") if synthetic else ("psnr",), metric_label="PSNR (dB)")
+    plan = plan_epochs(files, model, cfg_train, device, progress=progress, echo=echo, log_fields=LOG_FIELDS,
+                       loss_label=f"{cfg_train['loss']} ({cfg_train['mode']})",
+                       curve_metrics=("psnr", "noisy_psnr") if synthetic else ("psnr",), metric_label="PSNR (dB)")
     run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
                save_best=lambda: save_checkpoint(files.best, model, info), save_last=save_last)
     return files

@@ -28,8 +28,6 @@ from segkit.record import CheckpointInfo, InferenceDefaults
 from segkit.training.datasets import Example, load_examples
 from segkit.training.patches import data_source, model_input, pad_examples, patch_stream
 from segkit.training.runs import (
-    Clock,
-    EpochPlan,
     RunFiles,
     Schedule,
     WeightAverage,
@@ -41,6 +39,7 @@ from segkit.training.runs import (
     make_interruptible,
     open_run,
     optimizer_step,
+    plan_epochs,
     resume_run,
     run_epochs,
     save_optimizer,
@@ -318,11 +317,9 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
         "membrane": (LOG_FIELDS, ("pixel_error", "adapted_rand_error"), "error"),
         "semantic": (SEMANTIC_FIELDS, ("dice_mean", "iou_mean"), "score (higher is better)"),
         "instances": (INSTANCE_FIELDS, ("map", "f1@0.5"), "score (higher is better)")}[rule.kind]
-    plan = EpochPlan(files=files, model=model, epochs=epochs, iters=iters,
-                     clock=Clock(cfg_train["time_limit_min"], timed_iterations=min(3, iters)), progress=progress,
-                     echo=echo, gpu_recipe_on_cpu=device == "cpu" and cfg_train["device"] != "cpu",
-                     log_fields=fields, loss_label="weighted cross-entropy" + (" + Dice" if cfg_loss["dice_weight"] else ""),
-                     curve_metrics=metrics, metric_label=label)
+    plan = plan_epochs(files, model, cfg_train, device, progress=progress, echo=echo, log_fields=fields,
+                       loss_label="weighted cross-entropy" + (" + Dice" if cfg_loss["dice_weight"] else ""),
+                       curve_metrics=metrics, metric_label=label)
     run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
                save_best=lambda: save_checkpoint(files.best, scored, info), save_last=save_last)
     return files

@@ -338,6 +338,38 @@ class EpochPlan:
     metric_label: str
 
 
+def plan_epochs(files: RunFiles, model: Any, train: dict[str, Any], device: str, *, progress: bool,
+                echo: Callable[[str], None], log_fields: list[str], loss_label: str, curve_metrics: tuple[str, ...],
+                metric_label: str) -> EpochPlan:
+    """The epoch plan of a run from its recipe's `train` section, the same for segmenters and denoisers.
+
+    Parameters
+    ----------
+    files : RunFiles
+        Where the run writes.
+    model : torch.nn.Module
+        The model trained.
+    train : dict
+        The resolved `train` section: `epochs`, `iters_per_epoch`, `time_limit_min` and the requested
+        `device` are read.
+    device : str
+        The device the run resolved to (a GPU recipe running on the CPU is told so).
+    progress, echo, log_fields, loss_label, curve_metrics, metric_label
+        As the fields of `EpochPlan`.
+
+    Returns
+    -------
+    EpochPlan
+        Its clock times the first three iterations (fewer when an epoch has fewer).
+    """
+    iters = train["iters_per_epoch"]
+    return EpochPlan(files=files, model=model, epochs=train["epochs"], iters=iters,
+                     clock=Clock(train["time_limit_min"], timed_iterations=min(3, iters)), progress=progress,
+                     echo=echo, gpu_recipe_on_cpu=device == "cpu" and train["device"] != "cpu",
+                     log_fields=log_fields, loss_label=loss_label, curve_metrics=curve_metrics,
+                     metric_label=metric_label)
+
+
 def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any]],
                step: Callable[[int], float], finish: Callable[[int, list[float], float], tuple[dict[str, Any], bool, str]],
                save_best: Callable[[], None], save_last: Callable[[int], None]) -> None:

@@ -73,3 +73,16 @@ def test_checkpoint_of_another_model(tmp_path, tiny_unet):
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="not a segkit checkpoint"):
         load_model(tmp_path / "junk.safetensors")
+
+
+def test_contract_keeps_each_level_and_crop_and_concat_joins_the_centre():
+    from segkit.models.blocks import contract, crop_and_concat, valid_encoder
+
+    encoder, _ = valid_encoder(1, [2, 4, 8], batch_norm=False)
+    x, skips = contract(encoder, torch.nn.MaxPool2d(2), torch.randn(1, 1, 44, 44))
+    assert [tuple(s.shape) for s in skips] == [(1, 2, 40, 40), (1, 4, 16, 16)]
+    assert tuple(x.shape) == (1, 4, 8, 8)
+    skip = torch.arange(36.0).reshape(1, 1, 6, 6)
+    joined = crop_and_concat(skip, torch.zeros(1, 2, 2, 2))
+    assert joined.shape == (1, 3, 2, 2)
+    assert torch.equal(joined[0, 0], skip[0, 0, 2:4, 2:4]) and not joined[0, 1:].any()

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from segkit.io.outputs import temporary_path
-from segkit.training.runs import RunFiles, plot_curve, save_optimizer, write_logs, write_recipe
+from segkit.training.runs import RunFiles, plan_epochs, plot_curve, save_optimizer, write_logs, write_recipe
 
 HISTORY = [{"epoch": 1, "train_loss": 0.5, "dice_mean": 0.25, "seconds": 1.0, "lr": 1e-3},
            {"epoch": 2, "train_loss": 0.4, "dice_mean": 0.5, "seconds": 1.0, "lr": 1e-3}]
@@ -62,3 +62,12 @@ def test_remove_partials_removes_what_killed_runs_left_and_nothing_else(tmp_path
     files.remove_partials(notes.append)
     assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name]
     assert notes == [f"removed 1 temporary file left by runs that were killed before they finished: {killed}"]
+
+
+def test_plan_epochs_reads_the_train_section(tmp_path):
+    train = {"epochs": 7, "iters_per_epoch": 2, "time_limit_min": None, "device": "cuda"}
+    plan = plan_epochs(RunFiles(tmp_path), None, train, "cpu", progress=False, echo=print, log_fields=["epoch"],
+                       loss_label="mse", curve_metrics=("psnr",), metric_label="PSNR (dB)")
+    assert (plan.epochs, plan.iters, plan.gpu_recipe_on_cpu, plan.log_fields) == (7, 2, True, ["epoch"])
+    assert not plan_epochs(RunFiles(tmp_path), None, train | {"device": "cpu"}, "cpu", progress=False, echo=print,
+                           log_fields=[], loss_label="", curve_metrics=(), metric_label="").gpu_recipe_on_cpu
