@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from segkit.devices import AMP_CHOICES
 from segkit.errors import SegkitError
 from segkit.io.tiff import COMPRESSIONS
 from segkit.record import MODEL_KINDS
@@ -46,13 +47,9 @@ class EngineChoice(Choice):
     ONNX = "onnx"  # ONNX Runtime; a checkpoint is exported (and verified) for the run
 
 
-class Amp(Choice):
-    """Autocast precision of the forward pass."""
-
-    AUTO = "auto"  # bf16 on GPUs that have it, else fp16; none on the CPU
-    NONE = "none"
-    FP16 = "fp16"
-    BF16 = "bf16"
+#: Autocast precision of the forward pass: auto is bf16 on GPUs that have it, else fp16, and none on
+#: the CPU. Its values are `segkit.devices.AMP_CHOICES`, the one list that training shares.
+Amp = Choice("Amp", [(value.upper(), value) for value in AMP_CHOICES], module=__name__)
 
 
 class Blend(Choice):
