@@ -50,7 +50,7 @@ from segkit._optional import require
 from segkit.errors import OutputError, OutputExistsError, SegkitError
 from segkit.inference.encodings import InstanceEncoding, ObjectEncoding, PlaneEncoding, ProbabilityEncoding
 from segkit.inference.loading import EngineRequest
-from segkit.io.outputs import check_output, is_write_error, write_failure
+from segkit.io.outputs import check_output, is_write_error, resumable_path, write_failure
 from segkit.io.zarr import (  # noqa: F401  (the zarr names stay importable from here until the CLI moves)
     MANIFEST,
     ZarrStack,
@@ -339,7 +339,7 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
     blend, scheduler, workers = options.blend, options.scheduler, options.workers
     spec = spec or ProbabilityEncoding()
     output = Path(output)
-    partial_store = output.with_name(output.name + ".partial")
+    partial_store = resumable_path(output)
     check_output(output, kind="store", inputs=[source], overwrite=options.overwrite)  # not the input, not a file, writable
     info, geometry = record or model_record(request)
     geometry.check_tile(tile)

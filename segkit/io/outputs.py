@@ -292,6 +292,31 @@ def write_failure(path: str | Path, exc: OSError, what_happened: str) -> str:
     return f"writing {path} failed ({exc.strerror or exc}); {what_happened}; {fix}"
 
 
+#: The suffix of an output built in place and resumable (the Dask path's OME-Zarr store): NAME.partial.
+RESUMABLE_SUFFIX = ".partial"
+
+
+def resumable_path(path: str | Path) -> Path:
+    """Where a resumable output is built before its rename to `path`: the sibling `NAME.partial`.
+
+    Every other file goes through `atomic_path` (a unique hidden name per writer). A store written
+    chunk by chunk by many Dask tasks, which a later run with resume must find again, needs a fixed
+    name instead; this is the one place that names it.
+
+    Parameters
+    ----------
+    path : str or Path
+        The final output (an OME-Zarr store).
+
+    Returns
+    -------
+    Path
+        `path` with `RESUMABLE_SUFFIX` appended to its name.
+    """
+    path = Path(path)
+    return path.with_name(path.name + RESUMABLE_SUFFIX)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` (`temporary_path`); rename it to `path` on success, delete

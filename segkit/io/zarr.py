@@ -18,6 +18,7 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import InputError
+from segkit.io.outputs import RESUMABLE_SUFFIX
 from segkit.io.tiff import Resolution, check_finite, open_stack, write_stack
 
 #: dtypes a zarr input may have (those of a TIFF input).
@@ -26,7 +27,6 @@ ZARR_DTYPES = (np.uint8, np.uint16, np.float32)
 #: start, and COMPLETE once every chunk is written (then `NAME.partial` is renamed to NAME).
 MANIFEST = "segkit_manifest.json"
 COMPLETE = "segkit_complete"
-PARTIAL_SUFFIX = ".partial"
 
 
 def mark_complete(store: str | Path) -> None:
@@ -57,8 +57,8 @@ def check_complete(store: str | Path) -> None:
         .partial); the message says to rerun the prediction with resume.
     """
     name = str(store).rstrip("/\\")
-    if name.endswith(PARTIAL_SUFFIX):
-        final = name[: -len(PARTIAL_SUFFIX)]
+    if name.endswith(RESUMABLE_SUFFIX):
+        final = name[: -len(RESUMABLE_SUFFIX)]
         raise InputError(f"{store} is the unfinished store of a prediction that stopped before the end; finish "
                          f"it by rerunning that prediction into {final} with resume, then use {final}")
     if _written_with_complete_marks(Path(store)) and not (Path(store) / COMPLETE).exists():
