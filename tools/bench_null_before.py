@@ -45,10 +45,11 @@ def main() -> None:
     import torch
     from bench_predict import SMP_KWARGS, SMP_NAME, fewest_pixels_tile, make_stack, on_one_thread
 
+    # the old checkout's names (commit 2af01e0): OutputSpec and Normalization lived there then
+    from segkit.checkpoint import Normalization
     from segkit.inference.pipeline import OutputSpec, predict_stack
     from segkit.io.tiff import open_stack
     from segkit.models import create_model
-    from segkit.normalization import Normalization
 
     assert Path(sys.modules["segkit"].__file__).is_relative_to(args.checkout), "the old segkit was not imported"
     geometry = create_model(SMP_NAME, **SMP_KWARGS).geometry
