@@ -18,6 +18,7 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import InputError
+from segkit.io.outputs import check_output
 from segkit.io.tiff import Resolution, check_finite, open_stack, write_stack
 
 #: dtypes a zarr input may have (those of a TIFF input).
@@ -432,8 +433,6 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
     MissingDependencyError
         When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
     """
-    from segkit.io.outputs import check_output
-
     if Path(store).exists():
         check_complete(store)
     array = open_level0(store)
