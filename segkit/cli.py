@@ -3,6 +3,10 @@
 User errors (SegkitError) print as one line and exit with code 2; Ctrl-C and SIGTERM (SLURM, `kill`)
 stop a command the same way (unfinished files removed) with one "interrupted" line and exit code 130
 or 143; anything else keeps its traceback, because it is a bug.
+
+Only what the options and the light helpers need is imported here; each command imports the modules
+it runs (training, prediction, export, ...: torch, YAML and their kin) inside itself, so `segkit --help`
+and `segkit CMD --help` load no torch and stay fast.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from segkit.inference.options import (
     Normalize,
     PredictOptions,
 )
-from segkit.io.tiff import COMPRESSIONS
-from segkit.record import LABELS_KINDS
+from segkit.io.outputs import atomic_path, check_output
+from segkit.io.tiff import COMPRESSIONS, open_stack
+from segkit.models import create_model, list_models, model_summary
+from segkit.record import LABELS_KINDS, InferenceDefaults
 from segkit.version import __version__
 
 #: A library setting as a Python keyword: `overwrite=True`, `device='cpu'`, `opset=12`, `slices=(20, 25)`;
@@ -453,7 +459,6 @@ def export(checkpoint: Path, output: Path | None, denoiser_path: Path | None, ti
     from segkit.checkpoint import load_model, read_info
     from segkit.export import export_onnx, write_onnx
     from segkit.inference.loading import trained_tile
-    from segkit.io.outputs import check_output
     from segkit.models.compose import compose_with_denoiser
 
     output = output or checkpoint.with_suffix(".onnx")
@@ -570,9 +575,6 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     from segkit.checkpoint import read_info
     from segkit.inference.api import default_output
     from segkit.inference.segment import segment_stack
-    from segkit.io.outputs import check_output
-    from segkit.io.tiff import open_stack
-    from segkit.record import InferenceDefaults
 
     output = output or default_output(source, "instances")
     check_output(output, kind="tiff", inputs=[source], overwrite=overwrite, report=_cli_echo(err=True))
@@ -740,14 +742,10 @@ def _evaluate_kind(prediction: str, labels: str, kind: str, *, classes: int | No
 def _check_json_output(path: Path | None, *inputs: str) -> None:
     """--json FILE: a .json name in a writable folder, not one of the inputs (checked before scoring)."""
     if path is not None and str(path) != "-":
-        from segkit.io.outputs import check_output
-
         check_output(path, kind="json", inputs=inputs, overwrite=True, report=_cli_echo(err=True))
 
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
-    from segkit.io.outputs import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     click.echo(f"wrote {path}")
@@ -786,8 +784,6 @@ def models() -> None:
     Example:
       segkit models
     """
-    from segkit.models import create_model, list_models, model_summary
-
     for name in list_models():
         model = create_model(name)
         g = model.geometry

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from segkit.checkpoint import read_info
 from segkit.errors import OutputExistsError
+from segkit.evaluation import evaluate_instances, evaluate_stacks
+from segkit.inference.api import predict
+from segkit.inference.segment import segment_stack
+from segkit.instances import WatershedParams
+from segkit.io.outputs import atomic_path, check_folder
+from segkit.io.tiff import open_stack
 
 DATA = Path(__file__).parent / "data"
 SAMPLE_RAW = DATA / "isbi_test_raw.tif"
@@ -39,14 +46,6 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Predict the sample, score it against its labels, write TIFF, PNG overlay and JSON."""
     import cv2
-
-    from segkit.checkpoint import read_info
-    from segkit.evaluation import evaluate_instances, evaluate_stacks
-    from segkit.inference.api import predict
-    from segkit.inference.segment import segment_stack
-    from segkit.instances import WatershedParams
-    from segkit.io.outputs import check_folder
-    from segkit.io.tiff import atomic_path, open_stack
 
     output_dir = Path(output_dir)
     prediction = output_dir / "prediction.tif"

@@ -10,14 +10,20 @@ import numpy as np
 
 from segkit.errors import InputError
 from segkit.inference.segment import check_probability_stack
+from segkit.instances import WatershedParams, watershed_slice
 from segkit.io.tiff import TiffStack, open_stack
 from segkit.metrics import (
     SliceScores,
+    class_scores,
+    instance_scores,
     label_cells,
+    mean_class_rows,
+    mean_instance_rows,
     mean_rows,
     mean_scores,
     membrane_from_labels,
     score_thresholds,
+    segmentation_scores,
     to_probability,
 )
 
@@ -128,8 +134,6 @@ WATERSHED_SEED_DISTANCES = (0.0, 1.0, 2.0, 4.0, 6.0)
 
 
 def _instance_scores(true_cells: np.ndarray, pred_labels: np.ndarray) -> dict[str, float]:
-    from segkit.metrics import segmentation_scores
-
     are, precision, recall, split, merge = segmentation_scores(true_cells, pred_labels)
     return {"adapted_rand_error": are, "rand_precision": precision, "rand_recall": recall, "vi_split": split,
             "vi_merge": merge, "vi": split + merge}
@@ -239,8 +243,6 @@ def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, in
     InputError
         As for `evaluate_stacks`.
     """
-    from segkit.instances import WatershedParams
-
     params = params or WatershedParams()
     report = _watershed_table(prediction, labels, slices, [params])
     return {"prediction": prediction, "labels": labels, "slices": report[1], "params": params.to_dict(),
@@ -273,8 +275,6 @@ def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] 
     InputError
         As for `evaluate_stacks`.
     """
-    from segkit.instances import WatershedParams
-
     grid = [WatershedParams(t, d, min_seed_size, min_size) for t in WATERSHED_THRESHOLDS
             for d in WATERSHED_SEED_DISTANCES]
     table, count = _watershed_table(prediction, labels, slices, grid)
@@ -284,8 +284,6 @@ def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] 
 
 def _watershed_table(prediction: str, labels: str, slices: tuple[int, int] | None,
                      grid: list[Any]) -> tuple[list[dict[str, Any]], int]:
-    from segkit.instances import watershed_slice
-
     rows: dict[Any, list[dict[str, float]]] = {params: [] for params in grid}
     with _open_pair(prediction, labels) as (pred_stack, label_stack):
         check_probability_stack(pred_stack.dtype, prediction)
@@ -323,8 +321,6 @@ def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: 
     InputError
         As for `evaluate_stacks`.
     """
-    from segkit.metrics import class_scores, mean_class_rows
-
     if classes < 2:
         raise InputError(f"classes={classes!r} must be at least 2 (background and one class)")
     rows = []
@@ -369,8 +365,6 @@ def evaluate_matched_instances(prediction: str, labels: str, /, *,
     InputError
         As for `evaluate_stacks`.
     """
-    from segkit.metrics import instance_scores, mean_instance_rows
-
     rows = []
     with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu":

@@ -23,7 +23,9 @@ bioimageio.core (every weight format reproduces the test output and runs at othe
 sizes) before it is moved into place. Nothing is downloaded: the package refers to local files and
 DOIs only, and validation runs without remote checks.
 
-Needs the optional extra: pip install 'segkit[bioimageio]'.
+Needs the optional extra: pip install 'segkit[bioimageio]'. bioimageio, torch and the torch-backed
+models.compose are imported by the functions that write a package, so `from segkit import predict`
+(which reaches this module through the package reader) loads none of them.
 """
 
 from __future__ import annotations
@@ -724,7 +726,7 @@ def package_checkpoint(checkpoint: str | Path, output: str | Path | None = None,
     PackageError, OutputError, CheckpointError
         As for `build_package`, and for a checkpoint that cannot be read.
     """
-    from segkit.models.compose import compose_with_denoiser  # torch: imported when a package is written
+    from segkit.models.compose import compose_with_denoiser
 
     checkpoint = Path(checkpoint)
     output = Path(output) if output is not None else checkpoint.with_name(checkpoint.stem + ".bioimageio.zip")

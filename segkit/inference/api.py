@@ -9,7 +9,8 @@ on every path:
 - a stack into an OME-Zarr store on Dask (`workers`, `scheduler`, or an output ending in .zarr).
 
 The options are the fields of `segkit.inference.options.PredictOptions`. torch is imported by the
-functions that run the model, so `from segkit import predict` stays light.
+functions that run the model and the segkit modules imported here load none (dask and zarr wait for
+the Dask path too), so `from segkit import predict` stays light.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from segkit.checkpoint import read_info
+from segkit.devices import resolve_device
 from segkit.errors import SegkitError
+from segkit.inference.device_fit import BackoffForward, choose_batch, choose_tile, with_smaller_tiles
+from segkit.inference.distributed import predict_to_zarr
 from segkit.inference.encodings import describe_output, model_encoding, stack_encoding
+from segkit.inference.files import count_file_tiles, failure_line, plan_file_jobs, predict_files
 from segkit.inference.loading import (
     EngineRequest,
     LoadedEngine,
@@ -30,6 +36,12 @@ from segkit.inference.loading import (
     planned_tile,
 )
 from segkit.inference.options import PredictOptions
+from segkit.inference.pipeline import RescaledStack, choose_normalization, count_tiles, predict_stack
+from segkit.io.outputs import check_output, remove_stale_partials
+from segkit.io.tiff import list_tiff_files, open_stack
+from segkit.io.zarr import open_volume
+from segkit.normalization import Normalization
+from segkit.record import CheckpointInfo
 
 
 class Progress(Protocol):
@@ -141,15 +153,10 @@ def predict(
                           "quote a glob ('dir/*.tif') to read the files as one stack")
     # the output is checked before anything is loaded: a name, folder or disk it cannot go to fails at once
     if to_folder:
-        from segkit.inference.files import plan_file_jobs
-        from segkit.io.outputs import remove_stale_partials
-
         jobs, _ = plan_file_jobs(sources, Path(text_output), overwrite=options.overwrite,
                                  skip_existing=options.skip_existing)
         remove_stale_partials([job.output for job in jobs], report)
     else:
-        from segkit.io.outputs import check_output
-
         suffix = ("denoised" if options.kind == "denoiser" else "instances" if options.instances
                   else _default_suffix(request))
         out_path = Path(output) if output is not None else default_output(sources[0], suffix)
@@ -176,7 +183,6 @@ def _default_suffix(request: EngineRequest | None) -> str:
     membrane models, ONNX files and packages, whose records are read later)."""
     if request is None or Path(request.model).suffix.lower() != ".safetensors" or not Path(request.model).is_file():
         return "membranes"
-    from segkit.checkpoint import read_info
 
     kind = read_info(request.model).inference.labels_kind
     return {"semantic": "classes", "instances": "objects"}.get(kind, "membranes")
@@ -189,9 +195,6 @@ def _is_engine(model: Any) -> bool:
 def _load(model: Any, request: EngineRequest | None, options: PredictOptions, *,
           report: Callable[[str], object]) -> LoadedEngine:
     """The LoadedEngine for a model file, or for an engine passed in directly."""
-    from segkit.normalization import Normalization
-    from segkit.record import CheckpointInfo
-
     if request is not None:
         return load_prediction_engine(request, tile=options.fixed_tile, report=report)
     info = getattr(model, "info", None) or CheckpointInfo("segmenter", "engine", {}, model.geometry,
@@ -203,12 +206,7 @@ def _fit_to_device(loaded: Any, first_source: str, options: PredictOptions, *,
                    report: Callable[[str], object]) -> tuple[int, int]:
     """The (tile, batch) to run: measured with tile 'auto', else the given or trained tile and the
     given batch or one chosen from the free device memory."""
-    from segkit.inference.device_fit import choose_batch, choose_tile
-
     if options.tile == "auto":
-        from segkit.io.tiff import list_tiff_files
-        from segkit.io.zarr import open_volume
-
         is_zarr = first_source.rstrip("/").lower().endswith(".zarr")  # the Dask path reads zarr stores too
         with open_volume(first_source if is_zarr else list_tiff_files(first_source)[0]) as first:
             plane_shape = first.shape[1:]
@@ -241,8 +239,6 @@ class _Runner:
     result: PredictResult
 
     def __post_init__(self) -> None:
-        from segkit.inference.device_fit import BackoffForward
-
         engine = self.loaded.engine
         self.forward = BackoffForward(engine, report=self.report, release=getattr(engine, "release_memory", None))
 
@@ -253,10 +249,6 @@ class _Runner:
             self.progress.update(count)
 
     def one(self, source: str, output: Path, *, header: bool) -> Path:
-        from segkit.inference.device_fit import with_smaller_tiles
-        from segkit.inference.pipeline import choose_normalization, count_tiles, predict_stack
-        from segkit.io.tiff import open_stack
-
         geometry = self.loaded.geometry
         with open_stack(source) as stack:
             check_channels_fit_model(stack, self.loaded.info, source)
@@ -292,8 +284,6 @@ class _Runner:
         return written
 
     def many(self, sources: Sequence[str], output_dir: Path) -> None:
-        from segkit.inference.files import count_file_tiles, failure_line, plan_file_jobs, predict_files
-
         jobs, skipped = plan_file_jobs(sources, output_dir, overwrite=self.options.overwrite,
                                        skip_existing=self.options.skip_existing)
         output_dir.mkdir(exist_ok=True)
@@ -376,7 +366,6 @@ def model_view(stack: Any, info: Any) -> Any:
     factor = rescale_factor(stack, info)
     if factor is None:
         return stack
-    from segkit.inference.pipeline import RescaledStack
 
     return RescaledStack(stack, factor)
 
@@ -385,9 +374,6 @@ def _predict_on_dask(sources: list[str], output: str, request: EngineRequest | N
                      report: Callable[[str], object], started: float) -> PredictResult:
     """One stack into an OME-Zarr store on Dask, chunk by chunk, resumable. Tile 'auto' and the
     batch are decided here, once, on this machine's device; each worker builds its own engine."""
-    from segkit.devices import resolve_device
-    from segkit.inference.distributed import predict_to_zarr
-
     if not output.rstrip("/").lower().endswith(".zarr"):
         raise SegkitError("the Dask path (scheduler/workers) writes OME-Zarr: name the output NAME.ome.zarr "
                           "(then `segkit convert NAME.ome.zarr NAME.tif` for a BigTIFF)")
@@ -397,7 +383,6 @@ def _predict_on_dask(sources: list[str], output: str, request: EngineRequest | N
         raise SegkitError("the Dask path builds its engines on the workers: pass a model file, not an engine")
     if options.kind != "segmenter":
         raise SegkitError("the Dask path predicts segmenters; denoise into a TIFF instead")
-    from segkit.io.outputs import check_output
 
     check_output(output.rstrip("/"), kind="store", inputs=sources, overwrite=options.overwrite)
     batch = options.batch
@@ -412,7 +397,6 @@ def _predict_on_dask(sources: list[str], output: str, request: EngineRequest | N
     else:  # the model's record and tile, checked as the workers will, without building an engine here
         info, geometry, chosen_tile = planned_tile(request, options.fixed_tile)
     spec = model_encoding(info, options)  # every class (a CZYX store), one class, argmax or objects: all on Dask
-    from segkit.io.zarr import open_volume
 
     with open_volume(sources[0]) as volume:
         check_channels_fit_model(volume, info, sources[0])

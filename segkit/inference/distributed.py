@@ -48,16 +48,19 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import OutputError, OutputExistsError, SegkitError
+from segkit.inference import tiler
 from segkit.inference.encodings import InstanceEncoding, ObjectEncoding, PlaneEncoding, ProbabilityEncoding
-from segkit.inference.loading import EngineRequest
+from segkit.inference.loading import EngineRequest, load_prediction_engine, model_record
+from segkit.inference.pipeline import choose_normalization
+from segkit.inference.tiler import mirror_pad
 from segkit.io.outputs import check_output, is_write_error, resumable_path, write_failure
-from segkit.io.zarr import (  # noqa: F401  (the zarr names stay importable from here until the CLI moves)
+from segkit.io.tiff import list_tiff_files
+from segkit.io.zarr import (
     MANIFEST,
-    ZarrStack,
-    convert_zarr_to_tiff,
+    create_array,
     create_ome_zarr,
     mark_complete,
-    ome_zarr_attributes,
+    open_array,
     open_volume,
     plane_reader,
 )
@@ -114,8 +117,6 @@ def input_fingerprint(source: str | Path) -> str:
     and bytes: all bytes up to FINGERPRINT_FULL_BYTES, beyond that FINGERPRINT_SAMPLES blocks of
     FINGERPRINT_BLOCK bytes evenly spaced over the files (so a rewrite of any size is noticed by
     its size or time, and an edit in place by its time or, in most places, its bytes)."""
-    from segkit.io.tiff import list_tiff_files
-
     path = Path(source)
     if path.is_dir() and str(source).rstrip("/").lower().endswith(".zarr"):
         files = sorted(str(p) for p in path.rglob("*") if p.is_file())
@@ -192,8 +193,6 @@ def _engine_for_worker(request: Any, threads: int | None) -> Any:
 
     import torch
 
-    from segkit.inference.loading import load_prediction_engine
-
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -228,9 +227,6 @@ def _predict_block(block: np.ndarray, *, block_info: dict | None = None, starts:
     """One task: mirror at volume borders, tile on the worker's device, write the chunk and its marker."""
     import torch
 
-    from segkit.inference.tiler import mirror_pad, predict_planes
-    from segkit.io.zarr import open_array
-
     assert block_info is not None  # dask always passes it to a function that declares it
     # block_info describes the overlapped array; the chunk's place in the volume comes from its index
     cz, cy, cx = block_info[None]["chunk-location"]
@@ -249,9 +245,10 @@ def _predict_block(block: np.ndarray, *, block_info: dict | None = None, starts:
         raw = torch.from_numpy(np.ascontiguousarray(block[index])[None]).to(engine.device)
         window = mirror_pad(normalization.apply(raw), pad)
         chunk_input = window[:, context:-context, context:-context]
-        values = next(predict_planes([chunk_input], engine, geometry, tile=tile, batch=batch, blend=blend,
-                                     pad=partial(_pad_from_window, window=window, context=context,
-                                                 ends=(y1 == height, x1 == width))))
+        # tiler.predict_planes is looked up per call: tests stop it mid-run
+        values = next(tiler.predict_planes([chunk_input], engine, geometry, tile=tile, batch=batch, blend=blend,
+                                           pad=partial(_pad_from_window, window=window, context=context,
+                                                       ends=(y1 == height, x1 == width))))
         target[(*channels, z0 + index, slice(y0, y1), slice(x0, x1))] = spec.finish(spec.encode(values).cpu().numpy())
     marker.parent.mkdir(exist_ok=True)
     marker.touch()
@@ -267,8 +264,6 @@ def _pad_from_window(plane: Any, plan: Any, *, window: Any, context: int,
     (a mirror of the window would mirror its mirrored context back, and the pixels of the chunk's last
     pooling cells see a few of them); after a real neighbour's context it only feeds outputs beyond the
     chunk, and a mirror of the window serves."""
-    from segkit.inference.tiler import mirror_pad
-
     (before_y, after_y), (before_x, after_x) = plan.padding()
     extra_y, extra_x = max(0, after_y - context), max(0, after_x - context)
     if extra_y or extra_x:
@@ -283,8 +278,6 @@ def _pad_from_window(plane: Any, plan: Any, *, window: Any, context: int,
 def _label_plane(z: int, *, store: str, spec: Any, after: Any = None) -> int:
     """One task of the instance stage: the watershed of a whole probability plane (YX, or CYX for
     object models) into level 0."""
-    from segkit.io.zarr import open_array
-
     marker = Path(store) / LABELS_DONE / str(z)
     if not marker.exists():
         source = open_array(store, PROBABILITY, mode="r")
@@ -330,10 +323,6 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
     require("zarr", feature="OME-Zarr output", package="zarr")
     import dask
     import dask.array as da
-
-    from segkit.inference.loading import model_record
-    from segkit.inference.pipeline import choose_normalization
-    from segkit.io.zarr import create_array
 
     options = request.options
     blend, scheduler, workers = options.blend, options.scheduler, options.workers

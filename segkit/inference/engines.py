@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from segkit._optional import require
 from segkit.devices import resolve_amp, resolve_device
 from segkit.errors import SegkitError
 
@@ -172,8 +173,6 @@ class OnnxEngine:
                  use_tensorrt: bool = True, conv_algo_search: str = "HEURISTIC", threads: int = 0,
                  tensorrt_cache: str | None = None) -> None:
         import torch
-
-        from segkit._optional import require
 
         ort = require("onnxruntime", feature="engine='onnx'", package="onnxruntime-gpu")
         self._ort = ort

@@ -191,7 +191,7 @@ def _load_package(request: EngineRequest, *, tile: int | None) -> LoadedEngine:
 
 
 def _load_checkpoint(model_path: Path, denoiser_path: Path | None, kind: str) -> tuple[Any, Any]:
-    from segkit.models.compose import compose_with_denoiser  # torch: imported when a model loads
+    from segkit.models.compose import compose_with_denoiser
 
     if denoiser_path is not None:
         return compose_with_denoiser(denoiser_path, model_path)

@@ -29,7 +29,8 @@ import numpy as np
 from segkit.errors import SegkitError
 from segkit.inference.encodings import PlaneEncoding, ProbabilityEncoding
 from segkit.inference.tiler import Forward, TilePlan, pad_plane, plan_tiles, predict_planes
-from segkit.io.tiff import TiffStack, write_stack
+from segkit.io.resample import rescale
+from segkit.io.tiff import ENCODE_WORKERS, TiffStack, write_stack
 from segkit.models.geometry import Geometry
 from segkit.normalization import Normalization, stack_normalization, stack_sample
 from segkit.record import CheckpointInfo
@@ -352,8 +353,6 @@ class RescaledStack:
         return len(self.stack)
 
     def plane(self, index: int) -> np.ndarray:
-        from segkit.io.resample import rescale
-
         return rescale(self.stack.plane(index), self.factor, shape=self.shape[1:])
 
 
@@ -379,7 +378,6 @@ def _compression_workers(device: Any) -> int | None:
     119-127 Mpx/s)."""
     if device.type != "cpu":
         return None
-    from segkit.io.tiff import ENCODE_WORKERS
 
     return max(1, min(ENCODE_WORKERS, (os.cpu_count() or 1) - 1))
 

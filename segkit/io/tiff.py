@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from segkit import memory
 from segkit._optional import require
 from segkit.errors import InputError, SegkitError
-from segkit.io.outputs import atomic_path, check_output  # noqa: F401  (atomic_path: imported from here too)
+from segkit.io.outputs import atomic_path, check_output
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
 #: Label stacks (ground truth, instances) may also be 32-bit integers (float is refused with its own message).
@@ -204,7 +205,6 @@ class TiffStack:
         Skipped when the opener says so (a Dask task re-opening a stack its client already checked)."""
         if not self._check_memory:
             return
-        from segkit import memory
 
         if self.channels == 1:
             problem = memory.plane_problem(self.shape[1:], self.dtype.itemsize)

@@ -18,12 +18,12 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import InputError
-from segkit.io.outputs import RESUMABLE_SUFFIX
+from segkit.io.outputs import RESUMABLE_SUFFIX, check_output
 from segkit.io.tiff import Resolution, check_finite, open_stack, write_stack
 
 #: dtypes a zarr input may have (those of a TIFF input).
 ZARR_DTYPES = (np.uint8, np.uint16, np.float32)
-#: A store the Dask path writes holds its run's manifest (segkit.inference.distributed.MANIFEST) from the
+#: A store the Dask path writes holds its run's manifest (`MANIFEST`) from the
 #: start, and COMPLETE once every chunk is written (then `NAME.partial` is renamed to NAME).
 MANIFEST = "segkit_manifest.json"
 COMPLETE = "segkit_complete"
@@ -432,8 +432,6 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
     MissingDependencyError
         When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
     """
-    from segkit.io.outputs import check_output
-
     if Path(store).exists():
         check_complete(store)
     array = open_level0(store)

@@ -22,6 +22,8 @@ import numpy as np
 
 from segkit.errors import InputError
 from segkit.io.resample import rescale
+from segkit.io.tiff import list_tiff_files, open_stack
+from segkit.training.patches import data_source
 
 SPLITS = ("train", "val", "test")
 
@@ -101,8 +103,6 @@ def _match_names(names: list[str], files: list[str], key: str, folder: str) -> l
 
 
 def _image_files(source: str) -> list[str]:
-    from segkit.io.tiff import list_tiff_files
-
     return list_tiff_files(source)
 
 
@@ -112,8 +112,6 @@ def _is_one_file(source: str) -> bool:
 
 def split_sources(data: dict[str, Any], split: str) -> list[tuple[str, str, int | None]]:
     """(image file, label file, plane or None for every plane) of each image of one split."""
-    from segkit.training.patches import data_source
-
     raw, labels = data_source(data, "raw"), data_source(data, "labels")
     names = split_names(data, split)
     if names is not None:
@@ -124,8 +122,6 @@ def split_sources(data: dict[str, Any], split: str) -> list[tuple[str, str, int 
         return [(image, _label_file(image, labels), None) for image in images]
     start, stop = data[f"{split}_slices"]
     if _is_one_file(raw):
-        from segkit.io.tiff import open_stack
-
         with open_stack(raw, check_memory=False) as stack:
             depth = len(stack)
         if stop > depth:
@@ -155,8 +151,6 @@ def load_examples(data: dict[str, Any], split: str) -> list[Example]:
     """Every labelled image of one split, read and paired (checked: sizes agree, labels are integers,
     channels agree), rescaled to `data.pixel_size` when set, then resized by `data.scale` when set (so
     every split is at the model's resolution)."""
-    from segkit.io.tiff import open_stack
-
     sources = split_sources(data, split)
     if not sources:
         raise InputError(f"the {split} split is empty; give data.{split}_files or data.{split}_slices at least one image")

@@ -19,8 +19,10 @@ import numpy as np
 from segkit.checkpoint import save_checkpoint
 from segkit.devices import resolve_device, training_precision
 from segkit.errors import ConfigError
+from segkit.inference.engines import TorchEngine
 from segkit.inference.tiler import predict_arrays
 from segkit.io.tiff import open_stack
+from segkit.models import create_model, model_kind
 from segkit.normalization import Normalization, intensity_scale, mean_std_normalization
 from segkit.record import CheckpointInfo, InferenceDefaults
 from segkit.training.corruption import blind_spot, corrupt, psnr, ssim
@@ -89,8 +91,6 @@ def sample_denoise_batch(planes: list[np.ndarray], rng: np.random.Generator, *, 
 def denoise_planes(model: Any, planes: list[np.ndarray], *, normalization: Normalization, scale: float, tile: int,
                    batch: int, device: str) -> list[np.ndarray]:
     """Denoise planes given in [0, 1] units through the tiler; returns [0, 1] units."""
-    from segkit.inference.engines import TorchEngine
-
     engine = TorchEngine(model, device=device, amp="none", channel=None)
     normalized = [normalization.apply(p * scale) for p in planes]
     outputs = predict_arrays(normalized, engine, model.geometry, tile=tile, batch=batch)
@@ -101,8 +101,6 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                    echo: Callable[[str], None] = print) -> RunFiles:
     """Train the recipe's denoiser; returns the run's files (best/last checkpoints, logs, curve)."""
     import torch
-
-    from segkit.models import create_model, model_kind
 
     cfg_data, cfg_train = recipe["data"], recipe["train"]
     if model_kind(recipe["model"]["name"]) != "denoiser":

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from segkit.errors import InputError
+from segkit.io.tiff import open_stack
+from segkit.training.datasets import _stem
 
 #: Images (or planes) read for the statistics; the rest are only opened (sizes, pixel sizes).
 MAX_SAMPLES = 50
@@ -50,8 +52,6 @@ class Pair:
 
     @property
     def name(self) -> str:
-        from segkit.training.datasets import _stem
-
         return _stem(self.image)
 
 
@@ -86,8 +86,6 @@ def _tiffs(folder: Path) -> list[Path]:
 
 def _header(path: Path | str, *, labels: bool = False) -> tuple[int, tuple[int, int], int, str, float | None]:
     """(planes, (H, W), channels, dtype, pixel size) of a TIFF, from its header (no pixels read)."""
-    from segkit.io.tiff import open_stack
-
     with open_stack(path, labels=labels, check_memory=False) as stack:
         if labels and stack.dtype.kind == "f":
             raise InputError(f"{path}: labels are {stack.dtype}; labels must be integers (classes or object ids): "
@@ -144,8 +142,6 @@ def find_layout(root: str | Path, *, images: str | None = None, labels: str | No
 
 
 def _folder_layout(root: Path, images: Path, labels: Path) -> DataLayout:
-    from segkit.training.datasets import _stem
-
     image_files = _tiffs(images)
     if not image_files:
         raise InputError(f"folder {images} holds no .tif/.tiff images; put the images there as TIFF files")
@@ -220,8 +216,6 @@ def sample_indices(count: int, limit: int = MAX_SAMPLES) -> list[int]:
 
 def read_samples(layout: DataLayout, limit: int = MAX_SAMPLES) -> list[Sample]:
     """At most `limit` planes of the layout, spread evenly over its images and planes (deterministic)."""
-    from segkit.io.tiff import open_stack
-
     planes = [(pair, z) for pair in layout.pairs for z in range(pair.planes)]
     chosen: dict[Pair, list[int]] = {}
     for index in sample_indices(len(planes), limit):
@@ -583,8 +577,6 @@ def _three(values: list[int]) -> tuple[int, int, int]:
 def _another_value(layout: DataLayout, summary: LabelSummary) -> Sample:
     """The sampled labels hold one value: the first label plane of the layout that holds another (read
     as a sample), or InputError when every label image holds that one value."""
-    from segkit.io.tiff import open_stack
-
     value = summary.values[0] if summary.values else 0
     for pair in layout.pairs:
         with open_stack(pair.labels, labels=True) as labels:

@@ -26,11 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from segkit.config import short
+from segkit.config import SCHEMA, apply_overrides, default_recipe, load_recipe, short, validate_recipe
 from segkit.devices import resolve_device
-from segkit.errors import ConfigError, InputError
+from segkit.errors import ConfigError, InputError, OutputError, TileSizeError
+from segkit.inference.tiler import plan_tiles
+from segkit.io.outputs import atomic_path, check_output
+from segkit.models import create_model
+from segkit.models.geometry import valid_unet_geometry
 from segkit.record import LABELS_KINDS
+from segkit.training.datasets import split_sources
 from segkit.training.fingerprint import DataLayout, Fingerprint, find_layout, fingerprint, read_samples
+from segkit.training.runs import DEFAULT_WEIGHT_DECAY, cpu_cores
 
 #: Median object diameter (px) instance data is rescaled to (cellpose's convention for its cyto model).
 TARGET_DIAMETER = 30.0
@@ -94,8 +100,6 @@ def measure_timings(*, params: dict[str, Any], channels: int, classes: int, tile
 
     import torch
     import torch.nn.functional as F
-
-    from segkit.models import create_model
 
     torch.manual_seed(0)
     model = create_model("unet", in_channels=channels, classes=classes, **params).to(device)
@@ -196,8 +200,6 @@ class Plan:
     def override(self, overrides: Sequence[str]) -> None:
         """Apply dotted `section.key=value` overrides (as `segkit train` takes them); the keys they name
         say so in their comment."""
-        from segkit.config import apply_overrides
-
         merged = apply_overrides(self.values, list(overrides))
         for item in overrides:
             parts = item.split("=", 1)[0].strip().split(".")
@@ -273,8 +275,6 @@ def tile_rule(fp: Fingerprint, *, gpu: bool, scale: float, echo: Callable[[str],
               ) -> tuple[dict[str, Any], int, list[str]]:
     """(model params, data.tile, reasons) for the device kind; for instances the output tile spans
     TILE_OBJECTS median objects and the receptive field RF_OBJECTS (depth 5 when 4 is short)."""
-    from segkit.models.geometry import valid_unet_geometry
-
     kind = "gpu" if gpu else "cpu"
     params = dict(MODELS[kind])
     geometry = valid_unet_geometry(params["depth"])
@@ -306,8 +306,6 @@ def tile_rule(fp: Fingerprint, *, gpu: bool, scale: float, echo: Callable[[str],
 
 def tile_count(planes: Sequence[tuple[int, int, int]], geometry: Any, tile: int) -> int:
     """Tiles the tiler cuts from `planes` ((count, height, width) each) at input tile `tile`."""
-    from segkit.inference.tiler import plan_tiles
-
     total = 0
     for count, height, width in planes:
         tiles = plan_tiles((height, width), geometry, tile=tile)
@@ -410,8 +408,6 @@ def val_planes(layout: DataLayout, plan: Plan, pending: dict[Path, list[str]] | 
                ) -> list[tuple[int, int, int]]:
     """(planes, height, width) of each validation image as training sees it (after data.pixel_size and
     data.scale); `pending`: split files not written yet, {path: names}."""
-    from segkit.training.datasets import split_sources
-
     data = {**_data_defaults(), **plan.values["data"]}
     if isinstance(data["val_files"], str) and Path(data["val_files"]) in (pending or {}):
         data["val_files"] = pending[Path(data["val_files"])]  # type: ignore[index]
@@ -427,8 +423,6 @@ def val_planes(layout: DataLayout, plan: Plan, pending: dict[Path, list[str]] | 
 
 
 def _data_defaults() -> dict[str, Any]:
-    from segkit.config import default_recipe
-
     return default_recipe()["data"]
 
 
@@ -475,9 +469,6 @@ def recipe_device(requested: str, setting: str = "device") -> tuple[str, str]:
 
 def check_recipe_path(path: str | Path, *, overwrite: bool) -> Path:
     """The recipe path, once it is known that it can be written (a .yaml name, not there unless `overwrite`)."""
-    from segkit.errors import OutputError
-    from segkit.io.outputs import check_output
-
     path = Path(path)
     if not path.name.lower().endswith(RECIPE_SUFFIXES):
         raise OutputError(f"recipe {path}: name it with .yaml (a recipe is a YAML file)")
@@ -535,7 +526,6 @@ def init_recipe(data: str | Path, output: str | Path | None = None, *, minutes: 
     if resolved["model"]["name"] != "unet":
         raise ConfigError(f"model.name={resolved['model']['name']}: segkit init sizes and times the U-Net; train "
                           "another model from a recipe of your own")
-    from segkit.models.geometry import valid_unet_geometry
 
     geometry = valid_unet_geometry(int(geometry_params.get("depth", 4)))
     tile = resolved["data"]["tile"]
@@ -588,8 +578,6 @@ def init_recipe(data: str | Path, output: str | Path | None = None, *, minutes: 
 
 
 def _check_tile(geometry: Any, tile: int, key: str) -> None:
-    from segkit.errors import TileSizeError
-
     try:
         geometry.check_tile(tile)
     except TileSizeError as exc:
@@ -597,8 +585,6 @@ def _check_tile(geometry: Any, tile: int, key: str) -> None:
 
 
 def _validated(plan: Plan) -> dict[str, Any]:
-    from segkit.config import validate_recipe
-
     return validate_recipe(plan.values)
 
 
@@ -642,8 +628,6 @@ def base_plan(fp: Fingerprint, layout: DataLayout, *, gpu: bool, device: str, mi
              "is left out (calibrate them to have them rescaled)")
     if scale:
         plan.set("data.scale", scale, scale_reason, derived=True)
-    from segkit.config import SCHEMA
-    from segkit.training.runs import DEFAULT_WEIGHT_DECAY, cpu_cores
 
     plan.set("data.foreground_fraction", SCHEMA["data"]["foreground_fraction"][1],
              "a third of the patches centred on a foreground class (nnU-Net's oversampling), so sparse objects are seen")
@@ -707,9 +691,6 @@ def schedule_plan(plan: Plan, *, epochs: int, iters: int, ema: float, timing_tex
 
 def _write(recipe: Path, text: str, writes: dict[Path, list[str]]) -> list[Path]:
     """Write the split files (never over an existing file) and then the recipe, each atomically."""
-    from segkit.config import load_recipe
-    from segkit.io.outputs import atomic_path
-
     written = []
     for path, names in writes.items():
         if path.exists():  # appeared since the name was chosen

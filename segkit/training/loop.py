@@ -5,6 +5,9 @@ CSV/JSON logs and a training-curve PNG (runs.py).
 One loop for every label kind (membrane, semantic classes, instances; see targets.py) and any
 number of input channels. Everything a run writes lives in `train.out`; an interrupted run keeps
 its last checkpoint.
+
+Like torch itself, the torch-backed modules (models.compose, losses, augment_device) are imported
+inside the functions that run the model, so importing this module loads no torch.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from segkit.checkpoint import save_checkpoint
+from segkit.checkpoint import initialize_from, load_model, save_checkpoint
 from segkit.devices import resolve_device, training_precision
 from segkit.errors import ConfigError, InputError, SegkitError
+from segkit.models import COMPOSED, create_model
 from segkit.normalization import (
     Normalization,
     intensity_scale,
@@ -25,7 +29,7 @@ from segkit.normalization import (
     typical_percentile_normalization,
 )
 from segkit.record import CheckpointInfo, InferenceDefaults
-from segkit.training.datasets import Example, load_examples
+from segkit.training.datasets import Example, load_examples, split_sources
 from segkit.training.patches import data_source, model_input, pad_examples, patch_stream
 from segkit.training.runs import (
     RunFiles,
@@ -81,8 +85,6 @@ def check_disjoint(data: dict[str, Any], examples: dict[str, list[Example]]) -> 
     """Refuse an image that is in the training and the validation (or test) split: held-out images must
     not be trained on (slice ranges are checked with the recipe; named images here)."""
     if data["test_files"] is not None:
-        from segkit.training.datasets import split_sources
-
         test = {source for source, _, plane in split_sources(data, "test") if plane is None}
     else:
         test = set()
@@ -118,14 +120,11 @@ def build_model(settings: dict[str, Any], segmenter_normalization: Normalization
     With `model.denoiser`, the frozen denoiser runs in front of the segmenter on every batch:
     the model is their composition, its input normalised like the denoiser's training data.
     """
-    from segkit.models import COMPOSED, create_model
-
     kwargs = {"in_channels": in_channels, "classes": classes, **settings["params"]}
     if not settings["denoiser"]:
         model = create_model(settings["name"], **kwargs)
         _initialize(model, settings, echo)
         return model, settings["name"], kwargs, segmenter_normalization
-    from segkit.checkpoint import load_model
     from segkit.models.compose import put_in_front
 
     denoiser, denoiser_info = load_model(settings["denoiser"], expect_kind="denoiser")
@@ -138,8 +137,6 @@ def build_model(settings: dict[str, Any], segmenter_normalization: Normalization
 
 def _initialize(model: Any, settings: dict[str, Any], echo: Callable[[str], None]) -> None:
     """Apply the recipe's `model.pretrained` (ImageNet backbone) and `model.init_from` (earlier stage)."""
-    from segkit.checkpoint import initialize_from
-
     if settings["pretrained"]:
         if not hasattr(model, "load_pretrained"):
             raise ConfigError(f"model.pretrained: {settings['name']} has no pretrained backbone; use model.init_from")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from segkit.errors import ConfigError, InputError
 from segkit.normalization import Normalization, normalize_unit
 
 
@@ -21,8 +22,6 @@ def mirror_array(array: np.ndarray, padding: Any) -> np.ndarray:
 
 def split_planes(stack: Any, data: dict[str, Any], split: str) -> list[np.ndarray]:
     """The planes of `stack` in the recipe's `data.<split>_slices` range ('train', 'val', 'test')."""
-    from segkit.errors import ConfigError
-
     start, stop = data[f"{split}_slices"]
     if stop > len(stack):
         raise ConfigError(f"data.{split}_slices: [{start}, {stop}) exceeds the {len(stack)} slices of {stack.source}")
@@ -35,8 +34,6 @@ def data_source(data: dict[str, Any], key: str) -> str:
     import glob
     import os
     from pathlib import Path
-
-    from segkit.errors import InputError
 
     root, name = Path(data["root"]), data[key]
     source = root / name

@@ -15,8 +15,10 @@ from typing import Any
 import yaml
 
 from segkit.checkpoint import match_umask, read_info
+from segkit.config import short
 from segkit.errors import CheckpointError, ConfigError, SegkitError, TileSizeError
 from segkit.io.outputs import atomic_path, remove_stale_partials
+from segkit.memory import tile_problem, training_model_problem
 
 
 @dataclass
@@ -108,8 +110,6 @@ def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs
 
     previous = read_info(files.last)
     if previous.model != name or previous.model_kwargs != kwargs:
-        from segkit.config import short
-
         raise CheckpointError(f"resume=True: {files.last} holds model {previous.model} "
                               f"{short(previous.model_kwargs, 120)}, not this recipe's {name} {short(kwargs, 120)}")
     last = load_file(str(files.last))
@@ -140,8 +140,6 @@ def optimizer_step(loss: Any, optimizer: Any, scaler: Any, *, epoch: int) -> flo
 def check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
     """Refuse (ConfigError, with the numbers) a recipe model too big to train on `device`, before
     it is built (model.params base 100000 would otherwise try to allocate hundreds of GB)."""
-    from segkit.memory import training_model_problem
-
     problem = training_model_problem(name, kwargs, device)
     if problem is not None:
         raise ConfigError(f"model.params: {problem}")
@@ -152,8 +150,6 @@ def check_training_tile(geometry: Any, tile: int, *, model: str | None = None, m
     """geometry.check_tile for data.tile, and (given the model) that one tile's forward fits in the
     device's memory, before any patch is sampled or allocated; messages name the recipe key."""
     from types import SimpleNamespace
-
-    from segkit.memory import tile_problem
 
     try:
         geometry.check_tile(tile)
