@@ -31,6 +31,7 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import CheckpointError, SegkitError
+from segkit.inference.engines import onnxruntime_distribution
 from segkit.io.outputs import atomic_path
 from segkit.io.tiff import check_output_path
 from segkit.normalization import mean_std_normalization
@@ -199,7 +200,7 @@ def check_parity(onnx_bytes: bytes, reference: Any, inputs: dict[str, np.ndarray
     """
     import torch
 
-    ort = require("onnxruntime", feature="ONNX export", package="onnxruntime-gpu")
+    ort = require("onnxruntime", feature="ONNX export", package=onnxruntime_distribution())
     session = ort.InferenceSession(onnx_bytes, _quiet_options(ort), providers=["CPUExecutionProvider"])
     parity: dict[str, float] = {}
     for name, x in inputs.items():

@@ -9,13 +9,13 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from segkit.inference.engines import resolve_device
-from segkit.version import __version__
+from segkit.inference.engines import cuda_provider_fix, resolve_device
+from segkit.version import DISTRIBUTION, __version__
 
 #: Distributions whose versions matter for a bug report (name on PyPI).
-PACKAGES = ("torch", "torchvision", "onnxruntime-gpu", "onnxruntime", "segmentation-models-pytorch", "timm",
-            "albumentations", "opencv-python-headless", "opencv-python", "tifffile", "imagecodecs", "numpy",
-            "scipy", "scikit-image", "click", "dask", "zarr", "bioimageio.spec", "bioimageio.core")
+PACKAGES = (DISTRIBUTION, "torch", "torchvision", "onnxruntime-gpu", "onnxruntime", "segmentation-models-pytorch",
+            "timm", "albumentations", "opencv-python-headless", "opencv-python", "tifffile", "imagecodecs", "numpy",
+            "scipy", "scikit-image", "click", "matplotlib", "dask", "zarr", "bioimageio.spec", "bioimageio.core")
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
@@ -56,14 +56,15 @@ def onnxruntime_providers() -> dict[str, Any]:
 
 def describe() -> dict[str, Any]:
     """Everything `segkit info` prints, as plain data."""
-    return {"segkit": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "packages": package_versions(), "torch": torch_devices(), "onnxruntime": onnxruntime_providers()}
+    return {"segkit": __version__, "distribution": DISTRIBUTION, "python": sys.version.split()[0],
+            "platform": platform.platform(), "packages": package_versions(), "torch": torch_devices(), "onnxruntime": onnxruntime_providers()}
 
 
 def format_info(info: dict[str, Any]) -> str:
     """`describe()` as lines for a terminal."""
     torch_info, ort = info["torch"], info["onnxruntime"]
-    lines = [f"segkit {info['segkit']} on Python {info['python']} ({info['platform']})"]
+    lines = [f"segkit {info['segkit']} on Python {info['python']} ({info['platform']}); "
+             f"pip name {info['distribution']}"]
     if torch_info["installed"]:
         gpus = ", ".join(torch_info["gpus"]) or "none"
         lines.append(f"torch {torch_info['version']} (CUDA build {torch_info['built_for_cuda'] or 'none'}): "
@@ -72,7 +73,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append("torch: not installed")
     if ort["installed"]:
         lines.append(f"onnxruntime {ort['version']}: providers {', '.join(ort['providers'])}"
-                     + ("" if ort["gpu"] else " (no CUDA provider: --engine onnx runs on the CPU; pip install onnxruntime-gpu)"))
+                     + ("" if ort["gpu"] else f" (no CUDA provider: --engine onnx runs on the CPU; for a GPU: {cuda_provider_fix()})"))
     else:
         lines.append("onnxruntime: not installed (--engine onnx needs it)")
     lines.append("packages: " + ", ".join(f"{name} {version}" for name, version in info["packages"].items()))

@@ -16,6 +16,7 @@ def test_info_names_versions_devices_and_providers():
     assert details["onnxruntime"]["installed"] and "CPUExecutionProvider" in details["onnxruntime"]["providers"]
     text = format_info(details)
     assert text.splitlines()[0].startswith(f"segkit {details['segkit']} on Python")
+    assert text.splitlines()[0].endswith("; pip name segkit-bio")  # `segkit` on PyPI is not ours
     assert "device auto -> " in text and "onnxruntime " in text and "providers CPUExecutionProvider" in text.replace(
         "TensorrtExecutionProvider, ", "").replace("CUDAExecutionProvider, ", "")
 

@@ -52,7 +52,7 @@ from segkit.io.outputs import atomic_path, check_output
 from segkit.models import COMPOSED, create_model
 from segkit.normalization import mean_std_normalization
 from segkit.record import MODEL_KINDS, CheckpointInfo
-from segkit.version import __version__
+from segkit.version import DISTRIBUTION, __version__
 
 #: bioimage.io packages are zip files.
 PACKAGE_SUFFIX = ".zip"
@@ -602,12 +602,13 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
 
 
 def _environment() -> str:
-    """The pytorch_state_dict weights' conda environment: PyTorch and segkit (their architecture)."""
+    """The pytorch_state_dict weights' conda environment: PyTorch and segkit (their architecture), by its
+    distribution name (`segkit` on PyPI is another project)."""
     import torch
 
     version = torch.__version__.split("+")[0]
     return (f"name: segkit\nchannels:\n  - conda-forge\n  - nodefaults\ndependencies:\n  - python>=3.10\n"
-            f"  - pytorch>={version}\n  - pip\n  - pip:\n    - segkit>={__version__}\n")
+            f"  - pytorch>={version}\n  - pip\n  - pip:\n    - {DISTRIBUTION}>={__version__}\n")
 
 
 def _describe(info: CheckpointInfo, work: Path, *, name: str, description: str, authors: list[str], license: str,

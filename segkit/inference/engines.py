@@ -11,6 +11,7 @@ device buffers through IO binding.
 from __future__ import annotations
 
 import contextlib
+import platform
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -106,6 +107,26 @@ TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 CONV_ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
+def onnxruntime_distribution(system: str | None = None, machine: str | None = None) -> str:
+    """The ONNX Runtime distribution segkit depends on here, as pyproject.toml's markers choose it:
+    onnxruntime-gpu on Linux x86-64 (its wheel also runs the CPU provider), onnxruntime elsewhere (macOS,
+    Linux aarch64 and Windows get the CPU build). Defaults to this machine's `platform.system()` and
+    `platform.machine()`."""
+    system = platform.system() if system is None else system
+    machine = platform.machine() if machine is None else machine
+    return "onnxruntime-gpu" if (system, machine) == ("Linux", "x86_64") else "onnxruntime"
+
+
+def cuda_provider_fix(system: str | None = None, machine: str | None = None) -> str:
+    """How to get ONNX Runtime's CUDA provider on this platform (or, where no build has one, what to
+    use instead), for the one-line errors and `segkit info`."""
+    system = platform.system() if system is None else system
+    machine = platform.machine() if machine is None else machine
+    if (system, machine) in (("Linux", "x86_64"), ("Windows", "AMD64")):
+        return "pip uninstall onnxruntime, then pip install onnxruntime-gpu"
+    return f"ONNX Runtime publishes no CUDA build for {system} {machine}; use the torch engine there"
+
+
 def tensorrt_loadable() -> bool:
     """Whether the TensorRT runtime library can be loaded (onnxruntime-gpu lists its TensorRT
     provider whether or not TensorRT is installed)."""
@@ -127,8 +148,8 @@ def plan_providers(device: str, available: list[str], *, use_tensorrt: bool, fp1
     if device == "cpu":
         return [(CPU_PROVIDER, {})]
     if CUDA_PROVIDER not in available:
-        raise SegkitError(f"device={device!r} needs onnxruntime's CUDA provider, but this onnxruntime offers only "
-                          f"{', '.join(available)}; pip install onnxruntime-gpu, or use device='cpu'")
+        raise SegkitError(f"device={device!r} needs onnxruntime's CUDA provider ({CUDA_PROVIDER}), but this "
+                          f"onnxruntime offers only {', '.join(available)}; use device='cpu', or {cuda_provider_fix()}")
     if conv_algo_search not in CONV_ALGO_SEARCH:
         raise SegkitError(f"unknown cuDNN algorithm search {conv_algo_search!r}; choose {', '.join(CONV_ALGO_SEARCH)}")
     device_id = int(device.partition(":")[2] or 0)
@@ -174,7 +195,7 @@ class OnnxEngine:
                  tensorrt_cache: str | None = None) -> None:
         import torch
 
-        ort = require("onnxruntime", feature="engine='onnx'", package="onnxruntime-gpu")
+        ort = require("onnxruntime", feature="engine='onnx'", package=onnxruntime_distribution())
         self._ort = ort
         self.geometry = geometry
         resolved = resolve_device(device)

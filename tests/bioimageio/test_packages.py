@@ -374,3 +374,18 @@ def test_packages_segkit_cannot_run_get_one_line_naming_the_field(tmp_path):
         load_package(garbage)
     with pytest.raises(SegkitError, match="does not exist"):
         load_package(tmp_path / "missing.zip")
+
+
+def test_package_environment_asks_for_segkits_own_distribution(unet_package):
+    """The pytorch_state_dict weights' environment names segkit's distribution (pyproject's name, checked
+    against DISTRIBUTION in tests/test_install.py), not `segkit`, which on PyPI is an unrelated project."""
+    import yaml
+
+    from segkit.version import DISTRIBUTION, __version__
+
+    out, result = unet_package
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(out) as zf:
+        env = yaml.safe_load(zf.read("environment.yaml"))
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert DISTRIBUTION == "segkit-bio" and pip == [f"segkit-bio>={__version__}"]

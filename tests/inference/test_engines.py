@@ -134,3 +134,31 @@ def test_onnx_engine_on_cuda_reads_and_writes_device_tensors(tiny_onnx, tiny_une
     for batch in (x, x[:1], x):  # a short batch is padded to the largest seen, and cropped back
         out = assert_protocol(engine, batch.to(engine.device), 1)
         assert (out.cpu() - reference(batch)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("system, machine, fix", [
+    ("Linux", "x86_64", "pip uninstall onnxruntime, then pip install onnxruntime-gpu"),
+    ("Linux", "aarch64", "ONNX Runtime publishes no CUDA build for Linux aarch64; use the torch engine there"),
+    ("Darwin", "arm64", "ONNX Runtime publishes no CUDA build for Darwin arm64; use the torch engine there"),
+])
+def test_onnx_engine_on_a_cpu_only_onnxruntime_names_the_missing_provider(tiny_onnx, tiny_unet, monkeypatch,
+                                                                           system, machine, fix):
+    """CUDA asked of the CPU build of ONNX Runtime (what macOS and Linux aarch64 install): one line naming
+    CUDAExecutionProvider and the fix for this platform, never a silent CPU run."""
+    import platform
+
+    import onnxruntime
+
+    from segkit.inference import engines
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])  # the CPU wheel's list
+    monkeypatch.setattr(engines, "resolve_device", lambda device: "cuda:0")  # torch sees a GPU
+    monkeypatch.setattr(platform, "system", lambda: system)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    with pytest.raises(SegkitError) as error:
+        OnnxEngine(tiny_onnx, tiny_unet.geometry, device="cuda")
+    message = str(error.value)
+    assert "\n" not in message and "needs onnxruntime's CUDA provider (CUDAExecutionProvider)" in message
+    assert "offers only AzureExecutionProvider, CPUExecutionProvider; use device='cpu', or " in message
+    assert message.endswith(fix)
