@@ -19,6 +19,7 @@ from segkit.config import short
 from segkit.errors import CheckpointError, ConfigError, SegkitError, TileSizeError
 from segkit.io.outputs import atomic_path, remove_stale_partials
 from segkit.memory import tile_problem, training_model_problem
+from segkit.version import DISTRIBUTION
 
 
 @dataclass
@@ -392,8 +393,11 @@ def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any
             completed = epoch
             save_last(completed)
             write_logs(plan.files, history, plan.log_fields)
-            plot_curve(history, plan.files.curve, loss_label=plan.loss_label, metrics=plan.curve_metrics,
-                       metric_label=plan.metric_label)
+            drawn = plot_curve(history, plan.files.curve, loss_label=plan.loss_label, metrics=plan.curve_metrics,
+                               metric_label=plan.metric_label)
+            if not drawn and epoch == start_epoch:  # said once per run
+                plan.echo(f"note: matplotlib is not installed, so {plan.files.curve.name} is skipped "
+                          f"(pip install matplotlib, or the {DISTRIBUTION}[plot] extra, draws it)")
             epoch_seconds.append(row["seconds"])
             left = (f"; about {duration(plan.clock.seconds_left((plan.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))} left"
                     if epoch < plan.epochs else "")
@@ -632,8 +636,9 @@ def write_recipe(files: RunFiles, recipe: dict[str, Any]) -> None:
 
 
 def plot_curve(history: list[dict[str, float]], path: Path, *, loss_label: str, metrics: tuple[str, ...],
-               metric_label: str) -> None:
-    """Training loss and validation metrics per epoch, as a PNG (written atomically).
+               metric_label: str) -> bool:
+    """Training loss and validation metrics per epoch, as a PNG (written atomically), when matplotlib
+    (optional: the `plot` extra) is installed.
 
     Parameters
     ----------
@@ -648,12 +653,20 @@ def plot_curve(history: list[dict[str, float]], path: Path, *, loss_label: str, 
     metric_label : str
         Their axis label.
 
+    Returns
+    -------
+    bool
+        Whether the curve was drawn (False: matplotlib is not installed; nothing is written).
+
     Raises
     ------
     OutputError
         The disk is full or the folder cannot be written.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -675,3 +688,4 @@ def plot_curve(history: list[dict[str, float]], path: Path, *, loss_label: str, 
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
+    return True

@@ -156,3 +156,21 @@ def test_training_with_augmentation_on_the_device(tmp_path):
     recipe["augment"]["on_device"] = True
     files = train(recipe, progress=False, echo=lambda _: None)
     assert read_info(files.best).training["epoch"] == 1
+
+
+def test_training_without_matplotlib_skips_the_curve_and_says_so_once(tmp_path, monkeypatch):
+    """matplotlib is optional (the plot extra): training finishes, writes everything but the curve, and
+    one line says why."""
+    import sys
+
+    from segkit.training.loop import train
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    lines = []
+    files = train(tiny_recipe(tmp_path, epochs=2), progress=False, echo=lines.append)
+    for path in (files.best, files.last, files.optimizer, files.log_csv, files.log_json, files.recipe):
+        assert path.exists(), path
+    assert not files.curve.exists()
+    notes = [line for line in lines if "matplotlib" in line]
+    assert notes == ["note: matplotlib is not installed, so curve.png is skipped "
+                     "(pip install matplotlib, or the segkit-bio[plot] extra, draws it)"]
