@@ -846,7 +846,7 @@ def package(checkpoint: Path, output: Path | None, author: tuple[str, ...], name
             license: str, denoiser_path: Path | None, tile: int | None, opset: int, no_test: bool,
             overwrite: bool) -> None:
     """Write a bioimage.io model package (spec 0.5) of a CHECKPOINT for Fiji/deepImageJ, ilastik, napari,
-    QuPath and BiaPy. Needs: pip install 'segkit[bioimageio]'.
+    QuPath and BiaPy. Needs: pip install 'segkit-bio[bioimageio]'.
 
     The package holds the weights as PyTorch state dict, TorchScript and ONNX (each checked against
     torch), input sizes and halo from the model's geometry, the checkpoint's normalisation as

@@ -3,7 +3,7 @@
 A package is a zip holding `rdf.yaml` (model spec 0.5) and the files it names. `write` builds the
 package of a segkit checkpoint, checked with bioimageio.spec and bioimageio.core; `read` turns a
 2D package (segkit's or another tool's) into an engine for segkit's streaming pipeline. Neither
-module imports torch until a model is built; both need the extra: pip install 'segkit[bioimageio]'.
+module imports torch until a model is built; both need the extra: pip install 'segkit-bio[bioimageio]'.
 
 `inference_model` is importable from here because written packages name it
 (`segkit.bioimageio.inference_model`) as their pytorch_state_dict architecture.

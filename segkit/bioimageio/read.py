@@ -101,7 +101,7 @@ def read_description(source: Any) -> Any:
     PackageModelError
         The file is missing, not a bioimage.io package, invalid, or describes no model.
     """
-    require("bioimageio.spec", feature="running bioimage.io packages", package="segkit[bioimageio]")
+    require("bioimageio.spec", feature="running bioimage.io packages", package="segkit-bio[bioimageio]")
     from bioimageio.spec import InvalidDescr, load_description
     from bioimageio.spec.model import v0_5
 
@@ -318,7 +318,7 @@ class PackageEngine:
                 model = torch.jit.load(io.BytesIO(data), map_location="cpu")
             else:
                 require("bioimageio.core", feature="pytorch_state_dict weights of bioimage.io packages",
-                        package="segkit[bioimageio]")
+                        package="segkit-bio[bioimageio]")
                 from bioimageio.core.backends.pytorch_backend import load_torch_model
 
                 try:

@@ -23,7 +23,7 @@ bioimageio.core (every weight format reproduces the test output and runs at othe
 sizes) before it is moved into place. Nothing is downloaded: the package refers to local files and
 DOIs only, and validation runs without remote checks.
 
-Needs the optional extra: pip install 'segkit[bioimageio]'. bioimageio, torch and the torch-backed
+Needs the optional extra: pip install 'segkit-bio[bioimageio]'. bioimageio, torch and the torch-backed
 models.compose are imported by the functions that write a package, so `from segkit import predict`
 (which reaches this module through the package reader) loads none of them.
 """
@@ -440,7 +440,7 @@ def validate_package(path: str | Path, *, test: bool = True) -> tuple[str, ...]:
     PackageError
         The first failure.
     """
-    require("bioimageio.spec", feature="bioimage.io packages", package="segkit[bioimageio]")
+    require("bioimageio.spec", feature="bioimage.io packages", package="segkit-bio[bioimageio]")
     from bioimageio.spec import InvalidDescr, ValidationContext, load_description
 
     checks = []
@@ -455,7 +455,7 @@ def validate_package(path: str | Path, *, test: bool = True) -> tuple[str, ...]:
         checks.append(f"bioimageio.spec {descr.format_version}: valid")
         if not test:
             return tuple(checks)
-        require("bioimageio.core", feature="testing bioimage.io packages", package="segkit[bioimageio]")
+        require("bioimageio.core", feature="testing bioimage.io packages", package="segkit-bio[bioimageio]")
         from bioimageio.core import test_description
 
         present = [w for w, entry in descr.weights if entry is not None]
@@ -520,9 +520,9 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
         The output path is refused or the write failed.
     """
     output = check_package_path(output, inputs=inputs, overwrite=overwrite, report=report)
-    require("bioimageio.spec", feature="bioimage.io packages", package="segkit[bioimageio]")
+    require("bioimageio.spec", feature="bioimage.io packages", package="segkit-bio[bioimageio]")
     if test:
-        require("bioimageio.core", feature="testing bioimage.io packages", package="segkit[bioimageio]")
+        require("bioimageio.core", feature="testing bioimage.io packages", package="segkit-bio[bioimageio]")
     authors = _authors(author)
     name = _check_name(name or default_name(info))
     license = _check_license(license)

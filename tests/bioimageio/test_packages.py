@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("bioimageio.spec", reason="needs the bioimageio extra: pip install 'segkit[bioimageio]'")
-pytest.importorskip("bioimageio.core", reason="needs the bioimageio extra: pip install 'segkit[bioimageio]'")
+pytest.importorskip("bioimageio.spec", reason="needs the bioimageio extra: pip install 'segkit-bio[bioimageio]'")
+pytest.importorskip("bioimageio.core", reason="needs the bioimageio extra: pip install 'segkit-bio[bioimageio]'")
 
 from bioimageio.spec import load_description  # noqa: E402
 from bioimageio.spec.model import v0_5  # noqa: E402
@@ -194,7 +194,7 @@ def test_package_user_errors(tmp_path, tiny_checkpoint, monkeypatch):
         validate_package(out)
     monkeypatch.setitem(sys.modules, "bioimageio.spec", None)
     assert_user_error(run("package", tiny_checkpoint, "-o", tmp_path / "n.zip", "--author", "A"),
-                      "pip install segkit[bioimageio]")
+                      "pip install segkit-bio[bioimageio]")
     assert no_partials(tmp_path)
 
 
