@@ -55,11 +55,14 @@ from segkit.inference.pipeline import choose_normalization
 from segkit.inference.tiler import mirror_pad
 from segkit.io.outputs import check_output, is_write_error, resumable_path, write_failure
 from segkit.io.tiff import list_tiff_files
-from segkit.io.zarr import (
+from segkit.io.zarr import (  # noqa: F401  (ZarrStack, convert_zarr_to_tiff, ome_zarr_attributes: importable from here too)
     MANIFEST,
+    ZarrStack,
+    convert_zarr_to_tiff,
     create_array,
     create_ome_zarr,
     mark_complete,
+    ome_zarr_attributes,
     open_array,
     open_volume,
     plane_reader,
