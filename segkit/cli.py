@@ -559,7 +559,8 @@ def denoise(source: str, output: Path | None, model_path: Path, engine: str, til
 def segment(source: str, output: Path | None, model_path: Path | None, threshold: str | None,
             seed_distance: float | None, min_seed_size: int | None, min_size: int | None, compression: str,
             overwrite: bool, quiet: bool) -> None:
-    """Neuron instances of a membrane probability stack SOURCE: seeded watershed per slice, uint32 labels.
+    """Neuron instances of a membrane probability stack SOURCE: seeded watershed per slice, uint32 labels
+    whose ids are unique across the stack (each slice's continue after the slice before it).
 
     Seeds are the interior pixels far enough from predicted membrane; segments grow over the
     probability and meet on membranes, so a one-pixel gap does not merge two cells.
@@ -588,7 +589,7 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     with tqdm(total=planes, unit="slice", disable=quiet, file=sys.stderr) as bar:
         written = segment_stack(source, output, params, overwrite=overwrite, on_plane=bar.update,
                                 compression=compression)
-    click.echo(f"wrote {written} (watershed: {params.to_dict()})")
+    click.echo(f"wrote {written} (uint32 ids unique across the stack; watershed: {params.to_dict()})")
 
 
 # -- convert -------------------------------------------------------------------------------
