@@ -559,7 +559,8 @@ def denoise(source: str, output: Path | None, model_path: Path, engine: str, til
 def segment(source: str, output: Path | None, model_path: Path | None, threshold: str | None,
             seed_distance: float | None, min_seed_size: int | None, min_size: int | None, compression: str,
             overwrite: bool, quiet: bool) -> None:
-    """Neuron instances of a membrane probability stack SOURCE: seeded watershed per slice, uint32 labels.
+    """Neuron instances of a membrane probability stack SOURCE: seeded watershed per slice, uint32 labels
+    whose ids are unique across the stack (each slice's continue after the slice before it).
 
     Seeds are the interior pixels far enough from predicted membrane; segments grow over the
     probability and meet on membranes, so a one-pixel gap does not merge two cells.
@@ -588,7 +589,7 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     with tqdm(total=planes, unit="slice", disable=quiet, file=sys.stderr) as bar:
         written = segment_stack(source, output, params, overwrite=overwrite, on_plane=bar.update,
                                 compression=compression)
-    click.echo(f"wrote {written} (watershed: {params.to_dict()})")
+    click.echo(f"wrote {written} (uint32 ids unique across the stack; watershed: {params.to_dict()})")
 
 
 # -- convert -------------------------------------------------------------------------------
@@ -653,6 +654,10 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
              ignore_index: int | None) -> None:
     """Score a membrane PREDICTION against ISBI-style LABELS (0 = membrane, >0 = cell).
 
+    PREDICTION first (what segkit wrote), LABELS second (the ground truth). Truth-first tools order
+    them the other way: skimage's adapted_rand_error(image_true, image_test), StarDist's
+    matching(y_true, y_pred).
+
     Reports pixel error, adapted Rand error and variation of information (split + merge) of the
     connected components of the thresholded prediction, plus membrane Dice/IoU, averaged per slice.
 
@@ -670,6 +675,8 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
 
     chosen = _parse_slices(slices)
     _check_json_output(json_path, prediction, labels)
+    if json_path is None or str(json_path) != "-":  # `--json -` prints JSON only (its keys say which is which)
+        click.echo(evaluate_header(prediction, labels), err=True)
     if labels_kind != "membrane":
         _evaluate_kind(prediction, labels, labels_kind, classes=classes, ignore=ignore_index, slices=chosen,
                        json_path=json_path, other=instances or watershed or sweep or write_defaults is not None)
@@ -707,6 +714,11 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
             _store_defaults(write_defaults, {"threshold": best["threshold"]}, chosen)
     if json_path is not None:
         _write_json(json_path, report)
+
+
+def evaluate_header(prediction: str, labels: str) -> str:
+    """`segkit evaluate`'s first line: which argument is which (truth-first tools order them the other way)."""
+    return f"prediction: {prediction}, labels (truth): {labels}"
 
 
 def _evaluate_kind(prediction: str, labels: str, kind: str, *, classes: int | None, ignore: int | None,

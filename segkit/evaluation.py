@@ -187,6 +187,14 @@ def _true_cells(label_stack: TiffStack, index: int, source: str) -> np.ndarray:
     return label_cells(~_true_membrane(label_stack, index, source))
 
 
+def _slice_ids(plane: np.ndarray) -> np.ndarray:
+    """A label plane's ids renumbered 1..n in their order (0 stays 0), as int64: ids unique across a stack
+    (each slice's shifted past the slices before it) score exactly as that slice's own 1..n."""
+    from skimage.segmentation import relabel_sequential
+
+    return relabel_sequential(plane.astype(np.int64))[0]
+
+
 def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, int] | None = None) -> dict[str, Any]:
     """Adapted Rand error and VI of an instance label stack (`segkit segment`, `predict --instances`)
     against ISBI-style labels (0 = membrane, > 0 = cell).
@@ -217,7 +225,7 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
                              "`segkit segment` on it first (labels of your own: save them as uint16/uint32)")
         for pred_index, label_index in _paired_planes(pred_stack, label_stack, slices):
             rows.append(_instance_scores(_true_cells(label_stack, label_index, labels),
-                                         pred_stack.plane(pred_index).astype(np.int64)))
+                                         _slice_ids(pred_stack.plane(pred_index))))
     return {"prediction": prediction, "labels": labels, "slices": len(rows), "scores": mean_rows(rows), "per_slice": rows}
 
 

@@ -5,11 +5,15 @@ membrane. A watershed does not: seeds are placed only where the interior is at l
 `seed_distance` px away from predicted membrane (scipy's Euclidean distance transform), and
 regions grown from them over the probability (scikit-image's watershed) meet on the membrane
 ridge, gap or not. Small seeds are dropped and small segments merged into their neighbours.
+
+Each slice's labels are 1..n; a stack's are made unique across the stack by shifting each slice's
+ids past those of the slices before it (`unique_ids`, `id_offsets`), as uint32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -137,3 +141,45 @@ def object_watershed(probabilities: np.ndarray, params: ObjectParams = ObjectPar
         if small.any():
             labels[small[labels]] = 0
     return relabel_sequential(labels)[0].astype(np.uint32)
+
+
+#: The largest id a uint32 label stack holds.
+MAX_ID = int(np.iinfo(np.uint32).max)
+
+
+def _check_ids(total: int, where: str) -> None:
+    if total > MAX_ID:
+        raise SegkitError(f"{where}: the stack holds more than {MAX_ID} objects, too many for uint32 ids unique "
+                          "across the stack; predict it in parts (fewer slices per stack)")
+
+
+def shift_ids(labels: np.ndarray, offset: int) -> np.ndarray:
+    """uint32 `labels` with every id > 0 raised by `offset` (0, the background, stays 0)."""
+    out = np.asarray(labels).astype(np.uint32, copy=True)
+    if offset:
+        _check_ids(offset + (int(out.max()) if out.size else 0), "shifting ids")
+        out[out > 0] += np.uint32(offset)
+    return out
+
+
+def id_offsets(counts: Iterable[int]) -> list[int]:
+    """The offset of each slice's ids, given how many ids (its largest) each slice uses: the cumulative
+    sum of the counts of the slices before it, so ids are unique across the stack. Refused when the
+    total does not fit uint32."""
+    offsets, total = [], 0
+    for count in counts:
+        offsets.append(total)
+        total += int(count)
+    _check_ids(total, "labels")
+    return offsets
+
+
+def unique_ids(planes: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The label planes of a stack (ids 1..n per plane, 0 = background), streaming, with ids unique
+    across the stack: each plane's ids shifted past the largest id of the planes before it (uint32)."""
+    offset = 0
+    for plane in planes:
+        count = int(plane.max()) if plane.size else 0
+        _check_ids(offset + count, "labels")
+        yield shift_ids(plane, offset)
+        offset += count

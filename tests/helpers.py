@@ -130,3 +130,15 @@ def assert_plane_matches_library(written, stack_path, checkpoint, *, index: int,
     plane = info.normalization.apply(torch.from_numpy(tifffile.imread(stack_path)[index]))[None]
     expected = predict_plane(plane, TorchEngine(model, device="cpu"), info.geometry, tile=tile)[0].numpy()
     assert np.abs(written[index].astype(int) - np.rint(expected * 255)).max() <= 1
+
+
+def assert_ids_unique_across_slices(labels):
+    """A uint32 label stack whose ids are unique across the stack: each slice's ids (1..n, 0 = background)
+    come after the previous slice's, with no gap and no id shared between slices."""
+    assert labels.dtype == np.uint32 and labels.ndim == 3
+    last = 0
+    for z, plane in enumerate(labels):
+        ids = np.unique(plane[plane > 0])
+        if len(ids):
+            assert ids[0] == last + 1 and ids[-1] == last + len(ids), (z, ids[:3], last)
+            last = int(ids[-1])

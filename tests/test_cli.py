@@ -298,3 +298,23 @@ def test_blend_and_halo_options(tmp_path, uint8_stack, tiny_checkpoint):
                       "--halo 8 applies to same-padding")
     assert_user_error(run("predict", uint8_stack, "-o", tmp_path / "u.tif", "-m", tmp_path / "fcn.safetensors",
                           "--tile", 48), "multiple", "32")
+
+
+def test_evaluate_says_which_argument_is_which(tmp_path):
+    """Item 9 of issue 23: PREDICTION first, LABELS (truth) second, in --help and in the header line;
+    truth-first tools (skimage, StarDist) are named as ordering them the other way."""
+    help_text = " ".join(run("evaluate", "--help").output.split())
+    assert "PREDICTION LABELS" in help_text
+    assert "PREDICTION first (what segkit wrote), LABELS second (the ground truth)" in help_text
+    assert "adapted_rand_error(image_true, image_test)" in help_text and "matching(y_true, y_pred)" in help_text
+    labels = np.full((1, 10, 10), 255, np.uint8)
+    labels[:, :, 5] = 0
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "pred.tif", np.where(labels == 0, 255, 0).astype(np.uint8), photometric="minisblack")
+    result = run("evaluate", tmp_path / "pred.tif", tmp_path / "labels.tif")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == (f"prediction: {tmp_path / 'pred.tif'}, "
+                                             f"labels (truth): {tmp_path / 'labels.tif'}")
+    as_json = run("evaluate", tmp_path / "pred.tif", tmp_path / "labels.tif", "--json", "-")
+    report = json.loads(as_json.output)  # JSON only: its keys say which is which
+    assert report["prediction"] == str(tmp_path / "pred.tif") and report["labels"] == str(tmp_path / "labels.tif")

@@ -173,7 +173,7 @@ def test_library_result_says_the_threshold_and_model(tmp_path, uint8_stack, tiny
     result = segkit.predict(uint8_stack, tmp_path / "n.tif", model=tiny_checkpoint, threshold="auto", instances=True,
                             device="cpu", report=messages.append)
     assert result.threshold == 0.5 and result.model == str(tiny_checkpoint)
-    assert "uint32 instances: seeded watershed at threshold 0.5 (auto: the checkpoint's)" in result.writes
+    assert "uint32 instances, ids unique across the stack: seeded watershed at threshold 0.5 (auto: the checkpoint's)" in result.writes
     plain = segkit.predict(uint8_stack, tmp_path / "p.tif", model=tiny_checkpoint, device="cpu", report=messages.append)
     assert plain.threshold is None and plain.writes == "uint8 membrane probabilities"
 

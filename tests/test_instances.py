@@ -11,7 +11,7 @@ from segkit.inference.engines import TorchEngine
 from segkit.inference.tiler import pad_plane, plan_tiles, predict_plane
 from segkit.inference.tta import TTAForward, tta_transforms
 from segkit.instances import WatershedParams, watershed_slice
-from segkit.metrics import label_cells
+from segkit.metrics import label_cells, to_probability
 from tests.helpers import REPO, FakeEngine, as_plane, assert_user_error, run
 
 
@@ -184,3 +184,69 @@ def test_bench_instances_script_scores_four_variants(isbi, tiny_checkpoint):
     assert variants == ["connected components", "watershed", "TTA flips + connected components",
                         "TTA flips + watershed"]
     assert all(0 <= row["adapted_rand_error"] <= 1 and row["vi"] >= 0 for row in report["results"])
+
+
+def test_segment_and_predict_instances_write_ids_unique_across_the_stack(tmp_path, uint8_stack, tiny_checkpoint):
+    """Issue 23 item 2: each slice's ids continue after the previous slice's (uint32), read back from the
+    TIFFs of `segkit segment` and `segkit predict --instances`; the header says so."""
+    from tests.helpers import assert_ids_unique_across_slices
+
+    prob, _ = _write_pair(tmp_path)
+    result = run("segment", prob, "-o", tmp_path / "labels.tif", "--threshold", "0.4", "--min-size", 10, "-q")
+    assert result.exit_code == 0 and "ids unique across the stack" in result.output, result.output
+    labels = tifffile.imread(tmp_path / "labels.tif")
+    per_slice = watershed_slice(to_probability(tifffile.imread(prob)[0]), WatershedParams(threshold=0.4, min_size=10))
+    count = int(per_slice.max())
+    assert count >= 2  # the three identical slices hold the same cells, numbered on
+    for z in range(3):
+        np.testing.assert_array_equal(labels[z], per_slice + z * count)
+    assert_ids_unique_across_slices(labels)
+    result = run("predict", uint8_stack, "--instances", "-o", tmp_path / "neurons.tif", "-m", tiny_checkpoint,
+                 "--tile", 220, "-q")
+    assert result.exit_code == 0, result.output
+    assert "uint32 instances, ids unique across the stack" in result.stderr
+    neurons = tifffile.imread(tmp_path / "neurons.tif")
+    assert_ids_unique_across_slices(neurons)
+    assert all(plane.max() > plane.min() for plane in neurons)  # every slice holds several ids
+
+
+def test_object_ids_unique_across_the_stack_and_uint32_overflow():
+    from segkit.errors import SegkitError
+    from segkit.inference.encodings import ObjectEncoding, finish_planes
+    from segkit.instances import MAX_ID, id_offsets, unique_ids
+
+    probabilities = np.zeros((3, 30, 30), np.float32)
+    probabilities[0] = 1.0
+    for y, x in ((5, 5), (5, 20), (20, 12)):  # three square objects on a background
+        probabilities[0, y:y + 8, x:x + 8] = 0.0
+        probabilities[1, y:y + 8, x:x + 8] = 1.0
+    planes = list(finish_planes(ObjectEncoding(), [probabilities, probabilities]))
+    assert planes[0].dtype == np.uint32 and set(np.unique(planes[0])) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(planes[1], np.where(planes[0] > 0, planes[0] + 3, 0))  # background stays 0
+    assert id_offsets([3, 0, 5, 2]) == [0, 3, 3, 8]
+    full = np.full((2, 2), MAX_ID, np.uint32)
+    assert list(unique_ids([full]))[0].max() == MAX_ID  # the largest id fits
+    with pytest.raises(SegkitError, match="too many for uint32 ids unique across the stack"):
+        list(unique_ids([full, np.ones((2, 2), np.uint32)]))
+    with pytest.raises(SegkitError, match="too many for uint32"):
+        id_offsets([MAX_ID, 1])
+
+
+def test_evaluate_scores_are_unchanged_by_the_offsets(tmp_path):
+    """evaluate scores per slice: ids unique across the stack score exactly as each slice's own 1..n."""
+    from segkit.evaluation import evaluate_matched_instances
+
+    prob, truth = _write_pair(tmp_path)
+    probability = to_probability(tifffile.imread(prob)[0])
+    per_slice = np.stack([watershed_slice(probability, WatershedParams(threshold=t, seed_distance=0.0, min_size=10))
+                          for t in (0.4, 0.5, 0.6)])
+    shifted = per_slice + np.array([0, 10, 2_000_000_000], np.uint32)[:, None, None]
+    tifffile.imwrite(tmp_path / "own.tif", per_slice, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "shifted.tif", shifted, photometric="minisblack")
+    own, moved = (evaluate_instances(str(tmp_path / name), str(truth)) for name in ("own.tif", "shifted.tif"))
+    assert own["per_slice"] == moved["per_slice"] and own["scores"] == moved["scores"]
+    assert own["per_slice"][0] != own["per_slice"][1]  # the slices differ, so a mix-up would show
+    tifffile.imwrite(tmp_path / "objects.tif", np.roll(per_slice, 1, axis=2), photometric="minisblack")
+    own, moved = (evaluate_matched_instances(str(tmp_path / name), str(tmp_path / "objects.tif"))
+                  for name in ("own.tif", "shifted.tif"))
+    assert own["per_slice"] == moved["per_slice"] and own["scores"] == moved["scores"]

@@ -21,7 +21,12 @@ GPUs and `device` 'cuda', worker i takes GPU i mod n (round robin, as dask-cuda'
 LocalCUDACluster does). Instances need whole planes (a watershed must not stop at chunk
 borders): the chunks write probabilities to the store's "probability" array first (ZYX for
 membrane instances, CZYX background / interior / boundary for object models), then one task per
-plane writes its labels to level 0.
+plane writes its labels (ids 1..n) to the "segkit_slice_labels" array and n into its marker. Ids are
+unique across the stack: once every plane is labelled, each plane's offset is the cumulative sum of
+the counts of the planes before it (`segkit.instances.id_offsets`, so it depends on the labels, never on
+which task ran first), and one task per plane writes its shifted ids to level 0 (as the TIFF path
+does); the slice labels are removed from the finished store. Every stage keeps its markers, so a
+rerun with `resume` continues where it stopped and gives the same ids.
 
 Outputs of several channels (every class's probability of a K-class model) add a leading channel
 axis: level 0 is CZYX, chunked (1, 1, cy, cx), with an OME-Zarr channel axis c; each task writes
@@ -49,10 +54,11 @@ import numpy as np
 from segkit._optional import require
 from segkit.errors import OutputError, OutputExistsError, SegkitError
 from segkit.inference import tiler
-from segkit.inference.encodings import InstanceEncoding, ObjectEncoding, PlaneEncoding, ProbabilityEncoding
+from segkit.inference.encodings import LABEL_ENCODINGS, ObjectEncoding, PlaneEncoding, ProbabilityEncoding
 from segkit.inference.loading import EngineRequest, load_prediction_engine, model_record
 from segkit.inference.pipeline import choose_normalization
 from segkit.inference.tiler import mirror_pad
+from segkit.instances import id_offsets, shift_ids
 from segkit.io.outputs import check_output, is_write_error, resumable_path, write_failure
 from segkit.io.tiff import list_tiff_files
 from segkit.io.zarr import (  # noqa: F401  (ZarrStack, convert_zarr_to_tiff, ome_zarr_attributes: importable from here too)
@@ -70,7 +76,10 @@ from segkit.io.zarr import (  # noqa: F401  (ZarrStack, convert_zarr_to_tiff, om
 
 DONE = "segkit_done"
 LABELS_DONE = "segkit_labels_done"
+IDS_DONE = "segkit_ids_done"
 PROBABILITY = "probability"
+#: each plane's labels 1..n before their ids are made unique across the stack (removed when finished)
+SLICE_LABELS = "segkit_slice_labels"
 #: the probabilities an object model's watershed reads (segkit.instances.object_watershed): background,
 #: interior, boundary
 OBJECT_CHANNELS = 3
@@ -280,12 +289,30 @@ def _pad_from_window(plane: Any, plan: Any, *, window: Any, context: int,
 
 def _label_plane(z: int, *, store: str, spec: Any, after: Any = None) -> int:
     """One task of the instance stage: the watershed of a whole probability plane (YX, or CYX for
-    object models) into level 0."""
+    object models) into the slice labels (ids 1..n); its marker holds n, the plane's count of ids."""
     marker = Path(store) / LABELS_DONE / str(z)
     if not marker.exists():
         source = open_array(store, PROBABILITY, mode="r")
         probability = np.asarray(source[:, z] if source.ndim == 4 else source[z], np.float32)
-        open_array(store, "0", mode="r+")[z] = spec.finish(probability)
+        labels = spec.finish(probability)
+        open_array(store, SLICE_LABELS, mode="r+")[z] = labels
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text(str(int(labels.max()) if labels.size else 0))
+    return z
+
+
+def _plane_offsets(labelled: Any, *, store: str, planes: int) -> list[int]:
+    """Each plane's id offset, once every plane is labelled (`labelled`): the cumulative sum of the
+    counts in the markers of the planes before it (the same on every run, whatever ran first)."""
+    return id_offsets(int((Path(store) / LABELS_DONE / str(z)).read_text()) for z in range(planes))
+
+
+def _shift_plane(z: int, *, store: str, offsets: list[int]) -> int:
+    """One task of the id stage: plane z's slice labels, shifted by its offset, into level 0."""
+    marker = Path(store) / IDS_DONE / str(z)
+    if not marker.exists():
+        labels = open_array(store, SLICE_LABELS, mode="r")[z]
+        open_array(store, "0", mode="r+")[z] = shift_ids(labels, offsets[z])
         marker.parent.mkdir(exist_ok=True)
         marker.touch()
     return z
@@ -347,7 +374,7 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
     chunks = (1, min(size, shape[1]), min(size, shape[2]))
     layout = ((1,) * shape[0], axis_chunks(shape[1], chunks[1], context + 1), axis_chunks(shape[2], chunks[2], context + 1))
     starts = tuple(tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)])) for sizes in layout)
-    instances = isinstance(spec, (InstanceEncoding, ObjectEncoding))  # labels of whole planes, after the chunks
+    instances = isinstance(spec, LABEL_ENCODINGS)  # labels of whole planes, after the chunks
     chunk_spec = _DeviceHalf(spec) if instances else spec
     # a channel axis in front (CZYX, chunks of one channel and plane): every class of a K-class model, or
     # the background / interior / boundary probabilities an object model's watershed reads
@@ -357,7 +384,8 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
     names = tuple(getattr(info, "classes", None) or ())
     models = [request.model] + ([options.denoise] if options.denoise is not None else [])
     manifest = RunManifest("+".join(file_sha256(m) for m in models), str(Path(source).resolve()), tile,
-                           normalization.to_dict(), shape, chunks, repr(spec),
+                           normalization.to_dict(), shape, chunks,
+                           repr(spec) + (", ids unique across the stack" if instances else ""),
                            f"{options.engine} {options.amp} tta {options.tta} halo {options.halo} blend {blend}",
                            input=input_fingerprint(source))
     if partial_store.exists():
@@ -381,6 +409,7 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
                         channel_names=names if len(names) == channels > 1 else None)
         if instances:
             create_array(partial_store, PROBABILITY, *probability, chunk_spec.dtype)
+            create_array(partial_store, SLICE_LABELS, shape, chunks, spec.dtype)
         (partial_store / MANIFEST).write_text(manifest.to_json())
 
     reader = plane_reader(source)
@@ -398,8 +427,10 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
     work: Any = flags
     if instances:  # labels of whole planes, after all their chunks
         finished = dask.delayed(lambda flags: None)(flags)
-        work = [dask.delayed(_label_plane)(z, store=str(partial_store), spec=spec, after=finished)
-                for z in range(shape[0])]
+        labelled = [dask.delayed(_label_plane)(z, store=str(partial_store), spec=spec, after=finished)
+                    for z in range(shape[0])]
+        offsets = dask.delayed(_plane_offsets)(labelled, store=str(partial_store), planes=shape[0])
+        work = [dask.delayed(_shift_plane)(z, store=str(partial_store), offsets=offsets) for z in range(shape[0])]
     try:
         _compute(work, scheduler=scheduler, workers=workers)
     except OSError as exc:  # a full disk or lost permission: one line; the store stays for resume
@@ -410,6 +441,8 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
     finally:
         with _ENGINE_LOCK:
             _LOCAL_ENGINES.clear()  # the local scheduler's engines (and their device memory) go with the run
+    if instances:
+        shutil.rmtree(partial_store / SLICE_LABELS)  # level 0 holds them, ids unique across the stack
     mark_complete(partial_store)  # convert and zarr inputs refuse a store without it
     if output.exists():
         shutil.rmtree(output) if output.is_dir() else output.unlink()

@@ -12,12 +12,17 @@ the writer thread (identity, or a watershed). The five:
 - `InstanceEncoding`: uint32 neuron instances of a membrane probability (seeded watershed);
 - `ObjectEncoding`: uint32 objects of background / interior / boundary probabilities.
 
+The two label encodings write ids unique across the stack: `finish_planes` shifts each plane's ids
+1..n past those of the planes before it (`segkit.instances.unique_ids`; the Dask path offsets by the
+same cumulative sum, `segkit.instances.id_offsets`).
+
 The watershed algorithms themselves are in `segkit.instances`. torch is imported only inside
 `encode`, so this module stays light.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,7 +30,7 @@ import numpy as np
 
 from segkit.errors import SegkitError
 from segkit.inference.options import PredictOptions
-from segkit.instances import ObjectParams, WatershedParams, object_watershed, watershed_slice
+from segkit.instances import ObjectParams, WatershedParams, object_watershed, unique_ids, watershed_slice
 
 if TYPE_CHECKING:
     from segkit.normalization import Normalization
@@ -168,6 +173,17 @@ class ObjectEncoding:
         return object_watershed(probabilities, self.params)
 
 
+#: The encodings that write labels (ids 1..n per plane before `finish_planes` makes them unique across the stack).
+LABEL_ENCODINGS = (InstanceEncoding, ObjectEncoding)
+
+
+def finish_planes(spec: PlaneEncoding, planes: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The host half of a stack's planes, in stack order: `spec.finish` of each, and for label encodings
+    ids unique across the stack (each plane's shifted past the largest id of the planes before it)."""
+    finished = (spec.finish(plane) for plane in planes)
+    return unique_ids(finished) if isinstance(spec, LABEL_ENCODINGS) else finished
+
+
 # -- which encoding ----------------------------------------------------------------------------
 
 def parse_threshold(value: float | str, auto: float) -> float:
@@ -268,9 +284,9 @@ def describe_output(info: CheckpointInfo, options: PredictOptions) -> tuple[str,
                                               else " (auto: the checkpoint stores none, so the default)")
     if instances:
         params = encoding.params
-        return (f"uint32 instances: seeded watershed at threshold {params.threshold:g}{origin}, seed distance "
-                f"{params.seed_distance:g}, min seed size {params.min_seed_size}, min size {params.min_size}",
-                params.threshold)
+        return (f"uint32 instances, ids unique across the stack: seeded watershed at threshold {params.threshold:g}"
+                f"{origin}, seed distance {params.seed_distance:g}, min seed size {params.min_seed_size}, min size "
+                f"{params.min_size}", params.threshold)
     if threshold is not None:
         return f"a 0/255 membrane mask at threshold {encoding.threshold:g}{origin}", encoding.threshold
     return f"{output_type} membrane probabilities", None
@@ -283,7 +299,7 @@ def _describe_classes(info: CheckpointInfo, encoding: Any) -> tuple[str, float |
         return "uint8 classes (argmax): " + ", ".join(f"{k} {n}" for k, n in enumerate(names)), None
     if isinstance(encoding, ObjectEncoding):
         p = encoding.params
-        return (f"uint32 objects: seeded watershed on the interior probability (seed threshold {p.seed_threshold:g}, "
+        return (f"uint32 objects, ids unique across the stack: seeded watershed on the interior probability (seed threshold {p.seed_threshold:g}, "
                 f"seed distance {p.seed_distance:g}, foreground below background probability "
                 f"{p.foreground_threshold:g}, min size {p.min_size})", p.seed_threshold)
     if encoding.channel is None:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from segkit.errors import SegkitError
-from segkit.inference.encodings import PlaneEncoding, ProbabilityEncoding
+from segkit.inference.encodings import PlaneEncoding, ProbabilityEncoding, finish_planes
 from segkit.inference.tiler import Forward, TilePlan, pad_plane, plan_tiles, predict_planes
 from segkit.io.resample import rescale
 from segkit.io.tiff import ENCODE_WORKERS, TiffStack, write_stack
@@ -325,7 +325,7 @@ def predict_stack(
         shape, axes = (*shape[:-2], channels, *shape[-2:]), "CYX" if original.is_2d else "ZCYX"
 
     def write(downloads: Iterable[_Copy]) -> Path:
-        planes = (spec.finish(download.numpy()) for download in downloads)
+        planes = finish_planes(spec, (download.numpy() for download in downloads))  # label ids unique across the stack
         if channels > 1:
             planes = (channel for plane in planes for channel in plane)
         return write_stack(output, planes, shape=shape, dtype=spec.dtype, axes=axes, resolution=original.resolution,

@@ -1,7 +1,8 @@
 """`segkit segment`: the seeded watershed of a membrane probability stack, file to file, streaming.
 
 The watershed itself is `segkit.instances.watershed_slice`; this module reads probability planes,
-refuses label stacks passed in their place, and writes uint32 label stacks.
+refuses label stacks passed in their place, and writes uint32 label stacks whose ids are unique
+across the stack (each slice's shifted past those of the slices before it, `unique_ids`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from segkit.errors import InputError
-from segkit.instances import WatershedParams, watershed_slice
+from segkit.instances import WatershedParams, unique_ids, watershed_slice
 from segkit.io.outputs import check_output
 from segkit.io.tiff import open_stack, write_stack
 from segkit.metrics import to_probability
@@ -28,7 +29,8 @@ def check_probability_stack(dtype: np.dtype, source: str) -> None:
 
 def segment_stack(source: str, output: str | Path, params: WatershedParams, *, overwrite: bool = False,
                   on_plane: Callable[[int], object] | None = None, compression: str = "zlib") -> Path:
-    """Watershed every plane of a probability stack (streaming) into a uint32 label stack."""
+    """Watershed every plane of a probability stack (streaming) into a uint32 label stack, ids unique
+    across the stack."""
     check_output(output, kind="tiff", inputs=[source], overwrite=overwrite)  # a TIFF name, not the input
     with open_stack(source, labels=True) as stack:  # admits label dtypes, to refuse them with a clear message
         check_probability_stack(stack.dtype, source)
@@ -40,5 +42,5 @@ def segment_stack(source: str, output: str | Path, params: WatershedParams, *, o
                     on_plane(1)
 
         shape = stack.shape[1:] if stack.is_2d else stack.shape
-        return write_stack(output, planes(), shape=shape, dtype=np.uint32, resolution=stack.resolution,
+        return write_stack(output, unique_ids(planes()), shape=shape, dtype=np.uint32, resolution=stack.resolution,
                            overwrite=overwrite, compression=compression)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.helpers import assert_user_error, run
+from tests.helpers import assert_ids_unique_across_slices, assert_user_error, run
 
 pytest.importorskip("dask")
 zarr = pytest.importorskip("zarr")
@@ -92,6 +92,7 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, chunky_stack, tiny
     array = zarr.open_array(str(store / "0"), mode="r")[:]
     if output == "instances":
         np.testing.assert_array_equal(array, reference)
+        assert_ids_unique_across_slices(array)  # the resumed run's offsets are the uninterrupted run's
     else:
         assert np.abs(array.astype(np.float32) - reference.astype(np.float32)).max() <= 1e-3
 
@@ -176,6 +177,8 @@ def test_dask_path_options_match_the_single_process_path(tmp_path, chunky_stack,
     if option == "instances":
         assert written.dtype == np.uint32 and len(np.unique(written)) > 10  # real segments, not one blob
         np.testing.assert_array_equal(written, expected)
+        assert_ids_unique_across_slices(written)  # both paths (they are equal)
+        assert not (store / "segkit_slice_labels").exists()  # the ids before their offsets: gone when finished
         # the chunks wrote probabilities first; the watershed ran on whole planes
         probability = zarr.open_array(str(store / "probability"), mode="r")[:]
         reference = single_process(tmp_path, chunky_stack, tiny_checkpoint, name="probability.tif")

@@ -51,7 +51,7 @@ def test_models_of_classes_write_every_class_one_class_argmax_or_objects():
         model_encoding(semantic, PredictOptions(class_index=5))
     objects = _record(3, "instances")
     assert isinstance(model_encoding(objects, PredictOptions()), ObjectEncoding)
-    assert describe_output(objects, PredictOptions())[0].startswith("uint32 objects: seeded watershed")
+    assert describe_output(objects, PredictOptions())[0].startswith("uint32 objects, ids unique across the stack: seeded watershed")
 
 
 def test_denoisers_are_described_by_their_output_type():
