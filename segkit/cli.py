@@ -676,7 +676,7 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
     chosen = _parse_slices(slices)
     _check_json_output(json_path, prediction, labels)
     if json_path is None or str(json_path) != "-":  # `--json -` prints JSON only (its keys say which is which)
-        click.echo(evaluate_header(prediction, labels), err=True)
+        click.echo(evaluate_header(prediction, labels))
     if labels_kind != "membrane":
         _evaluate_kind(prediction, labels, labels_kind, classes=classes, ignore=ignore_index, slices=chosen,
                        json_path=json_path, other=instances or watershed or sweep or write_defaults is not None)

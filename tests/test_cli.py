@@ -313,7 +313,7 @@ def test_evaluate_says_which_argument_is_which(tmp_path):
     tifffile.imwrite(tmp_path / "pred.tif", np.where(labels == 0, 255, 0).astype(np.uint8), photometric="minisblack")
     result = run("evaluate", tmp_path / "pred.tif", tmp_path / "labels.tif")
     assert result.exit_code == 0, result.output
-    assert result.stderr.splitlines()[0] == (f"prediction: {tmp_path / 'pred.tif'}, "
+    assert result.stdout.splitlines()[0] == (f"prediction: {tmp_path / 'pred.tif'}, "
                                              f"labels (truth): {tmp_path / 'labels.tif'}")
     as_json = run("evaluate", tmp_path / "pred.tif", tmp_path / "labels.tif", "--json", "-")
     report = json.loads(as_json.output)  # JSON only: its keys say which is which
