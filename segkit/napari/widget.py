@@ -1,0 +1,319 @@
+"""The dock widget (Plugins > segkit > Segment): run a segkit model on an image layer, add the result as a layer.
+
+The model is loaded and run in a worker thread (napari's `create_worker`), so the viewer stays responsive;
+progress comes back through a Qt signal (queued into the GUI thread) and Cancel sets the `threading.Event`
+that `segkit.Model.predict` checks between tile batches. A segkit error (a bad model file, an image the model
+cannot take, a cancelled run) is shown as one line in a napari notification; nothing is raised into the viewer.
+Loaded models are kept per (model file, kind, device, tile setting), so a second run does not load again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, create_widget
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from psygnal import Signal
+from qtpy.QtCore import QObject
+from qtpy.QtCore import Signal as QtSignal
+
+from segkit.errors import Cancelled, SegkitError
+from segkit.napari.layers import input_axes, result_layer
+
+if TYPE_CHECKING:
+    import napari
+
+logger = logging.getLogger(__name__)
+
+#: What the Output box offers, and the `Model.predict` settings of each; a model offers those its
+#: `output_kind` accepts (argmax needs K classes, instances a membrane or boundary model).
+OUTPUTS: dict[str, dict[str, Any]] = {
+    "probabilities": {},
+    "classes (argmax)": {"argmax": True},
+    "mask (threshold)": {"threshold": "auto"},
+    "instances": {"instances": True},
+}
+DEVICES = ("auto", "cpu", "cuda")
+MODEL_FILES = "segkit models (*.safetensors *.onnx *.zip *.yaml)"
+
+
+class _Relay(QObject):
+    """Carries the worker thread's progress and notes into the GUI thread (Qt queues signals across threads).
+
+    It is the `progress` that `Model.predict` reports to (tqdm's `reset` / `update`) and the `report` of
+    `segkit.Model` (notes such as an ONNX export or a normalisation choice).
+    """
+
+    progressed = QtSignal(int, int)  # tiles done, tiles in all
+    noted = QtSignal(str)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._done = 0
+        self._total = 0
+
+    def reset(self, total: int | None = None) -> None:
+        self._done, self._total = 0, int(total or 0)
+        self.progressed.emit(self._done, self._total)
+
+    def update(self, n: int = 1) -> None:
+        self._done += int(n)
+        self.progressed.emit(self._done, self._total)
+
+    def note(self, message: str) -> None:
+        self.noted.emit(str(message))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run, fixed when Run is pressed: what to load, what to predict and where the result goes."""
+
+    model: Path | None
+    device: str
+    tile: str | None
+    settings: dict[str, Any]
+    data: Any
+    rgb: bool
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    name: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run ended with: a layer data tuple, or a one-line message (state: 'done', 'cancelled', 'failed')."""
+
+    state: str
+    message: str = ""
+    layer: tuple[Any, dict[str, Any], str] | None = None
+
+
+def model_kind(path: Path | None) -> str:
+    """'segmenter' or 'denoiser': a checkpoint's record says which (other files hold segmenters)."""
+    if path is not None and path.suffix.lower() == ".safetensors":
+        from segkit.checkpoint import read_info
+
+        return str(read_info(path).kind)
+    return "segmenter"
+
+
+def offered_outputs(model: Any) -> list[str]:
+    """The Output choices `model` (a `segkit.Model`) can give: those whose settings its `output_kind` takes."""
+    offered = []
+    for label, settings in OUTPUTS.items():
+        try:
+            kind = model.output_kind(**settings)
+        except SegkitError:
+            continue
+        offered.append("intensities" if kind == "intensities" else label)
+        if kind == "intensities":
+            break  # a denoiser gives its intensities, nothing else
+    return offered
+
+
+class PredictWidget(Container):
+    """Segment an image layer with a segkit model (a checkpoint, an ONNX file or a bioimage.io package).
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer (napari passes it when the widget is docked from the Plugins menu).
+
+    Notes
+    -----
+    Controls: Model (empty: the bundled demo U-Net), Image (an image layer: a plane, a stack of planes, or
+    channels where the model takes several), Device, Tile auto (measure the fastest tile on this device; off:
+    the model's trained tile), Output (what the model offers: probabilities, classes, a mask, instances),
+    Run, Cancel, and a progress bar counting tiles.
+    """
+
+    #: Emitted in the GUI thread when a run ends, with 'done', 'cancelled' or 'failed'.
+    run_finished = Signal(str)
+    #: Emitted in the GUI thread when the Output choices are set from a loaded model.
+    outputs_ready = Signal()
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        self._model_file = FileEdit(label="Model", mode="r", filter=MODEL_FILES, nullable=True, value=None,
+                                    tooltip="A checkpoint (.safetensors), an ONNX file, or a bioimage.io package "
+                                            "(.zip or rdf.yaml); empty: the bundled demo U-Net")
+        self._image = create_widget(annotation=Image, label="Image", options={"tooltip": "The image layer to segment"})
+        self._device = ComboBox(label="Device", choices=DEVICES, value="auto",
+                                tooltip="auto: a GPU when there is one, else the CPU")
+        self._tile_auto = CheckBox(label="Tile auto", value=False,
+                                   tooltip="Measure tile sizes on this device and take the fastest (off: the "
+                                           "model's trained tile)")
+        self._output = ComboBox(label="Output", choices=list(OUTPUTS), value="probabilities",
+                                tooltip="What to add: probabilities (an image layer), classes, a mask or "
+                                        "instances (a labels layer)")
+        self._run = PushButton(text="Run")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="Tiles", min=0, max=1, value=0)
+        self._status = Label(label="", value="")
+        super().__init__(widgets=[self._model_file, self._image, self._device, self._tile_auto, self._output,
+                                  self._run, self._cancel, self._progress, self._status], labels=True)
+        self._viewer = napari_viewer
+        self._models: dict[tuple, Any] = {}
+        self._lock = threading.Lock()  # guards _models: the describing and running workers both fill it
+        self._cancel_event = threading.Event()
+        self._relay = _Relay()
+        self._relay.progressed.connect(self._on_progress)
+        self._relay.noted.connect(self._on_note)
+        self.worker: Any = None  # the running worker, if any
+        self._describer: Any = None
+        self._run.changed.connect(self.run)
+        self._cancel.changed.connect(self.cancel)
+        self._model_file.changed.connect(self._describe_model)
+        self._device.changed.connect(self._describe_model)
+        self._tile_auto.changed.connect(self._describe_model)
+        self._describe_model()
+
+    # -- the model ------------------------------------------------------------------------
+    @property
+    def model_path(self) -> Path | None:
+        """The chosen model file; None: the bundled demo U-Net."""
+        value = self._model_file.value
+        return None if value in (None, "") or str(value) in ("", ".") else Path(value)
+
+    def _model_key(self) -> tuple[Path | None, str, str | None]:
+        return self.model_path, str(self._device.value), "auto" if self._tile_auto.value else None
+
+    def _load(self, model: Path | None, device: str, tile: str | None) -> Any:
+        """The `segkit.Model` for these settings, loaded once (called in a worker thread)."""
+        from segkit.inference.arrays import Model
+
+        key = (model, device, tile)
+        with self._lock:
+            if key not in self._models:
+                settings: dict[str, Any] = {"device": device, "kind": model_kind(model)}
+                if tile is not None:
+                    settings["tile"] = tile
+                self._models[key] = Model(model, report=self._relay.note, **settings)
+            return self._models[key]
+
+    def _describe_model(self, *_: Any) -> None:
+        """Load the chosen model in the background and offer its outputs (a failure is shown when Run is
+        pressed, or here as a notification when a file was chosen)."""
+        key = self._model_key()
+
+        def describe() -> tuple[tuple, list[str] | str]:
+            try:
+                return key, offered_outputs(self._load(*key))
+            except SegkitError as exc:
+                return key, str(exc)
+            except Exception as exc:  # noqa: BLE001 - a worker must not raise into the viewer
+                logger.exception("segkit: loading %s failed", key[0] or "the demo model")
+                return key, f"{type(exc).__name__}: {exc}"
+
+        self._status.value = "loading the model..."
+        self._describer = create_worker(describe, _start_thread=False)
+        self._describer.returned.connect(self._on_described)
+        self._describer.start()
+
+    def _on_described(self, answer: tuple[tuple, list[str] | str]) -> None:
+        key, offered = answer
+        if key != self._model_key():
+            return  # the choice changed since: another description is on its way
+        if isinstance(offered, str):
+            self._status.value = "the model could not be loaded"
+            show_error(f"segkit: {offered}")
+        else:
+            current = self._output.value
+            self._output.choices = offered
+            self._output.value = current if current in offered else offered[0]
+            self._status.value = ""
+        self.outputs_ready.emit()
+
+    # -- a run ----------------------------------------------------------------------------
+    def _job(self) -> Job:
+        layer = self._image.value
+        if layer is None:
+            raise SegkitError("no image layer: open an image first (File > Open), then choose it under Image")
+        model = self.model_path
+        if model is not None and not model.exists():
+            raise SegkitError(f"model file {model} does not exist; choose a .safetensors, .onnx, .zip or rdf.yaml "
+                              "file, or leave Model empty for the demo U-Net")
+        output = str(self._output.value)
+        settings = {} if output == "intensities" else dict(OUTPUTS[output])
+        data = layer.data[0] if layer.multiscale else layer.data  # the full-resolution level
+        return Job(model=model, device=str(self._device.value), tile="auto" if self._tile_auto.value else None,
+                   settings=settings, data=data, rgb=bool(layer.rgb), scale=tuple(layer.scale),
+                   translate=tuple(layer.translate), name=f"{layer.name} {output.split(' ')[0]}")
+
+    def run(self, *_: Any) -> None:
+        """Start a run on the chosen layer (Run); a problem with the choices is shown as a notification."""
+        if self.worker is not None:
+            return
+        try:
+            job = self._job()
+        except SegkitError as exc:
+            self._finish(Outcome("failed", str(exc)))
+            return
+        self._cancel_event = threading.Event()
+        self._progress.max, self._progress.value = 1, 0
+        self._status.value = "running..."
+        self._run.enabled, self._cancel.enabled = False, True
+        self.worker = create_worker(self._work, job, self._cancel_event, _start_thread=False)
+        self.worker.returned.connect(self._finish)
+        self.worker.start()
+
+    def cancel(self, *_: Any) -> None:
+        """Stop the running prediction after its current tile batch (Cancel)."""
+        self._cancel_event.set()
+        self._status.value = "cancelling..."
+
+    def _work(self, job: Job, cancel: threading.Event) -> Outcome:
+        """Load (once) and run the model; every failure becomes an Outcome (runs in the worker thread)."""
+        try:
+            model = self._load(job.model, job.device, job.tile)
+            if cancel.is_set():
+                raise Cancelled()
+            axes = input_axes(np.shape(job.data), rgb=job.rgb, channels=model.channels)
+            image = np.asarray(job.data)  # a dask or zarr layer is read here, not in the GUI thread
+            result = model.predict(image, axes, progress=self._relay, cancel=cancel, **job.settings)
+            kind = model.output_kind(**job.settings)
+            layer = result_layer(result, kind=kind, axes=model.output_axes(axes, **job.settings), source_axes=axes,
+                                 scale=job.scale, translate=job.translate, name=job.name,
+                                 channel_names=list(getattr(model.info, "classes", []) or []))
+            return Outcome("done", layer=layer)
+        except Cancelled as exc:
+            return Outcome("cancelled", str(exc))
+        except SegkitError as exc:
+            return Outcome("failed", str(exc))
+        except Exception as exc:  # noqa: BLE001 - one line in the viewer, the traceback in the log
+            logger.exception("segkit: the run failed")
+            return Outcome("failed", f"{type(exc).__name__}: {exc}")
+
+    def _finish(self, outcome: Outcome) -> None:
+        """Back in the GUI thread: add the layer, or say in one line why there is none."""
+        self.worker = None
+        self._run.enabled, self._cancel.enabled = True, False
+        if outcome.state == "done" and outcome.layer is not None:
+            data, kwargs, kind = outcome.layer
+            adder: Callable[..., Any] = getattr(self._viewer, f"add_{kind}")
+            adder(data, **kwargs)
+            self._progress.value = self._progress.max
+            self._status.value = "done"
+        elif outcome.state == "cancelled":
+            self._status.value = "cancelled"
+            show_info(f"segkit: {outcome.message}")
+        else:
+            self._status.value = "failed"
+            show_error(f"segkit: {outcome.message}")
+        self.run_finished.emit(outcome.state)
+
+    # -- progress -------------------------------------------------------------------------
+    def _on_progress(self, done: int, total: int) -> None:
+        self._progress.max = max(total, 1)
+        self._progress.value = min(done, self._progress.max)
+
+    def _on_note(self, message: str) -> None:
+        self._status.value = message
+        show_info(f"segkit: {message}")
