@@ -29,6 +29,7 @@ import tifffile
 from segkit import memory
 from segkit._optional import require
 from segkit.errors import InputError, SegkitError
+from segkit.io.calibration import Calibration, calibration_from_resolution, tiff_calibration
 from segkit.io.outputs import atomic_path, check_output
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
@@ -64,45 +65,8 @@ class Resolution:
         where the file holds no calibration: no known unit, or a TIFF default (1 pixel per unit without
         an ImageJ unit, 72 dpi, a screen default).
         """
-        x, y = float(self.x), float(self.y)
-        if not (np.isfinite(x) and np.isfinite(y) and x > 0 and y > 0):
-            return None
-        per_unit = _unit_micrometres(self.unit_name) if self.unit_name else None
-        if per_unit is None:
-            per_unit = _RESOLUTION_UNIT_UM.get(int(self.unit))
-            if per_unit is None or (abs(x - 1) < 1e-9 and abs(y - 1) < 1e-9):
-                return None
-        if per_unit == _RESOLUTION_UNIT_UM[2] and abs(x - 72) < 1e-6 and abs(y - 72) < 1e-6:
-            return None
-        size_x, size_y = per_unit / x, per_unit / y
-        size = size_x if abs(size_x - size_y) <= 0.01 * max(size_x, size_y) else (size_x + size_y) / 2
-        return float(f"{size:.12g}")  # 1 / (100 / 7 px per um) is 0.07, not 0.06999999999999999
-
-
-#: Micrometres per TIFF ResolutionUnit (2 inch, 3 centimetre; 4 mm and 5 um are tifffile's extensions).
-_RESOLUTION_UNIT_UM = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
-#: Micrometres per ImageJ unit name (lower case, micro sign spelled 'u').
-_UNIT_NAMES_UM = {
-    **dict.fromkeys(("um", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"), 1.0),
-    **dict.fromkeys(("nm", "nanometer", "nanometers", "nanometre", "nanometres"), 1e-3),
-    **dict.fromkeys(("mm", "millimeter", "millimeters", "millimetre", "millimetres"), 1e3),
-    **dict.fromkeys(("cm", "centimeter", "centimeters", "centimetre", "centimetres"), 1e4),
-    **dict.fromkeys(("m", "meter", "meters", "metre", "metres"), 1e6),
-    **dict.fromkeys(("inch", "inches", "in"), 25400.0),
-}
-
-
-def _unit_micrometres(name: str) -> float | None:
-    """Micrometres per unit of an ImageJ unit name ('um', 'micron', 'µm', '\\u00B5m', 'nm', 'mm', ...);
-    None for 'pixel' and other names that are no length."""
-    text = str(name).strip()
-    if "\\u" in text:  # ImageJ escapes non-ASCII in its description: '\u00B5m'
-        try:
-            text = text.encode("ascii", "backslashreplace").decode("unicode_escape")
-        except UnicodeError:
-            pass
-    text = text.lower().replace("\u00b5", "u").replace("\u03bc", "u")
-    return _UNIT_NAMES_UM.get(text)
+        calibration = calibration_from_resolution(float(self.x), float(self.y), int(self.unit), self.unit_name)
+        return calibration.pixel_size_um if calibration is not None else None
 
 
 class TiffStack:
@@ -123,8 +87,11 @@ class TiffStack:
         uint8, uint16 or float32 (labels also uint32, int32).
     resolution : Resolution or None
         The resolution tags, copied to outputs.
+    calibration : Calibration or None
+        Pixel sizes x, y (and z where the file says) with their unit (`segkit.io.calibration`), carried
+        to outputs; None where the file holds no calibration.
     pixel_size : float or None
-        Micrometres per pixel from the resolution tags, or None where the file holds no calibration.
+        Micrometres per pixel in the plane, or None where the file holds no calibration.
     """
 
     def __init__(self, source: str | Path, *, labels: bool = False, workers: int | None = None,
@@ -158,7 +125,9 @@ class TiffStack:
             raise InputError(f"{path}: series needs {len(series.pages)} pages but the file has {page_count}; the file is truncated")
         self._set_layout(layout, is_2d=layout.is_2d)
         self.resolution = _resolution(tif)
-        self.pixel_size: float | None = self.resolution.pixel_size_um if self.resolution is not None else None
+        with _fail_on_tifffile_errors(path):
+            self.calibration: Calibration | None = tiff_calibration(tif)
+        self.pixel_size: float | None = self.calibration.pixel_size_um if self.calibration is not None else None
         self._pages = list(series.pages)
         if series.dataoffset is not None and series.pages[0].compression == 1:
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
@@ -186,7 +155,12 @@ class TiffStack:
         self._set_layout(layout, is_2d=False)
         self.shape = (len(paths), *layout.shape[1:])
         self.resolution = _resolution(first)
-        self.pixel_size = self.resolution.pixel_size_um if self.resolution is not None else None
+        with _fail_on_tifffile_errors(paths[0]):
+            calibration = tiff_calibration(first)
+        # files of a folder hold no slice spacing of the stack they make up
+        self.calibration = Calibration(calibration.x, calibration.y, None, calibration.unit) if (
+            calibration is not None and (calibration.x or calibration.y)) else None
+        self.pixel_size = self.calibration.pixel_size_um if self.calibration is not None else None
         self._pages = []
         self._check_plane_memory(paths[0])
 
@@ -692,8 +666,8 @@ def pixel_size_um(path: str | Path) -> float | None:
     Returns
     -------
     float or None
-        From the ImageJ unit, or ResolutionUnit centimetre / inch; None where the file holds no
-        calibration (see `Resolution.pixel_size_um`).
+        From OME-XML's physical sizes, the ImageJ unit, or ResolutionUnit centimetre / inch; None where
+        the file holds no calibration (see `segkit.io.calibration.tiff_calibration`).
 
     Raises
     ------
@@ -702,8 +676,8 @@ def pixel_size_um(path: str | Path) -> float | None:
     """
     path = str(path)
     with _open_tiff(path) as tif, _fail_on_tifffile_errors(path):
-        resolution = _resolution(tif) if tif.pages else None
-    return resolution.pixel_size_um if resolution is not None else None
+        calibration = tiff_calibration(tif)
+    return calibration.pixel_size_um if calibration is not None else None
 
 
 # -- writing -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import InputError
+from segkit.io.calibration import zarr_calibration
 from segkit.io.outputs import RESUMABLE_SUFFIX, check_output
 from segkit.io.tiff import Resolution, check_finite, open_stack, write_stack
 
@@ -138,6 +139,9 @@ class ZarrStack:
         self.shape: tuple[int, int, int] = (1, *node.shape) if self.is_2d else tuple(node.shape)
         self.dtype = np.dtype(node.dtype)
         self.resolution = None
+        # the group's scale and units (NGFF); None for a bare array and a group that says none
+        self.calibration = zarr_calibration(path)
+        self.pixel_size = self.calibration.pixel_size_um if self.calibration is not None else None
 
     def __len__(self) -> int:
         return self.shape[0]
