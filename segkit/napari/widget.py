@@ -4,12 +4,21 @@ The model is loaded and run in a worker thread (napari's `create_worker`), so th
 progress comes back through a Qt signal (queued into the GUI thread) and Cancel sets the `threading.Event`
 that `segkit.Model.predict` checks between tile batches. A segkit error (a bad model file, an image the model
 cannot take, a cancelled run) is shown as one line in a napari notification; nothing is raised into the viewer.
-Loaded models are kept per (model file, kind, device, tile setting), so a second run does not load again.
+Loaded models are kept per (model file, device, tile setting), so a second run does not load again.
+
+One native clash is avoided here: on Linux, Mesa's OpenGL drivers (llvmpipe under Xvfb or in a VM, and the
+Intel and AMD drivers) load the system's libLLVM when napari draws, and torch imports triton (which carries its
+own LLVM) on its first meta-device or compile call; triton's library then binds to the system's LLVM symbols and
+napari dies with a segmentation fault. The widget loads triton first, its symbols bound to itself
+(RTLD_DEEPBIND), before any model is loaded (`load_triton_apart`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +105,31 @@ class Outcome:
     layer: tuple[Any, dict[str, Any], str] | None = None
 
 
+def load_triton_apart() -> bool:
+    """Import triton (when installed and not yet imported, on Linux) with its symbols bound to itself, so its LLVM
+    does not mix with the system libLLVM that Mesa's OpenGL drivers load in napari (a segmentation fault at
+    torch's first import of triton otherwise). Called in the GUI thread: the dlopen flags are process-wide.
+
+    Returns
+    -------
+    bool
+        Whether triton was imported here.
+    """
+    if not sys.platform.startswith("linux") or "triton" in sys.modules or not hasattr(os, "RTLD_DEEPBIND"):
+        return False
+    if importlib.util.find_spec("triton") is None:
+        return False
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - a triton that cannot load is torch's business (it checks again)
+        return False
+    finally:
+        sys.setdlopenflags(flags)
+    return True
+
+
 def model_kind(path: Path | None) -> str:
     """'segmenter' or 'denoiser': a checkpoint's record says which (other files hold segmenters)."""
     if path is not None and path.suffix.lower() == ".safetensors":
@@ -160,6 +194,7 @@ class PredictWidget(Container):
         super().__init__(widgets=[self._model_file, self._image, self._device, self._tile_auto, self._output,
                                   self._run, self._cancel, self._progress, self._status], labels=True)
         self._viewer = napari_viewer
+        load_triton_apart()
         self._models: dict[tuple, Any] = {}
         self._lock = threading.Lock()  # guards _models: the describing and running workers both fill it
         self._cancel_event = threading.Event()
