@@ -53,6 +53,18 @@ needs_napari = pytest.mark.usefixtures("napari_installed")
 needs_viewer = pytest.mark.usefixtures("display")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _triton_before_opengl():
+    """triton loaded before the first viewer, as the widget loads it: tests later in the session that import it
+    for the first time would otherwise crash on the libLLVM that Mesa's OpenGL left in the process
+    (segkit.napari.widget.load_triton_apart says why)."""
+    try:
+        from segkit.napari.widget import load_triton_apart
+    except ImportError:  # no napari: no viewer either
+        return
+    load_triton_apart()
+
+
 @pytest.fixture(scope="session")
 def segkit_plugin():
     """segkit's manifest registered with napari's plugin manager (npe2), as the installed entry point does.
