@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from segkit.checkpoint import read_info
 from segkit.devices import resolve_device
-from segkit.errors import Cancelled, SegkitError
+from segkit.errors import Cancelled, InputError, SegkitError
 from segkit.inference.device_fit import BackoffForward, choose_batch, choose_tile, with_smaller_tiles
 from segkit.inference.distributed import predict_to_zarr
 from segkit.inference.encodings import describe_output, model_encoding, stack_encoding
@@ -341,7 +341,7 @@ def check_channels_fit_model(stack: Any, info: Any, source: str) -> None:
             have, f"a multi-channel image ({have} channels)")
         fix = ("convert it to grayscale or save the channel to segment as its own image" if want == 1
                else f"give it {want} channels in the training data's order")
-        raise SegkitError(f"{source} is {kind} but the model was trained on {what} images; {fix}")
+        raise InputError(f"{source} is {kind} but the model was trained on {what} images; {fix}")
 
 
 #: Pixel sizes within this relative difference count as equal (no rescaling).

@@ -176,8 +176,8 @@ def input_axes(shape: tuple[int, ...], axes: str | None, channels: int) -> str:
     if len(shape) == 4:
         return "ZCYX"
     if len(shape) != 3:
-        raise InputError(f"{SOURCE} has {len(shape)} axes (shape {shape}); segkit takes 2D (YX), 3D (ZYX, CYX) or "
-                         "4D (ZCYX) arrays: index or squeeze the others")
+        raise InputError(f"{SOURCE} is {len(shape)}D (shape {shape}); segkit takes 2D (YX), 3D (ZYX, CYX) or "
+                         "4D (ZCYX) arrays: index or squeeze the other axes")
     if channels == 1:
         if shape[-1] in (3, 4) and shape[0] > 4:
             raise InputError(f"{SOURCE} of shape {shape} looks like an RGB image (channels last), but the model takes "
