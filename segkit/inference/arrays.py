@@ -9,23 +9,15 @@ differ: planes are read from the array, and the encoded planes are gathered into
 returned instead of a TIFF. So `Model.predict(image)` holds the numbers `segkit.predict` writes
 for `image` saved as a TIFF (probabilities as float32 unless an `output_type` is asked for).
 
-What `Model.predict` returns, by `Model.output_kind` (axes by `Model.output_axes`; a 2D image
+What `Model.predict` returns, by `Model.output_kind` (axes by `Model.output_axes`; an input
 without a Z axis gives the same without Z):
 
-================  ===========================================  ==========================  ==============
-kind              settings                                     dtype                       axes
-================  ===========================================  ==========================  ==============
-probabilities     segmenters (default)                         float32 in [0, 1];          ZYX; models of
-                                                               uint8 0-255 or float16      K classes: ZCYX
-                                                               with `output_type`
-classes           `argmax` (class numbers 0..K-1), or a        uint8                       ZYX
-                  `threshold` mask (0 / 255)
-labels            `instances`, or models trained on            uint32, 0 = background,     ZYX
-                  instance labels                              ids unique across the stack
-intensities       denoisers (``kind='denoiser'``)              the input's dtype           ZYX
-                                                               (`output_type` 'same'),
-                                                               or float32
-================  ===========================================  ==========================  ==============
+| kind | with | dtype | axes |
+|---|---|---|---|
+| probabilities | segmenters (default) | float32 in [0, 1]; uint8 0-255 or float16 with `output_type` | ZYX; models of K classes ZCYX |
+| classes | `argmax` (0..K-1), or a `threshold` mask (0 / 255) | uint8 | ZYX |
+| labels | `instances`, or models trained on instance labels | uint32, 0 background, ids unique across the stack | ZYX |
+| intensities | denoisers (`kind='denoiser'`) | the input's dtype (`output_type` 'same'), or float32 | ZYX |
 
 Inputs are numpy arrays (or anything `numpy.asarray` takes) of axes YX, ZYX, CYX or ZCYX, or
 channels last (YXC, ZYXC) with `axes=`. uint8, uint16 and float32 are used as they are (the
