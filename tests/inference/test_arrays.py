@@ -244,6 +244,16 @@ def test_a_model_loads_once_for_many_calls(monkeypatch, semantic):
     assert model.geometry.is_valid_input(model.tile)
 
 
+def test_tile_auto_is_measured_once(semantic):
+    messages: list[str] = []
+    model = segkit.Model(semantic, device="cpu", tile="auto", argmax=True, report=messages.append)
+    data = _uint8((1, 60, 70))
+    fixed = segkit.Model(semantic, device="cpu", argmax=True, **quiet).predict(data)
+    for _ in range(2):
+        assert (model.predict(data) == fixed).mean() > 0.999  # a valid-conv model: any tile, the same output
+    assert sum("tile auto: measuring" in m for m in messages) == 1  # measured at the first call only
+
+
 def test_import_segkit_stays_light_and_exports_the_array_api():
     code = ("import sys, segkit; assert 'torch' not in sys.modules; "
             "assert {'Model', 'predict_array'} <= set(segkit.__all__); "
