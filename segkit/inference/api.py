@@ -212,6 +212,16 @@ def _load(model: Any, request: EngineRequest | None, options: PredictOptions, *,
     return LoadedEngine(model, info, model.geometry, options.fixed_tile or model.geometry.default_tile)
 
 
+def load_for_prediction(model: Any, options: PredictOptions, *,
+                        report: Callable[[str], object]) -> tuple[LoadedEngine, str]:
+    """What `predict` loads for `model` (a model file, None for the bundled demo U-Net, or an engine) under
+    `options`, and the model in words: for callers that hold a loaded model (`segkit.Model`)."""
+    request = None
+    if not _is_engine(model):
+        request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
+    return _load(model, request, options, report=report), _model_label(request, model)
+
+
 def _fit_to_device(loaded: Any, first_source: str, options: PredictOptions, *,
                    report: Callable[[str], object]) -> tuple[int, int]:
     """`fit_to_device` for the planes of the first source (read only with tile 'auto')."""

@@ -40,12 +40,10 @@ import numpy as np
 from segkit.errors import InputError, SegkitError
 from segkit.inference.api import (
     Progress,
-    _is_engine,
-    _load,
-    _model_label,
     check_cancel,
     check_channels_fit_model,
     fit_to_device,
+    load_for_prediction,
     model_view,
     rescale_factor,
 )
@@ -59,7 +57,6 @@ from segkit.inference.encodings import (
     model_encoding,
     stack_encoding,
 )
-from segkit.inference.loading import EngineRequest, default_model_path
 from segkit.inference.options import PredictOptions
 from segkit.inference.pipeline import choose_normalization, count_tiles, run_stack
 from segkit.io.tiff import SUPPORTED_DTYPES, check_finite
@@ -185,8 +182,8 @@ def input_axes(shape: tuple[int, ...], axes: str | None, channels: int) -> str:
                      f"{channels}-channel images: give (C, H, W) or (H, W, C) planes, or say the axes with axes=")
 
 
-def as_stack(image: Any, axes: str | None, channels: int, *, pixel_size: float | None = None) -> tuple[ArrayStack,
-                                                                                                       str]:
+def as_stack(image: Any, axes: str | None, channels: int, *,
+             pixel_size: float | None = None) -> tuple[ArrayStack, str]:
     """The array `image` as an `ArrayStack` (a view, axes put in ZCYX order) and its axes, checked.
 
     Raises
@@ -321,6 +318,8 @@ class Model:
         The input tile it runs at (with tile 'auto': measured per plane size at the first call).
     engine : str
         The engine and device, in words.
+    name : str
+        The model in words (its path, or the bundled demo U-Net by name).
 
     Raises
     ------
@@ -341,12 +340,8 @@ class Model:
         self._report = report if report is not None else _quiet
         self._settings = dict(settings)
         options, _ = array_options(self._settings)
-        request = None
-        if not _is_engine(model):
-            request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
-        self._loaded = _load(model, request, options, report=self._report)
+        self._loaded, self.name = load_for_prediction(model, options, report=self._report)
         self.options = options
-        self.model = _model_label(request, model)
         engine = self._loaded.engine
         self._forward = BackoffForward(engine, report=self._report, release=getattr(engine, "release_memory", None))
         self._fits: dict[tuple, tuple[int, int]] = {}
@@ -376,7 +371,7 @@ class Model:
 
     def __repr__(self) -> str:
         channels = f"{self.channels} input channel" + ("s" if self.channels > 1 else "")
-        return (f"segkit.Model({self.model}: {self.info.kind}, {channels}, {self.info.output_classes} outputs, "
+        return (f"segkit.Model({self.name}: {self.info.kind}, {channels}, {self.info.output_classes} outputs, "
                 f"tile {self.tile}, on {self.engine}; returns {self.output_kind()})")
 
     # -- what a call returns -------------------------------------------------------------
