@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from segkit.checkpoint import read_info
 from segkit.devices import resolve_device
-from segkit.errors import Cancelled, SegkitError
+from segkit.errors import Cancelled, InputError, SegkitError
 from segkit.inference.device_fit import BackoffForward, choose_batch, choose_tile, with_smaller_tiles
 from segkit.inference.distributed import predict_to_zarr
 from segkit.inference.encodings import describe_output, model_encoding, stack_encoding
@@ -212,6 +212,16 @@ def _load(model: Any, request: EngineRequest | None, options: PredictOptions, *,
     return LoadedEngine(model, info, model.geometry, options.fixed_tile or model.geometry.default_tile)
 
 
+def load_for_prediction(model: Any, options: PredictOptions, *,
+                        report: Callable[[str], object]) -> tuple[LoadedEngine, str]:
+    """What `predict` loads for `model` (a model file, None for the bundled demo U-Net, or an engine) under
+    `options`, and the model in words: for callers that hold a loaded model (`segkit.Model`)."""
+    request = None
+    if not _is_engine(model):
+        request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
+    return _load(model, request, options, report=report), _model_label(request, model)
+
+
 def _fit_to_device(loaded: Any, first_source: str, options: PredictOptions, *,
                    report: Callable[[str], object]) -> tuple[int, int]:
     """`fit_to_device` for the planes of the first source (read only with tile 'auto')."""
@@ -341,7 +351,7 @@ def check_channels_fit_model(stack: Any, info: Any, source: str) -> None:
             have, f"a multi-channel image ({have} channels)")
         fix = ("convert it to grayscale or save the channel to segment as its own image" if want == 1
                else f"give it {want} channels in the training data's order")
-        raise SegkitError(f"{source} is {kind} but the model was trained on {what} images; {fix}")
+        raise InputError(f"{source} is {kind} but the model was trained on {what} images; {fix}")
 
 
 #: Pixel sizes within this relative difference count as equal (no rescaling).

@@ -9,23 +9,15 @@ differ: planes are read from the array, and the encoded planes are gathered into
 returned instead of a TIFF. So `Model.predict(image)` holds the numbers `segkit.predict` writes
 for `image` saved as a TIFF (probabilities as float32 unless an `output_type` is asked for).
 
-What `Model.predict` returns, by `Model.output_kind` (axes by `Model.output_axes`; a 2D image
+What `Model.predict` returns, by `Model.output_kind` (axes by `Model.output_axes`; an input
 without a Z axis gives the same without Z):
 
-================  ===========================================  ==========================  ==============
-kind              settings                                     dtype                       axes
-================  ===========================================  ==========================  ==============
-probabilities     segmenters (default)                         float32 in [0, 1];          ZYX; models of
-                                                               uint8 0-255 or float16      K classes: ZCYX
-                                                               with `output_type`
-classes           `argmax` (class numbers 0..K-1), or a        uint8                       ZYX
-                  `threshold` mask (0 / 255)
-labels            `instances`, or models trained on            uint32, 0 = background,     ZYX
-                  instance labels                              ids unique across the stack
-intensities       denoisers (``kind='denoiser'``)              the input's dtype           ZYX
-                                                               (`output_type` 'same'),
-                                                               or float32
-================  ===========================================  ==========================  ==============
+| kind | with | dtype | axes |
+|---|---|---|---|
+| probabilities | segmenters (default) | float32 in [0, 1]; uint8 0-255 or float16 with `output_type` | ZYX; models of K classes ZCYX |
+| classes | `argmax` (0..K-1), or a `threshold` mask (0 / 255) | uint8 | ZYX |
+| labels | `instances`, or models trained on instance labels | uint32, 0 background, ids unique across the stack | ZYX |
+| intensities | denoisers (`kind='denoiser'`) | the input's dtype (`output_type` 'same'), or float32 | ZYX |
 
 Inputs are numpy arrays (or anything `numpy.asarray` takes) of axes YX, ZYX, CYX or ZCYX, or
 channels last (YXC, ZYXC) with `axes=`. uint8, uint16 and float32 are used as they are (the
@@ -48,12 +40,10 @@ import numpy as np
 from segkit.errors import InputError, SegkitError
 from segkit.inference.api import (
     Progress,
-    _is_engine,
-    _load,
-    _model_label,
     check_cancel,
     check_channels_fit_model,
     fit_to_device,
+    load_for_prediction,
     model_view,
     rescale_factor,
 )
@@ -67,7 +57,6 @@ from segkit.inference.encodings import (
     model_encoding,
     stack_encoding,
 )
-from segkit.inference.loading import EngineRequest, default_model_path
 from segkit.inference.options import PredictOptions
 from segkit.inference.pipeline import choose_normalization, count_tiles, run_stack
 from segkit.io.tiff import SUPPORTED_DTYPES, check_finite
@@ -176,8 +165,8 @@ def input_axes(shape: tuple[int, ...], axes: str | None, channels: int) -> str:
     if len(shape) == 4:
         return "ZCYX"
     if len(shape) != 3:
-        raise InputError(f"{SOURCE} has {len(shape)} axes (shape {shape}); segkit takes 2D (YX), 3D (ZYX, CYX) or "
-                         "4D (ZCYX) arrays: index or squeeze the others")
+        raise InputError(f"{SOURCE} is {len(shape)}D (shape {shape}); segkit takes 2D (YX), 3D (ZYX, CYX) or "
+                         "4D (ZCYX) arrays: index or squeeze the other axes")
     if channels == 1:
         if shape[-1] in (3, 4) and shape[0] > 4:
             raise InputError(f"{SOURCE} of shape {shape} looks like an RGB image (channels last), but the model takes "
@@ -193,8 +182,8 @@ def input_axes(shape: tuple[int, ...], axes: str | None, channels: int) -> str:
                      f"{channels}-channel images: give (C, H, W) or (H, W, C) planes, or say the axes with axes=")
 
 
-def as_stack(image: Any, axes: str | None, channels: int, *, pixel_size: float | None = None) -> tuple[ArrayStack,
-                                                                                                       str]:
+def as_stack(image: Any, axes: str | None, channels: int, *,
+             pixel_size: float | None = None) -> tuple[ArrayStack, str]:
     """The array `image` as an `ArrayStack` (a view, axes put in ZCYX order) and its axes, checked.
 
     Raises
@@ -329,6 +318,8 @@ class Model:
         The input tile it runs at (with tile 'auto': measured per plane size at the first call).
     engine : str
         The engine and device, in words.
+    name : str
+        The model in words (its path, or the bundled demo U-Net by name).
 
     Raises
     ------
@@ -349,12 +340,8 @@ class Model:
         self._report = report if report is not None else _quiet
         self._settings = dict(settings)
         options, _ = array_options(self._settings)
-        request = None
-        if not _is_engine(model):
-            request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
-        self._loaded = _load(model, request, options, report=self._report)
+        self._loaded, self.name = load_for_prediction(model, options, report=self._report)
         self.options = options
-        self.model = _model_label(request, model)
         engine = self._loaded.engine
         self._forward = BackoffForward(engine, report=self._report, release=getattr(engine, "release_memory", None))
         self._fits: dict[tuple, tuple[int, int]] = {}
@@ -384,7 +371,7 @@ class Model:
 
     def __repr__(self) -> str:
         channels = f"{self.channels} input channel" + ("s" if self.channels > 1 else "")
-        return (f"segkit.Model({self.model}: {self.info.kind}, {channels}, {self.info.output_classes} outputs, "
+        return (f"segkit.Model({self.name}: {self.info.kind}, {channels}, {self.info.output_classes} outputs, "
                 f"tile {self.tile}, on {self.engine}; returns {self.output_kind()})")
 
     # -- what a call returns -------------------------------------------------------------
