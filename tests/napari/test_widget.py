@@ -127,3 +127,17 @@ def test_a_bad_model_file_is_one_notification_not_a_crash(viewer_and_widget, qtb
     assert [layer.name for layer in viewer.layers] == ["raw"]  # no result, the viewer goes on
     widget._model_file.value = None  # back to the demo model: the widget still runs
     assert run_and_wait(qtbot, widget) == "done"
+
+
+def test_a_denoiser_offers_intensities_as_an_image_layer(viewer_and_widget, qtbot, stack, tiny_denoiser):
+    viewer, widget = viewer_and_widget
+    viewer.add_image(stack, name="raw", scale=(2.0, 0.5, 0.5))
+    ready = []
+    widget.outputs_ready.connect(lambda: ready.append(True))
+    widget._model_file.value = tiny_denoiser
+    qtbot.waitUntil(lambda: bool(ready), timeout=TIMEOUT_MS)
+    assert list(widget._output.choices) == ["intensities"]
+    assert run_and_wait(qtbot, widget) == "done"
+    layer = viewer.layers["raw intensities"]
+    assert layer._type_string == "image" and layer.data.shape == (3, 64, 64) and layer.data.dtype == np.uint8
+    np.testing.assert_allclose(layer.scale, (2.0, 0.5, 0.5))
