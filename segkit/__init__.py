@@ -20,7 +20,11 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy: `segkit.predict` imports tor
         from segkit.inference.api import predict
 
         return predict
+    if name in ("Model", "predict_array"):  # arrays in, arrays out
+        from segkit.inference import arrays
+
+        return getattr(arrays, name)
     raise AttributeError(f"module 'segkit' has no attribute {name!r}")
 
 
-__all__ = ["predict", "__version__"]
+__all__ = ["predict", "predict_array", "Model", "__version__"]

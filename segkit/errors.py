@@ -32,3 +32,10 @@ class OutputError(SegkitError):
 
 class MissingDependencyError(SegkitError):
     """An optional package is needed for this feature."""
+
+
+class Cancelled(SegkitError):
+    """A prediction stopped because its cancel event was set (between tile batches); nothing is kept."""
+
+    def __init__(self, message: str = "prediction cancelled") -> None:
+        super().__init__(message)

@@ -12,6 +12,8 @@ from typing import Any
 _HOMES = {
     "predict": "segkit.inference.api",
     "PredictResult": "segkit.inference.api",
+    "Model": "segkit.inference.arrays",
+    "predict_array": "segkit.inference.arrays",
     "PredictOptions": "segkit.inference.options",
     "ProbabilityEncoding": "segkit.inference.encodings",
     "ClassMapEncoding": "segkit.inference.encodings",

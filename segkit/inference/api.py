@@ -15,6 +15,7 @@ the Dask path too), so `from segkit import predict` stays light.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 from segkit.checkpoint import read_info
 from segkit.devices import resolve_device
-from segkit.errors import SegkitError
+from segkit.errors import Cancelled, InputError, SegkitError
 from segkit.inference.device_fit import BackoffForward, choose_batch, choose_tile, with_smaller_tiles
 from segkit.inference.distributed import predict_to_zarr
 from segkit.inference.encodings import describe_output, model_encoding, stack_encoding
@@ -88,6 +89,7 @@ def predict(
     options: PredictOptions | None = None,
     report: Callable[[str], object] = print,
     progress: Progress | None = None,
+    cancel: threading.Event | None = None,
     **settings: Any,
 ) -> PredictResult:
     """Predict `sources` into `output` with `model` and return what was done.
@@ -111,6 +113,10 @@ def predict(
         Receives the progress lines (the header, notes, failures); default: print.
     progress : Progress, optional
         A progress bar (tqdm fits): reset to the number of tiles, then updated per batch.
+    cancel : threading.Event, optional
+        When set (from another thread, or from `progress`), the prediction stops after the current
+        tile batch and raises `segkit.errors.Cancelled`; the output being written is removed (TIFF
+        outputs; the Dask path does not take it).
     **settings
         Any field of `segkit.inference.options.PredictOptions` by name (tile, batch, device, amp,
         output_type, threshold, instances, class_index, argmax, compression, workers, ...).
@@ -127,6 +133,8 @@ def predict(
         A bad option, an input that cannot be read or does not fit the model (channels, tile), an
         output that cannot be written (OutputExistsError without overwrite): one line, before the
         model loads where it can be told then.
+    Cancelled
+        `cancel` was set.
 
     Examples
     --------
@@ -144,6 +152,8 @@ def predict(
         request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
     text_output = str(output) if output is not None else ""
     if text_output.rstrip("/").lower().endswith(".zarr") or options.on_dask:
+        if cancel is not None:
+            raise SegkitError("cancel applies to TIFF outputs; stop the Dask path with Ctrl-C (resume=True goes on)")
         return _predict_on_dask(sources, text_output, request, options, report=report, started=started)
     # an output folder: an existing one, a path ending in a slash, or (several inputs) a path that is not a TIFF
     to_folder = output is not None and (text_output.endswith(("/", "\\")) or Path(text_output).is_dir() or (
@@ -167,7 +177,7 @@ def predict(
     result = PredictResult(tile=chosen_tile, batch=batch, engine=loaded.engine.label, writes=writes,
                            model=_model_label(request, model), threshold=used_threshold)
     run = _Runner(loaded, options, tile=chosen_tile, batch=batch, report=report, progress=progress, started=started,
-                  result=result)
+                  result=result, cancel=cancel)
     if to_folder:
         result.folder = Path(text_output)
         run.many(sources, result.folder)
@@ -202,18 +212,37 @@ def _load(model: Any, request: EngineRequest | None, options: PredictOptions, *,
     return LoadedEngine(model, info, model.geometry, options.fixed_tile or model.geometry.default_tile)
 
 
+def load_for_prediction(model: Any, options: PredictOptions, *,
+                        report: Callable[[str], object]) -> tuple[LoadedEngine, str]:
+    """What `predict` loads for `model` (a model file, None for the bundled demo U-Net, or an engine) under
+    `options`, and the model in words: for callers that hold a loaded model (`segkit.Model`)."""
+    request = None
+    if not _is_engine(model):
+        request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
+    return _load(model, request, options, report=report), _model_label(request, model)
+
+
 def _fit_to_device(loaded: Any, first_source: str, options: PredictOptions, *,
                    report: Callable[[str], object]) -> tuple[int, int]:
-    """The (tile, batch) to run: measured with tile 'auto', else the given or trained tile and the
-    given batch or one chosen from the free device memory."""
+    """`fit_to_device` for the planes of the first source (read only with tile 'auto')."""
+    plane_shape = None
     if options.tile == "auto":
         is_zarr = first_source.rstrip("/").lower().endswith(".zarr")  # the Dask path reads zarr stores too
         with open_volume(first_source if is_zarr else list_tiff_files(first_source)[0]) as first:
             plane_shape = first.shape[1:]
+    return fit_to_device(loaded, plane_shape, options, report=report)
+
+
+def fit_to_device(loaded: Any, plane_shape: tuple[int, int] | None, options: PredictOptions, *,
+                  report: Callable[[str], object]) -> tuple[int, int]:
+    """The (tile, batch) to run: measured on planes of `plane_shape` with tile 'auto', else the given
+    or trained tile and the given batch or one chosen from the free device memory."""
+    if options.tile == "auto":
         return choose_tile(loaded.engine, loaded.geometry, plane_shape, batch=options.batch,
                            only=loaded.tile if loaded.fixed_tile else None, report=report)
     loaded.geometry.check_tile(loaded.tile)
-    return loaded.tile, options.batch or choose_batch(loaded.engine, loaded.geometry, loaded.tile, report=report)
+    return loaded.tile, options.batch or choose_batch(loaded.engine, loaded.geometry, loaded.tile,
+                                                      channels=loaded.info.input_channels, report=report)
 
 
 def _model_label(request: EngineRequest | None, model: Any = None) -> str:
@@ -237,6 +266,7 @@ class _Runner:
     progress: Progress | None
     started: float
     result: PredictResult
+    cancel: threading.Event | None = None
 
     def __post_init__(self) -> None:
         engine = self.loaded.engine
@@ -247,8 +277,10 @@ class _Runner:
             self.result.first_tiles_seconds = time.perf_counter() - self.started
         if self.progress is not None:
             self.progress.update(count)
+        check_cancel(self.cancel)
 
     def one(self, source: str, output: Path, *, header: bool) -> Path:
+        check_cancel(self.cancel)
         geometry = self.loaded.geometry
         with open_stack(source) as stack:
             check_channels_fit_model(stack, self.loaded.info, source)
@@ -304,6 +336,12 @@ class _Runner:
         self.result.failed.extend((o.job.source, o.error or "") for o in outcomes if not o.ok)
 
 
+def check_cancel(cancel: threading.Event | None) -> None:
+    """Raise `Cancelled` when `cancel` is set: called between tile batches (from the tiler's `on_tiles`)."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+
+
 def check_channels_fit_model(stack: Any, info: Any, source: str) -> None:
     """Refuse (one line) a stack whose channel count is not the one the model was trained on."""
     have, want = getattr(stack, "channels", 1), info.input_channels
@@ -313,7 +351,7 @@ def check_channels_fit_model(stack: Any, info: Any, source: str) -> None:
             have, f"a multi-channel image ({have} channels)")
         fix = ("convert it to grayscale or save the channel to segment as its own image" if want == 1
                else f"give it {want} channels in the training data's order")
-        raise SegkitError(f"{source} is {kind} but the model was trained on {what} images; {fix}")
+        raise InputError(f"{source} is {kind} but the model was trained on {what} images; {fix}")
 
 
 #: Pixel sizes within this relative difference count as equal (no rescaling).

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segkit.errors import InputError, OutputExistsError, SegkitError
+from segkit.errors import Cancelled, InputError, OutputExistsError, SegkitError
 from segkit.inference.pipeline import count_tiles
 from segkit.io.outputs import check_folder, same_file
 from segkit.io.tiff import list_tiff_files, open_stack
@@ -96,13 +96,15 @@ def predict_files(jobs: Sequence[FileJob], predict_one: Callable[[FileJob], Any]
     """`predict_one(job)` for each file, one after the other (each writes its output atomically).
 
     A file that fails (unreadable, truncated, wrong type, ...) is reported through `echo` and
-    skipped; its output is not written, and the other files carry on.
+    skipped; its output is not written, and the other files carry on. `Cancelled` stops them all.
     """
     outcomes: list[FileOutcome] = []
     for job in jobs:
         try:
             predict_one(job)
             outcomes.append(FileOutcome(job))
+        except Cancelled:  # the user stopped the run: not a failure of this file, and no later file starts
+            raise
         except Exception as exc:  # reported per file; the others go on
             outcomes.append(FileOutcome(job, _reason(exc)))
             echo(failure_line(job.source, outcomes[-1].error or ""))

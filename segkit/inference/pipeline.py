@@ -304,6 +304,45 @@ def predict_stack(
     encoded by `spec` (class probabilities, classes, denoised intensities or instances), to `output`
     atomically (a failure on any side leaves no output). `rescale`: planes are resampled by this
     factor for the model (another pixel size than its training data's) and its outputs back."""
+    shape: tuple[int, ...] = stack.shape[1:] if stack.is_2d else stack.shape
+    channels = getattr(spec, "channels", 1)
+    axes = None
+    if channels > 1:  # a channel axis after Z (ImageJ's order): ZCYX, or CYX for a 2D image
+        shape, axes = (*shape[:-2], channels, *shape[-2:]), "CYX" if stack.is_2d else "ZCYX"
+    workers = _compression_workers(forward.device)
+
+    def write(planes: Iterable[np.ndarray]) -> Path:
+        if channels > 1:
+            planes = (channel for plane in planes for channel in plane)
+        return write_stack(output, planes, shape=shape, dtype=spec.dtype, axes=axes, resolution=stack.resolution,
+                           overwrite=overwrite, compression=compression, workers=workers)
+
+    return run_stack(stack, forward, geometry, write, normalization=normalization, tile=tile, batch=batch,
+                     blend=blend, spec=spec, on_tiles=on_tiles, rescale=rescale)
+
+
+def run_stack(
+    stack: Any,
+    forward: Forward,
+    geometry: Geometry,
+    consume: Callable[[Iterator[np.ndarray]], R],
+    /,
+    *,
+    normalization: Normalization,
+    tile: int,
+    batch: int = 4,
+    blend: str = "cosine",
+    spec: PlaneEncoding = _UINT8_PROBABILITIES,
+    on_tiles: Callable[[int], None] | None = None,
+    rescale: float | None = None,
+) -> R:
+    """Run every plane of `stack` through the engine `forward` on its device and hand the planes,
+    encoded and finished by `spec`, in stack order, to `consume` in a thread of its own (the writer:
+    `predict_stack` writes a TIFF, `segkit.inference.arrays` fills an array); returns what it returns.
+
+    An error on either side stops both and is raised here (an exception raised by `on_tiles`, such as
+    `segkit.errors.Cancelled`, stops the run between tile batches). `rescale`: planes are resampled by
+    this factor for the model and its outputs back to the stack's size."""
     original = stack
     if rescale is not None:
         stack = RescaledStack(stack, rescale)
@@ -318,22 +357,13 @@ def predict_stack(
     if rescale is not None:
         values = (_resize(v, original.shape[-2:]) for v in values)
     encoded = _downloads((spec.encode(v) for v in values), device)
-    shape: tuple[int, ...] = original.shape[1:] if original.is_2d else original.shape
-    channels = getattr(spec, "channels", 1)
-    axes = None
-    if channels > 1:  # a channel axis after Z (ImageJ's order): ZCYX, or CYX for a 2D image
-        shape, axes = (*shape[:-2], channels, *shape[-2:]), "CYX" if original.is_2d else "ZCYX"
 
-    def write(downloads: Iterable[_Copy]) -> Path:
-        planes = finish_planes(spec, (download.numpy() for download in downloads))  # label ids unique across the stack
-        if channels > 1:
-            planes = (channel for plane in planes for channel in plane)
-        return write_stack(output, planes, shape=shape, dtype=spec.dtype, axes=axes, resolution=original.resolution,
-                           overwrite=overwrite, compression=compression, workers=_compression_workers(device))
+    def finish(downloads: Iterable[_Copy]) -> R:  # label ids unique across the stack
+        return consume(finish_planes(spec, (download.numpy() for download in downloads)))
 
     try:
         with _one_thread_outside_the_engine(device):
-            return consume_behind(write, encoded, depth=depth)
+            return consume_behind(finish, encoded, depth=depth)
     finally:  # stop the reader thread now, also after a failure (a traceback cycle would keep it alive)
         planes.close()
 
