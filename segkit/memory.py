@@ -231,6 +231,23 @@ def tile_activation_bytes(model: Any, tile: int, *, channels: int = 1) -> int | 
     return channels * tile * tile * 4 + 2 * largest[0]
 
 
+#: Pixels any layer output of segkit's models may exceed the tile by on each side (FCN's first conv pads
+#: by 100, its upsampling layers add their kernel; the U-Net and smp models stay within the tile).
+_MAX_LAYER_GROWTH = 128
+
+
+def tile_activation_bound(model: Any, tile: int, *, channels: int = 1) -> int | None:
+    """An upper bound of `tile_activation_bytes` without running the model: the input plus twice a layer
+    output as wide as the widest layer (its output channels) at the tile's size plus `_MAX_LAYER_GROWTH`
+    px on each side. None when the model has no layer with `out_channels` (no bound can be given)."""
+    widest = max((int(m.out_channels) for m in model.modules() if isinstance(getattr(m, "out_channels", None), int)),
+                 default=0)
+    if widest <= 0:
+        return None
+    side = tile + 2 * _MAX_LAYER_GROWTH
+    return channels * tile * tile * 4 + 2 * side * side * widest * 4
+
+
 def tile_problem(info: Any, geometry: Any, tile: int, device: str) -> str | None:
     """Why the model of `info` cannot run one `tile` x `tile` tile in the memory of `device`, or None
     when it fits (or no estimate can be made). Nothing is allocated: the model is traced on the meta device."""
@@ -238,11 +255,17 @@ def tile_problem(info: Any, geometry: Any, tile: int, device: str) -> str | None
         model = meta_model(info.model, info.model_kwargs)
     except Exception:  # the record is checked elsewhere; no estimate here
         return None
-    activations = tile_activation_bytes(model, tile, channels=int(info.model_kwargs.get("in_channels", 1)))
+    channels = int(info.model_kwargs.get("in_channels", 1))
     available, where = device_memory(device)
-    if activations is None or available is None:
+    if available is None:
         return None
     params = parameter_bytes(model)
+    bound = tile_activation_bound(model, tile, channels=channels)
+    if bound is not None and params + bound <= available:
+        return None  # fits even at the upper bound: the trace (about 2 s of imports on the meta device) is not needed
+    activations = tile_activation_bytes(model, tile, channels=channels)
+    if activations is None:
+        return None
     if params + activations <= available:
         return None
     smaller = geometry.default_tile

@@ -239,7 +239,8 @@ def fit_to_device(loaded: Any, plane_shape: tuple[int, int] | None, options: Pre
     or trained tile and the given batch or one chosen from the free device memory."""
     if options.tile == "auto":
         return choose_tile(loaded.engine, loaded.geometry, plane_shape, batch=options.batch,
-                           only=loaded.tile if loaded.fixed_tile else None, report=report)
+                           only=loaded.tile if loaded.fixed_tile else None, channels=loaded.info.input_channels,
+                           report=report)
     loaded.geometry.check_tile(loaded.tile)
     return loaded.tile, options.batch or choose_batch(loaded.engine, loaded.geometry, loaded.tile,
                                                       channels=loaded.info.input_channels, report=report)

@@ -164,17 +164,18 @@ def best_trial(trials: Sequence[Trial]) -> Trial:
 
 
 def choose_tile(forward: Any, geometry: Geometry, plane_shape: tuple[int, int], *, batch: int | None = None,
-                only: int | None = None, report: Callable[[str], object] = print) -> tuple[int, int]:
+                only: int | None = None, channels: int = 1,
+                report: Callable[[str], object] = print) -> tuple[int, int]:
     """`--tile auto`: time the candidate tiles (or `only` one, for a fixed-shape graph) at the
-    candidate batches (or `batch`) on this engine; return the (tile, batch) with the least time
-    per plane that fits in memory, and report what was measured and chosen."""
+    candidate batches (or `batch`) on this engine, with inputs of the model's `channels`; return the
+    (tile, batch) with the least time per plane that fits in memory, and report what was measured and chosen."""
     gpu = _uses_gpu(forward)
     tiles = [only] if only is not None else candidate_tiles(geometry, plane_shape)
     batches = [batch] if batch else list(GPU_BATCHES if gpu else CPU_BATCHES)
     report(f"tile auto: measuring tiles {', '.join(map(str, tiles))} x batches {', '.join(map(str, batches))} "
            f"on {getattr(forward, 'label', 'this engine')}")
     trials = measure_tiles(forward, geometry, plane_shape, tiles=tiles, batches=batches, warmup=int(gpu),
-                           repeats=2 if gpu else 1)
+                           repeats=2 if gpu else 1, channels=channels)
     best = best_trial(trials)
     out_of_memory = sorted({f"{t.tile}/{t.batch}" for t in trials if t.seconds_per_batch is None})
     report(f"tile auto: tile {best.tile}, batch {best.batch} ({best.seconds_per_plane:.2f} s per "

@@ -25,11 +25,15 @@ _POOL3_END, _POOL4_END = 17, 24  # indices in `features` just after pool3 and po
 
 
 def bilinear_kernel(channels: int, size: int) -> torch.Tensor:
-    """(channels, 1, size, size) bilinear interpolation kernel for a depthwise transposed conv."""
+    """(channels, 1, size, size) bilinear interpolation kernel for a depthwise transposed conv.
+
+    Computed on the CPU and moved to the default device: on the meta device (a shapes-only model) the
+    arithmetic would run torch's reference implementations, whose first use imports torch._dynamo."""
     factor = (size + 1) // 2
     centre = factor - 1 if size % 2 == 1 else factor - 0.5
-    ramp = 1 - torch.abs(torch.arange(size, dtype=torch.float32) - centre) / factor
-    return torch.outer(ramp, ramp).expand(channels, 1, size, size).clone()
+    ramp = 1 - torch.abs(torch.arange(size, dtype=torch.float32, device="cpu") - centre) / factor
+    kernel = torch.outer(ramp, ramp).expand(channels, 1, size, size).clone()
+    return kernel.to(torch.get_default_device())
 
 
 def _vgg16_features(in_channels: int, width: int) -> nn.Sequential:
@@ -86,6 +90,8 @@ class FCN(nn.Module):
         self._init(scores)
 
     def _init(self, scores: list[nn.Conv2d]) -> None:
+        if self.final_kernel.is_meta:  # a shapes-only model has no values to draw (see models.blocks.he_init)
+            return
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")

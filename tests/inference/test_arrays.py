@@ -374,3 +374,12 @@ def test_bad_settings_are_one_line(tmp_path, small, semantic):
             call()
         assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
     assert small.predict(np.zeros((8, 8), np.uint8), device="cpu").shape == (3, 8, 8)  # repeating one is fine
+
+
+def test_tile_auto_measures_a_multi_channel_model_with_its_channels(tmp_path, two_channel):
+    reports = []
+    model = segkit.Model(two_channel, tile="auto", report=reports.append)
+    data = _uint8((2, 48, 48))
+    assert model.predict(data, axes="CYX", argmax=True).shape == (48, 48)
+    chosen = [line for line in reports if line.startswith("tile auto: tile")]
+    assert chosen and "out of memory" not in chosen[0]
