@@ -8,8 +8,8 @@ Loaded models are kept per (model file, device, tile setting), so a second run d
 
 One native clash is avoided here: on Linux, Mesa's OpenGL drivers (llvmpipe under Xvfb or in a VM, and the
 Intel and AMD drivers) load the system's libLLVM when napari draws, and torch imports triton (which carries its
-own LLVM) on its first meta-device or compile call; triton's library then binds to the system's LLVM symbols and
-napari dies with a segmentation fault. The widget loads triton first, its symbols bound to itself
+own LLVM) whenever its compiler stack (torch._dynamo) is loaded: torch.compile, and some model builders and
+exporters; triton's library then binds to the system's LLVM symbols and napari dies with a segmentation fault. The widget loads triton first, its symbols bound to itself
 (RTLD_DEEPBIND), before any model is loaded (`load_triton_apart`).
 """
 
