@@ -88,28 +88,6 @@ def _unsupported(shape: tuple[int, ...], channels: int) -> str:
                      f"{need}; choose another layer or split it (napari: Layers > Split Stack)")
 
 
-def model_order(data: Any, axes: str) -> tuple[np.ndarray, str]:
-    """The layer's data as a numpy array in an order segkit's array API takes: YX, ZYX, CYX or ZCYX.
-
-    Parameters
-    ----------
-    data : array-like
-        The layer's data (numpy, dask or zarr; read here).
-    axes : str
-        Its axes, from `input_axes`.
-
-    Returns
-    -------
-    (numpy.ndarray, str)
-        The array (a view where no transposition or read is needed) and its axes.
-    """
-    target = {"YXC": "CYX", "CZYX": "ZCYX", "ZYXC": "ZCYX"}.get(axes, axes)
-    array = np.asarray(data)
-    if target != axes:
-        array = np.transpose(array, [axes.index(axis) for axis in target])
-    return array, target
-
-
 def result_layer(result: np.ndarray, *, kind: str, axes: str, source_axes: str, scale: Sequence[float],
                  translate: Sequence[float], name: str, channel_names: Sequence[str] | None = None
                  ) -> tuple[np.ndarray, dict[str, Any], str]:
