@@ -142,3 +142,17 @@ def assert_ids_unique_across_slices(labels):
         if len(ids):
             assert ids[0] == last + 1 and ids[-1] == last + len(ids), (z, ids[:3], last)
             last = int(ids[-1])
+
+
+#: Set by .ci/run: a test that needs an optional tool (napari and a display, ImageJ, Bio-Formats) fails instead of
+#: skipping when the tool is missing, so CI cannot pass with those tests silently skipped.
+REQUIRE_OPTIONAL_TOOLS = "SEGKIT_REQUIRE_OPTIONAL_TOOLS"
+
+
+def skip_unless_required(reason: str) -> None:
+    """Skip with `reason`, or fail with it where $SEGKIT_REQUIRE_OPTIONAL_TOOLS is set (CI)."""
+    import pytest
+
+    if os.environ.get(REQUIRE_OPTIONAL_TOOLS):
+        pytest.fail(f"{reason} (${REQUIRE_OPTIONAL_TOOLS} is set: CI must run this test)")
+    pytest.skip(reason)

@@ -2,7 +2,8 @@
 
 The display comes from inside pytest: pytest-xvfb (the test extra) starts Xvfb for the session when the `Xvfb`
 binary is installed (.ci/run installs it with Qt's xcb libraries), so README's plain `python -m pytest -q` runs
-these tests headless. Without napari, pytest-qt or any display they skip, saying which is missing.
+these tests headless. Without napari, pytest-qt or any display they skip, saying which is missing (in CI, where
+$SEGKIT_REQUIRE_OPTIONAL_TOOLS is set, they fail instead).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import skip_unless_required
 
 MANIFEST = Path(__file__).resolve().parents[2] / "segkit" / "napari" / "napari.yaml"
 PLUGIN = "segkit-bio"
@@ -36,7 +39,7 @@ def napari_installed():
     """Skips the test, saying why, where napari and its Qt tools are not installed."""
     reason = missing(display=False)
     if reason:
-        pytest.skip(reason)
+        skip_unless_required(reason)
 
 
 @pytest.fixture
@@ -45,7 +48,7 @@ def display():
     setup: pytest-xvfb sets DISPLAY after this conftest is imported."""
     reason = missing()
     if reason:
-        pytest.skip(reason)
+        skip_unless_required(reason)
 
 
 #: Put on tests that import napari (`@needs_napari`) and on modules that open viewers (`pytestmark = needs_viewer`).
