@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from segkit.io.calibration import (
-    Calibration,
-    calibration_from_resolution,
-    read_calibration,
-    read_content,
-    unit_name,
-    zarr_calibration,
-)
+from segkit.io.calibration import (Calibration, calibration_from_resolution, read_calibration, read_content,
+                                   unit_name, zarr_calibration)
 from segkit.io.tiff import open_stack, pixel_size_um
 
 
