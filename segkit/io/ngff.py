@@ -82,10 +82,24 @@ def level_scales(calibration: Calibration | None, levels: int, channels: bool) -
     return [([1.0] if channels else []) + [z, y * 2.0**level, x * 2.0**level] for level in range(levels)]
 
 
+def level_translations(calibration: Calibration | None, levels: int, channels: bool,
+                       method: str) -> list[list[float] | None]:
+    """Each level's translation: None for level 0 and for 'nearest' levels (their pixel 0 is level 0's
+    pixel 0); for 'mean' levels the centre of their first pixel, (2**level - 1) / 2 pixels of level 0 in
+    y and x (as ome-zarr-py writes it), so image and labels stay aligned at every level."""
+    _, y, x = (calibration or Calibration()).scale("ZYX")
+    if method != "mean":
+        return [None] * levels
+    return [None] + [([0.0] if channels else []) + [0.0, y * (2.0**level - 1) / 2, x * (2.0**level - 1) / 2]
+                     for level in range(1, levels)]
+
+
 def _multiscale(calibration: Calibration | None, levels: int, channels: bool, name: str, kind: str) -> Any:
     models = _models()
-    datasets = [models.multiscales.Dataset.build(path=str(level), scale=scale, translation=None)
-                for level, scale in enumerate(level_scales(calibration, levels, channels))]
+    datasets = [models.multiscales.Dataset.build(path=str(level), scale=scale, translation=translation)
+                for level, (scale, translation) in enumerate(zip(level_scales(calibration, levels, channels),
+                                                                 level_translations(calibration, levels, channels,
+                                                                                    kind)))]
     return models.multiscales.Multiscale(axes=_axes(calibration, channels), datasets=datasets, name=name,
                                          type=kind, version=NGFF_VERSION)
 

@@ -114,7 +114,8 @@ class ZarrStack:
     Parameters
     ----------
     source : str or Path
-        A zarr array, or an OME-Zarr group whose level-0 array "0" has axes (y, x) or (z, y, x).
+        A zarr array, or an OME-Zarr group whose level-0 array (the first dataset of its multiscales,
+        e.g. "0" or ome-zarr-py's "s0"; "0" when it has none) has axes (y, x) or (z, y, x).
 
     Attributes
     ----------
@@ -149,15 +150,16 @@ class ZarrStack:
         except Exception as exc:  # zarr raises several types for a folder that is not a store
             raise InputError(f"{source} is not a zarr store ({type(exc).__name__}); pass a TIFF or a zarr array") from exc
         if not hasattr(node, "shape"):
-            if "0" not in node:
-                raise InputError(f"{source} is a zarr group without a level-0 array '0'; pass the array itself")
+            first = level0_path(path)
+            if first not in node:
+                raise InputError(f"{source} is a zarr group without its level-0 array '{first}'; pass the array itself")
             axes = store_axes(path) or ()
             if "c" in axes:
                 raise InputError(f"{source} has a channel axis ({', '.join(axes)}: e.g. one probability per class); "
                                  "prediction reads one channel: pass a YX or ZYX array")
             if set(axes) - {"z", "y", "x"}:
                 raise InputError(f"{source} has axes {', '.join(axes)}; pass a YX or ZYX array")
-            node = node["0"]
+            node = node[first]
         if node.ndim not in (2, 3) or node.dtype not in ZARR_DTYPES:
             raise InputError(f"{source}: a zarr input must be a YX or ZYX array of uint8, uint16 or float32, "
                              f"not {node.ndim}D {node.dtype}")
@@ -452,15 +454,27 @@ def open_array(store: str | Path, name: str = "0", *, mode: str = "r") -> Any:
     return zarr.open_array(str(Path(store) / name), mode=mode)
 
 
+def level0_path(store: str | Path) -> str:
+    """The path of an OME-Zarr group's level 0: its multiscales' first dataset ("0" in segkit's stores,
+    "s0" in ome-zarr-py's); "0" when the group says none."""
+    attributes = zarr_attributes(store)
+    multiscales = attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales")
+    try:
+        return str(multiscales[0]["datasets"][0]["path"])
+    except (TypeError, KeyError, IndexError):
+        return "0"
+
+
 def open_level0(store: str | Path, *, mode: str = "r") -> Any:
-    """The level-0 array of an OME-Zarr store: `open_array(store, "0", mode=mode)`.
+    """The level-0 array of an OME-Zarr store (`level0_path`): `open_array(store, level0_path(store), mode=mode)`.
 
     Parameters and errors as in `open_array`, and an InputError when the store has no level-0 array.
     """
-    if not (Path(store) / "0").exists():
+    first = level0_path(store)
+    if not (Path(store) / first).exists():
         raise InputError(f"{store} is not a segkit OME-Zarr store (no level 0 array); pass a store from "
                          "`segkit predict ... -o out.ome.zarr`")
-    return open_array(store, "0", mode=mode)
+    return open_array(store, first, mode=mode)
 
 
 def label_names(store: str | Path) -> list[str]:

@@ -164,10 +164,10 @@ def test_float16_channels_and_an_interrupted_run_resumes(tmp_path, stack, semant
 def test_object_model_labels_whole_planes_on_dask(tmp_path, stack):
     from segkit.instances import ObjectParams
 
-    params = ObjectParams(seed_threshold=0.4, seed_distance=0.0, min_seed_size=1, min_size=0)
+    params = ObjectParams(seed_threshold=0.2, seed_distance=0.0, min_seed_size=1, min_size=0)
     checkpoint = _checkpoint(tmp_path, "instances", watershed=params.to_dict())
     _, expected = _tiff_path(tmp_path, stack, checkpoint)
-    assert expected.dtype == np.uint32 and expected.shape == (2, 130, 110)
+    assert expected.dtype == np.uint32 and expected.shape == (2, 130, 110) and expected.max() > 1  # real objects
     store = tmp_path / "objects.ome.zarr"
     segkit.predict(stack, store, model=checkpoint, **CHUNK, **quiet)
     labels = zarr.open_array(str(store / "labels" / "objects" / "0"), mode="r")

@@ -68,7 +68,7 @@ def test_zarr_inputs_refused_with_the_reason(tmp_path):
     with_nan[0, 3, 3] = np.nan
     zarr.save_array(str(tmp_path / "nan.zarr"), with_nan, zarr_format=2)
     for name, message in [("rgb.zarr", "YX or ZYX array"), ("int.zarr", "not 3D int64"),
-                          ("empty.ome.zarr", "without a level-0 array"), ("plain.zarr", "not a zarr store"),
+                          ("empty.ome.zarr", "without its level-0 array"), ("plain.zarr", "not a zarr store"),
                           ("missing.zarr", "does not exist")]:
         with pytest.raises(InputError, match=message):
             ZarrStack(tmp_path / name)
@@ -84,8 +84,13 @@ def test_ome_zarr_attributes():
     assert multiscales["version"] == "0.4" and [a["name"] for a in multiscales["axes"]] == ["z", "y", "x"]
     assert [a.get("unit") for a in multiscales["axes"]] == [None, "micrometer", "micrometer"]
     assert [d["path"] for d in multiscales["datasets"]] == ["0", "1", "2"]
+    # the mean of 2 x 2 pixels sits between them: levels 1 and 2 start half a pixel and 1.5 pixels of level 0 in
     assert [d["coordinateTransformations"] for d in multiscales["datasets"]] == [
-        [{"type": "scale", "scale": scale}] for scale in ([1.0, 5.0, 4.0], [1.0, 10.0, 8.0], [1.0, 20.0, 16.0])]
+        [{"type": "scale", "scale": [1.0, 5.0, 4.0]}],
+        [{"type": "scale", "scale": [1.0, 10.0, 8.0]}, {"type": "translation", "translation": [0.0, 2.5, 2.0]}],
+        [{"type": "scale", "scale": [1.0, 20.0, 16.0]}, {"type": "translation", "translation": [0.0, 7.5, 6.0]}]]
+    labels = ome_zarr_attributes((3, 30, 40), None, levels=2, content="labels")["multiscales"][0]
+    assert labels["type"] == "nearest" and len(labels["datasets"][1]["coordinateTransformations"]) == 1  # no shift
     assert attrs["segkit"] == {"content": "probabilities"} and "omero" not in attrs
     plain = ome_zarr_attributes((3, 30, 40), None)["multiscales"][0]
     assert "unit" not in plain["axes"][1] and plain["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0] * 3
