@@ -627,37 +627,43 @@ class _Executor:
             closer.close()
 
     def run(self, tasks: list[Any], on_done: Callable[[Any], None] | None = None) -> None:
-        """Compute `tasks` (their results are dropped); raises the first task's error."""
-        import dask
-        import dask.threaded
-        from dask.base import get_scheduler
-        from dask.callbacks import Callback
+        """Compute `tasks` (their results are dropped), telling `on_done(key)` as each finishes; raises the
+        first task's error."""
+        if tasks:
+            _compute(tasks, client=self.client, on_done=on_done)
 
-        if not tasks:
+
+def _compute(tasks: list[Any], *, client: Any, on_done: Callable[[Any], None] | None) -> None:
+    """Compute Delayed `tasks` on `client` (a dask.distributed Client), or without one on dask's local
+    scheduler (the caller's configured one, or dask's threads in a pool of our own); `on_done(key)` hears
+    each task that finished."""
+    import dask
+    import dask.threaded
+    from dask.base import get_scheduler
+    from dask.callbacks import Callback
+
+    if client is None:
+        configured = get_scheduler(collections=tasks)
+        if configured is dask.threaded.get:
+            # dask's default threads, in a pool of our own: when a task fails, dask raises at once while the
+            # other threads still run their chunks; leaving the pool waits for them, so an interrupted run
+            # returns only when nothing writes into its store any more
+            keys = {task.key for task in tasks}
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool, Callback(posttask=_posttask(keys, on_done)):
+                dask.compute(*tasks, pool=pool)
             return
-        client = self.client
-        if client is None:
-            configured = get_scheduler(collections=tasks)
-            if configured is dask.threaded.get:
-                # dask's default threads, in a pool of our own: when a task fails, dask raises at once while the
-                # other threads still run their chunks; leaving the pool waits for them, so an interrupted run
-                # returns only when nothing writes into its store any more
-                keys = {task.key for task in tasks}
-                with ThreadPoolExecutor(os.cpu_count() or 1) as pool, Callback(posttask=_posttask(keys, on_done)):
-                    dask.compute(*tasks, pool=pool)
-                return
-            client = _client_of(configured)
-            if client is None:  # a local scheduler the caller configured (synchronous, processes)
-                with Callback(posttask=_posttask({task.key for task in tasks}, on_done)):
-                    dask.compute(*tasks)
-                return
-        from distributed import as_completed
+        client = _client_of(configured)
+        if client is None:  # a local scheduler the caller configured (synchronous, processes)
+            with Callback(posttask=_posttask({task.key for task in tasks}, on_done)):
+                dask.compute(*tasks)
+            return
+    from distributed import as_completed
 
-        futures = client.compute(tasks)
-        for future in as_completed(futures):
-            future.result()  # raises the task's error
-            if on_done is not None:
-                on_done(future.key)
+    futures = client.compute(tasks)
+    for future in as_completed(futures):
+        future.result()  # raises the task's error
+        if on_done is not None:
+            on_done(future.key)
 
 
 def _posttask(keys: set[Any], on_done: Callable[[Any], None] | None) -> Callable[..., None]:

@@ -86,9 +86,11 @@ def check_complete(store: str | Path) -> None:
         raise InputError(f"{store} is the unfinished store of a prediction that stopped before the end; finish "
                          f"it by rerunning that prediction into {final} with resume, then use {final}")
     mark = zarr_attributes(store).get("segkit")
-    if isinstance(mark, dict) and "complete" in mark and mark["complete"] is not True:
-        raise InputError(f"{store} is not marked complete (its segkit attribute says complete: false): the "
-                         "prediction that wrote it did not finish; rerun it with resume, or predict it again")
+    if isinstance(mark, dict) and "complete" in mark:  # segkit's current stores say it in their attribute
+        if mark["complete"] is not True:
+            raise InputError(f"{store} is not marked complete (its segkit attribute says complete: false): the "
+                             "prediction that wrote it did not finish; rerun it with resume, or predict it again")
+        return
     if _written_with_complete_marks(Path(store)) and not (Path(store) / COMPLETE).exists():
         raise InputError(f"{store} is not marked complete (no {COMPLETE} in it): the prediction that wrote it "
                          "did not finish; rerun it with resume, or predict it again")
