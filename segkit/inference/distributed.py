@@ -16,22 +16,30 @@ models blend tiles placed per chunk, so they differ slightly near chunk borders.
 
 Each worker builds the engine once (kept on the dask worker object) from a plain EngineRequest
 (the model file and the prediction's options: engine, denoiser, amp, TTA, ...) and reuses it for
-all its chunks. With several
-GPUs and `device` 'cuda', worker i takes GPU i mod n (round robin, as dask-cuda's
-LocalCUDACluster does). Instances need whole planes (a watershed must not stop at chunk
-borders): the chunks write probabilities to the store's "probability" array first (ZYX for
-membrane instances, CZYX background / interior / boundary for object models), then one task per
-plane writes its labels (ids 1..n) to the "segkit_slice_labels" array and n into its marker. Ids are
-unique across the stack: once every plane is labelled, each plane's offset is the cumulative sum of
-the counts of the planes before it (`segkit.instances.id_offsets`, so it depends on the labels, never on
-which task ran first), and one task per plane writes its shifted ids to level 0 (as the TIFF path
-does); the slice labels are removed from the finished store. Every stage keeps its markers, so a
-rerun with `resume` continues where it stopped and gives the same ids.
+all its chunks. With several GPUs and `device` 'cuda', worker i takes GPU i mod n (round robin, as
+dask-cuda's LocalCUDACluster does).
+
+The store (`StorePlan`, `segkit.io.zarr.create_ome_zarr`): an NGFF 0.4 image pyramid of what the
+output holds (probabilities; for labels, the probabilities they were cut from, as uint8) and, for
+labels, a label image labels/<name> with its own pyramid. The run goes in stages, each computed once
+the one before is complete, each resumable by its markers:
+
+1. chunks (`_predict_block`): the image's level 0, a class map's labels, and for instances and objects
+   the float32 probabilities the watershed reads (a scratch array);
+2. instances and objects need whole planes (a watershed must not stop at chunk borders): one task per
+   plane writes its labels (ids 1..n) to "segkit_slice_labels" and n into its marker; then each
+   plane's offset is the cumulative sum of the counts of the planes before it
+   (`segkit.instances.id_offsets`, so it depends on the labels, never on which task ran first), and one
+   task per plane writes its shifted ids to the label image's level 0 (as the TIFF path does);
+3. the pyramid (`segkit.io.pyramid`): level k from level k - 1, one task per chunk, mean for the image
+   and every second pixel for labels; each level is marked done once all its chunks are written;
+4. the store is marked complete, its scratch arrays, markers and manifest removed, validated with
+   ome-zarr-models, and renamed from NAME.partial to NAME.
 
 Outputs of several channels (every class's probability of a K-class model) add a leading channel
-axis: level 0 is CZYX, chunked (1, 1, cy, cx), with an OME-Zarr channel axis c; each task writes
+axis: the image is CZYX, chunked (1, 1, cy, cx), with an OME-Zarr channel axis c; each task writes
 all channels of its chunk into that region (its own zarr chunks, so still no locks), and its
-single marker covers them all.
+single marker covers them all. The progress bar hears the tiles of each chunk as it finishes.
 """
 
 from __future__ import annotations
@@ -528,7 +536,7 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
                     target = f"labels/{plan.label.name}/0"
                     executor.run([dask.delayed(_shift_plane)(z, store=store, target=target, offsets=offsets)
                                   for z in range(shape[0])])
-                groups = [(".", "nearest" if plan.content in ("classes", "labels") else "mean")]
+                groups = [(".", "mean")]  # the image holds probabilities; labels take every second pixel
                 if plan.label is not None:
                     groups.append((f"labels/{plan.label.name}", "nearest"))
                 for level in range(1, levels):
