@@ -599,17 +599,20 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
 @click.argument("output", type=click.Path(path_type=Path))
 @COMPRESSION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def convert(store: Path, output: Path, compression: str, overwrite: bool) -> None:
+@click.option("--labels", is_flag=True, help="Write the store's label image (labels/: instances, objects or classes) "
+                                             "instead of its image (the probabilities).")
+def convert(store: Path, output: Path, compression: str, overwrite: bool, labels: bool) -> None:
     """Convert an OME-Zarr STORE (from `segkit predict -o x.ome.zarr`) to a tiled BigTIFF OUTPUT, streaming.
 
     \b
     Example:
       segkit convert big.ome.zarr big_membranes.tif
       segkit convert big.ome.zarr big_membranes.tif --compression zstd
+      segkit convert big.ome.zarr big_instances.tif --labels      # the store's labels/ (instances, objects, classes)
     """
     from segkit.io.zarr import convert_zarr_to_tiff
 
-    click.echo(f"wrote {convert_zarr_to_tiff(store, output, overwrite=overwrite, compression=compression, report=_cli_echo(err=True))}")
+    click.echo(f"wrote {convert_zarr_to_tiff(store, output, overwrite=overwrite, compression=compression, report=_cli_echo(err=True), labels=labels)}")
 
 
 # -- evaluate ------------------------------------------------------------------------------

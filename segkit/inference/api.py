@@ -154,7 +154,8 @@ def predict(
     if text_output.rstrip("/").lower().endswith(".zarr") or options.on_dask:
         if cancel is not None:
             raise SegkitError("cancel applies to TIFF outputs; stop the Dask path with Ctrl-C (resume=True goes on)")
-        return _predict_on_dask(sources, text_output, request, options, report=report, started=started)
+        return _predict_on_dask(sources, text_output, request, options, report=report, started=started,
+                                progress=progress)
     # an output folder: an existing one, a path ending in a slash, or (several inputs) a path that is not a TIFF
     to_folder = output is not None and (text_output.endswith(("/", "\\")) or Path(text_output).is_dir() or (
         len(sources) > 1 and Path(text_output).suffix.lower() not in (".tif", ".tiff")))
@@ -410,9 +411,11 @@ def model_view(stack: Any, info: Any) -> Any:
 
 
 def _predict_on_dask(sources: list[str], output: str, request: EngineRequest | None, options: PredictOptions, *,
-                     report: Callable[[str], object], started: float) -> PredictResult:
+                     report: Callable[[str], object], started: float,
+                     progress: Progress | None = None) -> PredictResult:
     """One stack into an OME-Zarr store on Dask, chunk by chunk, resumable. Tile 'auto' and the
-    batch are decided here, once, on this machine's device; each worker builds its own engine."""
+    batch are decided here, once, on this machine's device; each worker builds its own engine.
+    `progress` is reset to the tiles of every chunk and advances as each chunk finishes."""
     if not output.rstrip("/").lower().endswith(".zarr"):
         raise SegkitError("the Dask path (scheduler/workers) writes OME-Zarr: name the output NAME.ome.zarr "
                           "(then `segkit convert NAME.ome.zarr NAME.tif` for a BigTIFF)")
@@ -452,7 +455,7 @@ def _predict_on_dask(sources: list[str], output: str, request: EngineRequest | N
     report(f"{sources[0]} -> {output} on {where}, device {options.device}, tile {chosen_tile}, batch {batch}, "
            f"model {_model_label(request)}; writes {writes}")
     written = predict_to_zarr(sources[0], output.rstrip("/"), request, tile=chosen_tile, batch=batch, spec=spec,
-                              record=(info, geometry), report=report)
+                              record=(info, geometry), report=report, progress=progress)
     return PredictResult(outputs=[written], tile=chosen_tile, batch=batch, engine=f"Dask ({where})",
                          model=_model_label(request), writes=writes, threshold=used_threshold,
                          seconds=time.perf_counter() - started)

@@ -1,16 +1,18 @@
 """Zarr and OME-Zarr: read a volume plane by plane, create the OME-Zarr store the Dask path writes
 into, and convert a store to a tiled BigTIFF.
 
-Stores are zarr format 2 with NGFF 0.4 multiscales metadata (one level, array "0", axes z, y, x, or
-c, z, y, x for outputs of several channels: one per class of a K-class model), which napari, Fiji
-(MoBIE / n5-viewer) and neuroglancer open. zarr is optional (the `dask` extra):
-it is imported inside the functions that need it.
+Stores are zarr format 2 with NGFF 0.4 metadata built with ome-zarr-models (`segkit.io.ngff`): an
+image (a pyramid of levels "0", "1", ..., axes z, y, x, or c, z, y, x for outputs of several channels:
+one per class of a K-class model) with the input's pixel sizes and units, and for labels a label image
+labels/<name>; napari (napari-ome-zarr), Fiji (MoBIE, BigDataViewer) and neuroglancer open them. zarr
+is optional (the `dask` extra): it is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +20,47 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import InputError
-from segkit.io.calibration import zarr_calibration
+from segkit.io.calibration import Calibration, zarr_attributes, zarr_calibration
+from segkit.io.ngff import image_attributes, label_attributes, labels_group_attributes, level_shapes
 from segkit.io.outputs import RESUMABLE_SUFFIX, check_output
-from segkit.io.tiff import Resolution, check_finite, open_stack, write_stack
+from segkit.io.tiff import check_finite, open_stack, write_stack
 
 #: dtypes a zarr input may have (those of a TIFF input).
 ZARR_DTYPES = (np.uint8, np.uint16, np.float32)
-#: A store the Dask path writes holds its run's manifest (`MANIFEST`) from the
-#: start, and COMPLETE once every chunk is written (then `NAME.partial` is renamed to NAME).
+#: A store the Dask path writes holds its run's manifest (`MANIFEST`) while it is NAME.partial; when
+#: every chunk is written the manifest moves into the group attribute `segkit.run` and `segkit.complete`
+#: becomes true (then NAME.partial is renamed to NAME). Stores of segkit's earlier layout kept the manifest
+#: file and a COMPLETE file instead.
 MANIFEST = "segkit_manifest.json"
 COMPLETE = "segkit_complete"
+#: Chunk keys z/y/x (nested folders), the only separator NGFF allows since 0.2 (napari reads big stores
+#: of flat keys slowly).
+NESTED = {"name": "v2", "separator": "/"}
 
 
-def mark_complete(store: str | Path) -> None:
-    """Mark a store the Dask path finished writing (before its rename from NAME.partial).
+def mark_complete(store: str | Path, run: dict[str, Any] | None = None, *, complete: bool = True) -> None:
+    """Mark a store the Dask path is writing (complete=False, from its start) or finished writing (before
+    its rename from NAME.partial): its group attribute `segkit` gets `complete` (and `run`: what produced
+    it, the run's manifest).
 
     Parameters
     ----------
     store : str or Path
-        The store folder; a `segkit_complete` file is written into it.
+        The store folder (a zarr group).
+    run : dict, optional
+        The run's manifest, kept as provenance.
+    complete : bool
+        Whether every chunk, label and level is written.
     """
-    (Path(store) / COMPLETE).write_text("every chunk of this store was written by segkit\n")
+    require("zarr", feature="OME-Zarr output", package="zarr")
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r+")
+    mark = dict(group.attrs.get("segkit") or {})
+    mark["complete"] = complete
+    if run is not None:
+        mark["run"] = run
+    group.attrs["segkit"] = mark
 
 
 def check_complete(store: str | Path) -> None:
@@ -54,14 +76,21 @@ def check_complete(store: str | Path) -> None:
     Raises
     ------
     InputError
-        When the store is NAME.partial, or holds a segkit manifest and no COMPLETE mark (a renamed
-        .partial); the message says to rerun the prediction with resume.
+        When the store is NAME.partial, or a renamed .partial: its `segkit` attribute says
+        `complete: false` (or, from segkit's earlier layout, it holds a manifest and no COMPLETE file);
+        the message says to rerun the prediction with resume.
     """
     name = str(store).rstrip("/\\")
     if name.endswith(RESUMABLE_SUFFIX):
         final = name[: -len(RESUMABLE_SUFFIX)]
         raise InputError(f"{store} is the unfinished store of a prediction that stopped before the end; finish "
                          f"it by rerunning that prediction into {final} with resume, then use {final}")
+    mark = zarr_attributes(store).get("segkit")
+    if isinstance(mark, dict) and "complete" in mark:  # segkit's current stores say it in their attribute
+        if mark["complete"] is not True:
+            raise InputError(f"{store} is not marked complete (its segkit attribute says complete: false): the "
+                             "prediction that wrote it did not finish; rerun it with resume, or predict it again")
+        return
     if _written_with_complete_marks(Path(store)) and not (Path(store) / COMPLETE).exists():
         raise InputError(f"{store} is not marked complete (no {COMPLETE} in it): the prediction that wrote it "
                          "did not finish; rerun it with resume, or predict it again")
@@ -87,7 +116,8 @@ class ZarrStack:
     Parameters
     ----------
     source : str or Path
-        A zarr array, or an OME-Zarr group whose level-0 array "0" has axes (y, x) or (z, y, x).
+        A zarr array, or an OME-Zarr group whose level-0 array (the first dataset of its multiscales,
+        e.g. "0" or ome-zarr-py's "s0"; "0" when it has none) has axes (y, x) or (z, y, x).
 
     Attributes
     ----------
@@ -122,15 +152,16 @@ class ZarrStack:
         except Exception as exc:  # zarr raises several types for a folder that is not a store
             raise InputError(f"{source} is not a zarr store ({type(exc).__name__}); pass a TIFF or a zarr array") from exc
         if not hasattr(node, "shape"):
-            if "0" not in node:
-                raise InputError(f"{source} is a zarr group without a level-0 array '0'; pass the array itself")
+            first = level0_path(path)
+            if first not in node:
+                raise InputError(f"{source} is a zarr group without its level-0 array '{first}'; pass the array itself")
             axes = store_axes(path) or ()
             if "c" in axes:
                 raise InputError(f"{source} has a channel axis ({', '.join(axes)}: e.g. one probability per class); "
                                  "prediction reads one channel: pass a YX or ZYX array")
             if set(axes) - {"z", "y", "x"}:
                 raise InputError(f"{source} has axes {', '.join(axes)}; pass a YX or ZYX array")
-            node = node["0"]
+            node = node[first]
         if node.ndim not in (2, 3) or node.dtype not in ZARR_DTYPES:
             raise InputError(f"{source}: a zarr input must be a YX or ZYX array of uint8, uint16 or float32, "
                              f"not {node.ndim}D {node.dtype}")
@@ -226,38 +257,37 @@ def plane_reader(source: str) -> Callable[[int], np.ndarray]:
     return read
 
 
-def ome_zarr_attributes(shape: tuple[int, ...], resolution_um: tuple[float, float] | None,
-                        channel_names: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """NGFF 0.4 multiscales metadata: one level, axes z, y, x (micrometres when known), after a channel
-    axis c when `shape` has four axes (CZYX).
+def ome_zarr_attributes(shape: tuple[int, ...], calibration: Calibration | None,
+                        channel_names: tuple[str, ...] | None = None, *, levels: int = 1,
+                        content: str = "probabilities", dtype: Any = np.uint8) -> dict[str, Any]:
+    """NGFF 0.4 multiscales metadata of a store's image (built with ome-zarr-models, `segkit.io.ngff`):
+    axes z, y, x (with the calibration's unit where a size is known), after a channel axis c when
+    `shape` has four axes (CZYX); one dataset per pyramid level; what the image holds.
 
     Parameters
     ----------
     shape : tuple of int
         ZYX, or CZYX.
-    resolution_um : tuple of (float, float) or None
-        Pixel size (y, x) in micrometres; None: unit scale, no unit.
+    calibration : Calibration or None
+        The input's pixel sizes (`segkit.io.calibration`); None: scale 1, no unit.
     channel_names : tuple of str, optional
         One per channel: they label the channels (the transitional 'omero' block napari reads).
+    levels : int
+        Pyramid levels.
+    content : str
+        What the image holds (`segkit.io.calibration.CONTENTS`), as `segkit: {content: ...}`.
+    dtype : numpy dtype
+        The image's dtype (the channels' display window).
 
     Returns
     -------
     dict
-        The group attributes (`multiscales`, and `omero` with channel names).
+        The group attributes (`multiscales`, `segkit`, and `omero` for several channels).
     """
-    scale = [1.0, *(resolution_um or (1.0, 1.0))]
-    axes = [{"name": "z", "type": "space"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-    if resolution_um is not None:
-        for axis in axes[1:]:
-            axis["unit"] = "micrometer"
-    if len(shape) == 4:
-        axes, scale = [{"name": "c", "type": "channel"}, *axes], [1.0, *scale]
-    attrs: dict[str, Any] = {"multiscales": [{"version": "0.4", "name": "segkit", "axes": axes, "datasets": [
-        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}
-    if len(shape) == 4 and channel_names and len(channel_names) == shape[0]:
-        attrs["omero"] = {"version": "0.4", "channels": [{"label": str(name), "active": True}
-                                                          for name in channel_names]}
-    return attrs
+    channels = shape[0] if len(shape) == 4 else 1
+    return image_attributes(calibration=calibration, levels=levels, content=content, channels=channels,
+                            channel_names=channel_names, dtype=dtype,
+                            downsampling="nearest" if content in ("classes", "labels") else "mean")
 
 
 def store_axes(store: str | Path) -> tuple[str, ...] | None:
@@ -287,55 +317,91 @@ def store_axes(store: str | Path) -> tuple[str, ...] | None:
         return None
 
 
-def resolution_um(resolution: Resolution | None) -> tuple[float, float] | None:
-    """Pixel size (y, x) in micrometres from TIFF resolution tags, when they are in pixels per centimetre.
+@dataclass(frozen=True)
+class LabelImage:
+    """A label image of a store, `labels/<name>` (NGFF image-label), beside the store's image.
 
-    Parameters
+    Attributes
     ----------
-    resolution : Resolution or None
-
-    Returns
-    -------
-    tuple of (float, float) or None
-        None for other units or no resolution.
+    name : str
+        Its folder under labels/ ('instances', 'objects', 'classes').
+    dtype : numpy.dtype
+        uint32 ids (objects, instances) or uint8 class numbers.
+    content : str
+        'labels' (ids) or 'classes' (class numbers).
+    class_names : tuple of str, optional
+        For class maps: the names of classes 0, 1, ... (image-label properties and colours).
     """
-    if resolution is not None and resolution.unit == 3 and resolution.x > 0 and resolution.y > 0:
-        return (1e4 / resolution.y, 1e4 / resolution.x)
-    return None
+
+    name: str
+    dtype: np.dtype
+    content: str = "labels"
+    class_names: tuple[str, ...] | None = None
+
+
+def level_chunks(chunks: tuple[int, ...], plane: tuple[int, int]) -> tuple[int, ...]:
+    """The chunks of a pyramid level whose plane is `plane` (y, x): those of level 0, at most the plane."""
+    return (*chunks[:-2], min(chunks[-2], plane[0]), min(chunks[-1], plane[1]))
 
 
 def create_ome_zarr(path: str | Path, shape: tuple[int, ...], chunks: tuple[int, ...],
-                    dtype: np.dtype | type | str, resolution: Resolution | None,
-                    channel_names: tuple[str, ...] | None = None) -> None:
-    """Create an empty OME-Zarr store at `path`, replacing what is there.
+                    dtype: np.dtype | type | str, calibration: Calibration | None = None,
+                    channel_names: tuple[str, ...] | None = None, *, content: str = "probabilities",
+                    label: LabelImage | None = None) -> list[tuple[int, int]]:
+    """Create an empty OME-Zarr store at `path` (zarr format 2, NGFF 0.4), replacing what is there.
 
-    A zarr v2 group holding the level-0 array "0" (filled with 0) and its multiscales attributes.
+    The image's pyramid levels "0", "1", ... (each half the one before in y and x, down to one chunk:
+    `segkit.io.ngff.level_shapes`), filled with 0, with their multiscales metadata; with `label`,
+    also the label image labels/<name> (its own pyramid, image-label metadata) and the labels group.
 
     Parameters
     ----------
     path : str or Path
         The store folder.
     shape : tuple of int
-        ZYX, or CZYX (one channel per class).
+        Level 0's shape: ZYX, or CZYX (one channel per class).
     chunks : tuple of int
-        Chunk shape, one entry per axis of `shape`.
+        Chunk shape, one entry per axis of `shape`; every level is chunked alike.
     dtype : numpy.dtype, type or str
-    resolution : Resolution or None
-        Pixel size written into the metadata (see `resolution_um`).
+    calibration : Calibration or None
+        The pixel sizes written into the metadata (x, y, z and unit); None: scale 1, no unit.
     channel_names : tuple of str, optional
         Channel labels.
+    content : str
+        What the image holds (`segkit.io.calibration.CONTENTS`).
+    label : LabelImage, optional
+        The label image to create beside the image (ZYX, chunked as the image's planes).
+
+    Returns
+    -------
+    list of (int, int)
+        The plane size (y, x) of every level.
 
     Raises
     ------
     MissingDependencyError
-        When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
+        When zarr or ome-zarr-models is not installed (the `dask` extra: `pip install -e '.[dask]'`).
     """
     require("zarr", feature="OME-Zarr output", package="zarr")
     import zarr
 
+    shapes = level_shapes(shape[-2], shape[-1], chunks[-2], chunks[-1])
     group = zarr.open_group(str(path), mode="w", zarr_format=2)
-    group.create_array("0", shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0)
-    group.attrs.update(ome_zarr_attributes(tuple(shape), resolution_um(resolution), channel_names))
+    for level, plane in enumerate(shapes):
+        group.create_array(str(level), shape=(*shape[:-2], *plane), chunks=level_chunks(chunks, plane), dtype=dtype,
+                           fill_value=0, chunk_key_encoding=NESTED)
+    group.attrs.update(ome_zarr_attributes(tuple(shape), calibration, channel_names, levels=len(shapes),
+                                           content=content, dtype=dtype))
+    if label is not None:
+        labels = group.create_group("labels")
+        image = labels.create_group(label.name)
+        for level, plane in enumerate(shapes):
+            image.create_array(str(level), shape=(*shape[-3:-2], *plane), chunks=level_chunks(chunks[-3:], plane),
+                               dtype=label.dtype, fill_value=0, chunk_key_encoding=NESTED)
+        image.attrs.update(label_attributes(calibration=calibration, levels=len(shapes), name=label.name,
+                                            content=label.content, class_names=label.class_names))
+        labels.attrs.update(labels_group_attributes([label.name], label.content))
+    return shapes
 
 
 def create_array(store: str | Path, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
@@ -360,7 +426,7 @@ def create_array(store: str | Path, name: str, shape: tuple[int, ...], chunks: t
     import zarr
 
     zarr.open_group(str(store), mode="r+").create_array(name, shape=tuple(shape), chunks=tuple(chunks),
-                                                         dtype=dtype, fill_value=0)
+                                                         dtype=dtype, fill_value=0, chunk_key_encoding=NESTED)
 
 
 def open_array(store: str | Path, name: str = "0", *, mode: str = "r") -> Any:
@@ -390,22 +456,42 @@ def open_array(store: str | Path, name: str = "0", *, mode: str = "r") -> Any:
     return zarr.open_array(str(Path(store) / name), mode=mode)
 
 
+def level0_path(store: str | Path) -> str:
+    """The path of an OME-Zarr group's level 0: its multiscales' first dataset ("0" in segkit's stores,
+    "s0" in ome-zarr-py's); "0" when the group says none."""
+    attributes = zarr_attributes(store)
+    multiscales = attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales")
+    try:
+        return str(multiscales[0]["datasets"][0]["path"])
+    except (TypeError, KeyError, IndexError):
+        return "0"
+
+
 def open_level0(store: str | Path, *, mode: str = "r") -> Any:
-    """The level-0 array of an OME-Zarr store: `open_array(store, "0", mode=mode)`.
+    """The level-0 array of an OME-Zarr store (`level0_path`): `open_array(store, level0_path(store), mode=mode)`.
 
     Parameters and errors as in `open_array`, and an InputError when the store has no level-0 array.
     """
-    if not (Path(store) / "0").exists():
+    first = level0_path(store)
+    if not (Path(store) / first).exists():
         raise InputError(f"{store} is not a segkit OME-Zarr store (no level 0 array); pass a store from "
                          "`segkit predict ... -o out.ome.zarr`")
-    return open_array(store, "0", mode=mode)
+    return open_array(store, first, mode=mode)
+
+
+def label_names(store: str | Path) -> list[str]:
+    """The label images of an OME-Zarr store (the NGFF `labels` list of its labels group); [] when none."""
+    names = zarr_attributes(Path(store) / "labels").get("labels")
+    return [str(name) for name in names] if isinstance(names, list) else []
 
 
 def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bool = False,
-                         compression: str = "zlib", report: Callable[[str], object] | None = None) -> Path:
-    """Stream the level-0 array of an OME-Zarr store into a tiled BigTIFF, plane by plane.
+                         compression: str = "zlib", report: Callable[[str], object] | None = None,
+                         labels: bool | str = False) -> Path:
+    """Stream the level 0 of an OME-Zarr store's image (or of one of its label images) into a tiled
+    BigTIFF, plane by plane.
 
-    YX and ZYX stores are written as they are, a CZYX store (one channel per class) as a ZCYX TIFF
+    YX and ZYX images are written as they are, a CZYX image (one channel per class) as a ZCYX TIFF
     (ImageJ's order: channel fastest).
 
     Parameters
@@ -420,6 +506,9 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
         One of `segkit.io.tiff.COMPRESSIONS`.
     report : callable, optional
         Hears about stale temporary files of the output that were removed.
+    labels : bool or str
+        Write a label image (labels/<name>) instead of the image: True for the store's first (segkit's
+        stores hold one: instances, objects or classes), or its name.
 
     Returns
     -------
@@ -429,7 +518,8 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
     Raises
     ------
     InputError
-        When the store is of an unfinished run, has no level 0, or holds axes other than YX, ZYX or CZYX.
+        When the store is of an unfinished run, has no level 0, holds axes other than YX, ZYX or CZYX,
+        or has no (such) label image when `labels` asks for one.
     OutputExistsError, OutputError
         When the output cannot be written (it exists, it is the input, its folder is missing or
         read-only), before any work.
@@ -438,8 +528,17 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
     """
     if Path(store).exists():
         check_complete(store)
-    array = open_level0(store)
-    axes = store_axes(store)
+    image = Path(store)
+    if labels:
+        names = label_names(store)
+        name = labels if isinstance(labels, str) else (names[0] if names else "")
+        if name not in names:
+            have = f"it has {', '.join(names)}" if names else "it has none"
+            raise InputError(f"{store} has no label image{' ' + name if name else ''} ({have}); convert its "
+                             "image without asking for labels")
+        image = image / "labels" / name
+    array = open_level0(image)
+    axes = store_axes(image)
     if array.ndim == 4 and axes not in (None, ("c", "z", "y", "x")):
         raise InputError(f"{store} has axes {', '.join(axes or ())}; convert writes YX, ZYX or CZYX stores")
     if array.ndim not in (2, 3, 4):

@@ -90,8 +90,10 @@ def test_k_class_model_writes_a_czyx_store_equal_to_the_tiff_path(tmp_path, stac
         np.testing.assert_array_equal(tif.pages[1].asarray(), written[1, 0])  # z0 c1: channel fastest
 
 
-def test_one_class_and_argmax_specs_write_zyx(tmp_path, stack, semantic):
-    """Specs of one value per voxel keep a ZYX store (predict_to_zarr given the spec directly)."""
+def test_one_class_and_argmax_specs(tmp_path, stack, semantic):
+    """One class's probability keeps a ZYX store; argmax writes the class map as the label image
+    labels/classes (ZYX uint8), under an image of every class's uint8 probability (predict_to_zarr given
+    the spec directly)."""
     from segkit.inference.distributed import predict_to_zarr
     from segkit.inference.encodings import ClassMapEncoding, ProbabilityEncoding
     from segkit.inference.loading import EngineRequest
@@ -103,14 +105,23 @@ def test_one_class_and_argmax_specs_write_zyx(tmp_path, stack, semantic):
                                  ("axon", ProbabilityEncoding(channel=2), probabilities[:, 2])):
         store = predict_to_zarr(str(stack), tmp_path / f"{name}.ome.zarr", request, tile=92, spec=spec,
                                 report=lambda _: None)
-        written = zarr.open_array(str(store / "0"), mode="r")
-        assert written.shape == (2, 130, 110) and written.chunks == (1, 52, 52)
-        if name == "argmax":  # uint8 probabilities tie where float ones do not: nearly every pixel agrees
-            assert (written[:] == expected).mean() > 0.99
-        else:
-            assert np.abs(written[:].astype(int) - expected.astype(int)).max() <= 1
         axes = json.loads((store / ".zattrs").read_text())["multiscales"][0]["axes"]
-        assert [a["name"] for a in axes] == ["z", "y", "x"]
+        if name == "argmax":
+            classes = zarr.open_array(str(store / "labels" / "classes" / "0"), mode="r")
+            assert classes.shape == (2, 130, 110) and classes.chunks == (1, 52, 52) and classes.dtype == np.uint8
+            # the class map is the argmax of float probabilities, the TIFF's of uint8 ones, which tie more often
+            assert (classes[:] == expected).mean() > 0.99
+            image = zarr.open_array(str(store / "0"), mode="r")
+            assert image.shape == (3, 2, 130, 110) and image.dtype == np.uint8
+            assert np.abs(image[:].astype(int) - probabilities.transpose(1, 0, 2, 3).astype(int)).max() <= 1
+            assert [a["name"] for a in axes] == ["c", "z", "y", "x"]
+            label = json.loads((store / "labels" / "classes" / ".zattrs").read_text())
+            assert [p["class"] for p in label["image-label"]["properties"]] == NAMES["semantic"]
+        else:
+            written = zarr.open_array(str(store / "0"), mode="r")
+            assert written.shape == (2, 130, 110) and written.chunks == (1, 52, 52)
+            assert np.abs(written[:].astype(int) - expected.astype(int)).max() <= 1
+            assert [a["name"] for a in axes] == ["z", "y", "x"] and not (store / "labels").exists()
 
 
 def test_float16_channels_and_an_interrupted_run_resumes(tmp_path, stack, semantic, monkeypatch):
@@ -153,18 +164,24 @@ def test_float16_channels_and_an_interrupted_run_resumes(tmp_path, stack, semant
 def test_object_model_labels_whole_planes_on_dask(tmp_path, stack):
     from segkit.instances import ObjectParams
 
-    params = ObjectParams(seed_threshold=0.4, seed_distance=0.0, min_seed_size=1, min_size=0)
+    params = ObjectParams(seed_threshold=0.2, seed_distance=0.0, min_seed_size=1, min_size=0)
     checkpoint = _checkpoint(tmp_path, "instances", watershed=params.to_dict())
     _, expected = _tiff_path(tmp_path, stack, checkpoint)
-    assert expected.dtype == np.uint32 and expected.shape == (2, 130, 110)
+    assert expected.dtype == np.uint32 and expected.shape == (2, 130, 110) and expected.max() > 1  # real objects
     store = tmp_path / "objects.ome.zarr"
     segkit.predict(stack, store, model=checkpoint, **CHUNK, **quiet)
-    labels = zarr.open_array(str(store / "0"), mode="r")
+    labels = zarr.open_array(str(store / "labels" / "objects" / "0"), mode="r")
     assert labels.shape == (2, 130, 110) and labels.dtype == np.uint32
     np.testing.assert_array_equal(labels[:], expected)
-    probability = zarr.open_array(str(store / "probability"), mode="r")
-    assert probability.shape == (3, 2, 130, 110) and probability.chunks == (1, 1, 52, 52)
-    assert len(list((store / "segkit_labels_done").iterdir())) == 2  # one watershed per plane
+    # the image: the background / interior / boundary probabilities the watershed read, as uint8
+    image = zarr.open_array(str(store / "0"), mode="r")
+    assert image.shape == (3, 2, 130, 110) and image.chunks == (1, 1, 52, 52) and image.dtype == np.uint8
+    attrs = json.loads((store / ".zattrs").read_text())
+    assert [c["label"] for c in attrs["omero"]["channels"]] == NAMES["instances"]
+    assert attrs["segkit"]["content"] == "probabilities"
+    assert json.loads((store / "labels" / ".zattrs").read_text())["labels"] == ["objects"]
+    # the float32 probabilities and the markers of the watershed stage are gone from the finished store
+    assert sorted(p.name for p in store.iterdir()) == [".zattrs", ".zgroup", "0", "1", "2", "labels"]
 
 
 def test_channel_store_refused_as_input_and_attributes(tmp_path, stack, semantic):
@@ -173,6 +190,6 @@ def test_channel_store_refused_as_input_and_attributes(tmp_path, stack, semantic
     with pytest.raises(InputError, match="has a channel axis .* pass a YX or ZYX array"):
         segkit.predict(store, tmp_path / "again.ome.zarr", model=semantic, **CHUNK, **quiet)
     attrs = ome_zarr_attributes((3, 2, 30, 40), None)
-    assert "omero" not in attrs and attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0][
-        "scale"] == [1.0, 1.0, 1.0, 1.0]
+    assert [c["label"] for c in attrs["omero"]["channels"]] == ["channel 0", "channel 1", "channel 2"]  # unnamed
+    assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0, 1.0, 1.0]
     assert [a["name"] for a in ome_zarr_attributes((2, 30, 40), None)["multiscales"][0]["axes"]] == ["z", "y", "x"]

@@ -134,7 +134,8 @@ def test_convert_refuses_other_names(tmp_path):
 def test_convert_and_predict_refuse_an_unfinished_store(tmp_path, tiny_checkpoint):
     pytest.importorskip("zarr")
     from segkit.errors import InputError
-    from segkit.io.zarr import COMPLETE, MANIFEST, convert_zarr_to_tiff, create_ome_zarr, mark_complete
+    from segkit.io.calibration import zarr_attributes
+    from segkit.io.zarr import MANIFEST, convert_zarr_to_tiff, create_ome_zarr, mark_complete
 
     partial = tmp_path / "x.ome.zarr.partial"
     create_ome_zarr(partial, (2, 16, 16), (1, 16, 16), np.uint8, None)
@@ -147,7 +148,7 @@ def test_convert_and_predict_refuse_an_unfinished_store(tmp_path, tiny_checkpoin
                       "not marked complete")
     assert not (tmp_path / "out.tif").exists()
     mark_complete(renamed)  # what the Dask path does before its rename
-    assert (renamed / COMPLETE).exists()
+    assert zarr_attributes(renamed)["segkit"]["complete"] is True  # the mark is an attribute, not a file
     assert convert_zarr_to_tiff(renamed, tmp_path / "out.tif") == tmp_path / "out.tif"
     create_ome_zarr(tmp_path / "y.ome.zarr.partial", (1, 16, 16), (1, 16, 16), np.uint8, None)  # by its name
     with pytest.raises(InputError, match="unfinished store"):
