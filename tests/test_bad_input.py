@@ -374,6 +374,7 @@ def test_input_fingerprint_sees_content_size_and_time(tmp_path, monkeypatch):
 def test_resume_refuses_an_input_that_changed(tmp_path, tiny_checkpoint, monkeypatch):
     pytest.importorskip("dask")
     pytest.importorskip("zarr")
+    import segkit.inference.pipeline  # noqa: F401 - imported before the patch below, so it keeps the real predict_planes
     from segkit.inference import tiler
 
     source = tmp_path / "stack.tif"

@@ -60,6 +60,7 @@ def test_planes_smaller_than_the_model_context(tmp_path, uint8_stack, tiny_check
 
 @pytest.mark.parametrize("output", ["float16", "instances"])
 def test_interrupted_run_resumes_to_the_same_output(tmp_path, chunky_stack, tiny_checkpoint, monkeypatch, output):
+    import segkit.inference.pipeline  # noqa: F401 - imported before the patch below, so it keeps the real predict_planes
     from segkit.inference import tiler
 
     option = ["--instances"] if output == "instances" else ["--output-type", "float16"]
@@ -101,6 +102,7 @@ def test_resume_refuses_another_model_or_settings(tmp_path, chunky_stack, tiny_c
     import torch
 
     from segkit.checkpoint import save_checkpoint
+    import segkit.inference.pipeline  # noqa: F401 - imported before the patch below, so it keeps the real predict_planes
     from segkit.inference import tiler
     from segkit.models import create_model
     from segkit.normalization import Normalization

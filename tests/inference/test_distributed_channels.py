@@ -125,6 +125,7 @@ def test_one_class_and_argmax_specs(tmp_path, stack, semantic):
 
 
 def test_float16_channels_and_an_interrupted_run_resumes(tmp_path, stack, semantic, monkeypatch):
+    import segkit.inference.pipeline  # noqa: F401 - imported before the patch below, so it keeps the real predict_planes
     from segkit.inference import tiler
 
     segkit.predict(stack, tmp_path / "single.tif", model=semantic, tile=92, device="cpu", output_type="float16",

@@ -249,6 +249,7 @@ def test_an_interrupted_pyramid_resumes(tmp_path, stack, monkeypatch):
     """A run stopped while it writes level 1 keeps its chunks and level markers; resumed, it writes the same
     store as an uninterrupted run. A run stopped after it marked the store complete (before its rename)
     finishes on resume."""
+    import segkit.inference.pipeline  # noqa: F401 - imported before the patch below, so it keeps the real predict_planes
     from segkit.inference import distributed, tiler
 
     model = _checkpoint(tmp_path, "membrane")
