@@ -61,9 +61,10 @@ def _torchrun(tmp_path: Path, recipe: dict, *overrides: str) -> subprocess.Popen
     return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _srun(tmp_path: Path, recipe: dict, *overrides: str) -> list[subprocess.Popen]:
+def _srun(tmp_path: Path, recipe: dict, *overrides: str, rank1: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """What `srun --ntasks 2 segkit train recipe.yaml -q OVERRIDES` starts on one node: 2 processes told
-    their rank by SLURM's variables (no torchrun; the rendezvous is MASTER_ADDR:MASTER_PORT)."""
+    their rank by SLURM's variables (no torchrun; the rendezvous is MASTER_ADDR:MASTER_PORT). `rank1`:
+    overrides for rank 1 alone."""
     import socket
 
     path = tmp_path / "srun.yaml"
@@ -74,7 +75,8 @@ def _srun(tmp_path: Path, recipe: dict, *overrides: str) -> list[subprocess.Pope
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_NNODES="1", SLURM_JOB_ID="4242", MASTER_PORT=str(port))
-    return [subprocess.Popen([sys.executable, "-m", "segkit", "train", str(path), "-q", *overrides], cwd=tmp_path,
+    return [subprocess.Popen([sys.executable, "-m", "segkit", "train", str(path), "-q", *overrides,
+                              *(rank1 if rank else ())], cwd=tmp_path,
                              env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
 
@@ -155,6 +157,20 @@ def test_two_processes_train_as_one_process_with_the_global_batch_and_resume_bot
            "batch of 2" in messages
     assert any(m.startswith("epoch 3: ") for m in messages)
     load_model(tmp_path / "two" / "best.safetensors")
+
+
+@posix_only
+def test_a_rank_that_fails_stops_the_other_with_one_line(tmp_path):
+    """Rank 1 fails once the processes have met (its data is missing); rank 0, waiting for it in a collective,
+    stops at once with one line instead of waiting for train.dist_timeout_min or printing a traceback."""
+    ranks = _srun(tmp_path, _recipe(tmp_path, "run"), rank1=("data.raw=missing.tif",))
+    started = time.monotonic()
+    (_, stderr), (_, rank1_err) = (rank.communicate(timeout=300) for rank in ranks)
+    assert [rank.returncode for rank in ranks] == [2, 2]
+    assert "error: data.raw: " in rank1_err and "missing.tif does not exist" in rank1_err
+    assert stderr.strip().splitlines()[-1].startswith(
+        "error: rank 0: the other training processes stopped answering (one of them failed or was stopped"), stderr
+    assert "Traceback" not in stderr and time.monotonic() - started < 120
 
 
 def _segkit_processes(marker: str) -> list[int]:
