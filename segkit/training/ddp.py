@@ -354,11 +354,9 @@ class ProcessGroup:
     def answers(self) -> Iterator[None]:
         """A collective that fails because another rank died or did not answer in time stops this rank
         with one line instead of a traceback (the failed rank printed its own error)."""
-        import torch.distributed as dist
-
         try:
             yield
-        except (dist.DistError, RuntimeError) as exc:
+        except RuntimeError as exc:  # torch's DistError (a dead or silent peer) is a RuntimeError
             if not peer_failure(exc):
                 raise
             raise SegkitError(
@@ -372,7 +370,7 @@ def peer_failure(exc: BaseException) -> bool:
     the store: a timeout), rather than a bug here."""
     import torch.distributed as dist
 
-    if isinstance(exc, dist.DistError):
+    if isinstance(exc, getattr(dist, "DistError", ())):  # torch >= 2.2's family of distributed errors
         return True
     text = str(exc)
     return any(words in text for words in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
@@ -421,11 +419,9 @@ def process_group(ranks: Ranks, device: str, *, timeout_min: float) -> Iterator[
         options: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_min)}
         if ranks.address is not None:
             options.update(init_method=ranks.address, rank=ranks.rank, world_size=ranks.world)
-        if backend == "nccl":
-            options["device_id"] = torch.device(device)
         try:
             dist.init_process_group(**options)
-        except (dist.DistError, RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError) as exc:  # torch's DistError is a RuntimeError
             where = ranks.address or "torchrun's rendezvous"
             raise SegkitError(f"rank {ranks.rank} of {ranks.world}: the training processes could not meet at {where} "
                               f"within train.dist_timeout_min={timeout_min:g} ({str(exc).splitlines()[0][:160]}); "

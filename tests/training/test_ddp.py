@@ -339,3 +339,16 @@ def test_a_data_folder_is_refused_under_several_processes(tmp_path, monkeypatch)
     assert result.exit_code == 2
     assert f"{tmp_path} is a data folder: with several processes train a recipe file" in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_a_training_without_processes_refuses_a_launcher_that_started_several(tmp_path, monkeypatch):
+    """segkit train-denoiser trains on one process: under torchrun it stops with one line instead of N copies
+    writing the same run."""
+    from segkit.training.runs import RunFiles, plan_epochs
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train = {"iters_per_epoch": 2, "epochs": 1, "time_limit_min": None, "device": "cpu"}
+    with pytest.raises(ConfigError, match="trains on one process, but torchrun started 2"):
+        plan_epochs(RunFiles(tmp_path), None, train, "cpu", progress=False, echo=_quiet, log_fields=[], loss_label="",
+                    curve_metrics=(), metric_label="")
