@@ -201,13 +201,18 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, quiet: bool) -
       segkit train my_data/ train.time_limit_min=60 train.device=cuda
     """
     from segkit.config import load_recipe
+    from segkit.training.ddp import ranks_from_environment
     from segkit.training.loop import train as run_training
 
     if recipe.is_dir():
+        if ranks_from_environment().distributed:  # N processes would each write the recipe
+            raise SegkitError(f"{recipe} is a data folder: with several processes train a recipe file; write it "
+                              f"first (segkit init {recipe}), then start torchrun or srun with that file")
         recipe = _init_for_training(recipe, overrides, resume)
     resolved = load_recipe(recipe, overrides)
     files = run_training(resolved, resume=resume, progress=not quiet, echo=_cli_echo())
-    click.echo(cli_message(files.summary(), {"resume"}))
+    if ranks_from_environment().main:  # under torchrun or srun, rank 0 speaks for all
+        click.echo(cli_message(files.summary(), {"resume"}))
 
 
 def _init_for_training(data: Path, overrides: tuple[str, ...], resume: bool) -> Path:

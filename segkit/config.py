@@ -113,6 +113,15 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
         "val_tile": ((int, type(None)), None),
         "val_threshold": (_NUM, 0.5),
         "time_limit_min": (_NUM + (type(None),), None),
+        # several processes (torchrun, srun): the global batch is train.batch x processes; the learning
+        # rate is train.lr times 1 (none), the number of processes (linear) or its square root (sqrt)
+        "lr_scaling": ((str,), "none"),
+        # several processes on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm) instead of
+        # each GPU's own batch; costs one all-gather per BatchNorm layer and step
+        "sync_batchnorm": ((bool,), False),
+        # several processes: how long a rank waits for the others (rank 0's validation included) before it
+        # stops with an error, so a rank that died never leaves the others waiting for ever
+        "dist_timeout_min": (_NUM, 15.0),
     },
 }
 
@@ -168,6 +177,7 @@ DENOISE_SCHEMA: dict[str, dict[str, Leaf]] = {
 CHOICES = {
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.schedule": ("cosine", "constant"),
+    "train.lr_scaling": ("none", "linear", "sqrt"),
     "train.mode": ("supervised", "blind_spot"),
     "train.loss": ("mse", "l1"),
     "corruption.noise": ("none", "gaussian", "poisson_gaussian", "masking", "salt_pepper"),
@@ -177,7 +187,7 @@ CHOICES = {
 POSITIVE = {"data.tile", "train.epochs", "train.iters_per_epoch", "train.batch", "train.val_batch", "train.lr",
             "corruption.gain", "train.blind_spot_fraction", "train.blind_spot_radius", "loss.border_sigma",
             "augment.elastic_sigma", "train.time_limit_min", "data.boundary_width", "data.channels", "train.val_tile",
-            "data.pixel_size", "data.scale"}
+            "data.pixel_size", "data.scale", "train.dist_timeout_min"}
 NON_NEGATIVE = {"train.workers", "train.seed", "train.weight_decay", "loss.border_w0", "loss.dice_weight",
                 "augment.elastic_alpha", "corruption.sigma"}
 #: Bounded settings: path -> (low, high, low excluded, high excluded).

@@ -170,15 +170,49 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     Raises
     ------
     SegkitError
-        The recipe, its data or its device cannot train (ConfigError, InputError, TileSizeError, ...).
+        The recipe, its data or its device cannot train (ConfigError, InputError, TileSizeError, ...), or
+        another training process failed (with several processes).
+
+    Notes
+    -----
+    Started by torchrun or SLURM's srun (`ddp.ranks_from_environment`), every process trains its share
+    of the global batch with DistributedDataParallel; rank 0 alone prints, validates and writes
+    `train.out` (see `ddp`).
     """
+    from segkit.training import ddp
+
+    cfg_train = recipe["train"]
+    ranks = ddp.ranks_from_environment()
+    if not ranks.distributed:
+        device = resolve_device(cfg_train["device"], option="train.device", recipe=True)
+    else:
+        device = ddp.rank_device(cfg_train["device"], ranks)
+        if cfg_train["sync_batchnorm"] and device == "cpu":
+            raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set "
+                              "train.sync_batchnorm=false to train on the CPU (each process then normalises its own batch)")
+        echo = echo if ranks.main else _silent
+        progress = progress and ranks.main
+    with ddp.process_group(ranks, device, timeout_min=cfg_train["dist_timeout_min"]) as group, group.answers():
+        return _train(recipe, group, device, resume=resume, progress=progress, echo=echo)
+
+
+def _silent(_: str) -> None:
+    """The messages of ranks other than 0 (rank 0 says everything once)."""
+
+
+def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, progress: bool,
+           echo: Callable[[str], None]) -> RunFiles:
+    """`train` in one process of `group` (`ddp.LocalGroup` when it trains alone) on `device`."""
     import torch
 
+    from segkit.training import ddp
     from segkit.training.losses import segmentation_loss
 
     cfg_data, cfg_train, cfg_loss, cfg_model = recipe["data"], recipe["train"], recipe["loss"], recipe["model"]
+    ranks = group.ranks
+    # the learning rate for the global batch (train.lr_scaling); the recipe written beside the run keeps train.lr
+    settings = {**cfg_train, "lr": ddp.scaled_lr(cfg_train["lr"], cfg_train["lr_scaling"], ranks.world)}
     rule = LabelRule.from_data(cfg_data)
-    device = resolve_device(cfg_train["device"], option="train.device", recipe=True)
     data_source(cfg_data, "raw"), data_source(cfg_data, "labels")  # missing data fails before the run folder exists
     echo(f"loading data from {cfg_data['root']}")
     examples = {split: load_examples(cfg_data, split) for split in ("train", "val")}
@@ -232,24 +266,35 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     del units, weights
 
     model = model.to(device)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg_train)
+    if cfg_train["sync_batchnorm"] and ranks.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    trained = group.wrap(model)  # DistributedDataParallel with several processes (rank 0's weights on all)
+    if ranks.distributed:  # the same initial weights on every rank (above), then each its own dropout masks
+        torch.manual_seed(int(np.random.default_rng([cfg_train["seed"], ranks.rank]).integers(2**62)))
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], settings)
     use_cuda = device.startswith("cuda")
     amp_dtype, scaler = training_precision(cfg_train["amp"], device)
     average = WeightAverage(model, cfg_train["ema_decay"]) if cfg_train["ema_decay"] > 0 else None
-    scored = average.model if average is not None else model  # validated and saved
+    scored = average.model if average is not None else model  # validated and saved: never the DDP wrapper
 
     history: list[dict[str, float]] = []
     start_epoch, best = 1, -math.inf  # higher is better: -adapted Rand error, mean Dice, mean AP
     if resume:
-        meta = resume_run(files, model, optimizer, name=model_name, kwargs=model_kwargs, lr=cfg_train["lr"],
+        meta = resume_run(files, model, optimizer, name=model_name, kwargs=model_kwargs, lr=settings["lr"],
                           average=average)
         start_epoch, history = meta["epoch"] + 1, meta["history"]
         best = meta["best_score"] if "best_score" in meta else -meta["best_error"]
         echo(f"resuming {files.root} after epoch {meta['epoch']}")
-    schedule = Schedule.from_recipe(cfg_train)
+        processes, now = meta.get("processes", 1), ranks.world * cfg_train["batch"]
+        before = meta.get("global_batch", processes * cfg_train["batch"])
+        if (processes, before) != (ranks.world, now):
+            echo(f"note: the run trained on {processes} process(es) with a global batch of {before} so far, now on "
+                 f"{ranks.world} with a global batch of {now}")
+    schedule = Schedule.from_recipe(settings)
     done_before = (start_epoch - 1) * cfg_train["iters_per_epoch"]  # iterations of earlier runs, for the schedule
 
-    write_recipe(files, recipe)
+    if group.main:
+        write_recipe(files, recipe)
     info = CheckpointInfo(
         kind="segmenter", model=model_name, model_kwargs=model_kwargs, geometry=geometry, normalization=normalization,
         classes=rule.class_names(cfg_data["class_names"]),
@@ -262,30 +307,32 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     def save_last(completed: int) -> None:
         save_checkpoint(files.last, scored, info)
-        state = {"epoch": completed, "best_score": best, "history": history}
+        state = {"epoch": completed, "best_score": best, "history": history, "processes": ranks.world,
+                 "global_batch": ranks.world * cfg_train["batch"]}
         if average is not None:
             state["averaged_updates"] = average.updates
         save_optimizer(files.optimizer, optimizer, state, weights=model if average is not None else None)
 
     on_device = recipe["augment"]["on_device"]
     stream = patch_stream(slices, tile=tile, out_tile=out_tile, augment_settings=recipe["augment"],
-                          normalization=unit_normalization, seed=(cfg_train["seed"], start_epoch),
+                          normalization=unit_normalization, seed=ddp.stream_seed(cfg_train["seed"], start_epoch, ranks),
                           augment_later=on_device, foreground_fraction=cfg_data["foreground_fraction"])
     workers = loader_workers(cfg_train["workers"], echo)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=cfg_train["batch"], num_workers=workers,
                                               pin_memory=use_cuda, persistent_workers=workers > 0))
-    augment_on_device = device_augmentation(recipe["augment"], unit_normalization, scale, out_tile=out_tile,
-                                            device=device, seed=(cfg_train["seed"], start_epoch)) if on_device else None
+    augment_on_device = (device_augmentation(recipe["augment"], unit_normalization, scale, out_tile=out_tile,
+                                            device=device, seed=ddp.stream_seed(cfg_train["seed"], start_epoch, ranks))
+                         if on_device else None)
 
     def step(epoch: int) -> float:
-        schedule.apply(optimizer, done_before + plan.clock.done, time.monotonic() - plan.clock.started)
+        schedule.apply(optimizer, done_before + plan.clock.done, plan.clock.elapsed())
         image, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
         if augment_on_device is not None:
             image, target, weight = augment_on_device(image, target, weight)
         with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(image)
+            logits = trained(image)
         loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
-        value = optimizer_step(loss, optimizer, scaler, epoch=epoch)
+        value = optimizer_step(loss, optimizer, scaler, epoch=epoch, mean=group.mean)
         if average is not None:
             average.update(model)
         return value
@@ -294,11 +341,14 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     def finish(epoch: int, losses: list[float], started: float) -> tuple[dict[str, Any], bool, str]:
         nonlocal best
+        trained_s = time.monotonic() - started
         row, score, text, inference, validation = evaluate(
             scored, val_inputs, val_labels, rule=rule, tile=val_tile, batch=cfg_train["val_batch"], device=device,
             val_threshold=cfg_train["val_threshold"])
+        # patches_per_s: the training throughput of all processes, validation left out (log.json only)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), **row,
-               "seconds": time.monotonic() - started, "lr": optimizer.param_groups[0]["lr"]}
+               "seconds": time.monotonic() - started, "lr": optimizer.param_groups[0]["lr"],
+               "patches_per_s": len(losses) * cfg_train["batch"] * ranks.world / max(trained_s, 1e-9)}
         # settings (threshold, watershed) are chosen on the validation images only, never on the test split
         info.inference = info.inference.replace(**inference)
         info.training = {"epoch": epoch, **validation, "class_weights": list(balance)}
@@ -306,17 +356,21 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
         best = max(best, score)
         return row, improved, f"loss {row['train_loss']:.4f}  {text}"
 
-    make_interruptible(model, device)  # after the average copied the model: its copy needs no hooks
+    if not ranks.distributed:  # several processes take signals between steps (ddp.StopSignals), never inside one
+        make_interruptible(model, device)  # after the average copied the model: its copy needs no hooks
     iters, epochs = cfg_train["iters_per_epoch"], cfg_train["epochs"]
     announce(echo, model=model, name=model_name, device=device, requested_device=cfg_train["device"],
-             amp=cfg_train["amp"], data=what, iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs)
+             amp=cfg_train["amp"], data=what, iters=iters, batch=cfg_train["batch"], tile=tile, epochs=epochs,
+             processes=ddp.header(ranks, device, cfg_train["batch"]), world=ranks.world,
+             lr=ddp.lr_text(cfg_train["lr"], cfg_train["lr_scaling"], ranks.world))
     fields, metrics, label = {
         "membrane": (LOG_FIELDS, ("pixel_error", "adapted_rand_error"), "error"),
         "semantic": (SEMANTIC_FIELDS, ("dice_mean", "iou_mean"), "score (higher is better)"),
         "instances": (INSTANCE_FIELDS, ("map", "f1@0.5"), "score (higher is better)")}[rule.kind]
     plan = plan_epochs(files, model, cfg_train, device, progress=progress, echo=echo, log_fields=fields,
                        loss_label="weighted cross-entropy" + (" + Dice" if cfg_loss["dice_weight"] else ""),
-                       curve_metrics=metrics, metric_label=label)
+                       curve_metrics=metrics, metric_label=label, group=group)
+    plan.averaged = average.model if average is not None else None
     run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
                save_best=lambda: save_checkpoint(files.best, scored, info), save_last=save_last)
     return files

@@ -124,18 +124,24 @@ def resume_run(files: RunFiles, model: Any, optimizer: Any, *, name: str, kwargs
     return meta
 
 
-def optimizer_step(loss: Any, optimizer: Any, scaler: Any, *, epoch: int) -> float:
+def optimizer_step(loss: Any, optimizer: Any, scaler: Any, *, epoch: int,
+                   mean: Callable[[Any], Any] = lambda value: value) -> float:
     """One optimiser step through the AMP grad scaler (a no-op scaler without AMP); a loss that is
-    not finite stops training with advice instead of corrupting the weights. Returns the loss."""
+    not finite stops training with advice instead of corrupting the weights. Returns the loss.
+
+    With several processes, `mean` (`ProcessGroup.mean`) averages the loss over the ranks before the
+    backward pass: the value returned (and logged) is the global batch's loss, and a loss that is not
+    finite on any rank stops every rank at the same step."""
     import torch
 
-    if not torch.isfinite(loss):
-        raise SegkitError(f"loss became {loss.item()} at epoch {epoch}; lower train.lr or disable train.amp")
+    value = mean(loss.detach())
+    if not torch.isfinite(value):
+        raise SegkitError(f"loss became {value.item()} at epoch {epoch}; lower train.lr or disable train.amp")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return float(loss.item())
+    return float(value.item())
 
 
 def check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
@@ -214,9 +220,16 @@ class Clock:
         self.timed = max(timed_iterations, 1)
         self.done = 0  # iterations finished in this run
         self._mark: float | None = None
+        # several processes: the elapsed time the ranks agreed on at the last step (ddp.ProcessGroup.sync),
+        # so the schedule and the time limit decide the same on every rank; None: this process's own clock
+        self.agreed_elapsed: float | None = None
+
+    def elapsed(self) -> float:
+        """Seconds since the run started (as the ranks agreed, with several processes)."""
+        return time.monotonic() - self.started if self.agreed_elapsed is None else self.agreed_elapsed
 
     def time_up(self) -> bool:
-        return self.limit_min is not None and time.monotonic() - self.started > self.limit_min * 60
+        return self.limit_min is not None and self.elapsed() > self.limit_min * 60
 
     def iteration_seconds(self, done: int) -> float | None:
         """Seconds per iteration, once `done` (the iterations finished in this run) reaches the number
@@ -245,7 +258,7 @@ class Clock:
         """`estimate` (seconds the remaining epochs take), capped by what train.time_limit_min leaves."""
         if self.limit_min is None:
             return estimate
-        return max(0.0, min(estimate, self.limit_min * 60 - (time.monotonic() - self.started)))
+        return max(0.0, min(estimate, self.limit_min * 60 - self.elapsed()))
 
     def limit_note(self, total_seconds: float) -> str:
         if self.limit_min is not None and total_seconds > self.limit_min * 60:
@@ -260,14 +273,20 @@ def slice_text(slices: dict[str, Any]) -> str:
 
 
 def announce(echo: Any, *, model: Any, name: str, device: str, requested_device: str, amp: bool,
-             data: str, iters: int, batch: int, tile: int, epochs: int) -> None:
-    """The start of a run: what trains where, on what (`data`, in words), and the CPU notes (GPU recipe, amp)."""
+             data: str, iters: int, batch: int, tile: int, epochs: int, processes: str | None = None,
+             world: int = 1, lr: str | None = None) -> None:
+    """The start of a run: what trains where, on what (`data`, in words), and the CPU notes (GPU recipe, amp).
+    With several processes, `processes` says how many and the global batch (`ddp.header`), `world` counts
+    them and `lr` gives the learning rate with its scaling rule (`ddp.lr_text`)."""
     params = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     count = f"{params / 1e6:.2f} M parameters" + (f", {trained / 1e6:.2f} M trained" if trained != params else "")
     ranges = data
-    echo(f"training {name} ({count}) on {device}: {ranges}; {iters} iterations x batch {batch} = "
-         f"{iters * batch} patches of {tile} px per epoch, {epochs} epochs")
+    per_step = processes or f"batch {batch}"
+    echo(f"training {name} ({count}) on {device}: {ranges}; {iters} iterations x {per_step} = "
+         f"{iters * batch * world} patches of {tile} px per epoch, {epochs} epochs")
+    if lr is not None and world > 1:
+        echo(lr)
     if device == "cpu" and requested_device != "cpu":
         echo(f"warning: no GPU here (train.device={requested_device}), so this recipe trains on the CPU, "
              "many times slower; the time per epoch follows after the first iterations")
@@ -276,16 +295,20 @@ def announce(echo: Any, *, model: Any, name: str, device: str, requested_device:
 
 
 def train_iterations(step: Callable[[], float], *, epoch: int, epochs: int, iters: int, clock: Clock,
-                     progress: bool, echo: Any, gpu_recipe_on_cpu: bool) -> list[float]:
+                     progress: bool, echo: Any, gpu_recipe_on_cpu: bool,
+                     sync: Callable[[Clock], None] = lambda clock: None) -> list[float]:
     """One epoch's iterations: `step()` (one optimiser step; returns its loss) up to `iters` times under a
     progress bar, with the timing report once the first iterations are timed. train.time_limit_min is
-    checked after every iteration and cuts the epoch short when reached. Returns the losses."""
+    checked after every iteration and cuts the epoch short when reached. With several processes, `sync`
+    (`ProcessGroup.sync`) makes the ranks agree on the time and on a stop signal after every step.
+    Returns the losses."""
     from tqdm import tqdm
 
     losses: list[float] = []
     bar = tqdm(range(iters), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
     for _ in bar:
         losses.append(step())
+        sync(clock)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         clock.done += 1
         report_timing(echo, bar, clock, iters=iters, epochs_left=epochs - epoch + 1,
@@ -333,11 +356,13 @@ class EpochPlan:
     loss_label: str
     curve_metrics: tuple[str, ...]
     metric_label: str
+    group: Any = None  # ddp.LocalGroup (one process) or ddp.ProcessGroup (several)
+    averaged: Any = None  # the weight average, when there is one (checked the same on every rank, as the model)
 
 
 def plan_epochs(files: RunFiles, model: Any, train: dict[str, Any], device: str, *, progress: bool,
                 echo: Callable[[str], None], log_fields: list[str], loss_label: str, curve_metrics: tuple[str, ...],
-                metric_label: str) -> EpochPlan:
+                metric_label: str, group: Any = None) -> EpochPlan:
     """The epoch plan of a run from its recipe's `train` section, the same for segmenters and denoisers.
 
     Parameters
@@ -353,18 +378,34 @@ def plan_epochs(files: RunFiles, model: Any, train: dict[str, Any], device: str,
         The device the run resolved to (a GPU recipe running on the CPU is told so).
     progress, echo, log_fields, loss_label, curve_metrics, metric_label
         As the fields of `EpochPlan`.
+    group : ddp.LocalGroup or ddp.ProcessGroup, optional
+        The processes training together (`ddp.process_group`); None: a single process, refused when a
+        launcher (torchrun, srun) started several, since the caller cannot share the work.
 
     Returns
     -------
     EpochPlan
         Its clock times the first three iterations (fewer when an epoch has fewer).
+
+    Raises
+    ------
+    ConfigError
+        No `group` was given, but torchrun or srun started several processes.
     """
+    from segkit.training.ddp import LocalGroup, ranks_from_environment
+
+    if group is None:
+        ranks = ranks_from_environment()
+        if ranks.distributed:
+            raise ConfigError(f"this training trains on one process, but {ranks.launcher} started {ranks.world}: "
+                              "start it without torchrun (or with srun --ntasks 1)")
+        group = LocalGroup()
     iters = train["iters_per_epoch"]
     return EpochPlan(files=files, model=model, epochs=train["epochs"], iters=iters,
                      clock=Clock(train["time_limit_min"], timed_iterations=min(3, iters)), progress=progress,
                      echo=echo, gpu_recipe_on_cpu=device == "cpu" and train["device"] != "cpu",
                      log_fields=log_fields, loss_label=loss_label, curve_metrics=curve_metrics,
-                     metric_label=metric_label)
+                     metric_label=metric_label, group=group)
 
 
 def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any]],
@@ -375,43 +416,70 @@ def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any
     it is the best so far and the line to print; the best and last checkpoints, logs and curve are
     written after every epoch. The time limit may cut an epoch short: it is validated and saved like any
     other, so a run whose epochs outlast the limit still progresses on resume. An interrupt (Ctrl-C,
-    SIGTERM) keeps the last checkpoint and removes this run's temporary files before it propagates."""
+    SIGTERM) keeps the last checkpoint and removes this run's temporary files before it propagates.
+
+    With several processes (`plan.group`), every rank trains; rank 0 alone validates and writes the
+    checkpoints, logs and curve while the others wait for it at the epoch's `sync`, and an interrupt
+    (shared by `sync`, so all ranks stop at the same step) is saved by rank 0 while the others wait."""
+    group = plan.group
     completed = start_epoch - 1
     epoch_seconds: list[float] = []
+
+    def save_completed(epoch: int) -> None:
+        nonlocal completed
+        completed = epoch
+        save_last(epoch)
     try:
-        for epoch in range(start_epoch, plan.epochs + 1):
-            plan.model.train()
-            started = time.monotonic()
-            losses = train_iterations(lambda epoch=epoch: step(epoch), epoch=epoch, epochs=plan.epochs,
-                                      iters=plan.iters, clock=plan.clock, progress=plan.progress, echo=plan.echo,
-                                      gpu_recipe_on_cpu=plan.gpu_recipe_on_cpu)
-            plan.model.eval()
-            row, improved, text = finish(epoch, losses, started)
-            history.append(row)
-            if improved:
-                save_best()
-            completed = epoch
-            save_last(completed)
-            write_logs(plan.files, history, plan.log_fields)
-            drawn = plot_curve(history, plan.files.curve, loss_label=plan.loss_label, metrics=plan.curve_metrics,
-                               metric_label=plan.metric_label)
-            if not drawn and epoch == start_epoch:  # said once per run
-                plan.echo(f"note: matplotlib is not installed, so {plan.files.curve.name} is skipped "
-                          f"(pip install matplotlib, or the {DISTRIBUTION}[plot] extra, draws it)")
-            epoch_seconds.append(row["seconds"])
-            left = (f"; about {duration(plan.clock.seconds_left((plan.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))} left"
-                    if epoch < plan.epochs else "")
-            plan.echo(f"epoch {epoch}: {text}  [{duration(row['seconds'])}{left}]")
-            stop = plan.clock.stop_message(epoch=epoch, epochs=plan.epochs, iterations=len(losses), iters=plan.iters,
-                                           root=plan.files.root)
-            if stop:
-                plan.echo(stop)
-                break
+        with group.deferred_signals():
+            for epoch in range(start_epoch, plan.epochs + 1):
+                plan.model.train()
+                started = time.monotonic()
+                losses = train_iterations(lambda epoch=epoch: step(epoch), epoch=epoch, epochs=plan.epochs,
+                                          iters=plan.iters, clock=plan.clock, progress=plan.progress, echo=plan.echo,
+                                          gpu_recipe_on_cpu=plan.gpu_recipe_on_cpu, sync=group.sync)
+                plan.model.eval()
+                for model in (plan.model, plan.averaged):
+                    if model is not None:
+                        group.check_same(model)
+                if group.main:
+                    _finish_epoch(plan, epoch, losses, started, history, epoch_seconds, first=epoch == start_epoch,
+                                  finish=finish, save_best=save_best, save_last=save_completed)
+                completed = epoch
+                group.sync(plan.clock)  # the other ranks wait for rank 0's validation and files here
+                stop = plan.clock.stop_message(epoch=epoch, epochs=plan.epochs, iterations=len(losses),
+                                               iters=plan.iters, root=plan.files.root)
+                if stop:
+                    plan.echo(stop)
+                    break
     except KeyboardInterrupt:
-        save_last(completed)  # weights of the unfinished epoch; resume=True reruns that epoch
-        plan.files.remove_partials(plan.echo)  # of a best checkpoint or curve the interrupt cut short
-        plan.echo(f"interrupted; last checkpoint kept in {plan.files.root} (continue with resume=True)")
+        if group.main:
+            save_last(completed)  # weights of the unfinished epoch; resume=True reruns that epoch
+            plan.files.remove_partials(plan.echo)  # of a best checkpoint or curve the interrupt cut short
+            plan.echo(f"interrupted; last checkpoint kept in {plan.files.root} (continue with resume=True)")
+        group.barrier()  # every rank stops once the checkpoint is written
         raise
+
+
+def _finish_epoch(plan: EpochPlan, epoch: int, losses: list[float], started: float, history: list[dict[str, Any]],
+                  epoch_seconds: list[float], *, first: bool,
+                  finish: Callable[[int, list[float], float], tuple[dict[str, Any], bool, str]],
+                  save_best: Callable[[], None], save_last: Callable[[int], None]) -> None:
+    """The end of an epoch (rank 0 alone, with several processes): validation, checkpoints, logs, curve, its line."""
+    row, improved, text = finish(epoch, losses, started)
+    history.append(row)
+    if improved:
+        save_best()
+    save_last(epoch)
+    write_logs(plan.files, history, plan.log_fields)
+    drawn = plot_curve(history, plan.files.curve, loss_label=plan.loss_label, metrics=plan.curve_metrics,
+                       metric_label=plan.metric_label)
+    if not drawn and first:  # said once per run
+        plan.echo(f"note: matplotlib is not installed, so {plan.files.curve.name} is skipped "
+                  f"(pip install matplotlib, or the {DISTRIBUTION}[plot] extra, draws it)")
+    epoch_seconds.append(row["seconds"])
+    left = (f"; about {duration(plan.clock.seconds_left((plan.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))} left"
+            if epoch < plan.epochs else "")
+    plan.echo(f"epoch {epoch}: {text}  [{duration(row['seconds'])}{left}]")
 
 
 #: train.weight_decay when the recipe leaves it out: decoupled decay for AdamW (torch's default), none
