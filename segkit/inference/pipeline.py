@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from segkit.errors import SegkitError
-from segkit.inference.encodings import PlaneEncoding, ProbabilityEncoding, finish_planes
+from segkit.inference.encodings import PlaneEncoding, ProbabilityEncoding, finish_planes, output_content
 from segkit.inference.tiler import Forward, TilePlan, pad_plane, plan_tiles, predict_planes
 from segkit.io.resample import rescale
 from segkit.io.tiff import ENCODE_WORKERS, TiffStack, write_stack
@@ -328,7 +328,8 @@ def predict_stack(
         planes = finish_planes(spec, (download.numpy() for download in downloads))  # label ids unique across the stack
         if channels > 1:
             planes = (channel for plane in planes for channel in plane)
-        return write_stack(output, planes, shape=shape, dtype=spec.dtype, axes=axes, resolution=original.resolution,
+        return write_stack(output, planes, shape=shape, dtype=spec.dtype, axes=axes, content=output_content(spec),
+                           calibration=getattr(original, "calibration", None),  # rescaled: output at the input's size
                            overwrite=overwrite, compression=compression, workers=_compression_workers(device))
 
     try:
