@@ -34,8 +34,7 @@ import tifffile
 from segkit import memory
 from segkit._optional import require
 from segkit.errors import InputError, SegkitError
-from segkit.io.calibration import (CONTENT_KEY, CONTENTS, Calibration, calibration_from_resolution,
-                                   tiff_calibration)
+from segkit.io.calibration import CONTENT_KEY, CONTENTS, Calibration, calibration_from_resolution, tiff_calibration
 from segkit.io.outputs import atomic_path, check_output
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
@@ -47,7 +46,8 @@ _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexErro
 
 @dataclass(frozen=True)
 class Resolution:
-    """Pixel size metadata copied from input to output.
+    """The resolution tags of an input, as stored (outputs carry a `Calibration` instead, which also
+    knows z and every unit dialect).
 
     Attributes
     ----------
@@ -92,7 +92,7 @@ class TiffStack:
     dtype : numpy.dtype
         uint8, uint16 or float32 (labels also uint32, int32).
     resolution : Resolution or None
-        The resolution tags, copied to outputs.
+        The resolution tags, as stored.
     calibration : Calibration or None
         Pixel sizes x, y (and z where the file says) with their unit (`segkit.io.calibration`), carried
         to outputs; None where the file holds no calibration.
@@ -722,8 +722,6 @@ _CODECS: dict[str, tuple[str | None, dict[str, Any]]] = {
 #: zstd is not one of them: a zstd output is written as OME-TIFF, which Fiji opens through Bio-Formats
 #: (6.11 or later reads zstd), and tifffile/napari with imagecodecs.
 IMAGEJ_COMPRESSIONS = ("zlib", "lzw", "none")
-#: The output formats: an ImageJ hyperstack (classic TIFF) or an OME-TIFF (BigTIFF).
-FORMATS = ("imagej", "ome")
 #: Bytes a classic TIFF's 32-bit offsets address: an ImageJ hyperstack must stay below this.
 CLASSIC_TIFF_LIMIT = 2**32
 #: How much each compression can grow incompressible pixel data, at worst: deflate falls back to stored
@@ -882,14 +880,14 @@ def write_stack(
     codec, codec_args = _codec(compression, compression_level)
     path = check_output_path(path, overwrite=overwrite)
     height, width = shape[-2:]
-    layout = _Output(tuple(shape), axes, dtype, calibration if calibration and not calibration.is_empty else None,
-                     content, codec, codec_args, _worker_count(workers, ENCODE_WORKERS))
+    out = _Output(tuple(shape), axes, dtype, calibration if calibration and not calibration.is_empty else None,
+                  content, codec, codec_args, _worker_count(workers, ENCODE_WORKERS))
     pages = _checked_planes(planes, (height, width), dtype, int(np.prod(shape[:-2], dtype=np.int64)))
     with atomic_path(path) as tmp:
         if output_format(shape, dtype, compression, limit=imagej_limit) == "imagej":
-            _write_imagej(tmp, pages, layout)
+            _write_imagej(tmp, pages, out)
         else:
-            _write_ome(tmp, pages, layout, block)
+            _write_ome(tmp, pages, out, block)
     return path
 
 

@@ -102,8 +102,14 @@ def test_ome_tiff_reads_back(tmp_path, kind):
 
 
 def test_output_content_of_each_encoding():
-    from segkit.inference.encodings import (ClassMapEncoding, InstanceEncoding, IntensityEncoding, ObjectEncoding,
-                                            ProbabilityEncoding, output_content)
+    from segkit.inference.encodings import (
+        ClassMapEncoding,
+        InstanceEncoding,
+        IntensityEncoding,
+        ObjectEncoding,
+        ProbabilityEncoding,
+        output_content,
+    )
     from segkit.normalization import Normalization
 
     assert output_content(ProbabilityEncoding("uint8")) == "probabilities"
@@ -221,7 +227,7 @@ def test_bioformats_reads_sections_as_z_with_their_sizes(tmp_path):
     imagej = [_write(tmp_path, kind)[0] for kind in kinds]
     ome = [_write(tmp_path, kind, imagej_limit=0)[0] for kind in kinds]
     found = {Path(line["path"]).name: line for line in _java_probe(jar, "BioFormatsProbe.java", imagej + ome)}
-    for (name, axes, shape, dtype, _), ij_path, ome_path in zip(kinds, imagej, ome):
+    for (_, axes, shape, dtype, _), ij_path, ome_path in zip(kinds, imagej, ome):
         sizes = dict(zip(axes, shape))
         pixel_type = {np.uint8: "uint8", np.uint32: "uint32", np.float16: "float"}[dtype]
         for path, format_name, unit in ((ij_path, "Tagged_Image_File_Format", "µm"), (ome_path, "OME-TIFF", "nm")):
