@@ -299,8 +299,9 @@ def _progress(quiet: bool, unit: str = "tile") -> Any:
 
 COMPRESSION_OPTION = click.option(
     "--compression", type=click.Choice(COMPRESSIONS), default="zlib", show_default=True,
-    help="TIFF compression of the output, done in parallel on all cores. zlib opens everywhere (Fiji, napari, "
-         "Python); zstd is faster and smaller but not every reader has it; none writes fastest and largest.")
+    help="TIFF compression of the output, done in parallel on all cores. zlib opens everywhere (ImageJ/Fiji, "
+         "napari, Python); zstd is faster and smaller but ImageJ cannot read it, so it is written as OME-TIFF "
+         "(Bio-Formats opens it); none writes fastest and largest.")
 
 
 @main.command()
@@ -334,7 +335,8 @@ COMPRESSION_OPTION = click.option(
               help="Autocast precision of the forward pass. auto: bf16 on GPUs that have it, else fp16; none on "
                    "the CPU. none keeps full precision. onnx: fp16 runs an fp16 graph.")
 @click.option("--output-type", type=click.Choice([str(t) for t in SEGMENTER_OUTPUT_TYPES]), default="uint8", show_default=True,
-              help="Membrane probability as uint8 (0-255) or float16.")
+              help="Membrane probability as uint8 (0-255) or float16 (in a TIFF stored as float32: ImageJ and "
+                   "OME-TIFF have no 16-bit float).")
 @click.option("--threshold", default=None,
               help="Write a binary 0/255 membrane mask at this threshold, or 'auto' for the checkpoint's "
                    "(chosen on validation slices during training).")
@@ -607,7 +609,7 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
 @click.option("--labels", is_flag=True, help="Write the store's label image (labels/: instances, objects or classes) "
                                              "instead of its image (the probabilities).")
 def convert(store: Path, output: Path, compression: str, overwrite: bool, labels: bool) -> None:
-    """Convert an OME-Zarr STORE (from `segkit predict -o x.ome.zarr`) to a tiled BigTIFF OUTPUT, streaming.
+    """Convert an OME-Zarr STORE (from `segkit predict -o x.ome.zarr`) to a TIFF OUTPUT (ImageJ hyperstack, OME-TIFF above 4 GiB), streaming.
 
     \b
     Example:

@@ -1,5 +1,5 @@
 """Zarr and OME-Zarr: read a volume plane by plane, create the OME-Zarr store the Dask path writes
-into, and convert a store to a tiled BigTIFF.
+into, and convert a store to a TIFF (ImageJ hyperstack, OME-TIFF above 4 GiB).
 
 Stores are zarr format 2 with NGFF 0.4 metadata built with ome-zarr-models (`segkit.io.ngff`): an
 image (a pyramid of levels "0", "1", ..., axes z, y, x, or c, z, y, x for outputs of several channels:
@@ -489,7 +489,7 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
                          compression: str = "zlib", report: Callable[[str], object] | None = None,
                          labels: bool | str = False) -> Path:
     """Stream the level 0 of an OME-Zarr store's image (or of one of its label images) into a tiled
-    BigTIFF, plane by plane.
+    TIFF (`segkit.io.tiff.write_stack`: ImageJ hyperstack, OME-TIFF above 4 GiB), plane by plane.
 
     YX and ZYX images are written as they are, a CZYX image (one channel per class) as a ZCYX TIFF
     (ImageJ's order: channel fastest).
