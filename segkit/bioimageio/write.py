@@ -54,7 +54,7 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.checkpoint import load_model, read_info
-from segkit.errors import OutputError, SegkitError, TileSizeError
+from segkit.errors import OutputError, SegkitError
 from segkit.export import inference_head
 from segkit.io.outputs import atomic_path, check_output
 from segkit.models import COMPOSED, create_model

@@ -470,8 +470,6 @@ def test_segkit_never_runs_the_architecture_file_of_its_own_package(tmp_path, ui
                 old_sha, data = hashlib.sha256(data).hexdigest(), evil
             dst.writestr(item, data)
         rdf = src.read("rdf.yaml").decode()
-    with zipfile.ZipFile(tampered, "a") as dst:
-        pass
     assert old_sha in rdf
     rebuilt = tmp_path / "evil.zip"
     with zipfile.ZipFile(tampered) as src, zipfile.ZipFile(rebuilt, "w") as dst:
