@@ -854,44 +854,54 @@ def demo(output_dir: Path, device: str, overwrite: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Package to write, a .zip (default: the checkpoint's name with .bioimageio.zip).")
 @click.option("--author", multiple=True, help="An author's name (required; repeat for several authors).")
+@click.option("--maintainer", multiple=True, metavar="GITHUB_USER",
+              help="GitHub user name of someone who answers for the package (bioimage.io maintainers; repeat for "
+                   "several). Without one, bioimageio.spec warns that the package has no maintainers.")
 @click.option("--name", default=None, show_default="from the model", help="The model's name on bioimage.io.")
 @click.option("--description", default=None, show_default="from the model", help="One-sentence description.")
 @click.option("--license", default="MIT", show_default=True, help="SPDX license id of the weights.")
 @click.option("--with-denoiser", "denoiser_path", type=click.Path(path_type=Path), default=None,
               help="Denoiser checkpoint to put in front of the segmenter, in the same package.")
-@click.option("--tile", type=int, default=None, show_default="the checkpoint's",
-              help="Size of the test tile (a valid input size).")
+@click.option("--tile", type=int, default=None, show_default="from the checkpoint's tile, at least 256",
+              help="Size of the test tile, a valid input size of the package (the model's valid output sizes: "
+                   "the package mirrors its input by the model's margin).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13-20).")
 @click.option("--no-test", is_flag=True, help="Skip bioimageio.core's model test (the spec is still validated).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def package(checkpoint: Path, output: Path | None, author: tuple[str, ...], name: str | None, description: str | None,
-            license: str, denoiser_path: Path | None, tile: int | None, opset: int, no_test: bool,
-            overwrite: bool) -> None:
+def package(checkpoint: Path, output: Path | None, author: tuple[str, ...], maintainer: tuple[str, ...],
+            name: str | None, description: str | None, license: str, denoiser_path: Path | None, tile: int | None,
+            opset: int, no_test: bool, overwrite: bool) -> None:
     """Write a bioimage.io model package (spec 0.5) of a CHECKPOINT for Fiji/deepImageJ, ilastik, napari,
     QuPath and BiaPy. Needs: pip install 'segkit-bio[bioimageio]'.
 
-    The package holds the weights as PyTorch state dict, TorchScript and ONNX (each checked against
-    torch), input sizes and halo from the model's geometry, the checkpoint's normalisation as
-    preprocessing, test tensors from the bundled ISBI 2012 crop, a cover, a README, license, authors
-    and citations. It is validated with bioimageio.spec and tested with bioimageio.core (on the CPU,
-    offline) before it is written.
+    The package holds the weights as PyTorch state dict (with the architecture as arch.py inside,
+    which needs torch only, not segkit), TorchScript and ONNX (each checked against torch); smp models
+    get TorchScript and ONNX only (their architecture needs segmentation-models-pytorch). Input sizes
+    and halo come from the model's geometry (valid-conv models mirror their input by their margin, so
+    bioimageio.core tiles them), preprocessing from the checkpoint's normalisation (fixed mean/std, or
+    scale_range for percentile models), outputs are one class's probability (membrane models), every
+    class's (K-class models) or the denoised image; test tensors from the bundled ISBI 2012 crop, a
+    cover, a README, license, authors, maintainers and citations. It is validated with
+    bioimageio.spec and tested with bioimageio.core (on the CPU, offline) before it is written.
 
     \b
     Examples:
-      segkit package runs/em_neurons/best.safetensors -o unet_em.zip --author "Jane Doe"
+      segkit package runs/em_neurons/best.safetensors -o unet_em.zip --author "Jane Doe" --maintainer janedoe
       segkit package seg.safetensors --with-denoiser den.safetensors -o denoised_unet.zip --author "Jane Doe"
     """
     from segkit.bioimageio.write import package_checkpoint
 
-    record = package_checkpoint(checkpoint, output, author=author, denoiser=denoiser_path, name=name,
-                                description=description, license=license, tile=tile, opset=opset, test=not no_test,
-                                overwrite=overwrite, report=_cli_echo(err=True))
+    record = package_checkpoint(checkpoint, output, author=author, maintainer=maintainer, denoiser=denoiser_path,
+                                name=name, description=description, license=license, tile=tile, opset=opset,
+                                test=not no_test, overwrite=overwrite, report=_cli_echo(err=True))
     size = record.path.stat().st_size / 1e6
     sizes = f"{record.input_sizes[0]} + {record.input_sizes[1]}n px"
-    out = f"input {record.output_offset:+d} px" if record.output_offset else "input size"
     halo = f", halo {record.halo} px" if record.halo else ""
+    pad = f" (the input mirrored by {record.pad[0]}/{record.pad[1]} px inside)" if any(record.pad) else ""
     click.echo(f"wrote {record.path} ({size:.1f} MB; weights {', '.join(record.weights)}; inputs {sizes}, "
-               f"outputs {out}{halo}; test tile {record.tile})")
+               f"outputs the input's size{halo}{pad}; test tile {record.tile})")
+    for note in record.notes:
+        click.echo(f"note: {note}")
     click.echo("checks: " + "; ".join(record.checks))
 
 
