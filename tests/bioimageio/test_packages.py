@@ -268,6 +268,18 @@ def test_predict_takes_a_package_as_its_model(tmp_path, uint8_stack, tiny_checkp
                       "--tta flips does not apply to a bioimage.io package")
 
 
+def test_a_model_object_runs_a_package_on_arrays_as_predict_does(tmp_path, uint8_stack, unet_package):
+    import tifffile
+
+    import segkit
+
+    model = segkit.Model(unet_package[0], tile=236, device="cpu", report=None)
+    got = model.predict(tifffile.imread(uint8_stack), axes="ZYX")
+    want = predict_float(uint8_stack, tmp_path / "package.tif", unet_package[0], tile=236, device="cpu")
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.abs(got - want).max() < 2e-3  # float16 rounding of the TIFF only
+
+
 TINY_NET = '''
 import torch
 from torch import nn
