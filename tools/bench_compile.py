@@ -73,8 +73,8 @@ def child(args: argparse.Namespace) -> None:
         synchronize(engine.device)
         elapsed = time.perf_counter() - started
     margin = engine.geometry.margin
-    row.update(tile_mpx_per_s=round(runs * args.batch * args.tile ** 2 / elapsed / 1e6, 2),
-               output_mpx_per_s=round(runs * args.batch * (args.tile - 2 * margin) ** 2 / elapsed / 1e6, 2),
+    row.update(tile_mpx_per_s=round(runs * args.batch * args.tile ** 2 / elapsed / 1e6, 3),
+               output_mpx_per_s=round(runs * args.batch * (args.tile - 2 * margin) ** 2 / elapsed / 1e6, 3),
                gpu_util_percent=sampler.mean(),
                peak_gpu_mb=round(torch.cuda.max_memory_allocated() / 2**20) if engine.uses_gpu else None)
     print("RESULT " + json.dumps(row), flush=True)
@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=15.0, help="how long each variant is measured")
     parser.add_argument("--warm", action="store_true", help="run each compiled variant again on the warm cache")
-    parser.add_argument("--workdir", default=None, help="cache and reference output (default: a temp folder)")
+    parser.add_argument("--workdir", default=None, help="cache and reference output (default: a fresh temp folder; "
+                        "a reused one makes the \"cold\" runs warm)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -118,7 +119,7 @@ def main() -> None:
                key=lambda r: r["output_mpx_per_s"], default=None)
     summary = {"summary": "paper U-Net eager vs compiled", "eager_output_mpx_per_s": eager and eager["output_mpx_per_s"],
                "best_mode": best and best["variant"], "best_output_mpx_per_s": best and best["output_mpx_per_s"]}
-    if eager and best:
+    if eager and best and eager["output_mpx_per_s"] > 0:
         summary["speedup"] = round(best["output_mpx_per_s"] / eager["output_mpx_per_s"], 2)
     print(json.dumps(summary), flush=True)
 
