@@ -34,8 +34,8 @@ VARIANTS = ("eager", "max-autotune-no-cudagraphs", "default", "reduce-overhead")
 
 def child(args: argparse.Namespace) -> None:
     import torch
-
     from bench_predict import GpuSampler
+
     from segkit.inference.device_fit import synchronize
     from segkit.inference.engines import TorchEngine
     from segkit.models import create_model
