@@ -30,6 +30,7 @@ from segkit.inference.options import (
     TTA,
     Amp,
     Blend,
+    Compile,
     EngineChoice,
     Normalize,
     PredictOptions,
@@ -321,8 +322,10 @@ COMPRESSION_OPTION = click.option(
               help="Input tile size; must be a valid size of the model (572 -> 388 output for the U-Net, "
                    "a multiple of 32 for FCN and smp models). 'auto': measure sizes and batches on this "
                    "device and take the fastest that fits in memory.")
-@click.option("--compile", "compile_model", is_flag=True,
-              help="torch.compile the model (torch engine; pays off on long GPU runs).")
+@click.option("--compile", "compile_model", type=click.Choice(Compile.values()), default="auto", show_default=True,
+              is_flag=False, flag_value="on",
+              help="torch.compile the model (torch engine): auto on CUDA GPUs only, on (also a bare --compile), off. "
+                   "Compiled kernels are cached in ~/.cache/segkit (SEGKIT_CACHE_DIR), so later runs start fast.")
 @click.option("--blend", type=click.Choice(Blend.values()), default="cosine", show_default=True,
               help="Window that blends overlapping tiles of same-padding models (FCN, smp).")
 @click.option("--halo", type=click.IntRange(min=0), default=None,
@@ -365,7 +368,7 @@ COMPRESSION_OPTION = click.option(
 @click.option("--skip-existing", is_flag=True, help="With an output folder: leave inputs whose output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def predict(sources: tuple[str, ...], output: str | None, model_path: Path | None, engine: str,
-            denoiser_path: Path | None, tile: str | None, compile_model: bool, blend: str, halo: int | None,
+            denoiser_path: Path | None, tile: str | None, compile_model: str, blend: str, halo: int | None,
             batch: int | None, device: str,
             amp: str, output_type: str, threshold: str | None, normalize: str, tta: str, instances: bool,
             class_index: int | None, argmax: bool, scheduler: str | None, workers: int | None, chunk: int, resume: bool, compression: str,

@@ -19,7 +19,8 @@ Runs (each in its own process, so peak RSS and GPU memory are its own):
   segkit-default the same with segkit's defaults (amp auto, batch from the free device memory)
   segkit-onnx    the same through ONNX Runtime (the file exported beforehand, fp16 with --amp fp16)
   unet-auto      `segkit predict --tile auto` with the original U-Net (base 64)
-  unet-572       the original U-Net (base 64) at tile 572
+  unet-572       the original U-Net (base 64) at tile 572 (segkit's defaults: --compile auto compiles on a GPU)
+  unet-572-eager the same with --compile off
   monai-default  per plane: tifffile read -> MONAI sliding_window_inference (roi 512, overlap 0.25,
                  constant, sw_batch_size 4) -> uint8 -> the same TIFF writer
   monai-best     the same with overlap 0.25, gaussian, sw_batch_size 32
@@ -53,7 +54,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
-RUNS = ("model-device", "model-only", "null", "segkit-torch", "segkit-default", "segkit-onnx", "unet-auto", "unet-572",
+RUNS = ("model-device", "model-only", "null", "segkit-torch", "segkit-default", "segkit-onnx", "unet-auto", "unet-572", "unet-572-eager",
         "monai-default", "monai-best", "nnunet-loop")
 SMP_NAME, SMP_KWARGS = "smp:Unet:resnet34", {"halo": 64}
 TILE = 512  # MONAI's roi and the nnU-Net patch
@@ -372,8 +373,9 @@ def segkit_run(run: str, args: argparse.Namespace, stack: Path, out: Path, check
                        report=lambda _: None, progress=timeline)
     elif run == "unet-auto":
         segkit.predict(stack, out, model=checkpoints["unet"], tile="auto", **common)
-    elif run == "unet-572":
-        segkit.predict(stack, out, model=checkpoints["unet"], tile=572, **common)  # batch chosen by segkit
+    elif run in ("unet-572", "unet-572-eager"):  # batch chosen by segkit
+        segkit.predict(stack, out, model=checkpoints["unet"], tile=572,
+                       compile_model="off" if run == "unet-572-eager" else "auto", **common)
     else:
         model = checkpoints["onnx"] if run == "segkit-onnx" else checkpoints["smp"]
         segkit.predict(stack, out, model=model, tile=args.tile, batch=args.batch, **common)

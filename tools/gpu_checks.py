@@ -1,7 +1,7 @@
 """GPU checks of the device-resident pipeline, printed as JSON lines (run by tools/gpu_benchmarks.sh).
 
 - the bundled U-Net on the bundled ISBI slices: GPU (full precision) == CPU, within one uint8 level;
-- what the fast defaults (amp auto: bf16 where the GPU has it, fp16) change in the uint8 output;
+- what the fast defaults (amp auto: bf16 where the GPU has it, fp16; torch.compile) change in the uint8 output;
 - uint16 input, TTA, instances, the blended smp path and a many-file run on the GPU against the CPU;
 - the batch segkit chooses from the free memory.
 `--quick`: only the first two.
@@ -45,11 +45,14 @@ def main(quick: bool = False) -> None:
         return tifffile.imread(out)
 
     cpu = run("cpu-fp32", SAMPLE, device="cpu", amp="none")
-    gpu = run("gpu-fp32", SAMPLE, device="cuda", amp="none")
+    gpu = run("gpu-fp32", SAMPLE, device="cuda", amp="none", compile_model="off")
     print(json.dumps({"check": "gpu fp32 vs cpu fp32, bundled U-Net, ISBI 25-29", **levels(gpu, cpu)}), flush=True)
     for amp in ("auto", "bf16", "fp16"):
-        fast = run(f"gpu-{amp}", SAMPLE, device="cuda", amp=amp)
+        fast = run(f"gpu-{amp}", SAMPLE, device="cuda", amp=amp, compile_model="off")
         print(json.dumps({"check": f"gpu amp {amp} vs cpu fp32", **levels(fast, cpu)}), flush=True)
+    for amp in ("none", "auto", "fp16"):  # torch.compile (what --compile auto does on a GPU) at each precision
+        compiled = run(f"gpu-{amp}-compiled", SAMPLE, device="cuda", amp=amp, compile_model="on")
+        print(json.dumps({"check": f"gpu amp {amp} compiled vs cpu fp32", **levels(compiled, cpu)}), flush=True)
     print(json.dumps({"amp_auto_resolves_to": "bf16" if torch.cuda.is_bf16_supported() else "fp16"}), flush=True)
     onnx_gpu(run, cpu)
     if quick:

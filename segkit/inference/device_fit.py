@@ -174,14 +174,23 @@ def choose_tile(forward: Any, geometry: Geometry, plane_shape: tuple[int, int], 
     batches = [batch] if batch else list(GPU_BATCHES if gpu else CPU_BATCHES)
     report(f"tile auto: measuring tiles {', '.join(map(str, tiles))} x batches {', '.join(map(str, batches))} "
            f"on {getattr(forward, 'label', 'this engine')}")
-    trials = measure_tiles(forward, geometry, plane_shape, tiles=tiles, batches=batches, warmup=int(gpu),
-                           repeats=2 if gpu else 1, channels=channels)
+    with _eager(forward):
+        trials = measure_tiles(forward, geometry, plane_shape, tiles=tiles, batches=batches, warmup=int(gpu),
+                               repeats=2 if gpu else 1, channels=channels)
     best = best_trial(trials)
     out_of_memory = sorted({f"{t.tile}/{t.batch}" for t in trials if t.seconds_per_batch is None})
     report(f"tile auto: tile {best.tile}, batch {best.batch} ({best.seconds_per_plane:.2f} s per "
            f"{plane_shape[0]} x {plane_shape[1]} plane)"
            + (f"; out of memory: {', '.join(out_of_memory)}" if out_of_memory else ""))
     return best.tile, best.batch
+
+
+def _eager(forward: Any) -> Any:
+    """The engine's eager model for measurements (TorchEngine.eager), so torch.compile compiles only
+    the run's batch shape; engines without one run as they are."""
+    import contextlib
+
+    return getattr(forward, "eager", contextlib.nullcontext)()
 
 
 def _uses_gpu(forward: Any) -> bool:
@@ -210,7 +219,8 @@ def choose_batch(forward: Any, geometry: Geometry, tile: int, *, channels: int =
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    forward(torch.zeros((1, channels, tile, tile), dtype=torch.float32, device=device))
+    with _eager(forward):
+        forward(torch.zeros((1, channels, tile, tile), dtype=torch.float32, device=device))
     torch.cuda.synchronize(device)
     per_tile = max(torch.cuda.max_memory_allocated(device) - before, 1)
     free, _ = torch.cuda.mem_get_info(device)

@@ -31,6 +31,54 @@ class Engine(Protocol):
     def __call__(self, x: Any) -> Any: ...
 
 
+#: torch.compile's mode on CUDA devices: inductor's Triton kernels and cuDNN/cuBLAS algorithms chosen
+#: by benchmarking each shape (the earlier H100 measurement of the paper U-Net at 572, fp16: 199 Mpx/s
+#: against 109 eager). No CUDA graphs: the U-Net's batches of 572-px tiles take milliseconds each, so
+#: launch overhead is small, and graphs would pin a second copy of every output. tools/bench_compile.py
+#: measures the modes against each other on a GPU.
+GPU_COMPILE_MODE = "max-autotune-no-cudagraphs"
+#: The `compile_model` choices: auto compiles on CUDA devices only. On 2 shared CPU cores the bundled
+#: U-Net at 572, batch 4, ran 2.13 s per batch compiled against 2.49 s eager channels_last (median
+#: of 5, interleaved; 1.17x), but its first compile took 45 s (a cached one about 1 s more than
+#: eager's first batch) and importing the compiler adds seconds: a loss for the one-slice runs the
+#: CPU mostly sees, so auto leaves the CPU alone and `on` is there for long CPU runs.
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def wants_compile(choice: str | bool, device_type: str) -> bool:
+    """Whether `compile_model=choice` compiles on a device of `device_type` ('cpu', 'cuda').
+
+    Raises
+    ------
+    SegkitError
+        A choice that is not auto, on, off (or a bool).
+    """
+    choice = {True: "on", False: "off"}[choice] if isinstance(choice, bool) else str(choice)
+    if choice not in COMPILE_CHOICES:
+        raise SegkitError(f"unknown compile choice {choice!r}; choose one of {', '.join(COMPILE_CHOICES)}")
+    return choice == "on" or (choice == "auto" and device_type == "cuda")
+
+
+def use_compile_cache(environ: Any = None) -> Path:
+    """Point inductor's on-disk caches (FX graphs, AOT autograd, autotuning results, Triton kernels)
+    at segkit's user cache dir, so a second process loads the compiled kernels instead of compiling
+    again; torch's default is a folder under /tmp that is lost on reboot and is per node on
+    clusters. A TORCHINDUCTOR_CACHE_DIR the user set is kept. Returns the directory in use.
+
+    The FX graph and AOT autograd caches are on by default in torch 2.14; torch's "mega-cache"
+    (`torch.compiler.save_cache_artifacts`) packs these same entries to move them to another
+    machine, which a persistent cache dir on the same machine does not need.
+    """
+    import os
+
+    from segkit.cache import cache_subdir
+
+    environ = os.environ if environ is None else environ
+    if not environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_subdir("torchinductor", environ))
+    return Path(environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
 class TorchEngine:
     """Holds a model on a device and returns the softmax probability of one class per tile.
 
@@ -41,12 +89,17 @@ class TorchEngine:
         channel: the class whose probability is returned (1 = membrane for EM models); "all" returns
             every class's probability (K-class models); None returns the model's output as it is
             (denoisers).
-        compile_model: torch.compile the model (max-autotune on GPUs); the first batches of each
-            shape are slow while it compiles.
+        compile_model: 'auto' (torch.compile on CUDA devices only), 'on', 'off' (or True/False).
+            The compiled model runs one batch shape: shorter batches are padded to the largest
+            batch seen, so the last batch of a run does not compile again. Compiled kernels are
+            cached on disk (`use_compile_cache`); the first run of a shape is slow while it
+            compiles, later runs load them.
+        compile_mode: torch.compile's mode (default: GPU_COMPILE_MODE on CUDA, inductor's default
+            on the CPU).
     """
 
     def __init__(self, model: Any, *, device: str = "auto", amp: str = "none", channel: int | str | None = 1,
-                 compile_model: bool = False) -> None:
+                 compile_model: str | bool = "off", compile_mode: str | None = None) -> None:
         import torch
 
         resolved = resolve_device(device)
@@ -58,40 +111,67 @@ class TorchEngine:
         # channels_last: faster on GPUs (tensor cores) and on the CPU (oneDNN; 5.2 -> 4.1 s per two
         # 572-px tiles of the paper U-Net on 2 cores).
         self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
-        if self.uses_gpu:
+        if self.uses_gpu:  # cuDNN searches its algorithms once per shape; the tiler's shapes are fixed
             torch.backends.cudnn.benchmark = True
-        if compile_model:
-            mode = "max-autotune-no-cudagraphs" if self.uses_gpu else None
-            self.model = torch.compile(self.model, mode=mode, dynamic=False)
+        self.compiled = wants_compile(compile_model, self.device.type)
+        self.compile_mode = (compile_mode or (GPU_COMPILE_MODE if self.uses_gpu else None)) if self.compiled else None
+        self._compiled_model = None
+        if self.compiled:
+            use_compile_cache()
+            self._compiled_model = torch.compile(self.model, mode=self.compile_mode, dynamic=False)
+        self._largest_batch = 0
+        self._measuring = False
         self.geometry = model.geometry
         self._autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp)
         # amp none means full precision: cuDNN would otherwise run fp32 convolutions as TF32 on
         # Ampere and newer GPUs (10-bit mantissa), which moves probabilities by a few uint8 levels
         self._full_precision = self.amp == "none" and self.uses_gpu
-        self.label = f"torch {resolved}" + (f" {self.amp}" if self.amp != "none" else "")
+        self.label = (f"torch {resolved}" + (f" {self.amp}" if self.amp != "none" else "")
+                      + (" compiled" if self.compiled else ""))
 
     @property
     def uses_gpu(self) -> bool:
         return self.device.type == "cuda"
 
+    @contextlib.contextmanager
+    def eager(self) -> Any:
+        """Run the eager model inside this block (the batch and tile measurements), so that only
+        the run's own batch shape is compiled."""
+        measuring, self._measuring = self._measuring, True
+        try:
+            yield self
+        finally:
+            self._measuring = measuring
+
     def release_memory(self) -> None:
-        """Give cached GPU memory back after an out-of-memory error, before a smaller batch."""
+        """Give cached GPU memory back after an out-of-memory error, before a smaller batch (and
+        stop padding batches to the size that did not fit)."""
         import torch
 
+        self._largest_batch = 0
         if self.uses_gpu:
             torch.cuda.empty_cache()
 
     def __call__(self, x: Any) -> Any:
         import torch
 
+        count = len(x)
+        model = self.model
+        if self._compiled_model is not None and not self._measuring:
+            model = self._compiled_model
+            self._largest_batch = max(self._largest_batch, count)
+            if count < self._largest_batch:  # one shape: no recompile for the last, shorter batch
+                x = torch.cat([x, x.new_zeros((self._largest_batch - count, *x.shape[1:]))])
         precision = (torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=False)
                      if self._full_precision else contextlib.nullcontext())
         with torch.inference_mode(), precision:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self._autocast, enabled=self._autocast is not None):
-                logits = self.model(x)
+                logits = model(x)[:count]
             if self.channel is None:
-                return logits.float()
+                out = logits.float()
+                # a copy of compiled output: CUDA graph modes reuse their output buffers on the next call
+                return out.clone() if out is logits and model is not self.model else out
             if self.channel == "all":
                 return torch.softmax(logits.float(), dim=1)
             return torch.softmax(logits.float(), dim=1)[:, self.channel : self.channel + 1]

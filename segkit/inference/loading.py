@@ -88,7 +88,7 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
         geometry = info.geometry if options.halo is None else info.geometry.with_halo(options.halo)
         geometry.check_tile(tile)
         check_tile_memory(info, geometry, tile, device)
-        if options.compile_model:
+        if options.compile_model == "on":
             raise SegkitError("compile applies to the torch engine; an ONNX file is already compiled by onnxruntime")
         onnx_engine = OnnxEngine(model_path, geometry, device=device, fp16=record.precision == "fp16")
         # one trial tile (the smallest the graph takes): metadata that does not match the graph fails here
@@ -101,12 +101,12 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
     if engine == "torch":
         channel = (1 if info.inference.labels_kind == "membrane" else "all") if kind == "segmenter" else None
         torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel,
-                                   compile_model=options.compile_model)
+                                   compile_model=str(options.compile_model))
         return LoadedEngine(torch_engine, info, geometry, tile)
     resolve_amp(amp, "cpu")  # an unknown amp fails here
     if amp == "bf16":
         raise SegkitError("the onnx engine runs fp32 or fp16 graphs; use amp fp16 or none")
-    if options.compile_model:
+    if options.compile_model == "on":
         raise SegkitError("compile applies to the torch engine; use the torch engine")
     fp16 = amp == "fp16" or (amp == "auto" and resolve_device(device) != "cpu")  # auto: fp16 graphs on GPUs
     geometry.check_tile(tile)
@@ -180,7 +180,7 @@ def _load_package(request: EngineRequest, *, tile: int | None) -> LoadedEngine:
     options = request.options
     for option, value, default in (("engine", options.engine, "auto"), ("tta", options.tta, "none"),
                                    ("denoise", options.denoise, None), ("halo", options.halo, None),
-                                   ("compile_model", options.compile_model, False)):
+                                   ("compile_model", "auto" if options.compile_model == "off" else options.compile_model, "auto")):
         if value != default:
             raise SegkitError(f"{option}={value!r} does not apply to a bioimage.io package (it brings its own "
                               "weights and geometry); leave it out")

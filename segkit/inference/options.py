@@ -52,6 +52,14 @@ class EngineChoice(Choice):
 Amp = Choice("Amp", [(value.upper(), value) for value in AMP_CHOICES], module=__name__)
 
 
+class Compile(Choice):
+    """Whether the torch engine runs the model through torch.compile."""
+
+    AUTO = "auto"  # on a CUDA device only (measured: it loses on the CPU, see TorchEngine)
+    ON = "on"
+    OFF = "off"
+
+
 class Blend(Choice):
     """The window blending overlapping tiles of same-padding models."""
 
@@ -110,8 +118,9 @@ class PredictOptions:
         auto, cpu, cuda or cuda:N.
     amp : {'auto', 'none', 'fp16', 'bf16'}
         Autocast precision: auto is bf16 on GPUs that have it, else fp16, and none on the CPU.
-    compile_model : bool
-        torch.compile the model (torch engine).
+    compile_model : {'auto', 'on', 'off'} or bool
+        torch.compile the model (torch engine): auto on CUDA devices only, on always, off never;
+        True and False mean on and off. Compiled kernels are cached in the user cache dir.
     blend : {'cosine', 'gaussian'}
         The window blending overlapping tiles of same-padding models.
     halo : int, optional
@@ -163,7 +172,7 @@ class PredictOptions:
     batch: int | None = None
     device: str = "auto"
     amp: Amp = Amp.AUTO
-    compile_model: bool = False
+    compile_model: Compile | str | bool = Compile.AUTO
     blend: Blend = Blend.COSINE
     halo: int | None = None
     output_type: OutputType | None = None  # None: the kind's default (uint8, or same for denoisers)
@@ -200,6 +209,8 @@ class PredictOptions:
             "blend": _choice(Blend, self.blend, "unknown blend window {value}; choose one of {choices}"),
             "normalize": _choice(Normalize, self.normalize, "unknown normalisation {value}; choose auto, checkpoint "
                                                             "or stack"),
+            "compile_model": _choice(Compile, _on_off(self.compile_model),
+                                     "unknown compile choice {value}; choose one of {choices}"),
             "tta": _choice(TTA, self.tta, "unknown test-time augmentation {value}; choose one of {choices}"),
             "tile": _tile(self.tile),
             "denoise": Path(self.denoise) if self.denoise is not None else None,
@@ -224,6 +235,11 @@ def _choice(enum_type: type[Choice], value: Any, message: str) -> Any:
         return enum_type(value)
     except ValueError:
         raise SegkitError(message.format(value=repr(value), choices=", ".join(enum_type.values()))) from None
+
+
+def _on_off(value: Any) -> Any:
+    """True and False (the old boolean `compile_model`) as 'on' and 'off'; anything else as it is."""
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
 
 
 def _tile(tile: Any) -> int | str | None:
