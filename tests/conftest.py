@@ -12,6 +12,20 @@ import tifffile
 from tests.helpers import ISBI
 
 
+@pytest.fixture(scope="session", autouse=True)
+def segkit_cache_in_a_temporary_folder(tmp_path_factory):
+    """Compiled kernels and other cached state of the test session go to a temporary folder, not the
+    user's ~/.cache/segkit (SEGKIT_CACHE_DIR; child processes inherit it). A value set outside is kept."""
+    import os
+
+    if "SEGKIT_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["SEGKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("segkit-cache"))
+    yield
+    os.environ.pop("SEGKIT_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_unet():
     import torch

@@ -43,6 +43,18 @@ GPU_COMPILE_MODE = "max-autotune-no-cudagraphs"
 #: eager's first batch) and importing the compiler adds seconds: a loss for the one-slice runs the
 #: CPU mostly sees, so auto leaves the CPU alone and `on` is there for long CPU runs.
 COMPILE_CHOICES = ("auto", "on", "off")
+#: Models `auto` compiles (on CUDA): those a GPU measurement showed to win, the paper U-Net (199 vs 109
+#: Mpx/s on an H100, tile 572, fp16). Others (smp, FCN, the denoiser) run eager under auto until
+#: tools/bench_compile.py shows a win for them; `on` compiles any model.
+AUTO_COMPILE_MODELS = ("unet",)
+
+
+def compile_choice_for(choice: str | bool, model_name: str) -> str:
+    """The compile choice for the registry model `model_name`: `auto` becomes 'off' for models not in
+    `AUTO_COMPILE_MODELS` (no measured win); 'on', 'off' (and booleans) are kept."""
+    if isinstance(choice, bool):
+        return "on" if choice else "off"
+    return "off" if str(choice) == "auto" and model_name not in AUTO_COMPILE_MODELS else str(choice)
 
 
 def wants_compile(choice: str | bool, device_type: str) -> bool:

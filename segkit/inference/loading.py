@@ -15,7 +15,7 @@ from segkit.bioimageio.read import is_package, load_package, plan_package
 from segkit.checkpoint import load_model, read_info
 from segkit.errors import SegkitError, TileSizeError
 from segkit.export import export_onnx, read_onnx_metadata
-from segkit.inference.engines import OnnxEngine, TorchEngine, resolve_amp, resolve_device
+from segkit.inference.engines import OnnxEngine, TorchEngine, compile_choice_for, resolve_amp, resolve_device
 from segkit.inference.options import PredictOptions
 from segkit.inference.tta import TTAForward
 from segkit.memory import tile_problem
@@ -101,7 +101,8 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
     if engine == "torch":
         channel = (1 if info.inference.labels_kind == "membrane" else "all") if kind == "segmenter" else None
         torch_engine = TorchEngine(model, device=device, amp=amp, channel=channel,
-                                   compile_model=str(options.compile_model))
+                                   compile_model=compile_choice_for(options.compile_model,
+                                                                    info.model if not options.denoise else ""))
         return LoadedEngine(torch_engine, info, geometry, tile)
     resolve_amp(amp, "cpu")  # an unknown amp fails here
     if amp == "bf16":

@@ -90,6 +90,15 @@ def test_auto_does_not_compile_on_the_cpu(small_checkpoint):
     assert compiling.compiled and sum(counters["frames"].values()) == frames and compiling._largest_batch == 0
 
 
+def test_auto_compiles_only_models_measured_to_win():
+    from segkit.inference.engines import compile_choice_for
+
+    assert compile_choice_for("auto", "unet") == "auto"  # the paper U-Net: compiled on CUDA
+    assert [compile_choice_for("auto", name) for name in ("smp:Unet:resnet34", "fcn8s", "denoiser", "")] == ["off"] * 4
+    assert (compile_choice_for("on", "fcn8s"), compile_choice_for(False, "unet"), compile_choice_for(True, "x")) == (
+        "on", "off", "on")
+
+
 def test_channels_last_gives_the_plain_models_result(small_checkpoint):
     _, model = small_checkpoint
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, 108, 108)).astype(np.float32))
