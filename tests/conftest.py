@@ -12,18 +12,12 @@ import tifffile
 from tests.helpers import ISBI
 
 
-@pytest.fixture(scope="session", autouse=True)
-def segkit_cache_in_a_temporary_folder(tmp_path_factory):
-    """Compiled kernels and other cached state of the test session go to a temporary folder, not the
-    user's ~/.cache/segkit (SEGKIT_CACHE_DIR; child processes inherit it). A value set outside is kept."""
-    import os
-
-    if "SEGKIT_CACHE_DIR" in os.environ:
-        yield
-        return
-    os.environ["SEGKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("segkit-cache"))
-    yield
-    os.environ.pop("SEGKIT_CACHE_DIR", None)
+@pytest.fixture(autouse=True)
+def segkit_cache_in_a_temporary_folder(tmp_path_factory, monkeypatch):
+    """Each test gets an empty segkit cache (SEGKIT_CACHE_DIR; child processes inherit it): compiled kernels
+    and device measurements never go to the user's ~/.cache/segkit, and one test's cached measurement
+    never answers another's."""
+    monkeypatch.setenv("SEGKIT_CACHE_DIR", str(tmp_path_factory.mktemp("segkit-cache")))
 
 
 @pytest.fixture(scope="session")

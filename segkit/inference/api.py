@@ -15,6 +15,7 @@ the Dask path too), so `from segkit import predict` stays light.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -238,13 +239,25 @@ def fit_to_device(loaded: Any, plane_shape: tuple[int, int] | None, options: Pre
                   report: Callable[[str], object]) -> tuple[int, int]:
     """The (tile, batch) to run: measured on planes of `plane_shape` with tile 'auto', else the given
     or trained tile and the given batch or one chosen from the free device memory."""
+    key = _measurement_model_key(loaded)
     if options.tile == "auto":
         return choose_tile(loaded.engine, loaded.geometry, plane_shape, batch=options.batch,
                            only=loaded.tile if loaded.fixed_tile else None, channels=loaded.info.input_channels,
-                           report=report)
+                           model_key=key, report=report)
     loaded.geometry.check_tile(loaded.tile)
     return loaded.tile, options.batch or choose_batch(loaded.engine, loaded.geometry, loaded.tile,
-                                                      channels=loaded.info.input_channels, report=report)
+                                                      channels=loaded.info.input_channels, model_key=key,
+                                                      report=report)
+
+
+def _measurement_model_key(loaded: Any) -> str | None:
+    """What a device measurement of this loaded model depends on besides the device and the input: the
+    registry model and its parameters, and the engine with its precision and compilation (its label).
+    None for engines given as objects (no record of what they run): they are measured every time."""
+    info = getattr(loaded, "info", None)
+    if info is None or not getattr(info, "model", None):
+        return None
+    return f"{info.model}|{json.dumps(info.model_kwargs, sort_keys=True, default=str)}|{loaded.engine.label}"
 
 
 def _model_label(request: EngineRequest | None, model: Any = None) -> str:

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from segkit.cache import user_cache_dir
 from segkit.errors import SegkitError
+from segkit.inference.measurements import device_identity, measurement_key, recall, remember
 from segkit.inference.tiler import Forward, plan_tiles
 from segkit.models.geometry import Geometry
 
@@ -164,14 +166,27 @@ def best_trial(trials: Sequence[Trial]) -> Trial:
 
 
 def choose_tile(forward: Any, geometry: Geometry, plane_shape: tuple[int, int], *, batch: int | None = None,
-                only: int | None = None, channels: int = 1,
+                only: int | None = None, channels: int = 1, model_key: str | None = None,
                 report: Callable[[str], object] = print) -> tuple[int, int]:
     """`--tile auto`: time the candidate tiles (or `only` one, for a fixed-shape graph) at the
     candidate batches (or `batch`) on this engine, with inputs of the model's `channels`; return the
-    (tile, batch) with the least time per plane that fits in memory, and report what was measured and chosen."""
+    (tile, batch) with the least time per plane that fits in memory, and report what was measured and chosen.
+
+    With `model_key` (what identifies the model and its precision) the choice is kept in the user cache
+    (`segkit.inference.measurements`) for this device, plane size and free memory, and a later run reuses it."""
     gpu = _uses_gpu(forward)
     tiles = [only] if only is not None else candidate_tiles(geometry, plane_shape)
     batches = [batch] if batch else list(GPU_BATCHES if gpu else CPU_BATCHES)
+    key = None
+    if model_key is not None:
+        key = measurement_key(kind="tile", model=model_key, device=device_identity(forward.device),
+                              free_gib=_free_gib(forward.device), plane=list(plane_shape), tiles=tiles,
+                              batches=batches, channels=channels, geometry=repr(geometry))
+        known = recall(key)
+        if known is not None and isinstance(known.get("tile"), int) and isinstance(known.get("batch"), int):
+            report(f"tile auto: tile {known['tile']}, batch {known['batch']} (measured before on this device; "
+                   f"{user_cache_dir() / 'measurements'})")
+            return known["tile"], known["batch"]
     report(f"tile auto: measuring tiles {', '.join(map(str, tiles))} x batches {', '.join(map(str, batches))} "
            f"on {getattr(forward, 'label', 'this engine')}")
     with _eager(forward):
@@ -182,7 +197,18 @@ def choose_tile(forward: Any, geometry: Geometry, plane_shape: tuple[int, int], 
     report(f"tile auto: tile {best.tile}, batch {best.batch} ({best.seconds_per_plane:.2f} s per "
            f"{plane_shape[0]} x {plane_shape[1]} plane)"
            + (f"; out of memory: {', '.join(out_of_memory)}" if out_of_memory else ""))
+    if key is not None:
+        remember(key, {"tile": best.tile, "batch": best.batch, "seconds_per_plane": best.seconds_per_plane})
     return best.tile, best.batch
+
+
+def _free_gib(device: Any) -> int | None:
+    """Free GPU memory in whole GiB (what a tile choice depends on besides the model); None on the CPU."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info(device)[0] // 2**30)
 
 
 def _eager(forward: Any) -> Any:
@@ -207,22 +233,33 @@ def synchronize(device: Any) -> None:
 
 
 def choose_batch(forward: Any, geometry: Geometry, tile: int, *, channels: int = 1, fraction: float = 0.5,
-                 largest: int = 64, report: Callable[[str], object] = print) -> int:
+                 largest: int = 64, model_key: str | None = None, report: Callable[[str], object] = print) -> int:
     """The batch for a GPU run when none is given: one trial tile measures the device memory a tile
     needs, and the batch fills `fraction` of the free memory (at most `largest`; the out-of-memory
-    back-off still guards the run). On the CPU: 4, as the throughput there hardly depends on it."""
+    back-off still guards the run). On the CPU: 4, as the throughput there hardly depends on it.
+
+    With `model_key` the memory per tile is kept in the user cache for this GPU, tile and channels, and
+    a later run computes its batch from it and the memory free then, without the trial tile."""
     import torch
 
     if not _uses_gpu(forward):
         return 4
     device = forward.device
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    with _eager(forward):
-        forward(torch.zeros((1, channels, tile, tile), dtype=torch.float32, device=device))
-    torch.cuda.synchronize(device)
-    per_tile = max(torch.cuda.max_memory_allocated(device) - before, 1)
+    key = None if model_key is None else measurement_key(kind="tile_memory", model=model_key, tile=tile,
+                                                         channels=channels, device=device_identity(device))
+    known = recall(key) if key is not None else None
+    if known is not None and isinstance(known.get("per_tile"), int) and known["per_tile"] > 0:
+        per_tile = known["per_tile"]
+    else:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with _eager(forward):
+            forward(torch.zeros((1, channels, tile, tile), dtype=torch.float32, device=device))
+        torch.cuda.synchronize(device)
+        per_tile = max(torch.cuda.max_memory_allocated(device) - before, 1)
+        if key is not None:
+            remember(key, {"per_tile": int(per_tile)})
     free, _ = torch.cuda.mem_get_info(device)
     batch = int(max(1, min(largest, fraction * (free + torch.cuda.memory_reserved(device) - before) // per_tile)))
     report(f"batch {batch} ({per_tile / 2**20:.0f} MiB per {tile}-px tile, {free / 2**30:.1f} GiB free)")

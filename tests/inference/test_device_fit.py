@@ -225,3 +225,29 @@ def test_bench_predict_script_runs_end_to_end(tmp_path):
     assert all(o.shape == (2, 200, 200) and o.dtype == np.uint8 for o in outputs.values())
     # the same weights through torch and ONNX Runtime give the same membranes
     assert np.abs(outputs["segkit-torch"].astype(int) - outputs["segkit-onnx"]).max() <= 1
+
+
+def test_tile_auto_is_kept_per_device_and_a_second_run_reuses_it(tmp_path, tiny_checkpoint, uint8_stack):
+    import segkit
+    from segkit.inference.measurements import measurement_key, recall, remember
+
+    first, second = [], []
+    for lines in (first, second):
+        segkit.predict(uint8_stack, tmp_path / "out.tif", model=tiny_checkpoint, tile="auto", device="cpu",
+                       overwrite=True, report=lines.append)
+    assert any("tile auto: measuring" in line for line in first)
+    assert not any("tile auto: measuring" in line for line in second)
+    assert any("measured before on this device" in line for line in second)
+    key = measurement_key(kind="demo")
+    assert recall(key) is None
+    remember(key, {"tile": 3})
+    assert recall(key) == {"tile": 3}
+
+
+def test_an_unreadable_measurement_is_measured_again(tmp_path):
+    from segkit.cache import cache_subdir
+    from segkit.inference.measurements import measurement_key, recall
+
+    key = measurement_key(kind="broken")
+    (cache_subdir("measurements") / f"{key}.json").write_text("{not json")
+    assert recall(key) is None
