@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SegkitError("--device cuda: CUDA is not available here; use --device cpu")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         recipe = load(args.recipe, args.overrides, device)
         result = bench(recipe, seconds=args.seconds, warmup=args.warmup,

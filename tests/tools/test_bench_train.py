@@ -79,6 +79,17 @@ def test_missing_recipe_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+def test_cuda_without_a_gpu_is_one_line_and_exit_2() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = run_tool(str(RECIPE), "--seconds", "1", "--device", "cuda")
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CUDA is not available" in lines[0], done.stderr
+
+
 def test_recipe_or_overrides_first() -> None:
     args = parse_args(["train.batch=2", "--seconds", "3"])
     assert (args.recipe, args.overrides, args.seconds) == (str(RECIPE), ["train.batch=2"], 3.0)
