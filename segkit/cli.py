@@ -299,8 +299,9 @@ def _progress(quiet: bool, unit: str = "tile") -> Any:
 
 COMPRESSION_OPTION = click.option(
     "--compression", type=click.Choice(COMPRESSIONS), default="zlib", show_default=True,
-    help="TIFF compression of the output, done in parallel on all cores. zlib opens everywhere (Fiji, napari, "
-         "Python); zstd is faster and smaller but not every reader has it; none writes fastest and largest.")
+    help="TIFF compression of the output, done in parallel on all cores. zlib opens everywhere (ImageJ/Fiji, "
+         "napari, Python); zstd is faster and smaller but ImageJ cannot read it, so it is written as OME-TIFF "
+         "(Bio-Formats opens it); none writes fastest and largest.")
 
 
 @main.command()
@@ -334,7 +335,8 @@ COMPRESSION_OPTION = click.option(
               help="Autocast precision of the forward pass. auto: bf16 on GPUs that have it, else fp16; none on "
                    "the CPU. none keeps full precision. onnx: fp16 runs an fp16 graph.")
 @click.option("--output-type", type=click.Choice([str(t) for t in SEGMENTER_OUTPUT_TYPES]), default="uint8", show_default=True,
-              help="Membrane probability as uint8 (0-255) or float16.")
+              help="Membrane probability as uint8 (0-255) or float16 (in a TIFF stored as float32: ImageJ and "
+                   "OME-TIFF have no 16-bit float).")
 @click.option("--threshold", default=None,
               help="Write a binary 0/255 membrane mask at this threshold, or 'auto' for the checkpoint's "
                    "(chosen on validation slices during training).")
@@ -607,7 +609,7 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
 @click.option("--labels", is_flag=True, help="Write the store's label image (labels/: instances, objects or classes) "
                                              "instead of its image (the probabilities).")
 def convert(store: Path, output: Path, compression: str, overwrite: bool, labels: bool) -> None:
-    """Convert an OME-Zarr STORE (from `segkit predict -o x.ome.zarr`) to a tiled BigTIFF OUTPUT, streaming.
+    """Convert an OME-Zarr STORE (from `segkit predict -o x.ome.zarr`) to a TIFF OUTPUT (ImageJ hyperstack, OME-TIFF above 4 GiB), streaming.
 
     \b
     Example:
@@ -852,44 +854,54 @@ def demo(output_dir: Path, device: str, overwrite: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Package to write, a .zip (default: the checkpoint's name with .bioimageio.zip).")
 @click.option("--author", multiple=True, help="An author's name (required; repeat for several authors).")
+@click.option("--maintainer", multiple=True, metavar="GITHUB_USER",
+              help="GitHub user name of someone who answers for the package (bioimage.io maintainers; repeat for "
+                   "several). Without one, bioimageio.spec warns that the package has no maintainers.")
 @click.option("--name", default=None, show_default="from the model", help="The model's name on bioimage.io.")
 @click.option("--description", default=None, show_default="from the model", help="One-sentence description.")
 @click.option("--license", default="MIT", show_default=True, help="SPDX license id of the weights.")
 @click.option("--with-denoiser", "denoiser_path", type=click.Path(path_type=Path), default=None,
               help="Denoiser checkpoint to put in front of the segmenter, in the same package.")
-@click.option("--tile", type=int, default=None, show_default="the checkpoint's",
-              help="Size of the test tile (a valid input size).")
+@click.option("--tile", type=int, default=None, show_default="from the checkpoint's tile, at least 256",
+              help="Size of the test tile, a valid input size of the package (the model's valid output sizes: "
+                   "the package mirrors its input by the model's margin).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13-20).")
 @click.option("--no-test", is_flag=True, help="Skip bioimageio.core's model test (the spec is still validated).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def package(checkpoint: Path, output: Path | None, author: tuple[str, ...], name: str | None, description: str | None,
-            license: str, denoiser_path: Path | None, tile: int | None, opset: int, no_test: bool,
-            overwrite: bool) -> None:
+def package(checkpoint: Path, output: Path | None, author: tuple[str, ...], maintainer: tuple[str, ...],
+            name: str | None, description: str | None, license: str, denoiser_path: Path | None, tile: int | None,
+            opset: int, no_test: bool, overwrite: bool) -> None:
     """Write a bioimage.io model package (spec 0.5) of a CHECKPOINT for Fiji/deepImageJ, ilastik, napari,
     QuPath and BiaPy. Needs: pip install 'segkit-bio[bioimageio]'.
 
-    The package holds the weights as PyTorch state dict, TorchScript and ONNX (each checked against
-    torch), input sizes and halo from the model's geometry, the checkpoint's normalisation as
-    preprocessing, test tensors from the bundled ISBI 2012 crop, a cover, a README, license, authors
-    and citations. It is validated with bioimageio.spec and tested with bioimageio.core (on the CPU,
-    offline) before it is written.
+    The package holds the weights as PyTorch state dict (with the architecture as arch.py inside,
+    which needs torch only, not segkit), TorchScript and ONNX (each checked against torch); smp models
+    get TorchScript and ONNX only (their architecture needs segmentation-models-pytorch). Input sizes
+    and halo come from the model's geometry (valid-conv models mirror their input by their margin, so
+    bioimageio.core tiles them), preprocessing from the checkpoint's normalisation (fixed mean/std, or
+    scale_range for percentile models), outputs are one class's probability (membrane models), every
+    class's (K-class models) or the denoised image; test tensors from the bundled ISBI 2012 crop, a
+    cover, a README, license, authors, maintainers and citations. It is validated with
+    bioimageio.spec and tested with bioimageio.core (on the CPU, offline) before it is written.
 
     \b
     Examples:
-      segkit package runs/em_neurons/best.safetensors -o unet_em.zip --author "Jane Doe"
+      segkit package runs/em_neurons/best.safetensors -o unet_em.zip --author "Jane Doe" --maintainer janedoe
       segkit package seg.safetensors --with-denoiser den.safetensors -o denoised_unet.zip --author "Jane Doe"
     """
     from segkit.bioimageio.write import package_checkpoint
 
-    record = package_checkpoint(checkpoint, output, author=author, denoiser=denoiser_path, name=name,
-                                description=description, license=license, tile=tile, opset=opset, test=not no_test,
-                                overwrite=overwrite, report=_cli_echo(err=True))
+    record = package_checkpoint(checkpoint, output, author=author, maintainer=maintainer, denoiser=denoiser_path,
+                                name=name, description=description, license=license, tile=tile, opset=opset,
+                                test=not no_test, overwrite=overwrite, report=_cli_echo(err=True))
     size = record.path.stat().st_size / 1e6
     sizes = f"{record.input_sizes[0]} + {record.input_sizes[1]}n px"
-    out = f"input {record.output_offset:+d} px" if record.output_offset else "input size"
     halo = f", halo {record.halo} px" if record.halo else ""
+    pad = f" (the input mirrored by {record.pad[0]}/{record.pad[1]} px inside)" if any(record.pad) else ""
     click.echo(f"wrote {record.path} ({size:.1f} MB; weights {', '.join(record.weights)}; inputs {sizes}, "
-               f"outputs {out}{halo}; test tile {record.tile})")
+               f"outputs the input's size{halo}{pad}; test tile {record.tile})")
+    for note in record.notes:
+        click.echo(f"note: {note}")
     click.echo("checks: " + "; ".join(record.checks))
 
 

@@ -5,8 +5,9 @@ package of a segkit checkpoint, checked with bioimageio.spec and bioimageio.core
 2D package (segkit's or another tool's) into an engine for segkit's streaming pipeline. Neither
 module imports torch until a model is built; both need the extra: pip install 'segkit-bio[bioimageio]'.
 
-`inference_model` is importable from here because written packages name it
-(`segkit.bioimageio.inference_model`) as their pytorch_state_dict architecture.
+Packages ship their pytorch_state_dict architecture as `arch.py` (`source`: segkit's model code
+with no segkit import; `head.PackagedModel` is the module packaged). `inference_model` stays
+importable from here because packages written by earlier segkit versions name it.
 """
 
 from segkit.bioimageio.read import (
@@ -23,6 +24,7 @@ from segkit.bioimageio.write import (
     build_package,
     inference_model,
     package_checkpoint,
+    package_geometry,
     validate_package,
 )
 
@@ -37,6 +39,7 @@ __all__ = [
     "is_package",
     "load_package",
     "package_checkpoint",
+    "package_geometry",
     "plan_package",
     "validate_package",
 ]

@@ -17,6 +17,13 @@ What segkit takes from the package:
   bioimageio.core) or TorchScript, in that order unless `weights` says which;
 - what a segkit package adds in `config.segkit` (kind, classes, inference defaults).
 
+segkit's own packages (those with a checkpoint record in `config.segkit`) run from that record:
+the model is built by segkit's registry and given the pytorch_state_dict tensors (read with
+`torch.load(weights_only=True)`), with the record's geometry, normalisation (percentile rules too)
+and classes, so the result is the checkpoint's. The package's architecture file (`arch.py`) is
+never imported or run by segkit. Other packages, and other weight formats of segkit's packages,
+run from the description as above.
+
 A package segkit cannot run gets one line naming the field: a 3D or time model, other axes, fixed
 or differing y/x sizes, statistics-based or non-linear preprocessing, several inputs or outputs,
 weights in other formats, or files given as URLs (segkit downloads nothing).
@@ -67,8 +74,8 @@ def is_package(path: str | Path) -> bool:
 @dataclass(frozen=True)
 class PackagePlan:
     """How segkit runs a package: its record (geometry, normalisation, kind, classes), the weights
-    format, the output channel returned, and the postprocessing steps ('sigmoid', 'softmax',
-    ('affine', gain, offset))."""
+    format, the output channel returned, the postprocessing steps ('sigmoid', 'softmax',
+    ('affine', gain, offset)), and whether it runs from segkit's checkpoint record."""
 
     source: str
     name: str
@@ -77,6 +84,7 @@ class PackagePlan:
     channel: int | None
     channels: int
     post: tuple[Any, ...]
+    from_record: bool = False  # a segkit package run from its checkpoint record (segkit's registry)
 
 
 def _fail(field: str, why: str) -> PackageModelError:
@@ -222,6 +230,38 @@ def _normalization(steps: list[Any], field: str) -> Normalization:
     return Normalization(mean=-offset / gain, std=1.0 / gain)
 
 
+def segkit_record(descr: Any, source: Any) -> CheckpointInfo | None:
+    """The checkpoint record a segkit package keeps in `config.segkit.checkpoint`, or None for other packages.
+
+    Parameters
+    ----------
+    descr : ModelDescr
+        The package's description.
+    source : str, Path or ModelDescr
+        Where it came from, named in errors.
+
+    Returns
+    -------
+    CheckpointInfo or None
+        The record (checked as a checkpoint's is), or None when the package has none.
+
+    Raises
+    ------
+    PackageModelError
+        The package has a segkit record that segkit refuses.
+    """
+    import json
+
+    config = (descr.config.model_extra or {}).get("segkit") if descr.config is not None else None
+    record = config.get("checkpoint") if isinstance(config, dict) else None
+    if not isinstance(record, dict) or "pad" not in config:  # packages before arch.py: run from the description
+        return None
+    try:
+        return CheckpointInfo.from_json(json.dumps(record), f"{getattr(source, 'name', source)} (config.segkit)")
+    except CheckpointError as exc:
+        raise _fail("config.segkit.checkpoint", str(exc)) from exc
+
+
 def plan_package(source: Any, *, weights: str | None = None, channel: int | None = None,
                  kind: str | None = None) -> tuple[Any, PackagePlan]:
     """Read a package and decide how segkit runs it.
@@ -250,10 +290,11 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
         One line naming the field of a package segkit cannot run.
     """
     descr = read_description(source)
-    geometry, channels = _geometry(descr)
     present = [w for w, entry in descr.weights if entry is not None]
+    checkpoint = segkit_record(descr, source)
     if weights is None:
-        runnable = [w for w in RUNNABLE_WEIGHTS if w in present]
+        order = RUNNABLE_WEIGHTS if checkpoint is None else ("pytorch_state_dict", *RUNNABLE_WEIGHTS)
+        runnable = [w for w in order if w in present]
         if not runnable:
             raise _fail("weights", f"{', '.join(present)}; segkit runs {', '.join(RUNNABLE_WEIGHTS)} weights")
         weights = runnable[0]
@@ -268,6 +309,17 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
             raise _fail(what, f"{file} is a URL and segkit downloads nothing; download the package (.zip) first")
     if weights == "onnx" and getattr(entry, "external_data", None) is not None:
         raise _fail("weights.onnx.external_data", "ONNX weights in a separate data file are not supported")
+    name = str(getattr(source, "name", source))
+    if checkpoint is not None and weights == "pytorch_state_dict":
+        if kind is not None and kind != checkpoint.kind:
+            raise PackageModelError(f"{name} holds a {checkpoint.kind}, but a {kind} is needed here")
+        if channel is not None:
+            raise _fail("outputs[0].axes[channel]", "segkit runs its own packages as their checkpoint (membrane "
+                                                    "models: the membrane; K classes: every class); leave channel out")
+        classes = descr.outputs[0].axes[1].size
+        return descr, PackagePlan(source=name, name=descr.name, info=checkpoint, weights=weights, channel=None,
+                                  channels=int(classes), post=(), from_record=True)
+    geometry, channels = _geometry(descr)
     normalization = _normalization(_affine(descr.inputs[0].preprocessing, "inputs[0].preprocessing"),
                                    "inputs[0].preprocessing")
     post = tuple(_affine(descr.outputs[0].postprocessing, "outputs[0].postprocessing", post=True))
@@ -309,8 +361,11 @@ class PackageEngine:
             data = entry.get_reader().read()
         except Exception as exc:  # a missing or unreadable file inside the package
             raise _fail(f"weights.{plan.weights}.source", f"cannot be read ({exc})") from exc
-        if plan.weights == "onnx":
-            self.inner: Any = OnnxEngine(data, self.geometry, device=device)
+        if plan.from_record:
+            self.inner: Any = TorchEngine(_record_model(self.info, data, plan.weights), device=device,
+                                          channel=_record_channel(self.info))
+        elif plan.weights == "onnx":
+            self.inner = OnnxEngine(data, self.geometry, device=device)
         else:
             if plan.weights == "torchscript":
                 import io
@@ -339,6 +394,8 @@ class PackageEngine:
     def __call__(self, x: Any) -> Any:
         import torch
 
+        if self.plan.from_record:  # the checkpoint's model, as segkit runs a checkpoint
+            return self.inner(x)
         y = self.inner(x).float()
         for step in self.plan.post:
             if step == "sigmoid":
@@ -352,6 +409,36 @@ class PackageEngine:
         if self.info.kind == "denoiser":  # segkit's pipeline takes normalised intensities and undoes the normalisation
             y = self.info.normalization.apply(y)
         return y
+
+
+def _record_channel(info: CheckpointInfo) -> int | str | None:
+    """TorchEngine's channel for a record, as segkit runs checkpoints: the membrane, every class, or intensities."""
+    if info.kind != "segmenter":
+        return None
+    return 1 if info.inference.labels_kind == "membrane" else "all"
+
+
+def _record_model(info: CheckpointInfo, data: bytes, weights: str) -> Any:
+    """The record's model from segkit's registry, with the package's state dict (tensors only, no pickled code)."""
+    import io
+
+    import torch
+
+    from segkit.models import create_model
+
+    field = f"weights.{weights}.source"
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign or damaged files
+        raise _fail(field, f"is not a PyTorch state dict of tensors ({str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and k.startswith("model.") for k in state):
+        raise _fail(field, "is not a segkit package's state dict (keys model.*)")
+    model = create_model(info.model, **info.model_kwargs)
+    try:
+        model.load_state_dict({k[len("model."):]: v for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        raise _fail(field, f"does not fit the record's {info.model} ({str(exc).splitlines()[0][:200]})") from exc
+    return model.eval()
 
 
 def load_package(source: Any, *, weights: str | None = None, channel: int | None = None, kind: str | None = None,

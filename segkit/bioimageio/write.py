@@ -3,20 +3,28 @@
 A package is a zip holding `rdf.yaml` and the files it names; Fiji (deepImageJ), ilastik, napari,
 QuPath, BiaPy and bioimageio.core run it without segkit. What a segkit package holds:
 
-- one input `raw` with axes (batch, channel, y, x) in the units the model was trained on; its y and
-  x sizes are `min + n * step` from the model's geometry (188 + 16n for the valid-conv U-Net,
-  multiples of 32 for FCN and smp models), and its preprocessing is the checkpoint's fixed mean and
-  std (`fixed_zero_mean_unit_variance`);
-- one output (`membrane_probability` of a segmenter, `denoised` of a denoiser, in raw units) whose
-  y and x sizes refer to the input's: `offset = -2 * margin` for valid-conv models (the model crops
-  its border itself), and `halo` for same-padding models (pixels of context a consumer crops away);
-- weights: `pytorch_state_dict` (the checkpoint's tensors; the architecture is imported from
-  segkit), `torchscript` (the traced inference head) and `onnx` (`segkit.export.export_onnx`,
-  checked against torch); each is checked against torch before it is packaged;
+- one input `raw` with axes (batch, channel, y, x) in the units the model was trained on, declared
+  with reflect padding (as segkit mirrors plane borders); its y and x sizes are `2 * halo + step + n *
+  step` (`package_geometry`), and its preprocessing is the checkpoint's normalisation: fixed mean and std
+  (`fixed_zero_mean_unit_variance`), or for percentile models `scale_range` over y and x (each
+  image's own percentiles) followed by `clip` to [0, 1] where the checkpoint clips;
+- one output the size of the input: one class's probability (`<class>_probability`, membrane
+  models), every class's (`probabilities`, a channel axis named by the classes, for semantic and
+  instance models) or the denoised image (`denoised`, back in raw units). The packaged model
+  mirrors its input first and crops the model's output back (`segkit.bioimageio.head.PackagedModel`,
+  `package_padding`), so a valid-conv U-Net also returns its input's size; the output's `halo`
+  (margin + the model's halo) is what a consumer crops from each tile, which is how
+  bioimageio.core's tiled prediction works, and its blocks then see segkit's pooling grid;
+- weights: `pytorch_state_dict` (the checkpoint's tensors, with the architecture as a source file
+  inside the package, `arch.py`, which needs torch only: `segkit.bioimageio.source`), `torchscript`
+  (the traced model) and `onnx` (dynamic batch, height and width), each checked against torch before
+  it is packaged. A model whose code needs another library (smp models need
+  segmentation-models-pytorch) gets TorchScript and ONNX only;
 - test input and output tensors (.npy, and as TIFF sample tensors): one tile of the bundled ISBI 2012
-  crop and what the model gives for it; a cover (the test tile beside the prediction), a README with a Validation
-  section, license, authors and citations (the architecture's paper and the ISBI 2012 data);
-- `config.segkit`: the checkpoint's record, so segkit can read its geometry back.
+  crop and what the model gives for it; a cover (the test tile beside the prediction), a README with a
+  Validation section, license, authors, maintainers (GitHub user names) and citations;
+- `config.segkit`: the checkpoint's record, which segkit runs its own packages from
+  (`segkit.bioimageio.read`), never the package's architecture file.
 
 The description is validated by bioimageio.spec and the written zip is tested with
 bioimageio.core (every weight format reproduces the test output and runs at other sizes and batch
@@ -46,13 +54,14 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.checkpoint import load_model, read_info
-from segkit.errors import OutputError, SegkitError, TileSizeError
-from segkit.export import export_onnx, inference_head
+from segkit.errors import OutputError, SegkitError
+from segkit.export import inference_head
 from segkit.io.outputs import atomic_path, check_output
 from segkit.models import COMPOSED, create_model
+from segkit.models.geometry import Geometry
 from segkit.normalization import mean_std_normalization
 from segkit.record import MODEL_KINDS, CheckpointInfo
-from segkit.version import DISTRIBUTION, __version__
+from segkit.version import __version__
 
 #: bioimage.io packages are zip files.
 PACKAGE_SUFFIX = ".zip"
@@ -88,6 +97,12 @@ DATA_CITES = (
 )
 #: The characters bioimage.io allows in a model name.
 _NAME = re.compile(r"[\w\-() ]+")
+#: GitHub user names: letters, digits and single hyphens, at most 39 characters.
+_GITHUB_USER = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}")
+#: bioimageio.core's scale_range and fixed_zero_mean_unit_variance add this to the divisor.
+_EPS = 1e-6
+#: The package's pytorch_state_dict architecture file.
+ARCH_FILE = "arch.py"
 
 
 class PackageError(SegkitError):
@@ -96,22 +111,26 @@ class PackageError(SegkitError):
 
 @dataclass(frozen=True)
 class PackageRecord:
-    """What was written: the zip, its test tile, the valid input sizes, the weight formats with their
-    max abs difference from torch on the test tile, and the checks the package passed."""
+    """What was written: the zip, its test tile, the valid input sizes, the halo, the padding inside the
+    model, the weight formats with their max abs difference from torch, the checks the package passed
+    and notes on what it leaves out."""
 
     path: Path
     tile: int
     input_sizes: tuple[int, int]  # (min, step): valid y and x sizes are min + n * step
-    output_offset: int
-    halo: int
+    halo: int  # px a consumer crops from each side of an output tile
+    pad: tuple[int, int]  # px the packaged model mirrors onto its input before and after (package_padding)
     weights: dict[str, float] = field(default_factory=dict)
     checks: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what the package leaves out, and why
 
 
 # -- the model ---------------------------------------------------------------------------------
 
 def inference_model(model: str, model_kwargs: dict[str, Any] | None = None, output: str = "probability") -> Any:
-    """The architecture of a package's pytorch_state_dict weights (bioimageio.core builds it by name).
+    """The architecture that packages written by earlier segkit versions name (`segkit.bioimageio.inference_model`).
+
+    Packages written now ship their architecture as `arch.py` instead (`segkit.bioimageio.source`).
 
     Parameters
     ----------
@@ -153,23 +172,47 @@ def _identifier(text: str, fallback: str) -> str:
 
 
 def _class_name(info: CheckpointInfo) -> str:
-    """The class whose probability a segmenter's package gives (the last one: membrane for EM)."""
+    """The class whose probability a membrane model's package gives (the last one: membrane for EM)."""
     return _identifier((info.classes or ["membrane"])[-1], "foreground")
 
 
+def output_kind(info: CheckpointInfo) -> str:
+    """What the packaged model returns (`PackagedModel.output`): one class's probability (membrane
+    models), every class's (semantic and instance models) or intensities (denoisers)."""
+    if info.kind == "denoiser":
+        return "intensity"
+    return "probability" if info.inference.labels_kind == "membrane" else "probabilities"
+
+
+def class_names(info: CheckpointInfo, classes: int) -> list[str]:
+    """The output channels' names of a K-class package: the record's classes as bioimage.io identifiers."""
+    names = [_identifier(c, f"class_{i}") for i, c in enumerate(info.classes)] if len(info.classes) == classes else []
+    if len(set(names)) != classes:
+        names = [f"class_{i}" for i in range(classes)]
+    return names
+
+
 def output_id(info: CheckpointInfo) -> str:
-    return f"{_class_name(info)}_probability"[:32] if info.kind == "segmenter" else "denoised"
+    kind = output_kind(info)
+    return {"probability": f"{_class_name(info)}_probability"[:32], "probabilities": "probabilities",
+            "intensity": "denoised"}[kind]
 
 
 def default_name(info: CheckpointInfo) -> str:
-    what = f"{_class_name(info).replace('_', ' ')} segmentation" if info.kind == "segmenter" else "denoiser"
+    kind = output_kind(info)
+    what = {"probability": f"{_class_name(info).replace('_', ' ')} segmentation",
+            "probabilities": f"{info.inference.labels_kind} segmentation", "intensity": "denoiser"}[kind]
     return f"segkit {re.sub(r'[^A-Za-z0-9_()-]+', ' ', info.model)} {what}"
 
 
 def default_description(info: CheckpointInfo) -> str:
-    if info.kind == "segmenter":
+    kind = output_kind(info)
+    if kind == "probability":
         return (f"{_class_name(info).replace('_', ' ').capitalize()} probability of 2D grey-value images, from a "
                 f"segkit {info.model} checkpoint")
+    if kind == "probabilities":
+        return (f"Class probabilities ({', '.join(map(str, info.classes))}) of 2D grey-value images, from a segkit "
+                f"{info.model} checkpoint")
     return f"Denoised 2D grey-value images, from a segkit {info.model} checkpoint"
 
 
@@ -182,6 +225,16 @@ def _check_license(license: str) -> str:
     except ValidationError as exc:
         raise PackageError(f"license {license!r} is not an SPDX license id that bioimage.io accepts; pass e.g. "
                            "license='MIT' or license='CC-BY-4.0'") from exc
+
+
+def _maintainers(maintainer: str | Sequence[str] | None) -> list[str]:
+    names = [maintainer] if isinstance(maintainer, str) else list(maintainer or [])
+    names = [str(n).strip().lstrip("@") for n in names if str(n).strip()]
+    for name in names:
+        if not _GITHUB_USER.fullmatch(name):
+            raise PackageError(f"maintainer {name!r} is not a GitHub user name (letters, digits and single hyphens, "
+                               "at most 39); pass maintainer=GITHUB_USER")
+    return list(dict.fromkeys(names))
 
 
 def _check_name(name: str) -> str:
@@ -202,38 +255,85 @@ def check_package_path(path: str | Path, *, inputs: Sequence[str | Path | None] 
     return check_output(path, kind=None, inputs=inputs, overwrite=overwrite, report=report)
 
 
-def input_sizes(info: CheckpointInfo) -> tuple[int, int]:
-    """(min, step) of the package's y and x input sizes: the model's valid inputs whose output keeps
-    at least one pixel once the halo is cropped (bioimage.io requires it)."""
+def package_geometry(info: CheckpointInfo) -> Geometry:
+    """The packaged model's geometry: output the input's size, and a halo of the model's margin plus its halo.
+
+    The packaged model mirrors its input by the model's margin (`PackagedModel.pad`), so its valid
+    inputs are the model's valid outputs; the smallest is the first that keeps at least one output
+    pixel once the halo is cropped (bioimage.io requires it).
+
+    Parameters
+    ----------
+    info : CheckpointInfo
+        The checkpoint's record.
+
+    Returns
+    -------
+    Geometry
+        margin 0, the model's step, the smallest package input as `min_output`, and the halo.
+    """
     geometry = info.geometry
-    smallest = geometry.min_input
-    while geometry.output_size(smallest) - 2 * geometry.halo < 1:
-        smallest += geometry.step
-    return smallest, geometry.step
+    halo = geometry.margin + geometry.halo
+    # 2 * halo + n * step: a block's inner part (input minus both halos) is a multiple of the step
+    return Geometry(margin=0, step=geometry.step, min_output=2 * halo + geometry.step, halo=halo)
+
+
+def package_padding(info: CheckpointInfo) -> tuple[int, int]:
+    """(before, after): what the packaged model mirrors onto its input's top/left and bottom/right.
+
+    bioimageio.core cuts blocks whose inner parts start at multiples of the step (the package's input
+    sizes make them so) and adds the halo on each side. Mirroring `before` px (a multiple of the step,
+    at least the margin) puts the model's first input pixel where segkit's tiler puts it (margin plus
+    halo before a step-aligned output tile), so pooling models see the same grid in every block and
+    in segkit's tiles; `after` makes the input a valid size for the model. The output is cropped back
+    to the input's size.
+
+    Parameters
+    ----------
+    info : CheckpointInfo
+        The checkpoint's record.
+
+    Returns
+    -------
+    (int, int)
+        Pixels before and after, each at least the model's margin.
+    """
+    geometry = info.geometry
+    margin, step = geometry.margin, geometry.step
+    before = -(-margin // step) * step
+    after = (geometry.min_input - package_geometry(info).min_input - before) % step
+    while after < margin:
+        after += step
+    return before, after
+
+
+def input_sizes(info: CheckpointInfo) -> tuple[int, int]:
+    """(min, step) of the package's y and x input sizes (`package_geometry`)."""
+    geometry = package_geometry(info)
+    return geometry.min_input, geometry.step
 
 
 def package_tile(info: CheckpointInfo, tile: int | None) -> int:
-    """The test tensors' tile: `tile`, else the checkpoint's, else the smallest valid one of 256 px or more."""
-    geometry = info.geometry
-    smallest, _ = input_sizes(info)
+    """The test tensors' tile, a valid package input: `tile`, else the checkpoint's tile's output size
+    or 256 px, whichever is larger, rounded up to a valid size."""
+    geometry = package_geometry(info)
     if tile is None:
-        tile = int(info.inference.tile or geometry.nearest_valid(max(256, smallest))[1])
+        trained = info.inference.tile
+        wanted = max(256, int(trained) - 2 * info.geometry.margin if trained else 0)
+        return geometry.nearest_valid(wanted)[1]
     geometry.check_tile(tile)
-    if tile < smallest:
-        raise TileSizeError(f"tile {tile} leaves no output pixel once the halo of {geometry.halo} px is cropped; "
-                            f"use tile {smallest} or larger")
     return tile
 
 
 def sample_tile(info: CheckpointInfo, tile: int) -> np.ndarray:
     """One (1, 1, tile, tile) float32 tile of the bundled ISBI crop (its middle slice and centre, mirrored
-    when the tile is larger), in the units the model was trained on: the crop itself for uint8 models,
-    else the crop rescaled to the checkpoint's mean and std."""
+    when the tile is larger), in the units the model was trained on: the crop itself for uint8 and
+    percentile models, else the crop rescaled to the checkpoint's mean and std."""
     import tifffile
 
     raw = tifffile.imread(SAMPLE)
     plane = raw[len(raw) // 2].astype(np.float32)
-    if info.inference.input_dtype not in (None, "uint8"):
+    if info.normalization.percentiles is None and info.inference.input_dtype not in (None, "uint8"):
         plane = info.normalization.invert(mean_std_normalization([plane]).apply(plane))
     while min(plane.shape) < tile:
         plane = np.pad(plane, [(0, plane.shape[0]), (0, plane.shape[1])], mode="symmetric")
@@ -242,9 +342,17 @@ def sample_tile(info: CheckpointInfo, tile: int) -> np.ndarray:
 
 
 def _normalize(info: CheckpointInfo, raw: np.ndarray) -> np.ndarray:
-    """The package's preprocessing as bioimageio.core computes it: (x - mean) / (std + 1e-6)."""
-    mean, std = np.float32(info.normalization.mean), np.float32(info.normalization.std)
-    return ((raw - mean) / (std + np.float32(1e-6))).astype(np.float32)
+    """The package's preprocessing as bioimageio.core computes it on (N, 1, H, W): (x - mean) / (std + 1e-6),
+    or (x - p_low) / (p_high - p_low + 1e-6) with each image's percentiles (linear interpolation, as
+    numpy's default); then clipped to [0, 1] where the checkpoint clips."""
+    norm = info.normalization
+    if norm.percentiles is None:
+        low, spread = np.float32(norm.mean), np.float32(norm.std)
+    else:
+        low, high = np.percentile(raw.astype(np.float64), norm.percentiles, axis=(2, 3), keepdims=True)
+        low, spread = low.astype(np.float32), (high - low).astype(np.float32)
+    x = ((raw - low) / (spread + np.float32(_EPS))).astype(np.float32)
+    return np.clip(x, 0.0, 1.0) if norm.clip else x
 
 
 def _run(module: Any, x: np.ndarray) -> np.ndarray:
@@ -287,12 +395,14 @@ def _state_dict_bytes(model: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _cover(raw: np.ndarray, out: np.ndarray, *, margin: int, kind: str) -> bytes:
-    """PNG, 2:1: the test tile (cropped to the output's field of view) | the prediction on it (membrane
-    probability in red over the tile, or the denoised tile)."""
+def _cover(raw: np.ndarray, out: np.ndarray, *, halo: int, kind: str) -> bytes:
+    """PNG, 2:1: the test tile | the prediction on it (membrane or foreground probability in red over the
+    tile, or the denoised tile), both without the halo. `out` is (C, H, W)."""
     import cv2
 
-    view = raw[margin:raw.shape[0] - margin, margin:raw.shape[1] - margin] if margin else raw
+    crop = (slice(halo, raw.shape[0] - halo), slice(halo, raw.shape[1] - halo)) if halo else (slice(None),) * 2
+    view = raw[crop]
+    out = (out[0] if len(out) == 1 else 1.0 - out[0])[crop]  # K classes: 1 - background
     lo, hi = float(view.min()), float(view.max())
     gray = ((view - lo) / max(hi - lo, 1e-6) * 255).astype(np.float32)
     if kind == "segmenter":
@@ -329,8 +439,8 @@ def _cites(info: CheckpointInfo) -> list[tuple[str, str]]:
     return list(dict.fromkeys([*cites, *DATA_CITES]))
 
 
-def _documentation(info: CheckpointInfo, *, name: str, description: str, tile: int, out_size: int,
-                   sizes: tuple[int, int], offset: int, halo: int, output_id: str) -> str:
+def _documentation(info: CheckpointInfo, *, name: str, description: str, tile: int, sizes: tuple[int, int],
+                   halo: int, output_id: str, channels: list[str], weights: list[str], notes: list[str]) -> str:
     geometry = info.geometry
     validation = info.training.get("validation") or {}
     scores = "\n".join(f"| {k} | {v:.4f} |" for k, v in validation.items() if isinstance(v, (int, float)))
@@ -343,17 +453,37 @@ def _documentation(info: CheckpointInfo, *, name: str, description: str, tile: i
     training = (f"Trained by segkit on `{data.get('raw', '?')}` (labels `{data.get('labels', '?')}`), slices "
                 f"{data.get('train_slices', '?')}; validation slices {data.get('val_slices', '?')}.\n"
                 if data else "The checkpoint records no training recipe.\n")
-    if info.kind == "segmenter":
+    kind = output_kind(info)
+    if kind == "probability":
         output_text = (f"`{output_id}`: the probability (0 to 1) of class `{_class_name(info)}` "
                        f"(softmax over the classes {info.classes}, inside the model).")
+    elif kind == "probabilities":
+        output_text = (f"`{output_id}`: the probability (0 to 1) of each of the {len(channels)} classes, one channel "
+                       f"per class ({', '.join(channels)}; softmax inside the model).")
     else:
         output_text = f"`{output_id}`: the denoised image in the input's units (postprocessing undoes the normalisation)."
-    border = (f"The model uses unpadded convolutions: the output is the input's centre, {-offset // 2} px in from "
-              "every side (`size.offset` in rdf.yaml). Tile with that overlap (overlap-tile) for seamless results."
-              if offset else "")
-    if halo:
-        border += (f" Crop a halo of {halo} px from every side of each output tile (the `halo` in rdf.yaml): "
-                   "padded convolutions are unreliable there.")
+    norm = info.normalization
+    if norm.percentiles is None:
+        preprocessing = (f"(x - {norm.mean:.6g}) / {norm.std:.6g}, fixed (the training data's mean and standard "
+                         "deviation), never computed per tile")
+    else:
+        preprocessing = (f"each image's {norm.percentiles[0]:g}th and {norm.percentiles[1]:g}th percentiles mapped to 0 "
+                         "and 1 (`scale_range` over y and x)")
+    if norm.clip:
+        preprocessing += ", then clipped to [0, 1]"
+    border = ""
+    if geometry.margin:
+        before, after = package_padding(info)
+        border = (f"The model uses unpadded convolutions (a margin of {geometry.margin} px per side); the packaged model "
+                  f"mirrors its input by {before} px before and {after} px after and crops the result back, so its "
+                  "output has the input's size. ")
+    border += (f"Crop a halo of {halo} px from every side of each output tile (the `halo` in rdf.yaml) and tile with "
+               f"that overlap for seamless results: bioimageio.core does this with `blocksize_parameter`. The input "
+               "is declared with reflect padding (segkit mirrors plane borders alike).")
+    formats = {"pytorch_state_dict": f"PyTorch state dict (architecture in `{ARCH_FILE}`, which needs torch only)",
+               "torchscript": "TorchScript", "onnx": "ONNX (opset in rdf.yaml)"}
+    weights_text = ", ".join(formats[w] for w in weights)
+    notes_text = "".join(f"\n{note}" for note in notes)
     cites = "\n".join(f"- {text} doi:{doi}" for text, doi in _cites(info))
     return f"""# {name}
 
@@ -367,14 +497,15 @@ Made with segkit {__version__} (`segkit package`) from a `{info.model}` checkpoi
 - Input `{INPUT_ID}`: one grey-value channel, axes (batch, channel, y, x), in the units the model was trained
   on ({info.inference.input_dtype or 'uint8'} images). Y and x sizes: {sizes[0]} + {sizes[1]}n (the
   model's geometry: margin {geometry.margin}, step {geometry.step}, halo {geometry.halo}).
-- Preprocessing: (x - {info.normalization.mean:.6g}) / {info.normalization.std:.6g}, fixed (the training data's
-  mean and standard deviation), never computed per tile.
+- Preprocessing: {preprocessing}.
 - Output {output_text}
-- Output size: {f"input size {offset:+d}" if offset else "the input's size"} (a {tile} px tile gives {out_size} px).
-  {border}
+- Output size: the input's. {border}
 
-Weights: PyTorch state dict (architecture `segkit.bioimageio.inference_model`, needs segkit), TorchScript
-and ONNX (opset in rdf.yaml); all three were checked against the PyTorch model before packaging.
+Weights: {weights_text}; each was checked against the PyTorch model before packaging.{notes_text}
+
+Open it with bioimageio.core (`pip install bioimageio.core torch onnxruntime`): `bioimageio test package.zip`
+runs every weight format; in Python, `bioimageio.core.predict(model="package.zip", inputs=image,
+blocksize_parameter=2)` predicts an image of any size tile by tile.
 
 ## Training
 
@@ -405,6 +536,44 @@ def _quiet_bioimageio() -> Iterator[None]:
         yield
     finally:
         logger.enable("bioimageio")
+
+
+@contextmanager
+def _known_maintainers(names: Sequence[str]) -> Iterator[None]:
+    """Let bioimageio.spec take these GitHub user names as checked while the block runs.
+
+    With file checks on, bioimageio.spec 0.5.12 asks GitHub's API whether each maintainer exists and
+    catches only timeouts, so offline (no DNS) every package with maintainers fails with a connection
+    error. segkit checks the names' form itself (`_maintainers`) and never goes online, so it adds
+    them to bioimageio.spec's set of known users for its own checks and removes them afterwards.
+    """
+    try:
+        from bioimageio.spec._internal.constants import KNOWN_GITHUB_USERS
+    except ImportError:  # another layout: bioimageio.spec checks the names as it likes
+        yield
+        return
+    added = {n.lower() for n in names} - KNOWN_GITHUB_USERS
+    KNOWN_GITHUB_USERS.update(added)
+    try:
+        yield
+    finally:
+        KNOWN_GITHUB_USERS.difference_update(added)
+
+
+def _package_maintainers(path: str | Path) -> list[str]:
+    """The GitHub user names a package's rdf.yaml lists under `maintainers` (of a well-formed name)."""
+    import zipfile
+
+    import yaml
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n in ("rdf.yaml", "bioimageio.yaml")), None)
+            content = yaml.safe_load(zf.read(name)) if name else {}
+    except (OSError, zipfile.BadZipFile, yaml.YAMLError):
+        return []
+    users = [m.get("github_user") for m in (content or {}).get("maintainers") or [] if isinstance(m, dict)]
+    return [str(u) for u in users if isinstance(u, str) and _GITHUB_USER.fullmatch(u.lstrip("@"))]
 
 
 def _first_error(summary: Any) -> str:
@@ -444,7 +613,8 @@ def validate_package(path: str | Path, *, test: bool = True) -> tuple[str, ...]:
     from bioimageio.spec import InvalidDescr, ValidationContext, load_description
 
     checks = []
-    with _quiet_bioimageio(), ValidationContext(perform_io_checks=True, log_warnings=False):
+    with _quiet_bioimageio(), _known_maintainers(_package_maintainers(path)), \
+            ValidationContext(perform_io_checks=True, log_warnings=False):
         try:
             descr = load_description(str(path))
         except Exception as exc:  # bioimageio.spec raises ValueError, OSError, BadZipFile, ... for foreign files
@@ -473,10 +643,60 @@ def validate_package(path: str | Path, *, test: bool = True) -> tuple[str, ...]:
     return tuple(checks)
 
 
+def _refuse_unsupported(info: CheckpointInfo) -> None:
+    if info.kind not in MODEL_KINDS:
+        raise PackageError(f"a {info.kind} checkpoint cannot be packaged; package a segmenter or a denoiser")
+    scale = info.inference.scale
+    if scale is not None and abs(scale - 1.0) > 1e-3:
+        raise PackageError(f"this checkpoint was trained on images resized by {scale:g} (data.scale), and a bioimage.io "
+                           "package cannot resize its input for the model and the output back; export it to ONNX with "
+                           "`segkit export` instead (segkit predict resizes for it), or train without data.scale")
+    unsupported = [what for what, present in (
+        ("several input channels", info.normalization.channels is not None or info.input_channels > 1),
+        ("a percentile-normalised denoiser (its output cannot be put back into each image's units)",
+         info.kind == "denoiser" and info.normalization.percentiles is not None),
+    ) if present]
+    if unsupported:
+        raise PackageError(f"this checkpoint uses {' and '.join(unsupported)}, which `segkit package` does not write; "
+                           "export it to ONNX with `segkit export` instead")
+
+
+def _onnx(head: Any, tile: int, opset: int, checks: dict[str, np.ndarray]) -> tuple[bytes, float]:
+    """The head as ONNX (dynamic batch, height and width), checked with ONNX Runtime against torch on `checks`."""
+    import onnxruntime as ort
+    import torch
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notes
+        with torch.no_grad():
+            torch.onnx.export(head, (torch.zeros(1, 1, tile, tile),), buffer, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_ID], output_names=["output"],
+                              dynamic_axes={INPUT_ID: {0: "batch", 2: "height", 3: "width"},
+                                            "output": {0: "batch", 2: "height", 3: "width"}})
+    data = buffer.getvalue()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    worst = max(_check_same("onnx", session.run(None, {INPUT_ID: x})[0], _run(head, x), where)
+                for where, x in checks.items())
+    return data, worst
+
+
+def _architecture(info: CheckpointInfo) -> tuple[str | None, str | None]:
+    """(arch.py's text, None), or (None, why the pytorch_state_dict weights are left out)."""
+    from segkit.bioimageio.source import NotSelfContained, architecture_source
+
+    try:
+        return architecture_source(info.model, info.model_kwargs, version=__version__), None
+    except NotSelfContained as exc:
+        return None, (f"The PyTorch state dict is left out: {exc}. TorchScript and ONNX hold the same model "
+                      "and run without it.")
+
+
 def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, author: str | Sequence[str],
-                  name: str | None = None, description: str | None = None, license: str = "MIT",
-                  tile: int | None = None, opset: int = 17, test: bool = True, overwrite: bool = False,
-                  inputs: Sequence[str | Path | None] = (), report: Any = None) -> PackageRecord:
+                  maintainer: str | Sequence[str] | None = None, name: str | None = None,
+                  description: str | None = None, license: str = "MIT", tile: int | None = None, opset: int = 17,
+                  test: bool = True, overwrite: bool = False, inputs: Sequence[str | Path | None] = (),
+                  report: Any = None) -> PackageRecord:
     """Write a bioimage.io package (spec 0.5) of a model.
 
     Parameters
@@ -489,12 +709,14 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
         The package to write (.zip).
     author : str or sequence of str
         One name or several.
+    maintainer : str or sequence of str, optional
+        GitHub user names of the people who answer for the package (bioimage.io `maintainers`).
     name, description : str, optional
         Default: from the model.
     license : str
         An SPDX license id.
     tile : int, optional
-        The test tensors' tile (default: the checkpoint's).
+        The test tensors' tile, a valid package input size (default: from the checkpoint's tile).
     opset : int
         The ONNX opset of the onnx weights.
     test : bool
@@ -509,7 +731,7 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
     Returns
     -------
     PackageRecord
-        What was written and the checks it passed.
+        What was written, the checks it passed and what it leaves out.
 
     Raises
     ------
@@ -524,35 +746,23 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
     if test:
         require("bioimageio.core", feature="testing bioimage.io packages", package="segkit-bio[bioimageio]")
     authors = _authors(author)
+    maintainers = _maintainers(maintainer)
     name = _check_name(name or default_name(info))
     license = _check_license(license)
-    if info.kind not in MODEL_KINDS:
-        raise PackageError(f"a {info.kind} checkpoint cannot be packaged; package a segmenter or a denoiser")
-    scale = info.inference.scale
-    if scale is not None and abs(scale - 1.0) > 1e-3:
-        raise PackageError(f"this checkpoint was trained on images resized by {scale:g} (data.scale), and a bioimage.io "
-                           "package cannot resize its input for the model and the output back; export it to ONNX with "
-                           "`segkit export` instead (segkit predict resizes for it), or train without data.scale")
-    unsupported = [what for what, present in (
-        ("percentile normalisation", info.normalization.percentiles is not None),
-        ("several input channels", info.normalization.channels is not None or info.input_channels > 1),
-        (f"{info.inference.labels_kind} labels (K class outputs)", info.inference.labels_kind != "membrane"),
-    ) if present]
-    if unsupported:
-        raise PackageError(f"this checkpoint uses {' and '.join(unsupported)}, which `segkit package` does not write "
-                           "yet (it packages single-channel membrane models and denoisers); export it to ONNX with "
-                           "`segkit export` instead")
+    _refuse_unsupported(info)
     tile = package_tile(info, tile)
-    sizes = input_sizes(info)
-    geometry = info.geometry
-    offset, halo = -2 * geometry.margin, geometry.halo
-    out_size = geometry.output_size(tile)
+    geometry = package_geometry(info)
+    sizes, halo, pad = (geometry.min_input, geometry.step), geometry.halo, package_padding(info)
     out_id = output_id(info)
     description = " ".join(str(description or default_description(info)).split())
 
+    from segkit.bioimageio.head import PackagedModel
 
     model = model.cpu().float().eval()
-    head = inference_head(model, output="intensity" if info.kind == "denoiser" else "probability")
+    kind = output_kind(info)
+    head = PackagedModel(model, output=kind, pad=pad, margin=info.geometry.margin).eval()
+    channels = (class_names(info, int(model.out_channels)) if kind == "probabilities"
+                else [_class_name(info)] if kind == "probability" else ["denoised"])
     raw = sample_tile(info, tile)
     x = _normalize(info, raw)
     expected = _run(head, x)
@@ -562,22 +772,27 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
     checks = {f"the {tile} px test tile": x,
               f"noise of {other} px at batch 2": np.random.default_rng(0).standard_normal((2, 1, other, other),
                                                                                        dtype=np.float32)}
+    arch, left_out = _architecture(info)
     torchscript, torchscript_diff = _torchscript(head, tile, checks)
-    onnx_bytes, record = export_onnx(model, info, tile=tile, opset=opset)
-    weights_diff = {"pytorch_state_dict": 0.0, "torchscript": torchscript_diff,
-                    "onnx": max(v for k, v in record.parity.items() if k.startswith("max_abs_diff"))}
+    onnx_bytes, onnx_diff = _onnx(head, tile, opset, checks)
+    weights_diff = {"torchscript": torchscript_diff, "onnx": onnx_diff}
+    if arch is not None:
+        weights_diff = {"pytorch_state_dict": 0.0, **weights_diff}
+    notes = [left_out] if left_out else []
 
     with tempfile.TemporaryDirectory(prefix="segkit-bioimageio-") as folder:
         work = Path(folder)
         files = {
-            "weights.pt": _state_dict_bytes(model),
             "weights_torchscript.pt": torchscript,
             "weights.onnx": onnx_bytes,
-            "cover.png": _cover(raw[0, 0], expected[0, 0], margin=geometry.margin, kind=info.kind),
-            "README.md": _documentation(info, name=name, description=description, tile=tile, out_size=out_size,
-                                        sizes=sizes, offset=offset, halo=halo, output_id=out_id).encode(),
-            "environment.yaml": _environment().encode(),
+            "cover.png": _cover(raw[0, 0], expected[0], halo=halo, kind=info.kind),
+            "README.md": _documentation(info, name=name, description=description, tile=tile, sizes=sizes, halo=halo,
+                                        output_id=out_id, channels=channels, weights=list(weights_diff),
+                                        notes=notes).encode(),
         }
+        if arch is not None:
+            files.update({"weights.pt": _state_dict_bytes(model), ARCH_FILE: arch.encode(),
+                          "environment.yaml": _environment().encode()})
         for file_name, data in files.items():
             (work / file_name).write_bytes(data)
         np.save(work / "test_input.npy", raw)
@@ -585,73 +800,116 @@ def build_package(model: Any, info: CheckpointInfo, output: str | Path, /, *, au
         import tifffile
 
         tifffile.imwrite(work / "sample_input.tif", raw[0, 0])  # the same, as images for people (FAIR)
-        tifffile.imwrite(work / "sample_output.tif", expected[0, 0].astype(np.float32))
-        descr = _describe(info, work, name=name, description=description, authors=authors, license=license,
-                          sizes=sizes, offset=offset, halo=halo, output_id=out_id, opset=opset, tile=tile)
+        tifffile.imwrite(work / "sample_output.tif", expected[0].astype(np.float32))
+        descr = _describe(info, work, name=name, description=description, authors=authors, maintainers=maintainers,
+                          license=license, sizes=sizes, halo=halo, pad=pad, output_id=out_id, channels=channels,
+                          opset=opset, tile=tile, state_dict=arch is not None)
         from bioimageio.spec import save_bioimageio_package
 
         package = work / "package.zip"
-        with _quiet_bioimageio():
+        with _quiet_bioimageio(), _known_maintainers(maintainers):
             save_bioimageio_package(descr, output_path=package)
         passed = validate_package(package, test=test)
 
         with atomic_path(output) as tmp:
             shutil.copyfile(package, tmp)
-    return PackageRecord(path=output, tile=tile, input_sizes=sizes, output_offset=offset, halo=halo,
-                         weights=weights_diff, checks=passed)
+    return PackageRecord(path=output, tile=tile, input_sizes=sizes, halo=halo, pad=pad, weights=weights_diff,
+                         checks=passed, notes=tuple(notes))
 
 
 def _environment() -> str:
-    """The pytorch_state_dict weights' conda environment: PyTorch and segkit (their architecture), by its
-    distribution name (`segkit` on PyPI is another project)."""
+    """The pytorch_state_dict weights' conda environment: PyTorch alone (the architecture is arch.py)."""
     import torch
 
     version = torch.__version__.split("+")[0]
-    return (f"name: segkit\nchannels:\n  - conda-forge\n  - nodefaults\ndependencies:\n  - python>=3.10\n"
-            f"  - pytorch>={version}\n  - pip\n  - pip:\n    - {DISTRIBUTION}>={__version__}\n")
+    return (f"name: segkit-package\nchannels:\n  - conda-forge\n  - nodefaults\ndependencies:\n  - python>=3.10\n"
+            f"  - pytorch>={version}\n  - numpy\n")
 
 
-def _describe(info: CheckpointInfo, work: Path, *, name: str, description: str, authors: list[str], license: str,
-              sizes: tuple[int, int], offset: int, halo: int, output_id: str, opset: int, tile: int) -> Any:
+def _preprocessing(info: CheckpointInfo) -> list[Any]:
+    """The checkpoint's normalisation as bioimage.io preprocessing steps."""
+    from bioimageio.spec.model import v0_5 as spec
+
+    norm = info.normalization
+    if norm.percentiles is None:
+        steps: list[Any] = [spec.FixedZeroMeanUnitVarianceDescr(kwargs=spec.FixedZeroMeanUnitVarianceKwargs(
+            mean=float(norm.mean), std=float(norm.std)))]
+    else:
+        low, high = norm.percentiles
+        steps = [spec.ScaleRangeDescr(kwargs=spec.ScaleRangeKwargs(
+            axes=[spec.AxisId("y"), spec.AxisId("x")], min_percentile=low, max_percentile=high, eps=_EPS))]
+    if norm.clip:
+        steps.append(spec.ClipDescr(kwargs=spec.ClipKwargs(min=0.0, max=1.0)))
+    return steps
+
+
+def _describe(info: CheckpointInfo, work: Path, *, name: str, description: str, authors: list[str],
+              maintainers: list[str], license: str, sizes: tuple[int, int], halo: int, pad: tuple[int, int], output_id: str,
+              channels: list[str], opset: int, tile: int, state_dict: bool) -> Any:
     """The ModelDescr, validated with the package's files in `work` (hashes, test tensor shapes); no remote check."""
     import torch
     from bioimageio.spec import ValidationContext
     from bioimageio.spec.model import v0_5 as spec
     from pydantic import ValidationError
 
-    space = {"y": None, "x": None}
+    from segkit.bioimageio.source import CALLABLE
+
+    space = ("y", "x")
     input_axes = [spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier("raw")])]
     input_axes += [spec.SpaceInputAxis(id=spec.AxisId(a), size=spec.ParameterizedSize(min=sizes[0], step=sizes[1]))
                    for a in space]
-    reference = {a: spec.SizeReference(tensor_id=spec.TensorId(INPUT_ID), axis_id=spec.AxisId(a), offset=offset)
-                 for a in space}
-    output_axes: list[Any] = [spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(
-        _class_name(info) if info.kind == "segmenter" else "denoised")])]
+    reference = {a: spec.SizeReference(tensor_id=spec.TensorId(INPUT_ID), axis_id=spec.AxisId(a)) for a in space}
+    output_axes: list[Any] = [spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(c) for c in channels])]
     output_axes += [spec.SpaceOutputAxisWithHalo(id=spec.AxisId(a), size=reference[a], halo=halo) if halo
                     else spec.SpaceOutputAxis(id=spec.AxisId(a), size=reference[a]) for a in space]
-    mean, std = float(info.normalization.mean), float(info.normalization.std)
+    kind = output_kind(info)
     postprocessing = []
-    if info.kind == "segmenter":
-        output_data = spec.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0))
-    else:
+    if kind == "intensity":
         output_data = spec.IntervalOrRatioDataDescr(type="float32")
-        postprocessing = [spec.ScaleLinearDescr(kwargs=spec.ScaleLinearKwargs(gain=std, offset=mean))]
+        postprocessing = [spec.ScaleLinearDescr(kwargs=spec.ScaleLinearKwargs(
+            gain=float(info.normalization.std), offset=float(info.normalization.mean)))]
+    else:
+        output_data = spec.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0))
+    output_text = {"probability": f"{_class_name(info)} probability",
+                   "probabilities": f"the probability of each class ({', '.join(channels)})",
+                   "intensity": "denoised grey values, in the input's units"}[kind]
     pytorch_version = spec.Version(torch.__version__.split("+")[0])
-    output_kind = "intensity" if info.kind == "denoiser" else "probability"
     record = json.loads(info.to_json())
+    weights: dict[str, Any] = {}
+    if state_dict:
+        weights["pytorch_state_dict"] = spec.PytorchStateDictWeightsDescr(
+            source=work / "weights.pt",
+            architecture=spec.ArchitectureFromFileDescr(
+                source=work / ARCH_FILE, callable=spec.Identifier(CALLABLE),
+                kwargs={"model": info.model, "model_kwargs": info.model_kwargs, "output": kind, "pad": list(pad),
+                        "margin": info.geometry.margin}),
+            pytorch_version=pytorch_version,
+            dependencies=spec.FileDescr(source=work / "environment.yaml"),
+            comment=f"the segkit checkpoint's tensors; the architecture is {ARCH_FILE} (torch only, no segkit)",
+        )
+    original = "pytorch_state_dict" if state_dict else None
+    weights["torchscript"] = spec.TorchscriptWeightsDescr(
+        source=work / "weights_torchscript.pt", pytorch_version=pytorch_version, parent=original,
+        comment="torch.jit.trace of the packaged model")
+    weights["onnx"] = spec.OnnxWeightsDescr(
+        source=work / "weights.onnx", opset_version=opset, parent=original or "torchscript",
+        comment="dynamic batch, height and width")
     try:
-        with ValidationContext(root=work, perform_io_checks=True, log_warnings=False, raise_errors=False):
+        with _known_maintainers(maintainers), ValidationContext(root=work, perform_io_checks=True, log_warnings=False,
+                                                                raise_errors=False):
             return spec.ModelDescr(
                 name=name,
                 description=description[:1024],
                 authors=[spec.Author(name=a) for a in authors],
+                maintainers=[spec.Maintainer(github_user=m) for m in maintainers],
                 cite=[spec.CiteEntry(text=text, doi=spec.Doi(doi)) for text, doi in _cites(info)],
                 license=spec.LicenseId(license),
                 documentation=spec.FileDescr(source=work / "README.md"),
                 covers=[spec.FileDescr(source=work / "cover.png")],
                 tags=["segkit", "2d", "pytorch", "onnx", "torchscript",
-                      *(["segmentation", _class_name(info).replace("_", "-")] if info.kind == "segmenter"
-                        else ["denoising"]), re.sub(r"[^a-z0-9-]+", "-", info.model.lower()).strip("-")],
+                      *(["segmentation", _class_name(info).replace("_", "-") if kind == "probability"
+                         else info.inference.labels_kind] if info.kind == "segmenter" else ["denoising"]),
+                      re.sub(r"[^a-z0-9-]+", "-", info.model.lower()).strip("-")],
                 inputs=[spec.InputTensorDescr(
                     id=spec.TensorId(INPUT_ID),
                     description="grey values in the units the model was trained on",
@@ -659,37 +917,20 @@ def _describe(info: CheckpointInfo, work: Path, *, name: str, description: str, 
                     data=spec.IntervalOrRatioDataDescr(type="float32"),
                     test_tensor=spec.FileDescr(source=work / "test_input.npy"),
                     sample_tensor=spec.FileDescr(source=work / "sample_input.tif"),
-                    preprocessing=[spec.FixedZeroMeanUnitVarianceDescr(
-                        kwargs=spec.FixedZeroMeanUnitVarianceKwargs(mean=mean, std=std))],
+                    pad=spec.ReflectPadding(mode="reflect"),  # mode given: a default-only entry is written as {}
+                    preprocessing=_preprocessing(info),
                 )],
                 outputs=[spec.OutputTensorDescr(
                     id=spec.TensorId(output_id),
-                    description=(f"{_class_name(info)} probability" if info.kind == "segmenter"
-                                 else "denoised grey values, in the input's units"),
+                    description=output_text,
                     axes=output_axes,
                     data=output_data,
                     test_tensor=spec.FileDescr(source=work / "test_output.npy"),
                     sample_tensor=spec.FileDescr(source=work / "sample_output.tif"),
                     postprocessing=postprocessing,
                 )],
-                weights=spec.WeightsDescr(
-                    pytorch_state_dict=spec.PytorchStateDictWeightsDescr(
-                        source=work / "weights.pt",
-                        architecture=spec.ArchitectureFromLibraryDescr(
-                            import_from="segkit.bioimageio", callable=spec.Identifier("inference_model"),
-                            kwargs={"model": info.model, "model_kwargs": info.model_kwargs, "output": output_kind}),
-                        pytorch_version=pytorch_version,
-                        dependencies=spec.FileDescr(source=work / "environment.yaml"),
-                        comment="the segkit checkpoint's tensors; the architecture needs segkit",
-                    ),
-                    torchscript=spec.TorchscriptWeightsDescr(
-                        source=work / "weights_torchscript.pt", pytorch_version=pytorch_version,
-                        parent="pytorch_state_dict", comment="torch.jit.trace of the inference head"),
-                    onnx=spec.OnnxWeightsDescr(
-                        source=work / "weights.onnx", opset_version=opset, parent="pytorch_state_dict",
-                        comment="segkit export (dynamic batch, height and width; segkit metadata inside)"),
-                ),
-                config=spec.Config(segkit={"checkpoint": record, "test_tile": tile}),
+                weights=spec.WeightsDescr(**weights),
+                config=spec.Config(segkit={"checkpoint": record, "test_tile": tile, "pad": list(pad)}),
             )
     except ValidationError as exc:
         error = exc.errors()[0]
@@ -699,9 +940,10 @@ def _describe(info: CheckpointInfo, work: Path, *, name: str, description: str, 
 
 
 def package_checkpoint(checkpoint: str | Path, output: str | Path | None = None, /, *, author: str | Sequence[str],
-                       denoiser: str | Path | None = None, name: str | None = None, description: str | None = None,
-                       license: str = "MIT", tile: int | None = None, opset: int = 17, test: bool = True,
-                       overwrite: bool = False, report: Any = None) -> PackageRecord:
+                       maintainer: str | Sequence[str] | None = None, denoiser: str | Path | None = None,
+                       name: str | None = None, description: str | None = None, license: str = "MIT",
+                       tile: int | None = None, opset: int = 17, test: bool = True, overwrite: bool = False,
+                       report: Any = None) -> PackageRecord:
     """Write the bioimage.io package of a segkit checkpoint (`segkit package`).
 
     Parameters
@@ -712,6 +954,8 @@ def package_checkpoint(checkpoint: str | Path, output: str | Path | None = None,
         The package; default: the checkpoint's name with .bioimageio.zip.
     author : str or sequence of str
         One name or several.
+    maintainer : str or sequence of str, optional
+        GitHub user names (bioimage.io `maintainers`; without them bioimageio.spec warns).
     denoiser : str or Path, optional
         A denoiser checkpoint packaged in front of the segmenter.
     name, description, license, tile, opset, test, overwrite, report
@@ -733,9 +977,11 @@ def package_checkpoint(checkpoint: str | Path, output: str | Path | None = None,
     output = Path(output) if output is not None else checkpoint.with_name(checkpoint.stem + ".bioimageio.zip")
     check_package_path(output, inputs=[checkpoint, denoiser], overwrite=overwrite, report=report)
     _authors(author)
+    _maintainers(maintainer)
     if denoiser is not None:
         model, info = compose_with_denoiser(denoiser, checkpoint)
     else:
         model, info = load_model(checkpoint, expect_kind=read_info(checkpoint).kind)
-    return build_package(model, info, output, author=author, name=name, description=description, license=license,
-                         tile=tile, opset=opset, test=test, overwrite=overwrite, inputs=[checkpoint, denoiser])
+    return build_package(model, info, output, author=author, maintainer=maintainer, name=name,
+                         description=description, license=license, tile=tile, opset=opset, test=test,
+                         overwrite=overwrite, inputs=[checkpoint, denoiser])

@@ -418,7 +418,7 @@ def _predict_on_dask(sources: list[str], output: str, request: EngineRequest | N
     `progress` is reset to the tiles of every chunk and advances as each chunk finishes."""
     if not output.rstrip("/").lower().endswith(".zarr"):
         raise SegkitError("the Dask path (scheduler/workers) writes OME-Zarr: name the output NAME.ome.zarr "
-                          "(then `segkit convert NAME.ome.zarr NAME.tif` for a BigTIFF)")
+                          "(then `segkit convert NAME.ome.zarr NAME.tif` for a TIFF)")
     if len(sources) > 1:
         raise SegkitError("the Dask path predicts one stack; quote a glob to read 2D files as one stack")
     if request is None:

@@ -184,6 +184,19 @@ def finish_planes(spec: PlaneEncoding, planes: Iterable[np.ndarray]) -> Iterator
     return unique_ids(finished) if isinstance(spec, LABEL_ENCODINGS) else finished
 
 
+def output_content(spec: PlaneEncoding) -> str:
+    """What an encoding's output holds, as its file records it (`segkit.io.calibration.CONTENTS`):
+    'labels' (instances, objects), 'intensities' (a denoiser's), 'classes' (a class map, a 0/255
+    mask), else 'probabilities'."""
+    if isinstance(spec, LABEL_ENCODINGS):
+        return "labels"
+    if isinstance(spec, IntensityEncoding):
+        return "intensities"
+    if isinstance(spec, ClassMapEncoding) or getattr(spec, "kind", None) == "mask":
+        return "classes"
+    return "probabilities"
+
+
 # -- which encoding ----------------------------------------------------------------------------
 
 def parse_threshold(value: float | str, auto: float) -> float:

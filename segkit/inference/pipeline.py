@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from segkit.errors import SegkitError
-from segkit.inference.encodings import PlaneEncoding, ProbabilityEncoding, finish_planes
+from segkit.inference.encodings import PlaneEncoding, ProbabilityEncoding, finish_planes, output_content
 from segkit.inference.tiler import Forward, TilePlan, pad_plane, plan_tiles, predict_planes
 from segkit.io.resample import rescale
 from segkit.io.tiff import ENCODE_WORKERS, TiffStack, write_stack
@@ -314,7 +314,8 @@ def predict_stack(
     def write(planes: Iterable[np.ndarray]) -> Path:
         if channels > 1:
             planes = (channel for plane in planes for channel in plane)
-        return write_stack(output, planes, shape=shape, dtype=spec.dtype, axes=axes, resolution=stack.resolution,
+        return write_stack(output, planes, shape=shape, dtype=spec.dtype, axes=axes, content=output_content(spec),
+                           calibration=getattr(stack, "calibration", None),  # rescaled or not: the input's size
                            overwrite=overwrite, compression=compression, workers=workers)
 
     return run_stack(stack, forward, geometry, write, normalization=normalization, tile=tile, batch=batch,

@@ -42,5 +42,6 @@ def segment_stack(source: str, output: str | Path, params: WatershedParams, *, o
                     on_plane(1)
 
         shape = stack.shape[1:] if stack.is_2d else stack.shape
-        return write_stack(output, unique_ids(planes()), shape=shape, dtype=np.uint32, resolution=stack.resolution,
+        return write_stack(output, unique_ids(planes()), shape=shape, dtype=np.uint32, content="labels",
+                           calibration=stack.calibration,
                            overwrite=overwrite, compression=compression)

@@ -137,6 +137,31 @@ class Calibration:
         """The unit as OME-XML writes it ('µm', 'nm', ...)."""
         return _OME_UNITS[self.unit]
 
+    def in_unit(self, unit: str) -> "Calibration":
+        """The same sizes expressed in another unit (any spelling `unit_name` knows).
+
+        Parameters
+        ----------
+        unit : str
+            E.g. 'micrometer', 'um', 'nm'.
+
+        Returns
+        -------
+        Calibration
+            Sizes converted (12 significant digits), unknown sizes left None.
+
+        Raises
+        ------
+        ValueError
+            When `unit` is not a length unit.
+        """
+        name = unit_name(unit)
+        if name is None:
+            raise ValueError(f"unit {unit!r} is not a length unit")
+        factor = _UNIT_UM[self.unit] / _UNIT_UM[name]
+        x, y, z = (_size(size * factor) if size is not None else None for size in (self.x, self.y, self.z))
+        return Calibration(x, y, z, name)
+
     def scale(self, axes: str) -> tuple[float, ...]:
         """One value per axis of `axes` ('ZYX', 'CYX', 'ZCYX', ...): the pixel size for X, Y, Z where
         known, 1.0 for channel axes and unknown sizes (what napari's `scale` and NGFF's scale want)."""

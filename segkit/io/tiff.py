@@ -4,9 +4,14 @@ Reading never loads a whole stack: a plane of an uncompressed contiguous stack i
 from its file offset, other stacks are decoded page by page. (Memory-mapping would make every
 touched page of the file count in the process's resident memory, which then grows with the
 stack; offset reads keep it flat.) Compressed pages are decoded with their blocks or strips spread over
-all cores. Writing produces a tiled BigTIFF under a temporary name that is renamed only when every plane is
-written, so a failure never leaves a file that looks complete; its storage blocks are compressed in
-parallel, a bounded number of planes at a time.
+all cores.
+
+Writing produces what Fiji, ImageJ, Bio-Formats and napari open as intended: an ImageJ hyperstack
+(classic TIFF, strips, ImageJ's description with slices, channels, unit and z spacing) below 4 GiB,
+an OME-TIFF (BigTIFF, tiles, OME-XML physical sizes) above, both recording the input's calibration
+and what the output holds. The file is written under a temporary name that is renamed only when
+every plane is written, so a failure never leaves a file that looks complete; its strips or tiles
+are compressed in parallel, about one plane at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import tifffile
 from segkit import memory
 from segkit._optional import require
 from segkit.errors import InputError, SegkitError
-from segkit.io.calibration import Calibration, calibration_from_resolution, tiff_calibration
+from segkit.io.calibration import CONTENT_KEY, CONTENTS, Calibration, calibration_from_resolution, tiff_calibration
 from segkit.io.outputs import atomic_path, check_output
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
@@ -41,7 +46,8 @@ _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexErro
 
 @dataclass(frozen=True)
 class Resolution:
-    """Pixel size metadata copied from input to output.
+    """The resolution tags of an input, as stored (outputs carry a `Calibration` instead, which also
+    knows z and every unit dialect).
 
     Attributes
     ----------
@@ -86,7 +92,7 @@ class TiffStack:
     dtype : numpy.dtype
         uint8, uint16 or float32 (labels also uint32, int32).
     resolution : Resolution or None
-        The resolution tags, copied to outputs.
+        The resolution tags, as stored.
     calibration : Calibration or None
         Pixel sizes x, y (and z where the file says) with their unit (`segkit.io.calibration`), carried
         to outputs; None where the file holds no calibration.
@@ -712,8 +718,81 @@ COMPRESSIONS = ("zlib", "zstd", "lzw", "none")
 _CODECS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "zlib": ("zlib", {"level": 1}), "zstd": ("zstd", {"level": 1}), "lzw": ("lzw", {}), "none": (None, {}),
 }
+#: The compressions ImageJ's own TIFF reader decodes (ij/io/TiffDecoder: none, LZW, PackBits, deflate).
+#: zstd is not one of them: a zstd output is written as OME-TIFF, which Fiji opens through Bio-Formats
+#: (6.11 or later reads zstd), and tifffile/napari with imagecodecs.
+IMAGEJ_COMPRESSIONS = ("zlib", "lzw", "none")
+#: Bytes a classic TIFF's 32-bit offsets address: an ImageJ hyperstack must stay below this.
+CLASSIC_TIFF_LIMIT = 2**32
+#: How much each compression can grow incompressible pixel data, at worst: deflate falls back to stored
+#: blocks (zlib's deflateBound: +0.03 %); LZW's codes reach 12 bits per 8-bit symbol (+50 %; random
+#: bytes measured +37 % with imagecodecs). The format is chosen before the first plane is compressed,
+#: so the choice has to hold for any pixel values.
+_WORST_GROWTH = {"zlib": 1.001, "lzw": 1.5, "none": 1.0}
+#: Bytes around the pixels, at most: a page's directory and tag values (under 1 KiB; ImageJ's description
+#: and tifffile's tags are on the first page only), 8 per strip (its offset and byte count), the header.
+_PAGE_OVERHEAD, _STRIP_OVERHEAD, _FILE_OVERHEAD = 1024, 8, 65536
+#: Strips of about 256 KiB (tifffile's default), at least 16 KiB: each strip is one compression job.
+_STRIP_BYTES, _MIN_STRIP_BYTES = 262144, 16384
 #: Axes write_stack takes, by rank; a channel axis is stored after Z (ImageJ's XYCZT order, channel fastest).
 _AXES = {2: ("YX",), 3: ("ZYX", "CYX"), 4: ("ZCYX",)}
+
+
+def stored_dtype(dtype: np.dtype | type | str) -> np.dtype:
+    """The dtype write_stack stores for `dtype`: float16 as float32 (neither ImageJ nor OME-XML has a
+    16-bit float pixel type; float32 holds every float16 value exactly), others unchanged."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+def output_format(shape: tuple[int, ...], dtype: np.dtype | type | str, compression: str = "zlib", *,
+                  limit: int = CLASSIC_TIFF_LIMIT) -> str:
+    """Which format write_stack writes: 'imagej' (a classic-TIFF hyperstack that ImageJ's own reader,
+    Fiji's File > Open, opens with its calibration) where the file is sure to stay below `limit`, else
+    'ome' (an OME-TIFF BigTIFF, which Bio-Formats reads).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        YX, ZYX, CYX or ZCYX.
+    dtype : numpy.dtype or type
+        The dtype asked for (float16 counts as the float32 it is stored as).
+    compression : str
+        One of `COMPRESSIONS`; zstd always gives 'ome' (ImageJ cannot decode it).
+    limit : int
+        Largest classic TIFF file, in bytes (tests pass a small one to get the OME path).
+
+    Returns
+    -------
+    str
+        'imagej' or 'ome'.
+
+    Notes
+    -----
+    The decision is made before any plane is compressed, so it uses the uncompressed size times the
+    compression's worst-case growth on incompressible data, plus every page directory and strip
+    entry: a classic TIFF that ran past 4 GiB would fail at its end (its offsets are 32-bit), after
+    all the work. A stack that would compress to much less than 4 GiB may therefore still be written
+    as OME-TIFF.
+    """
+    if compression not in IMAGEJ_COMPRESSIONS:
+        return "ome"
+    dtype = stored_dtype(dtype)
+    height, width = shape[-2:]
+    pages = int(np.prod(shape[:-2], dtype=np.int64))
+    strips = -(-height // min(height, -(-_MIN_STRIP_BYTES // (width * dtype.itemsize))))  # at most: the smallest strips
+    pixels = pages * height * width * dtype.itemsize
+    need = pixels * _WORST_GROWTH[compression] + pages * (_PAGE_OVERHEAD + strips * _STRIP_OVERHEAD) + _FILE_OVERHEAD
+    return "imagej" if need < limit else "ome"
+
+
+def _rows_per_strip(height: int, row_bytes: int, workers: int) -> int:
+    """Rows of one strip: about 256 KiB (tifffile's default), but at least `workers` strips a plane
+    (each strip is a compression job: a plane of few strips would leave threads idle), and strips no
+    smaller than 16 KiB (smaller ones compress worse and cost a directory entry each)."""
+    rows = -(-_STRIP_BYTES // max(1, row_bytes))
+    rows = min(rows, max(-(-height // workers), -(-_MIN_STRIP_BYTES // max(1, row_bytes))))
+    return max(1, min(rows, height))
 
 
 def write_stack(
@@ -724,18 +803,26 @@ def write_stack(
     shape: tuple[int, ...],
     dtype: np.dtype | type,
     axes: str | None = None,
-    resolution: Resolution | None = None,
+    calibration: Calibration | None = None,
+    content: str | None = None,
     overwrite: bool = False,
     block: int = 256,
     compression: str = "zlib",
     compression_level: int = 1,
     workers: int | None = None,
+    imagej_limit: int = CLASSIC_TIFF_LIMIT,
 ) -> Path:
-    """Write planes, as they arrive, to a tiled BigTIFF at `path` (atomically).
+    """Write planes, as they arrive, to a TIFF that Fiji, ImageJ, Bio-Formats and napari open (atomically).
 
-    The file is written under a temporary name and renamed when every plane is written. Storage blocks
-    are compressed on `workers` threads, at most about two planes' worth at a time, so memory does not
-    grow with the stack.
+    Below 4 GiB (`output_format`) the file is an ImageJ hyperstack: classic TIFF, strips, axes in the
+    ImageJ description (slices, channels), the calibration as resolution tags with ImageJ's `unit` and
+    `spacing` (z), in micrometres. Larger ones, and zstd outputs, are OME-TIFF: BigTIFF, `block` x
+    `block` tiles, the calibration as OME-XML physical sizes in the calibration's own unit. Both record
+    `content` (`segkit.io.calibration.read_content`). float16 is stored as float32 (`stored_dtype`).
+
+    The file is written under a temporary name and renamed when every plane is written. Strips or tiles
+    are compressed on `workers` threads, about one plane's worth at a time, so memory does not grow with
+    the stack.
 
     Parameters
     ----------
@@ -747,22 +834,27 @@ def write_stack(
     shape : tuple of int
         ZYX, YX for a single 2D image (stored without a Z axis), or with a channel axis ZCYX / CYX.
     dtype : numpy.dtype or type
-        The stored dtype; planes are cast to it.
+        The dtype of the planes; they are cast to `stored_dtype(dtype)`.
     axes : str, optional
         'YX', 'ZYX', 'CYX' or 'ZCYX'; by default ZYX or YX by rank.
-    resolution : Resolution, optional
-        Stored in the resolution tags, and its ImageJ unit (`unit_name`, e.g. 'um') in the
-        description's `unit`, so the output reads back with the input's pixel size.
+    calibration : Calibration, optional
+        The pixel sizes x, y, z and their unit (the input's, `TiffStack.calibration`); None writes none.
+    content : str, optional
+        What the planes hold, one of `segkit.io.calibration.CONTENTS` ('probabilities', 'classes',
+        'labels', 'intensities'), so readers (the napari plugin) open labels as labels.
     overwrite : bool
         Replace an existing file.
     block : int
-        Storage block size in px (a multiple of 16).
+        Tile size in px of the OME-TIFF (a multiple of 16).
     compression : str
-        One of `COMPRESSIONS`: 'zlib' (default; every reader opens it), 'zstd', 'lzw' or 'none'.
+        One of `COMPRESSIONS`: 'zlib' (default; every reader opens it), 'lzw', 'none', or 'zstd' (the
+        fastest; written as OME-TIFF since ImageJ's own reader cannot decode it).
     compression_level : int
         Level of zlib and zstd.
     workers : int, optional
         Compression threads; default: up to 8.
+    imagej_limit : int
+        Largest file written as an ImageJ hyperstack (classic TIFF), in bytes.
 
     Returns
     -------
@@ -778,51 +870,125 @@ def write_stack(
     OutputExistsError, OutputError
         From `check_output_path`, before anything is written.
     ValueError
-        When a plane has another shape than (Y, X), the number of planes does not match `shape`, or
-        `axes` does not fit `shape` (a programming error, not a user's).
+        When a plane has another shape than (Y, X), the number of planes does not match `shape`, `axes`
+        does not fit `shape`, or `content` is unknown (a programming error, not a user's).
     """
-    dtype = np.dtype(dtype)
+    dtype = stored_dtype(dtype)
     axes = _check_axes(shape, axes)
+    if content is not None and content not in CONTENTS:
+        raise ValueError(f"content {content!r}: expected one of {', '.join(CONTENTS)}")
     codec, codec_args = _codec(compression, compression_level)
     path = check_output_path(path, overwrite=overwrite)
     height, width = shape[-2:]
-    count_expected = int(np.prod(shape[:-2], dtype=np.int64))
-    # tifffile pulls max(maxworkers, buffersize // block bytes) blocks from `planes`, encodes them on
-    # maxworkers threads, writes them, and repeats; its default buffersize (512 MiB) would hold about
-    # a hundred 4 Mpx planes. Batches of one plane's blocks keep memory flat in the number of planes
-    # (and start compressing as soon as the first plane arrives).
-    blocks_per_plane = -(-height // block) * -(-width // block)
-    workers = min(_worker_count(workers, ENCODE_WORKERS), 2 * blocks_per_plane)
-    buffersize = blocks_per_plane * block * block * dtype.itemsize
+    out = _Output(tuple(shape), axes, dtype, calibration if calibration and not calibration.is_empty else None,
+                  content, codec, codec_args, _worker_count(workers, ENCODE_WORKERS))
+    pages = _checked_planes(planes, (height, width), dtype, int(np.prod(shape[:-2], dtype=np.int64)))
+    with atomic_path(path) as tmp:
+        if output_format(shape, dtype, compression, limit=imagej_limit) == "imagej":
+            _write_imagej(tmp, pages, out)
+        else:
+            _write_ome(tmp, pages, out, block)
+    return path
 
-    def blocks() -> Iterator[np.ndarray]:
-        count = 0
-        for plane in planes:
-            if plane.shape != (height, width):
-                raise ValueError(f"plane of shape {plane.shape}, expected {(height, width)}")
-            plane = plane.astype(dtype, copy=False)
+
+@dataclass(frozen=True)
+class _Output:
+    """What write_stack writes, whatever the format."""
+
+    shape: tuple[int, ...]
+    axes: str
+    dtype: np.dtype
+    calibration: Calibration | None
+    content: str | None
+    codec: str | None
+    codec_args: dict[str, Any]
+    workers: int
+
+
+def _checked_planes(planes: Iterable[np.ndarray], plane_shape: tuple[int, int], dtype: np.dtype,
+                    count_expected: int) -> Iterator[np.ndarray]:
+    """The planes cast to `dtype`, each checked to be (Y, X), and their number to be `count_expected`."""
+    count = 0
+    for plane in planes:
+        if plane.shape != plane_shape:
+            raise ValueError(f"plane of shape {plane.shape}, expected {plane_shape}")
+        yield np.ascontiguousarray(plane, dtype=dtype)
+        count += 1
+    if count != count_expected:
+        raise ValueError(f"got {count} planes, expected {count_expected}")
+
+
+def _compression_args(out: _Output, chunks_per_plane: int, chunk_bytes: int) -> dict[str, Any]:
+    """tifffile's compression arguments: `out.workers` threads (at most two per chunk of a plane), and
+    batches of one plane's chunks. tifffile pulls max(maxworkers, buffersize // chunk bytes) chunks
+    from the planes, encodes them on maxworkers threads, writes them and repeats; its default
+    buffersize (512 MiB) would hold about a hundred 4 Mpx planes, one plane keeps memory flat in the
+    number of planes (and starts compressing as soon as the first plane arrives)."""
+    if out.codec is None:
+        return {}
+    return {"compression": out.codec, "compressionargs": out.codec_args,
+            "maxworkers": min(out.workers, 2 * chunks_per_plane), "buffersize": chunks_per_plane * chunk_bytes}
+
+
+def _write_imagej(tmp: Path, pages: Iterator[np.ndarray], out: _Output) -> None:
+    """An ImageJ hyperstack: classic TIFF (ImageJ's opener reads no BigTIFF), strips (it rejects tiles),
+    one page per plane in ImageJ's order, and ImageJ's description. The description is made with
+    tifffile's `imagej_description` and written as a plain one, which tifffile allows for every dtype
+    (its `imagej=True` refuses uint32: ImageJ opens uint32 label stacks as 32-bit images, exact up to
+    2**24 ids)."""
+    height, width = out.shape[-2:]
+    row_bytes = width * out.dtype.itemsize
+    rows = _rows_per_strip(height, row_bytes, out.workers)
+    extra = _compression_args(out, -(-height // rows), rows * row_bytes)
+    if extra:
+        extra["rowsperstrip"] = rows
+    metadata: dict[str, Any] = {}
+    calibration = out.calibration.in_unit("micrometer") if out.calibration is not None else None
+    if calibration is not None and calibration.x is not None and calibration.y is not None:
+        # ImageJ counts pixels per its `unit`; Bio-Formats reads `spacing` as micrometres whatever the unit
+        # (7.3.1, measured), so the file states micrometres for both to agree
+        extra.update(resolution=(1.0 / calibration.x, 1.0 / calibration.y), resolutionunit=1)
+    if calibration is not None:
+        metadata["unit"] = calibration.imagej_unit
+        if calibration.z is not None and "Z" in out.axes:
+            metadata["spacing"] = calibration.z
+    if out.content == "probabilities" and out.dtype.kind == "f":
+        metadata.update(min=0.0, max=1.0)  # the display range of probabilities, not of the first slice
+    if out.content is not None:
+        metadata[CONTENT_KEY] = out.content
+    description = tifffile.imagej_description(out.shape, axes=out.axes, **metadata)
+    with tifffile.TiffWriter(tmp, bigtiff=False) as writer:
+        writer.write(pages, shape=out.shape, dtype=out.dtype, photometric="minisblack", description=description,
+                     metadata=None, **extra)
+
+
+def _write_ome(tmp: Path, pages: Iterator[np.ndarray], out: _Output, block: int) -> None:
+    """An OME-TIFF: BigTIFF, `block` x `block` tiles, OME-XML with the axes, the physical sizes in the
+    calibration's unit and `segkit_content=...` in the image's Description."""
+    height, width = out.shape[-2:]
+    blocks_per_plane = -(-height // block) * -(-width // block)
+    extra = _compression_args(out, blocks_per_plane, block * block * out.dtype.itemsize)
+    metadata: dict[str, Any] = {"axes": out.axes}
+    calibration = out.calibration
+    if calibration is not None:
+        for axis, size in (("X", calibration.x), ("Y", calibration.y), ("Z", calibration.z)):
+            if size is not None and axis in out.axes:
+                metadata.update({f"PhysicalSize{axis}": size, f"PhysicalSize{axis}Unit": calibration.ome_unit})
+        if calibration.x is not None and calibration.y is not None:  # for readers of the tags alone: per cm
+            cm = calibration.in_unit("centimeter")
+            extra.update(resolution=(1.0 / cm.x, 1.0 / cm.y), resolutionunit=3)
+    if out.content is not None:
+        metadata["Description"] = f"{CONTENT_KEY}={out.content}"
+
+    def tiles() -> Iterator[np.ndarray]:
+        for plane in pages:
             for y in range(0, height, block):
                 for x in range(0, width, block):
                     yield plane[y : y + block, x : x + block]
-            count += 1
-        if count != count_expected:
-            raise ValueError(f"got {count} planes, expected {count_expected}")
 
-    extra: dict[str, Any] = {}
-    metadata: dict[str, Any] = {"axes": axes}
-    if resolution is not None:
-        extra = {"resolution": (resolution.x, resolution.y), "resolutionunit": resolution.unit}
-        if resolution.unit_name:  # the ImageJ unit the resolution counts pixels per ('um')
-            metadata["unit"] = resolution.unit_name
-    if codec is not None:
-        extra.update(compression=codec, compressionargs=codec_args, maxworkers=workers, buffersize=buffersize)
-    with atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=True) as writer:
-            writer.write(
-                blocks(), shape=tuple(shape), dtype=dtype, tile=(block, block), photometric="minisblack",
-                metadata=metadata, **extra,
-            )
-    return path
+    with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
+        writer.write(tiles(), shape=out.shape, dtype=out.dtype, tile=(block, block), photometric="minisblack",
+                     metadata=metadata, **extra)
 
 
 def _check_axes(shape: tuple[int, ...], axes: str | None) -> str:

@@ -1,5 +1,5 @@
 """Zarr and OME-Zarr: read a volume plane by plane, create the OME-Zarr store the Dask path writes
-into, and convert a store to a tiled BigTIFF.
+into, and convert a store to a TIFF (ImageJ hyperstack, OME-TIFF above 4 GiB).
 
 Stores are zarr format 2 with NGFF 0.4 metadata built with ome-zarr-models (`segkit.io.ngff`): an
 image (a pyramid of levels "0", "1", ..., axes z, y, x, or c, z, y, x for outputs of several channels:
@@ -20,7 +20,7 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import InputError
-from segkit.io.calibration import Calibration, zarr_attributes, zarr_calibration
+from segkit.io.calibration import Calibration, read_content, zarr_attributes, zarr_calibration
 from segkit.io.ngff import image_attributes, label_attributes, labels_group_attributes, level_shapes
 from segkit.io.outputs import RESUMABLE_SUFFIX, check_output
 from segkit.io.tiff import check_finite, open_stack, write_stack
@@ -489,7 +489,7 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
                          compression: str = "zlib", report: Callable[[str], object] | None = None,
                          labels: bool | str = False) -> Path:
     """Stream the level 0 of an OME-Zarr store's image (or of one of its label images) into a tiled
-    BigTIFF, plane by plane.
+    TIFF (`segkit.io.tiff.write_stack`: ImageJ hyperstack, OME-TIFF above 4 GiB), plane by plane.
 
     YX and ZYX images are written as they are, a CZYX image (one channel per class) as a ZCYX TIFF
     (ImageJ's order: channel fastest).
@@ -548,8 +548,9 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
         channels, depth, height, width = array.shape
         planes: Any = (plane for z in range(depth) for plane in np.asarray(array[:, z]))
         return write_stack(output, planes, shape=(depth, channels, height, width), axes="ZCYX", dtype=array.dtype,
-                           overwrite=overwrite, compression=compression)
+                           overwrite=overwrite, compression=compression, calibration=zarr_calibration(image),
+                           content=read_content(image))
     planes = ((np.asarray(array[...]),) if array.ndim == 2
               else (np.asarray(array[z]) for z in range(array.shape[0])))
     return write_stack(output, planes, shape=tuple(array.shape), dtype=array.dtype, overwrite=overwrite,
-                       compression=compression)
+                       compression=compression, calibration=zarr_calibration(image), content=read_content(image))

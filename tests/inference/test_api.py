@@ -50,7 +50,7 @@ def test_one_stack_into_one_tiff(tmp_path, uint8_stack, tiny_checkpoint):
     assert written.shape == (3, 70, 91) and written.dtype == np.uint8
     assert_plane_matches_library(written, uint8_stack, tiny_checkpoint, index=2, tile=236)
     with tifffile.TiffFile(out) as tif:
-        assert tif.pages[0].resolution == pytest.approx((250.0, 250.0))
+        assert tif.pages[0].resolution == pytest.approx((1 / 40, 1 / 40))  # 250 px/cm: px per micron (ImageJ)
     # an existing output is kept unless overwrite; the default output sits beside the input
     with pytest.raises(OutputExistsError, match="already exists"):
         predict(uint8_stack, out, model=tiny_checkpoint)

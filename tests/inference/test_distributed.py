@@ -101,8 +101,8 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, chunky_stack, tiny
 def test_resume_refuses_another_model_or_settings(tmp_path, chunky_stack, tiny_checkpoint, monkeypatch):
     import torch
 
-    from segkit.checkpoint import save_checkpoint
     import segkit.inference.pipeline  # noqa: F401 - imported before the patch below, so it keeps the real predict_planes
+    from segkit.checkpoint import save_checkpoint
     from segkit.inference import tiler
     from segkit.models import create_model
     from segkit.normalization import Normalization

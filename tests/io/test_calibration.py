@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from segkit.io.calibration import (Calibration, calibration_from_resolution, read_calibration, read_content,
-                                   unit_name, zarr_calibration)
+from segkit.io.calibration import (
+    Calibration,
+    calibration_from_resolution,
+    read_calibration,
+    read_content,
+    unit_name,
+    zarr_calibration,
+)
 from segkit.io.tiff import open_stack, pixel_size_um
 
 
@@ -97,3 +103,12 @@ def test_content_is_read_from_imagej_ome_and_zarr_metadata(tmp_path):
     tifffile.imwrite(bogus, np.zeros((8, 8), np.uint8), imagej=True, metadata={"segkit_content": "anything"})
     assert (read_content(ij), read_content(ome), read_content(store), read_content(bogus)) == (
         "labels", "probabilities", "classes", None)
+
+
+def test_calibration_in_another_unit():
+    nm = Calibration(5.0, 6.0, 40.0, "nanometer")
+    assert nm.in_unit("um") == Calibration(0.005, 0.006, 0.04, "micrometer")
+    assert nm.in_unit("micrometer").in_unit("nm") == nm
+    assert Calibration(0.5, 0.5, None, "micrometer").in_unit("nanometer") == Calibration(500.0, 500.0, None, "nanometer")
+    with pytest.raises(ValueError, match="not a length unit"):
+        nm.in_unit("pixel")

@@ -5,7 +5,8 @@ import pytest
 import tifffile
 
 from segkit.errors import InputError, MissingDependencyError, OutputExistsError, SegkitError
-from segkit.io.tiff import COMPRESSIONS, open_stack, write_stack
+from segkit.io.calibration import Calibration, read_calibration, read_content
+from segkit.io.tiff import COMPRESSIONS, _rows_per_strip, open_stack, output_format, write_stack
 
 
 def test_read_compressed_stack_page_by_page(tmp_path):
@@ -57,14 +58,19 @@ def test_2d_image_and_folder_and_glob(tmp_path):
             assert stack.plane(2)[0, 0] == 2
 
 
-def test_write_roundtrip_keeps_resolution_and_is_tiled_bigtiff(tmp_path, uint8_stack):
+def test_write_roundtrip_keeps_calibration_as_an_imagej_hyperstack(tmp_path, uint8_stack):
     with open_stack(uint8_stack) as stack:
+        assert stack.calibration == Calibration(40.0, 40.0, None, "micrometer")  # 250 px/cm
         out = write_stack(tmp_path / "o.tif", iter(stack), shape=stack.shape, dtype=np.uint8,
-                          resolution=stack.resolution, block=32)
+                          calibration=stack.calibration, content="probabilities")
+    assert out.read_bytes()[:4] == b"II*\x00"  # classic TIFF: ImageJ's opener reads no BigTIFF
     with tifffile.TiffFile(out) as tif:
-        assert tif.is_bigtiff and tif.pages[0].is_tiled
-        assert tif.pages[0].resolution == pytest.approx((250.0, 250.0))
+        assert tif.is_imagej and not tif.is_bigtiff and not tif.pages[0].is_tiled
+        assert tif.series[0].axes == "ZYX" and tif.imagej_metadata["unit"] == "micron"
+        assert tif.pages[0].resolution == pytest.approx((1 / 40.0, 1 / 40.0)) and tif.pages[0].resolutionunit == 1
         np.testing.assert_array_equal(tif.asarray(), tifffile.imread(uint8_stack))
+    assert read_calibration(out) == Calibration(40.0, 40.0, None, "micrometer")
+    assert read_content(out) == "probabilities"
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 
@@ -76,25 +82,55 @@ def test_write_every_compression_and_dtype(tmp_path, dtype, compression, tag):
     data = (np.random.default_rng(2).random((2, 40, 50)) * 200).astype(dtype)
     out = write_stack(tmp_path / "o.tif", iter(data), shape=data.shape, dtype=dtype, block=16,
                       compression=compression, workers=2)
+    stored = np.float32 if dtype == np.float16 else dtype  # neither ImageJ nor OME-XML has float16
     with tifffile.TiffFile(out) as tif:
-        assert tif.pages[0].compression == tag and tif.pages[0].is_tiled and tif.series[0].axes == "ZYX"
-        np.testing.assert_array_equal(tif.asarray(), data)
+        assert tif.pages[0].compression == tag and tif.series[0].axes == "ZYX" and tif.series[0].dtype == stored
+        # zstd: OME-TIFF (ImageJ's reader has no zstd); the others: an ImageJ hyperstack
+        assert (tif.is_ome, tif.is_imagej, tif.pages[0].is_tiled) == ((True, False, True) if compression == "zstd"
+                                                                        else (False, True, False))
+        np.testing.assert_array_equal(tif.asarray(), data.astype(stored))
+
+
+@pytest.mark.parametrize("shape, dtype, compression, expected", [
+    ((3, 1024, 1024), np.uint8, "zlib", "imagej"),
+    ((1100, 1024, 1024), np.float32, "zlib", "ome"),  # 4.3 GiB
+    ((1023, 1024, 1024), np.float32, "none", "imagej"),  # 3.996 GiB uncompressed: exactly what is written
+    ((1023, 1024, 1024), np.float32, "zlib", "ome"),  # the same: deflate may grow incompressible data
+    ((2000, 1024, 1024), np.float16, "zlib", "ome"),  # stored as float32: 7.8 GiB
+    ((700, 1024, 1024), np.float32, "lzw", "ome"),  # 2.7 GiB, but LZW may grow it by half
+    ((3, 8, 8), np.uint8, "zstd", "ome"),  # ImageJ cannot decode zstd
+])
+def test_output_format_by_size_and_compression(shape, dtype, compression, expected):
+    assert output_format(shape, dtype, compression) == expected
+    assert output_format(shape, dtype, compression, limit=100) == "ome"
 
 
 def test_write_passes_workers_and_a_bounded_buffer_to_tifffile(tmp_path, monkeypatch):
     seen = {}
     original = tifffile.TiffWriter.write
     monkeypatch.setattr(tifffile.TiffWriter, "write", lambda self, *a, **k: seen.update(k) or original(self, *a, **k))
-    planes = np.zeros((3, 64, 40), np.uint16)
-    block_bytes = 16 * 16 * 2
-    write_stack(tmp_path / "a.tif", iter(planes), shape=planes.shape, dtype=np.uint16, block=16, workers=3)
-    assert seen["maxworkers"] == 3 and seen["buffersize"] == 12 * block_bytes  # one plane of 4 x 3 blocks
-    write_stack(tmp_path / "b.tif", iter(planes), shape=planes.shape, dtype=np.uint16, block=64, workers=7)
-    assert seen["maxworkers"] == 2 and seen["buffersize"] == 64 * 64 * 2  # one block a plane
+    planes = np.zeros((3, 512, 256), np.uint16)  # 256 KiB planes
+    write_stack(tmp_path / "a.tif", iter(planes), shape=planes.shape, dtype=np.uint16, workers=3)
+    # ImageJ: strips, at least one per thread, one plane's strips a batch
+    assert seen["rowsperstrip"] == 171 and seen["maxworkers"] == 3 and seen["buffersize"] == 3 * 171 * 512
+    with tifffile.TiffFile(tmp_path / "a.tif") as tif:
+        assert len(tif.pages[0].dataoffsets) == 3
+    seen.clear()
+    write_stack(tmp_path / "b.tif", iter(planes), shape=planes.shape, dtype=np.uint16, workers=3, imagej_limit=0,
+                block=128)
+    # OME-TIFF: tiles, one plane's tiles a batch
+    assert seen["tile"] == (128, 128) and "rowsperstrip" not in seen and seen["maxworkers"] == 3 and seen["buffersize"] == 8 * 128 * 128 * 2
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), planes)
     seen.clear()
     write_stack(tmp_path / "c.tif", iter(planes), shape=planes.shape, dtype=np.uint16, compression="none")
     assert "compression" not in seen and "maxworkers" not in seen  # nothing to encode
+
+
+def test_strips_are_at_least_one_per_thread_and_16_kib():
+    assert _rows_per_strip(1024, 2048, 8) == 128  # 256 KiB strips: 8 a plane
+    assert _rows_per_strip(512, 512, 8) == 64  # a 256 KiB plane: 8 strips of 32 KiB, one per thread
+    assert _rows_per_strip(512, 512, 64) == 32  # no smaller than 16 KiB
+    assert _rows_per_strip(10, 100, 1) == 10  # never more rows than the plane has
 
 
 @pytest.mark.parametrize("shape, axes", [((2, 3, 40, 50), None), ((2, 3, 40, 50), "ZCYX"), ((3, 40, 50), "CYX"),

@@ -271,26 +271,33 @@ def test_axondeepseg_pixel_sizes():
 # -- writing keeps the unit ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("axes, shape", [("YX", (12, 16)), ("CYX", (2, 12, 16)), ("ZCYX", (2, 2, 12, 16))])
-def test_write_stack_keeps_the_imagej_unit(tmp_path, axes, shape):
+def test_write_stack_keeps_the_imagej_calibration(tmp_path, axes, shape):
     data = _data(shape)
     tifffile.imwrite(tmp_path / "in.tif", data, imagej=True, resolution=(1 / 0.093, 1 / 0.093),
-                     metadata={"axes": axes, "unit": "um"})
+                     metadata={"axes": axes, "unit": "um", "spacing": 0.5})
     with open_stack(tmp_path / "in.tif") as stack:
         assert stack.resolution.unit_name == "um" and stack.pixel_size == pytest.approx(0.093)
         out = write_stack(tmp_path / "out.tif", iter(data.reshape(-1, 12, 16)), shape=shape, dtype=np.uint16,
-                          axes=axes, resolution=stack.resolution, block=16)
+                          axes=axes, calibration=stack.calibration)
     with tifffile.TiffFile(out) as tif:
-        assert tif.shaped_metadata[0]["unit"] == "um" and tif.series[0].axes == axes
+        assert tif.is_imagej and tif.imagej_metadata["unit"] == "micron" and tif.series[0].axes == axes
+        assert tif.imagej_metadata.get("spacing") == (0.5 if "Z" in axes else None)  # no z spacing without Z
         assert tif.pages[0].resolution == pytest.approx((1 / 0.093, 1 / 0.093))
     assert pixel_size_um(out) == pytest.approx(0.093)
     with open_stack(out) as back:
         assert back.pixel_size == pytest.approx(0.093) and back.channels == (2 if "C" in axes else 1)
 
 
-def test_write_stack_without_unit_name_is_unchanged(tmp_path):
-    resolution = Resolution(250.0, 250.0, 3)  # existing callers: no unit name
-    out = write_stack(tmp_path / "o.tif", [np.zeros((8, 8), np.uint8)], shape=(8, 8), dtype=np.uint8,
-                      resolution=resolution)
-    with tifffile.TiffFile(out) as tif:
-        assert "unit" not in tif.shaped_metadata[0] and tif.pages[0].resolutionunit == 3
+@pytest.mark.parametrize("imagej_limit", [2**32, 0])
+def test_write_stack_calibration_in_centimetres_and_none(tmp_path, imagej_limit):
+    tifffile.imwrite(tmp_path / "cm.tif", np.zeros((8, 8), np.uint8), resolution=(250.0, 250.0),
+                     resolutionunit="CENTIMETER")
+    with open_stack(tmp_path / "cm.tif") as stack:
+        out = write_stack(tmp_path / "o.tif", [stack.plane(0)], shape=(8, 8), dtype=np.uint8,
+                          calibration=stack.calibration, imagej_limit=imagej_limit)
     assert pixel_size_um(out) == pytest.approx(40.0)
+    plain = write_stack(tmp_path / "n.tif", [np.zeros((8, 8), np.uint8)], shape=(8, 8), dtype=np.uint8,
+                        imagej_limit=imagej_limit)
+    assert pixel_size_um(plain) is None
+    with tifffile.TiffFile(plain) as tif:
+        assert tif.is_imagej != (imagej_limit == 0) and tif.pages[0].resolution == (1.0, 1.0)
