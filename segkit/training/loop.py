@@ -206,7 +206,6 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
     import torch
 
     from segkit.training import ddp
-    from segkit.training.losses import segmentation_loss
 
     cfg_data, cfg_train, cfg_loss, cfg_model = recipe["data"], recipe["train"], recipe["loss"], recipe["model"]
     ranks = group.ranks
@@ -245,25 +244,11 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
         except SegkitError as exc:
             raise ConfigError(str(exc).replace("data.tile", "train.val_tile")) from None
 
-    # training images in unit space (about [0, 1], where augmentation works) and the map to model units
-    if normalization.percentiles is not None:
-        units = [model_input(e.image, normalization) for e in examples["train"]]
-        scale, unit_normalization = 1.0, Normalization(0.0, 1.0)
-    else:
-        scale = intensity_scale(examples["train"][0].image.dtype)
-        units = [e.image.astype(np.float32) / np.float32(scale) for e in examples["train"]]
-        unit_normalization = normalization
-    valid = [rule.valid(e.labels) for e in examples["train"]]
-    balance = (class_weights(targets["train"], rule.classes, valid) if cfg_loss["class_balance"]
-               else [1.0] * rule.classes)
-    weights = [weight_map(e.labels, t, rule, balance, w0=cfg_loss["border_w0"], sigma=cfg_loss["border_sigma"])
-               for e, t in zip(examples["train"], targets["train"])]
-    # Same-padding models sample tiles from planes mirror-padded by their halo too: more positions.
-    slices = pad_examples(units, targets["train"], weights, margin=geometry.margin + geometry.halo, min_size=out_tile,
-                          scale=scale)
+    slices, scale, unit_normalization, balance = training_slices(
+        examples["train"], targets["train"], rule, normalization, cfg_loss, geometry=geometry,
+        out_tile=out_tile)
     val_inputs = [model_input(e.image, normalization) for e in examples["val"]]
     val_labels = [e.labels for e in examples["val"]]
-    del units, weights
 
     model = model.to(device)
     if cfg_train["sync_batchnorm"] and ranks.distributed:
@@ -272,7 +257,6 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
     if ranks.distributed:  # the same initial weights on every rank (above), then each its own dropout masks
         torch.manual_seed(int(np.random.default_rng([cfg_train["seed"], ranks.rank]).integers(2**62)))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], settings)
-    use_cuda = device.startswith("cuda")
     amp_dtype, scaler = training_precision(cfg_train["amp"], device)
     average = WeightAverage(model, cfg_train["ema_decay"]) if cfg_train["ema_decay"] > 0 else None
     scored = average.model if average is not None else model  # validated and saved: never the DDP wrapper
@@ -313,26 +297,17 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
             state["averaged_updates"] = average.updates
         save_optimizer(files.optimizer, optimizer, state, weights=model if average is not None else None)
 
-    on_device = recipe["augment"]["on_device"]
-    stream = patch_stream(slices, tile=tile, out_tile=out_tile, augment_settings=recipe["augment"],
-                          normalization=unit_normalization, seed=ddp.stream_seed(cfg_train["seed"], start_epoch, ranks),
-                          augment_later=on_device, foreground_fraction=cfg_data["foreground_fraction"])
-    workers = loader_workers(cfg_train["workers"], echo)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=cfg_train["batch"], num_workers=workers,
-                                              pin_memory=use_cuda, persistent_workers=workers > 0))
+    seed = ddp.stream_seed(cfg_train["seed"], start_epoch, ranks)
+    loader = patch_loader(slices, recipe, tile=tile, out_tile=out_tile, normalization=unit_normalization, seed=seed,
+                          device=device, echo=echo)
     augment_on_device = (device_augmentation(recipe["augment"], unit_normalization, scale, out_tile=out_tile,
-                                            device=device, seed=ddp.stream_seed(cfg_train["seed"], start_epoch, ranks))
-                         if on_device else None)
+                                            device=device, seed=seed)
+                         if recipe["augment"]["on_device"] else None)
 
     def step(epoch: int) -> float:
         schedule.apply(optimizer, done_before + plan.clock.done, plan.clock.elapsed())
-        image, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
-        if augment_on_device is not None:
-            image, target, weight = augment_on_device(image, target, weight)
-        with torch.autocast("cuda" if use_cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = trained(image)
-        loss = segmentation_loss(logits, target, weight, dice_weight=cfg_loss["dice_weight"])
-        value = optimizer_step(loss, optimizer, scaler, epoch=epoch, mean=group.mean)
+        value = training_step(trained, next(loader), optimizer, scaler, augment=augment_on_device, amp_dtype=amp_dtype,
+                              device=device, dice_weight=cfg_loss["dice_weight"], epoch=epoch, mean=group.mean)
         if average is not None:
             average.update(model)
         return value
@@ -374,6 +349,91 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
     run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
                save_best=lambda: save_checkpoint(files.best, scored, info), save_last=save_last)
     return files
+
+
+def training_slices(examples: list[Example], targets: list[np.ndarray], rule: LabelRule, normalization: Normalization,
+                    loss: dict[str, Any], *, geometry: Any,
+                    out_tile: int) -> tuple[Any, float, Normalization, list[float]]:
+    """The training images as patches are cut from them: in unit space (about [0, 1], where augmentation
+    works), with their loss weights (class balance, border weight), mirror-padded by the model's margin
+    and halo.
+
+    Parameters
+    ----------
+    examples : list of Example
+        The training split (`datasets.load_examples`).
+    targets : list of ndarray
+        Their class targets (`LabelRule.target`).
+    rule : LabelRule
+        How labels become targets and weights.
+    normalization : Normalization
+        The model's input normalisation (`build_model`).
+    loss : dict
+        The recipe's `loss` section (class balance, border weight).
+    geometry : ModelGeometry
+        The model's geometry (margin, halo).
+    out_tile : int
+        The model's output size for the training tile (images smaller than it are padded up to it).
+
+    Returns
+    -------
+    slices : patches.SliceSet
+        What `patch_stream` samples from.
+    scale : float
+        Raw units per unit-space unit (255 for uint8; 1 with percentile normalisation).
+    unit_normalization : Normalization
+        The map from unit space to the model's input.
+    balance : list of float
+        The class weights of the loss (`loss.class_balance`; all 1 without it).
+    """
+    if normalization.percentiles is not None:
+        units = [model_input(e.image, normalization) for e in examples]
+        scale, unit_normalization = 1.0, Normalization(0.0, 1.0)
+    else:
+        scale = intensity_scale(examples[0].image.dtype)
+        units = [e.image.astype(np.float32) / np.float32(scale) for e in examples]
+        unit_normalization = normalization
+    valid = [rule.valid(e.labels) for e in examples]
+    balance = (class_weights(targets, rule.classes, valid) if loss["class_balance"] else [1.0] * rule.classes)
+    weights = [weight_map(e.labels, t, rule, balance, w0=loss["border_w0"], sigma=loss["border_sigma"])
+               for e, t in zip(examples, targets)]
+    # Same-padding models sample tiles from planes mirror-padded by their halo too: more positions.
+    slices = pad_examples(units, targets, weights, margin=geometry.margin + geometry.halo, min_size=out_tile,
+                          scale=scale)
+    return slices, scale, unit_normalization, balance
+
+
+def patch_loader(slices: Any, recipe: dict[str, Any], *, tile: int, out_tile: int, normalization: Normalization,
+                 seed: tuple[int, ...], device: str, echo: Callable[[str], None]) -> Any:
+    """The endless iterator of training batches (image, target, weight) the loop draws from: the recipe's
+    patch stream (augmented by albumentations on the workers, or left for `augment.on_device`) in a
+    DataLoader of `train.batch` with `train.workers` processes (capped at the CPU cores)."""
+    import torch
+
+    stream = patch_stream(slices, tile=tile, out_tile=out_tile, augment_settings=recipe["augment"],
+                          normalization=normalization, seed=seed, augment_later=recipe["augment"]["on_device"],
+                          foreground_fraction=recipe["data"]["foreground_fraction"])
+    workers = loader_workers(recipe["train"]["workers"], echo)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=recipe["train"]["batch"], num_workers=workers,
+                                            pin_memory=device.startswith("cuda"), persistent_workers=workers > 0))
+
+
+def training_step(model: Any, batch: Any, optimizer: Any, scaler: Any, *, augment: Callable[..., Any] | None,
+                  amp_dtype: Any, device: str, dice_weight: float, epoch: int,
+                  mean: Callable[[Any], Any] = lambda value: value) -> float:
+    """One optimiser step on one batch of the loader: to the device, on-device augmentation (if any),
+    forward under autocast, the weighted loss, backward and step (`optimizer_step`). Returns the loss."""
+    import torch
+
+    from segkit.training.losses import segmentation_loss
+
+    image, target, weight = (t.to(device, non_blocking=True) for t in batch)
+    if augment is not None:
+        image, target, weight = augment(image, target, weight)
+    with torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(image)
+    loss = segmentation_loss(logits, target, weight, dice_weight=dice_weight)
+    return optimizer_step(loss, optimizer, scaler, epoch=epoch, mean=mean)
 
 
 def device_augmentation(settings: dict[str, Any], normalization: Normalization, scale: float, *, out_tile: int,
