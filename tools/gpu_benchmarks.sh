@@ -37,4 +37,11 @@ step bench_predict timeout 300 python3 tools/bench_predict.py --planes "$PLANES"
 [ -n "${FP16_RUNS-unet-572,segkit-onnx}" ] && step bench_fp16 timeout 150 python3 tools/bench_predict.py \
   --planes "$PLANES" --size 4096 --workdir /tmp/bp --amp fp16 --seconds "${SECONDS_MODEL:-10}" \
   --runs "${FP16_RUNS-unet-572,segkit-onnx}"
+# 4. the paper U-Net compiled against eager (cold compile, then the cached one) and the start-up of one slice
+step bench_compile timeout 300 python3 tools/bench_compile.py --warm
+step bench_startup timeout 120 python3 tools/bench_startup.py --device cuda
+# 5. training throughput: model alone, loader, on-device augmentation, full step (needs the ISBI data:
+#    SEGKIT_DATA pointing at a carried copy, e.g. gpu-data/ with isbi2012/)
+[ -d "${SEGKIT_DATA:-/nonexistent}/isbi2012" ] && step bench_train timeout 180 python3 tools/bench_train.py \
+  recipes/em_neurons.yaml augment.on_device=true --device cuda --seconds 20
 tail -n 1 "$OUT"/bench_*.log
