@@ -211,15 +211,6 @@ def test_cli_predict_class_and_evaluate_kinds(tmp_path):
     assert result.exit_code == 0 and "F1@0.5 1.0000" in result.output, result.output
 
 
-def test_package_refuses_what_it_cannot_write_yet(tmp_path):
-    pytest.importorskip("bioimageio.spec")
-    from segkit.bioimageio.write import PackageError, package_checkpoint
-
-    checkpoint, _ = _checkpoint(tmp_path, kind="semantic")
-    with pytest.raises(PackageError, match="semantic labels .K class outputs.*segkit export"):
-        package_checkpoint(checkpoint, tmp_path / "p.zip", author="A. Person")
-
-
 def test_percentile_models_normalise_by_the_stack_or_the_training_data(tmp_path):
     from segkit.checkpoint import read_info
     from segkit.inference.pipeline import choose_normalization
