@@ -29,6 +29,7 @@ trained on float32).
 from __future__ import annotations
 
 import difflib
+import numbers
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -49,12 +50,10 @@ from segkit.inference.api import (
 )
 from segkit.inference.device_fit import BackoffForward, with_smaller_tiles
 from segkit.inference.encodings import (
-    LABEL_ENCODINGS,
-    ClassMapEncoding,
-    IntensityEncoding,
     PlaneEncoding,
     ProbabilityEncoding,
     model_encoding,
+    output_content,
     stack_encoding,
 )
 from segkit.inference.options import PredictOptions
@@ -206,8 +205,8 @@ def as_stack(image: Any, axes: str | None, channels: int, *,
         data = data[None]
     if "C" not in text:
         data = data[:, None]
-    if pixel_size is not None and not (isinstance(pixel_size, (int, float)) and np.isfinite(pixel_size)
-                                       and pixel_size > 0):
+    if pixel_size is not None and not (isinstance(pixel_size, numbers.Real) and not isinstance(pixel_size, bool)
+                                       and np.isfinite(pixel_size) and pixel_size > 0):
         raise InputError(f"pixel_size {pixel_size!r} must be a positive number (micrometres per pixel)")
     stack = ArrayStack(data, is_2d="Z" not in text, dtype=dtype,
                        pixel_size=float(pixel_size) if pixel_size is not None else None)
@@ -262,17 +261,6 @@ def array_encoding(info: Any, options: PredictOptions, stack: Any, factor: float
     if float32 and isinstance(spec, ProbabilityEncoding) and spec.kind == "uint8":
         return Float32Probabilities(spec.channel, spec.channels)
     return spec
-
-
-def kind_of(spec: Any) -> str:
-    """What an encoding returns, in `OUTPUT_KINDS` words: masks and argmax are classes, instances labels."""
-    if isinstance(spec, IntensityEncoding):
-        return "intensities"
-    if isinstance(spec, LABEL_ENCODINGS):
-        return "labels"
-    if isinstance(spec, ClassMapEncoding) or (isinstance(spec, ProbabilityEncoding) and spec.kind == "mask"):
-        return "classes"
-    return "probabilities"
 
 
 def _gather(planes: Iterator[np.ndarray], count: int, dtype: np.dtype) -> np.ndarray:
@@ -392,7 +380,7 @@ class Model:
         options, _ = self._call_options(settings)
         if options.kind == "denoiser":
             return "intensities"
-        return kind_of(model_encoding(self.info, options))
+        return output_content(model_encoding(self.info, options))
 
     def output_axes(self, axes: str, **settings: Any) -> str:
         """The axes of what `predict` returns for an input of `axes`, with these settings.

@@ -69,6 +69,7 @@ from segkit.inference.encodings import (
     ObjectEncoding,
     PlaneEncoding,
     ProbabilityEncoding,
+    output_content,
 )
 from segkit.inference.loading import EngineRequest, load_prediction_engine, model_record
 from segkit.inference.pipeline import choose_normalization
@@ -283,7 +284,7 @@ def _predict_block(block: np.ndarray, *, block_info: dict | None = None, starts:
     for index in range(block.shape[0]):
         raw = torch.from_numpy(np.ascontiguousarray(block[index])[None]).to(engine.device)
         window = mirror_pad(normalization.apply(raw), pad)
-        chunk_input = window[:, context:-context, context:-context]
+        chunk_input = window[:, context:window.shape[-2] - context, context:window.shape[-1] - context]  # context may be 0
         # tiler.predict_planes is looked up per call: tests stop it mid-run
         values = next(tiler.predict_planes([chunk_input], engine, geometry, tile=tile, batch=batch, blend=blend,
                                            pad=partial(_pad_from_window, window=window, context=context,
@@ -392,7 +393,8 @@ class StorePlan:
 
     @property
     def content(self) -> str:
-        return "probabilities"
+        """What the root image holds: probabilities, or a threshold mask ('classes', as on the TIFF path)."""
+        return output_content(self.image)
 
     @property
     def writes(self) -> tuple[tuple[str, Any], ...]:
@@ -536,7 +538,8 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
                     target = f"labels/{plan.label.name}/0"
                     executor.run([dask.delayed(_shift_plane)(z, store=store, target=target, offsets=offsets)
                                   for z in range(shape[0])])
-                groups = [(".", "mean")]  # the image holds probabilities; labels take every second pixel
+                # probabilities are averaged; masks and labels take every second pixel
+                groups = [(".", "nearest" if plan.content == "classes" else "mean")]
                 if plan.label is not None:
                     groups.append((f"labels/{plan.label.name}", "nearest"))
                 for level in range(1, levels):

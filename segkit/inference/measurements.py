@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from segkit.cache import cache_subdir
+from segkit.errors import SegkitError
 from segkit.io.outputs import atomic_path
 
 #: The cache folder's name and the format of its files (a change of format starts afresh).
@@ -45,7 +46,7 @@ def remember(key: str, value: dict[str, Any]) -> None:
         path = cache_subdir(FOLDER) / f"{key}.json"
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(value))
-    except OSError:
+    except (OSError, SegkitError):  # atomic_path reports write failures as OutputError
         pass
 
 

@@ -882,12 +882,16 @@ def write_stack(
     height, width = shape[-2:]
     out = _Output(tuple(shape), axes, dtype, calibration if calibration and not calibration.is_empty else None,
                   content, codec, codec_args, _worker_count(workers, ENCODE_WORKERS))
-    pages = _checked_planes(planes, (height, width), dtype, int(np.prod(shape[:-2], dtype=np.int64)))
+    pages = _CheckedPlanes(planes, (height, width), dtype, int(np.prod(shape[:-2], dtype=np.int64)))
     with atomic_path(path) as tmp:
         if output_format(shape, dtype, compression, limit=imagej_limit) == "imagej":
             _write_imagej(tmp, pages, out)
         else:
             _write_ome(tmp, pages, out, block)
+        # tifffile stops pulling at the pages `shape` holds: a plane beyond them is an error too (this also
+        # runs the count check of the exhausted planes), and the temporary file is removed
+        if next(pages, None) is not None:
+            raise ValueError(f"more planes than shape {tuple(shape)} holds")
     return path
 
 
@@ -905,17 +909,32 @@ class _Output:
     workers: int
 
 
-def _checked_planes(planes: Iterable[np.ndarray], plane_shape: tuple[int, int], dtype: np.dtype,
-                    count_expected: int) -> Iterator[np.ndarray]:
-    """The planes cast to `dtype`, each checked to be (Y, X), and their number to be `count_expected`."""
-    count = 0
-    for plane in planes:
-        if plane.shape != plane_shape:
-            raise ValueError(f"plane of shape {plane.shape}, expected {plane_shape}")
-        yield np.ascontiguousarray(plane, dtype=dtype)
-        count += 1
-    if count != count_expected:
-        raise ValueError(f"got {count} planes, expected {count_expected}")
+class _CheckedPlanes:
+    """The planes cast to `dtype`, each checked to be (Y, X), and their number to be `count_expected`.
+
+    An iterator object, not a generator: tifffile closes a generator it stops pulling from, and the
+    caller must still be able to ask for one plane more (`write_stack` refuses a plane beyond the shape)."""
+
+    def __init__(self, planes: Iterable[np.ndarray], plane_shape: tuple[int, int], dtype: np.dtype,
+                 count_expected: int) -> None:
+        self._planes = iter(planes)
+        self._shape, self._dtype, self._expected = plane_shape, dtype, count_expected
+        self.count = 0
+
+    def __iter__(self) -> "_CheckedPlanes":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        try:
+            plane = next(self._planes)
+        except StopIteration:
+            if self.count != self._expected:
+                raise ValueError(f"got {self.count} planes, expected {self._expected}") from None
+            raise
+        if plane.shape != self._shape:
+            raise ValueError(f"plane of shape {plane.shape}, expected {self._shape}")
+        self.count += 1
+        return np.ascontiguousarray(plane, dtype=self._dtype)
 
 
 def _compression_args(out: _Output, chunks_per_plane: int, chunk_bytes: int) -> dict[str, Any]:
@@ -930,7 +949,7 @@ def _compression_args(out: _Output, chunks_per_plane: int, chunk_bytes: int) -> 
             "maxworkers": min(out.workers, 2 * chunks_per_plane), "buffersize": chunks_per_plane * chunk_bytes}
 
 
-def _write_imagej(tmp: Path, pages: Iterator[np.ndarray], out: _Output) -> None:
+def _write_imagej(tmp: Path, pages: Iterable[np.ndarray], out: _Output) -> None:
     """An ImageJ hyperstack: classic TIFF (ImageJ's opener reads no BigTIFF), strips (it rejects tiles),
     one page per plane in ImageJ's order, and ImageJ's description. The description is made with
     tifffile's `imagej_description` and written as a plain one, which tifffile allows for every dtype
@@ -946,9 +965,9 @@ def _write_imagej(tmp: Path, pages: Iterator[np.ndarray], out: _Output) -> None:
     calibration = out.calibration.in_unit("micrometer") if out.calibration is not None else None
     if calibration is not None and calibration.x is not None and calibration.y is not None:
         # ImageJ counts pixels per its `unit`; Bio-Formats reads `spacing` as micrometres whatever the unit
-        # (7.3.1, measured), so the file states micrometres for both to agree
+        # (7.3.1, measured), so the file states micrometres for both to agree. Without x and y a unit would
+        # turn the TIFF default of 1 pixel per unit into an invented 1 um pixel: no calibration is written then.
         extra.update(resolution=(1.0 / calibration.x, 1.0 / calibration.y), resolutionunit=1)
-    if calibration is not None:
         metadata["unit"] = calibration.imagej_unit
         if calibration.z is not None and "Z" in out.axes:
             metadata["spacing"] = calibration.z
@@ -962,7 +981,7 @@ def _write_imagej(tmp: Path, pages: Iterator[np.ndarray], out: _Output) -> None:
                      metadata=None, **extra)
 
 
-def _write_ome(tmp: Path, pages: Iterator[np.ndarray], out: _Output, block: int) -> None:
+def _write_ome(tmp: Path, pages: Iterable[np.ndarray], out: _Output, block: int) -> None:
     """An OME-TIFF: BigTIFF, `block` x `block` tiles, OME-XML with the axes, the physical sizes in the
     calibration's unit and `segkit_content=...` in the image's Description."""
     height, width = out.shape[-2:]

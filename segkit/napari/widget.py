@@ -226,6 +226,10 @@ class PredictWidget(Container):
 
         key = (model, device, tile)
         with self._lock:
+            # only the model of the current choice is held: one chosen before is dropped (a run still using
+            # it keeps its own reference), so switching files or devices does not pile up engines and GPU memory
+            for old in [k for k in self._models if k != key]:
+                del self._models[old]
             if key not in self._models:
                 settings: dict[str, Any] = {"device": device, "kind": model_kind(model)}
                 if tile is not None:

@@ -383,3 +383,14 @@ def test_tile_auto_measures_a_multi_channel_model_with_its_channels(tmp_path, tw
     assert model.predict(data, axes="CYX", argmax=True).shape == (48, 48)
     chosen = [line for line in reports if line.startswith("tile auto: tile")]
     assert chosen and "out of memory" not in chosen[0]
+
+
+def test_a_numpy_scalar_pixel_size_is_taken_and_a_bool_is_not(semantic):
+    from segkit.errors import InputError
+    from segkit.inference.arrays import as_stack
+
+    data = _uint8((1, 40, 40))
+    assert as_stack(data, "ZYX", 1, pixel_size=np.float32(0.5))[0].pixel_size == 0.5
+    assert as_stack(data, "ZYX", 1, pixel_size=np.int64(2))[0].pixel_size == 2.0
+    with pytest.raises(InputError, match="pixel_size"):
+        as_stack(data, "ZYX", 1, pixel_size=True)

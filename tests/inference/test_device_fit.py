@@ -251,3 +251,15 @@ def test_an_unreadable_measurement_is_measured_again(tmp_path):
     key = measurement_key(kind="broken")
     (cache_subdir("measurements") / f"{key}.json").write_text("{not json")
     assert recall(key) is None
+
+
+def test_a_cache_that_cannot_be_written_never_fails_a_run(monkeypatch):
+    from segkit.errors import OutputError
+    from segkit.inference import measurements
+
+    def refuse(path):
+        raise OutputError(f"writing {path} failed (No space left on device)")
+
+    monkeypatch.setattr(measurements, "atomic_path", refuse)
+    measurements.remember(measurements.measurement_key(kind="full"), {"tile": 1})  # no exception
+    assert measurements.recall(measurements.measurement_key(kind="full")) is None

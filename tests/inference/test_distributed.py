@@ -189,6 +189,12 @@ def test_dask_path_options_match_the_single_process_path(tmp_path, chunky_stack,
     elif option == "threshold":
         assert set(np.unique(written)) == {0, 255}
         assert (written != expected).mean() < 1e-4  # only pixels within float rounding of the threshold may differ
+        # a mask is classes, as on the TIFF path: its pyramid takes every second pixel (no 64, 128, 191)
+        from segkit.io.calibration import read_content
+
+        assert read_content(store) == "classes"
+        level1 = zarr.open_array(str(store / "1"), mode="r")[:]
+        np.testing.assert_array_equal(level1, written[:, ::2, ::2])
     else:
         assert written.dtype == np.uint8 and np.ptp(written) > 0
         assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1

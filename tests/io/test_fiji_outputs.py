@@ -102,6 +102,20 @@ def test_ome_tiff_reads_back(tmp_path, kind):
         np.testing.assert_array_equal(np.stack(list(stack)).reshape(data.shape), data.astype(stored))
 
 
+@pytest.mark.parametrize("limit", [2**32, 0], ids=["imagej", "ome"])
+def test_more_planes_than_the_shape_holds_is_an_error_and_leaves_no_file(tmp_path, limit):
+    planes = (np.zeros((16, 16), np.uint8) for _ in range(5))
+    with pytest.raises(ValueError, match="more planes"):
+        write_stack(tmp_path / "x.tif", planes, shape=(3, 16, 16), dtype=np.uint8, imagej_limit=limit)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_calibration_without_x_and_y_invents_no_pixel_size(tmp_path):
+    path = write_stack(tmp_path / "z.tif", (np.zeros((16, 16), np.uint8) for _ in range(2)), shape=(2, 16, 16),
+                       dtype=np.uint8, calibration=Calibration(None, None, 2.0))
+    assert read_calibration(path) is None  # no unit without x and y: the TIFF default is no 1 um pixel
+
+
 def test_output_content_of_each_encoding():
     from segkit.inference.encodings import (
         ClassMapEncoding,
