@@ -194,3 +194,23 @@ def test_channel_store_refused_as_input_and_attributes(tmp_path, stack, semantic
     assert [c["label"] for c in attrs["omero"]["channels"]] == ["channel 0", "channel 1", "channel 2"]  # unnamed
     assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0, 1.0, 1.0]
     assert [a["name"] for a in ome_zarr_attributes((2, 30, 40), None)["multiscales"][0]["axes"]] == ["z", "y", "x"]
+
+
+def test_a_same_padding_model_without_a_halo_runs_on_the_dask_path(tmp_path, stack):
+    """--halo 0 gives chunks no context: each chunk is predicted from its own pixels (it was an empty slice)."""
+    import torch
+
+    from segkit.models import create_model
+
+    torch.manual_seed(0)
+    kwargs = {"width": 4, "fc": 16, "halo": 16, "classes": 2}
+    model = create_model("fcn8s", **kwargs).eval()
+    info = CheckpointInfo(kind="segmenter", model="fcn8s", model_kwargs=kwargs, geometry=model.geometry,
+                          normalization=Normalization(120.0, 40.0), classes=["background", "membrane"],
+                          inference=InferenceDefaults(tile=64, labels_kind="membrane", input_dtype="uint8"))
+    checkpoint = tmp_path / "fcn.safetensors"
+    save_checkpoint(checkpoint, model, info)
+    store = tmp_path / "out.ome.zarr"
+    segkit.predict(stack, store, model=checkpoint, halo=0, tile=64, chunk=64, device="cpu", report=lambda _: None)
+    written = zarr.open_array(str(store / "0"), mode="r")[:]
+    assert written.shape == (2, 130, 110) and written.dtype == np.uint8
