@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -173,21 +175,46 @@ def predict(
                   else _default_suffix(request))
         out_path = Path(output) if output is not None else default_output(sources[0], suffix)
         check_output(out_path, kind="tiff", inputs=sources, overwrite=options.overwrite, report=report)
-    loaded = _load(model, request, options, report=report)
-    chosen_tile, batch = _fit_to_device(loaded, sources[0], options, report=report)
-    writes, used_threshold = describe_output(loaded.info, options)
-    result = PredictResult(tile=chosen_tile, batch=batch, engine=loaded.engine.label, writes=writes,
-                           model=_model_label(request, model), threshold=used_threshold)
-    run = _Runner(loaded, options, tile=chosen_tile, batch=batch, report=report, progress=progress, started=started,
-                  result=result, cancel=cancel)
-    if to_folder:
-        result.folder = Path(text_output)
-        run.many(sources, result.folder)
-    else:
-        run.one(sources[0], out_path, header=True)
-        result.outputs.append(out_path)
+    with _opened_in_background(None if to_folder else sources[0]) as opened:
+        loaded = _load(model, request, options, report=report)
+        stack = opened()
+        if stack is None:
+            chosen_tile, batch = _fit_to_device(loaded, sources[0], options, report=report)
+        else:
+            chosen_tile, batch = fit_to_device(loaded, stack.shape[1:], options, report=report)
+        writes, used_threshold = describe_output(loaded.info, options)
+        result = PredictResult(tile=chosen_tile, batch=batch, engine=loaded.engine.label, writes=writes,
+                               model=_model_label(request, model), threshold=used_threshold)
+        run = _Runner(loaded, options, tile=chosen_tile, batch=batch, report=report, progress=progress,
+                      started=started, result=result, cancel=cancel)
+        if to_folder:
+            result.folder = Path(text_output)
+            run.many(sources, result.folder)
+        else:
+            run.one(sources[0], out_path, header=True, stack=stack)
+            result.outputs.append(out_path)
     result.seconds = time.perf_counter() - started
     return result
+
+
+@contextmanager
+def _opened_in_background(source: str | None) -> Iterator[Callable[[], Any]]:
+    """Open the input stack `source` (`open_stack`: its headers, page table and memory check) on a thread
+    while the caller loads the model, so torch's import, CUDA's start and the model load overlap with
+    reading the input. Yields a function returning the open stack (raising the input's error, after the
+    model's own: errors keep their order) or None when `source` is None; the stack is closed on the way out."""
+    if source is None:
+        yield lambda: None
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segkit-open-input") as pool:
+        future = pool.submit(open_stack, source)
+        try:
+            yield future.result
+        finally:
+            try:
+                future.result().close()  # closing twice is harmless; an input that failed has nothing open
+            except BaseException:  # noqa: BLE001 - its error was raised to the caller already, or never asked for
+                pass
 
 
 def _default_suffix(request: EngineRequest | None) -> str:
@@ -294,10 +321,11 @@ class _Runner:
             self.progress.update(count)
         check_cancel(self.cancel)
 
-    def one(self, source: str, output: Path, *, header: bool) -> Path:
+    def one(self, source: str, output: Path, *, header: bool, stack: Any = None) -> Path:
+        """Predict `source` (or its `stack`, already open) into `output`."""
         check_cancel(self.cancel)
         geometry = self.loaded.geometry
-        with open_stack(source) as stack:
+        with stack if stack is not None else open_stack(source) as stack:
             check_channels_fit_model(stack, self.loaded.info, source)
             normalization, note = choose_normalization(stack, self.loaded.info, mode=self.options.normalize)
             if note:

@@ -216,3 +216,34 @@ def test_import_segkit_stays_light_and_predict_is_there():
     assert "predict" in segkit.__all__
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         segkit.nope  # noqa: B018
+
+
+def test_the_input_is_opened_while_the_model_loads(tmp_path, tiny_checkpoint, uint8_stack, monkeypatch):
+    """Start-up: the input's headers are read on a thread of their own while torch, the device and the model
+    load; the open stack is the one predicted (opened once), and it is closed at the end."""
+    import threading
+
+    from segkit.inference import api
+
+    events, opened = [], []
+    real_open, real_load = api.open_stack, api._load
+
+    def open_stack(source, **kwargs):
+        events.append(("open", threading.current_thread().name))
+        stack = real_open(source, **kwargs)
+        opened.append(stack)
+        return stack
+
+    def load(*args, **kwargs):
+        events.append(("load starts", threading.current_thread().name))
+        loaded = real_load(*args, **kwargs)
+        events.append(("load ends", threading.current_thread().name))
+        return loaded
+
+    monkeypatch.setattr(api, "open_stack", open_stack)
+    monkeypatch.setattr(api, "_load", load)
+    segkit.predict(uint8_stack, tmp_path / "out.tif", model=tiny_checkpoint, tile=236, device="cpu",
+                   report=lambda _: None)
+    names = dict(events)
+    assert names["open"].startswith("segkit-open-input") and names["load starts"] == threading.main_thread().name
+    assert [kind for kind, _ in events].count("open") == 1 and len(opened) == 1 and not opened[0]._handles
