@@ -540,8 +540,6 @@ def claim(path: str | Path, report: Callable[[str], object] | None = None) -> Pa
                 taken_over = _holder(lock)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {HOST}\n".encode())
-        if not _CLAIMS:
-            atexit.register(release_claims)
         _CLAIMS[key] = (lock, fd)
         if taken_over is not None and report is not None:
             pid, host = taken_over
@@ -582,3 +580,6 @@ def release_claims() -> None:
     """Release every claim this process holds (at exit, and after a run that failed part-way)."""
     for path in list(_CLAIMS):
         release_claim(path)
+
+
+atexit.register(release_claims)  # a run that ends (also by Ctrl-C or SIGTERM) leaves no lock file
