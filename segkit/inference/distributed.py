@@ -77,7 +77,7 @@ from segkit.inference.tiler import mirror_pad
 from segkit.instances import id_offsets, shift_ids
 from segkit.io.calibration import zarr_attributes
 from segkit.io.ngff import level_shapes, validate_store
-from segkit.io.outputs import check_output, is_write_error, resumable_path, write_failure
+from segkit.io.outputs import check_output, is_write_error, release_claim, resumable_path, write_failure
 from segkit.io.pyramid import level_regions, write_level_region
 from segkit.io.tiff import list_tiff_files
 from segkit.io.zarr import (  # noqa: F401  (ZarrStack, convert_zarr_to_tiff, ome_zarr_attributes: importable from here too)
@@ -556,6 +556,7 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
     if output.exists():
         shutil.rmtree(output) if output.is_dir() else output.unlink()
     partial_store.rename(output)
+    release_claim(output)  # taken by check_output: no other run wrote the store meanwhile
     return output
 
 

@@ -23,8 +23,10 @@ to for STALE_AFTER_S, and says so in one line; another machine's are named, neve
 
 from __future__ import annotations
 
+import atexit
 import errno
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -36,6 +38,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from segkit.errors import OutputError, OutputExistsError
+
+try:  # POSIX (Linux, macOS): claims are flock locks, released by the kernel with their process
+    import fcntl
+except ImportError:  # Windows: O_EXCL lock files judged by their pid
+    fcntl = None  # type: ignore[assignment]
 
 #: The names each kind of output may have (case-insensitive).
 SUFFIXES = {
@@ -62,6 +69,15 @@ WRITE_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None
 #: node1.b stay apart: a writer on another machine sharing the disk is never judged by a local pid).
 HOST = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:48]
 
+#: The longest file name most file systems allow (ext4, XFS, APFS, NTFS: 255 bytes).
+NAME_MAX = 255
+
+#: The longest writer part of a temporary name: PID (10 digits) @ HOST (48) . TOKEN (8).
+_WRITER_MAX = 10 + 1 + 48 + 1 + 8
+
+#: The lock file of an output: `.NAME` + this suffix.
+CLAIM_SUFFIX = ".segkit-lock"
+
 _WRITER = re.compile(r"(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.)?(?P<token>[0-9a-f]{8})")
 
 
@@ -86,6 +102,7 @@ def check_output(path: str | Path, *, kind: str | None = "tiff", inputs: Iterabl
     `remove_stale_partials`) and reported through it; None leaves them.
     """
     path = Path(path)
+    check_name_length(path)
     if kind is not None:
         check_suffix(path, kind)
     _check_not_an_input(path, inputs)
@@ -99,9 +116,55 @@ def check_output(path: str | Path, *, kind: str | None = "tiff", inputs: Iterabl
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise OutputExistsError(f"output {path} already exists; pass overwrite=True or choose another path")
     check_folder(path.parent)
+    claim(path, report)
     if report is not None:
         remove_stale_partials([path], report)
     return path
+
+
+def check_name_length(path: str | Path) -> None:
+    """Refuse an output whose name is longer than the file system allows (NAME_MAX bytes), before any
+    work rather than with "File name too long" when the result is written.
+
+    Raises
+    ------
+    OutputError
+        The name is too long; the message says how long and what the limit is.
+    """
+    name = Path(path).name
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > NAME_MAX:
+        raise OutputError(f"output name {name[:40]}... is {size} bytes long, but file names may have at most "
+                          f"{NAME_MAX}; choose a shorter output name")
+
+
+def sibling_name(path: str | Path, prefix: str, suffix: str, *, reserve: int = 0) -> Path:
+    """The sibling `prefix + NAME + suffix` of `path`, within the file-name limit: when it would be longer
+    than NAME_MAX - `reserve` bytes, NAME is cut and followed by `~` and 12 hex digits of its SHA-256, so
+    that long names still get distinct, stable siblings.
+
+    Parameters
+    ----------
+    path : str or Path
+        The output.
+    prefix, suffix : str
+        What goes before and after its name.
+    reserve : int
+        Bytes to keep free for text added to the name later (a temporary file's writer).
+
+    Returns
+    -------
+    Path
+        The sibling, in the folder of `path`.
+    """
+    path = Path(path)
+    name = path.name
+    room = NAME_MAX - reserve - len(prefix.encode()) - len(suffix.encode())
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > room:
+        digest = hashlib.sha256(encoded).hexdigest()[:12]
+        name = encoded[: max(room - len(digest) - 1, 0)].decode("utf-8", "ignore") + "~" + digest
+    return path.with_name(f"{prefix}{name}{suffix}")
 
 
 def check_folder(folder: str | Path, *, create: bool = False) -> Path:
@@ -170,9 +233,39 @@ def _check_not_an_input(path: Path, inputs: Iterable[str | Path | None]) -> None
 # -- temporary files ------------------------------------------------------------------------
 
 def temporary_path(path: str | Path) -> Path:
-    """The hidden sibling `path` is written to: `.NAME.PID@HOST.TOKEN.partial`."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}@{HOST}.{uuid.uuid4().hex[:8]}.partial")
+    """The hidden sibling `path` is written to: `.NAME.PID@HOST.TOKEN.partial` (NAME shortened by
+    `sibling_name` where the whole would pass the file-name limit)."""
+    base = _partial_base(path)
+    return base.with_name(f"{base.name}.{os.getpid()}@{HOST}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def _partial_base(path: str | Path) -> Path:
+    """`.NAME` of the temporary files of `path`, shortened so that any writer and `.partial` fit."""
+    return sibling_name(path, ".", "", reserve=1 + _WRITER_MAX + len(".partial"))
+
+
+def create_temporary(path: str | Path) -> Path:
+    """Create an empty temporary file for `path` (`temporary_path`) exclusively: O_CREAT | O_EXCL (and
+    O_NOFOLLOW), so a file or symlink planted at the name is never written through; another random
+    name is drawn instead.
+
+    Raises
+    ------
+    OutputError
+        The folder cannot be written (full disk, no permission), in one line.
+    """
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = temporary_path(path)
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(write_failure(path, exc, "nothing was written")) from exc
+        return tmp
+    raise OutputError(f"could not create a temporary file beside {path}: 100 random names were taken; "
+                      "clean up the folder and run again")
 
 
 def _writer_gone(pid: int | None, host: str | None, mtime: float) -> bool:
@@ -199,8 +292,8 @@ def stale_partials(outputs: Iterable[str | Path]) -> tuple[list[Path], list[Path
     be written (a live process on this machine, or any of another machine)."""
     wanted: dict[Path, set[str]] = {}
     for output in outputs:
-        output = Path(output)
-        wanted.setdefault(output.parent, set()).add(output.name)
+        base = _partial_base(output)
+        wanted.setdefault(base.parent, set()).add(base.name)
     stale: list[Path] = []
     live: list[Path] = []
     for folder, names in wanted.items():
@@ -210,7 +303,7 @@ def stale_partials(outputs: Iterable[str | Path]) -> tuple[list[Path], list[Path
             continue
         for entry in entries:
             for name in names:
-                prefix = f".{name}."
+                prefix = f"{name}."
                 if not entry.name.startswith(prefix):
                     continue
                 match = _WRITER.fullmatch(entry.name[len(prefix):-len(".partial")])
@@ -311,25 +404,182 @@ def resumable_path(path: str | Path) -> Path:
     Returns
     -------
     Path
-        `path` with `RESUMABLE_SUFFIX` appended to its name.
+        `path` with `RESUMABLE_SUFFIX` appended to its name (a long name shortened by `sibling_name`,
+        the same every run).
+
+    Raises
+    ------
+    OutputError
+        NAME.partial is a symbolic link (dangling or not): segkit never builds a store through one.
     """
-    path = Path(path)
-    return path.with_name(path.name + RESUMABLE_SUFFIX)
+    partial = sibling_name(path, "", RESUMABLE_SUFFIX)
+    if partial.is_symlink():
+        raise OutputError(f"{partial} is a symbolic link (to {os.readlink(partial)}), not a store segkit began; "
+                          "segkit does not write through it: delete it and run again")
+    return partial
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` (`temporary_path`); rename it to `path` on success, delete
-    it on failure. A write that fails for want of space or permission raises OutputError saying so."""
+    """Yield a temporary sibling of `path`, created empty and exclusively (`create_temporary`); rename it
+    to `path` on success, delete it on failure. The output's claim (`claim`, taken here unless this
+    process holds it already) is held throughout and released at the end. A write that fails for want
+    of space or permission raises OutputError saying so; another live run writing `path` raises
+    OutputError before anything is written."""
     path = Path(path)
-    tmp = temporary_path(path)
+    check_name_length(path)
+    claim(path)
+    tmp: Path | None = None
     try:
+        tmp = create_temporary(path)
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        if not is_write_error(exc, tmp, path):
+        if tmp is None or not is_write_error(exc, tmp, path):
             raise
         raise OutputError(write_failure(path, exc, _discard(tmp))) from exc
     finally:
-        if tmp.exists():
+        if tmp is not None and (tmp.exists() or tmp.is_symlink()):
             _discard(tmp)
+        release_claim(path)
+
+
+# -- claims -------------------------------------------------------------------------------
+
+#: This process's claims: output (absolute) -> (lock file, its open descriptor). Process state by
+#: nature: a claim belongs to the process that holds it.
+_CLAIMS: dict[Path, tuple[Path, int]] = {}
+
+
+def claim_path(path: str | Path) -> Path:
+    """The lock file of `path`: `.NAME.segkit-lock` beside it (shortened by `sibling_name`)."""
+    return sibling_name(path, ".", CLAIM_SUFFIX)
+
+
+def _holder(lock: Path) -> tuple[int | None, str | None]:
+    """(pid, host) written in a lock file, (None, None) when unreadable."""
+    try:
+        with open(lock, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(200).split()
+        return int(text[0]), text[1] if len(text) > 1 else ""
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def _refusal(path: Path, lock: Path, pid: int | None, host: str | None) -> OutputError:
+    who = f"pid {pid} on {host or 'an unknown host'}" if pid is not None else "an unknown process"
+    return OutputError(f"another segkit run ({who}) is writing {path}; wait for it or choose another output "
+                       f"(if no run is writing there, delete {lock})")
+
+
+def claim(path: str | Path, report: Callable[[str], object] | None = None) -> Path:
+    """Claim `path` for this process until `release_claim` (or the end of the process): no other segkit
+    run may write it meanwhile. Taking a claim this process holds already does nothing.
+
+    Parameters
+    ----------
+    path : str or Path
+        The output.
+    report : callable taking a str, optional
+        Hears the note when the lock file of a run that ended without releasing it is taken over.
+
+    Returns
+    -------
+    Path
+        The lock file.
+
+    Raises
+    ------
+    OutputError
+        Another live process (on this machine, or any process of another machine on a shared disk
+        without flock) holds the claim; the line names it and the lock file.
+    """
+    path = Path(path)
+    key = _claim_key(path)
+    if key in _CLAIMS:
+        return _CLAIMS[key][0]
+    lock = claim_path(path)
+    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(20):
+        taken_over = None
+        try:
+            fd = os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if lock.is_symlink():  # never ours: remove the link, not what it points at
+                lock.unlink(missing_ok=True)
+                continue
+            if fcntl is None:
+                pid, host = _holder(lock)
+                if not _writer_gone(pid, host, _mtime(lock)):
+                    raise _refusal(path, lock, pid, host) from None
+                lock.unlink(missing_ok=True)
+                taken_over = (pid, host)
+                continue
+            try:
+                fd = os.open(lock, flags)
+            except FileNotFoundError:
+                continue  # released meanwhile
+        except OSError as exc:
+            raise OutputError(write_failure(path, exc, "nothing was written")) from exc
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid, host = _holder(lock)
+                os.close(fd)
+                raise _refusal(path, lock, pid, host) from None
+            try:  # the lock file may have been released (unlinked) between our open and flock
+                current = os.stat(lock, follow_symlinks=False)
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            if (current.st_ino, current.st_dev) != (os.fstat(fd).st_ino, os.fstat(fd).st_dev):
+                os.close(fd)
+                continue
+            if os.fstat(fd).st_size:
+                taken_over = _holder(lock)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {HOST}\n".encode())
+        _CLAIMS[key] = (lock, fd)
+        if taken_over is not None and report is not None:
+            pid, host = taken_over
+            report(f"note: took over the claim on {path} of a segkit run that ended without releasing it "
+                   f"(pid {pid} on {host})")
+        return lock
+    raise _refusal(path, lock, *_holder(lock))
+
+
+def _claim_key(path: Path) -> Path:
+    """One key per lock file, whatever the spelling of the output's folder (relative, `..`, a link)."""
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return time.time()
+
+
+def release_claim(path: str | Path) -> None:
+    """Release this process's claim on `path` (remove its lock file); nothing when it holds none."""
+    held = _CLAIMS.pop(_claim_key(Path(path)), None)
+    if held is None:
+        return
+    lock, fd = held
+    try:
+        if os.path.exists(lock) and os.path.samestat(os.stat(lock, follow_symlinks=False), os.fstat(fd)):
+            os.unlink(lock)  # still holding the lock: whoever opens the old file next sees it unlinked
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def release_claims() -> None:
+    """Release every claim this process holds (at exit, and after a run that failed part-way)."""
+    for path in list(_CLAIMS):
+        release_claim(path)
+
+
+atexit.register(release_claims)  # a run that ends (also by Ctrl-C or SIGTERM) leaves no lock file
