@@ -41,7 +41,7 @@ from segkit.inference.loading import (
 )
 from segkit.inference.options import PredictOptions
 from segkit.inference.pipeline import RescaledStack, choose_normalization, count_tiles, predict_stack
-from segkit.io.outputs import check_output, remove_stale_partials
+from segkit.io.outputs import check_name_length, check_output, release_claim, remove_stale_partials
 from segkit.io.tiff import list_tiff_files, open_stack
 from segkit.io.zarr import open_volume
 from segkit.normalization import Normalization
@@ -159,6 +159,8 @@ def predict(
             raise SegkitError("cancel applies to TIFF outputs; stop the Dask path with Ctrl-C (resume=True goes on)")
         return _predict_on_dask(sources, text_output, request, options, report=report, started=started,
                                 progress=progress)
+    if output is not None:  # before asking the file system about it: a name over its limit is one line
+        check_name_length(text_output.rstrip("/\\") or text_output)
     # an output folder: an existing one, a path ending in a slash, or (several inputs) a path that is not a TIFF
     to_folder = output is not None and (text_output.endswith(("/", "\\")) or Path(text_output).is_dir() or (
         len(sources) > 1 and Path(text_output).suffix.lower() not in (".tif", ".tiff")))
@@ -170,11 +172,27 @@ def predict(
         jobs, _ = plan_file_jobs(sources, Path(text_output), overwrite=options.overwrite,
                                  skip_existing=options.skip_existing)
         remove_stale_partials([job.output for job in jobs], report)
+        claimed = [job.output for job in jobs]
     else:
         suffix = ("denoised" if options.kind == "denoiser" else "instances" if options.instances
                   else _default_suffix(request))
         out_path = Path(output) if output is not None else default_output(sources[0], suffix)
         check_output(out_path, kind="tiff", inputs=sources, overwrite=options.overwrite, report=report)
+        claimed = [out_path]
+    try:
+        return _predict_claimed(sources, out_path if not to_folder else None, text_output if to_folder else None,
+                                model, request, options, report=report, progress=progress, cancel=cancel,
+                                started=started)
+    finally:  # the outputs' claims end with the run, also when it failed (a Python session or napari goes on)
+        for path in claimed:
+            release_claim(path)
+
+
+def _predict_claimed(sources: list[str], out_path: Path | None, folder: str | None, model: Any,
+                     request: EngineRequest | None, options: PredictOptions, *, report: Callable[[str], object],
+                     progress: Progress | None, cancel: threading.Event | None, started: float) -> PredictResult:
+    """`predict` once its outputs are checked and claimed: `out_path` for one output, or an output `folder`."""
+    to_folder = folder is not None
     with _opened_in_background(None if to_folder else sources[0]) as opened:
         loaded = _load(model, request, options, report=report)
         stack = opened()
@@ -188,7 +206,7 @@ def predict(
         run = _Runner(loaded, options, tile=chosen_tile, batch=batch, report=report, progress=progress,
                       started=started, result=result, cancel=cancel)
         if to_folder:
-            result.folder = Path(text_output)
+            result.folder = Path(folder)
             run.many(sources, result.folder)
         else:
             run.one(sources[0], out_path, header=True, stack=stack)

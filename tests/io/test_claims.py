@@ -204,3 +204,15 @@ def test_an_output_name_over_the_limit_is_refused_before_any_work(tmp_path, uint
     source = tmp_path / ("i" * 247 + ".tif")
     source.write_bytes(uint8_stack.read_bytes())
     assert_user_error(run("predict", source, "-m", tiny_checkpoint), "bytes long", "choose a shorter output name")
+
+
+def test_an_output_name_over_the_limit_given_with_o_is_one_line(tmp_path, uint8_stack):
+    assert_user_error(run("predict", uint8_stack, "-o", tmp_path / ("x" * 300 + ".tif")), "bytes long",
+                      "choose a shorter output name")
+
+
+def test_a_failed_run_of_the_python_api_releases_its_claim(tmp_path, uint8_stack, tiny_checkpoint):
+    out = tmp_path / "out.tif"
+    with pytest.raises(segkit.errors.SegkitError):
+        segkit.predict(uint8_stack, out, model=tiny_checkpoint, tile=230, report=lambda _: None)  # not a valid tile
+    assert not [p.name for p in tmp_path.iterdir() if "segkit-lock" in p.name]  # other processes may write it now
