@@ -52,9 +52,9 @@ from typing import Any
 from segkit._optional import require
 from segkit.errors import CheckpointError, ConfigError
 from segkit.inference.engines import OnnxEngine, TorchEngine
+from segkit.memory import available_memory, format_bytes
 from segkit.models.geometry import Geometry
 from segkit.normalization import Normalization
-from segkit.memory import available_memory, format_bytes
 from segkit.record import MODEL_KINDS, CheckpointInfo, InferenceDefaults, _check_inference, _check_normalization
 
 #: The weight formats segkit runs, in the order it picks them.
@@ -627,6 +627,7 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
     normalization = _normalization(_affine(descr.inputs[0].preprocessing, "inputs[0].preprocessing"),
                                    "inputs[0].preprocessing")
     post = tuple(_affine(descr.outputs[0].postprocessing, "outputs[0].postprocessing", post=True))
+    kind, classes, defaults = _package_defaults(descr, geometry, normalization, name, kind)
     names = list(descr.outputs[0].axes[1].channel_names)
     if channels > 1 and channel is None:
         raise _fail("outputs[0].axes[channel]", f"{channels} output channels ({', '.join(map(str, names))}); pass "
@@ -634,7 +635,6 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
     if channel is not None and not 0 <= channel < channels:
         raise _fail("outputs[0].axes[channel]", f"channel={channel} is not one of the {channels} output channels "
                                                 f"({', '.join(map(str, names))}); pass channel=0 to {channels - 1}")
-    kind, classes, defaults = _package_defaults(descr, geometry, normalization, name, kind)
     chosen = names[channel or 0]
     info = CheckpointInfo(
         kind=kind, model="bioimageio", model_kwargs={"source": name, "weights": weights},
