@@ -143,6 +143,19 @@ def test_a_segkit_package_without_its_record_is_foreign(tmp_path, tiny_checkpoin
     assert_user_error(result, "weights.pytorch_state_dict.architecture.source: arch.py", OPT_IN, "no ONNX weights")
     assert not (tmp_path / "p.tif").exists()
 
+    def torchscript_only(rdf):
+        rdf["weights"] = {"torchscript": rdf["weights"]["torchscript"]}
+        rdf["weights"]["torchscript"].pop("parent", None)
+
+    scripted = repack(built, tmp_path / "scripted.zip", torchscript_only)
+    result = run("predict", uint8_stack, "-m", scripted, "-o", tmp_path / "p.tif", "--device", "cpu", "-q")
+    assert_user_error(result, "weights.torchscript.source", OPT_IN)
+    result = run("predict", uint8_stack, "-m", scripted, "-o", tmp_path / "p.tif", "--device", "cpu", "-q",
+                 "--tile", 232, OPT_IN)
+    assert result.exit_code == 0, result.output
+    assert "running the Python code of package scripted.zip (weights.torchscript.source" in result.stderr
+    assert (tmp_path / "p.tif").exists()
+
 
 @pytest.mark.parametrize("where", ["absolute", "folder"])
 def test_files_outside_the_package_are_never_read(tmp_path, foreign, where):
