@@ -366,13 +366,16 @@ COMPRESSION_OPTION = click.option(
 @COMPRESSION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--skip-existing", is_flag=True, help="With an output folder: leave inputs whose output exists.")
+@click.option("--trust-model-code", is_flag=True,
+              help="Let a bioimage.io package run its own Python code (TorchScript, an architecture file); without "
+                   "it segkit runs only the package's weights (ONNX).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def predict(sources: tuple[str, ...], output: str | None, model_path: Path | None, engine: str,
             denoiser_path: Path | None, tile: str | None, compile_model: str, blend: str, halo: int | None,
             batch: int | None, device: str,
             amp: str, output_type: str, threshold: str | None, normalize: str, tta: str, instances: bool,
             class_index: int | None, argmax: bool, scheduler: str | None, workers: int | None, chunk: int, resume: bool, compression: str,
-            overwrite: bool, skip_existing: bool, quiet: bool) -> None:
+            overwrite: bool, skip_existing: bool, trust_model_code: bool, quiet: bool) -> None:
     """Predict membrane probabilities of SOURCES: a TIFF stack, a folder or quoted glob of 2D TIFFs
     (read as one stack), or many files into an output folder (one output each).
 
@@ -398,7 +401,7 @@ def predict(sources: tuple[str, ...], output: str | None, model_path: Path | Non
         compile_model=compile_model, blend=blend, halo=halo, output_type=output_type, threshold=threshold,
         normalize=normalize, tta=tta, instances=instances, class_index=class_index, argmax=argmax,
         compression=compression, workers=workers, scheduler=scheduler, chunk=chunk, resume=resume,
-        overwrite=overwrite, skip_existing=skip_existing)
+        overwrite=overwrite, skip_existing=skip_existing, trust_model_code=trust_model_code)
     with _progress(quiet) as bar:
         result = run_prediction(sources, output, model=model_path, options=options, report=_cli_echo(err=True),
                                 progress=bar)

@@ -24,6 +24,16 @@ and classes, so the result is the checkpoint's. The package's architecture file 
 never imported or run by segkit. Other packages, and other weight formats of segkit's packages,
 run from the description as above.
 
+Trust: a model file is data, not a program. segkit never imports or runs Python code that comes
+from a package (a pytorch_state_dict architecture `source` file or `import_from` callable, or
+TorchScript, which is a program too) unless the caller opts in (`trust_model_code=True`,
+`segkit predict --trust-model-code`); without it a foreign package runs from its ONNX weights, and
+one without them is refused with the field that carries code. Every file a package names is read
+from inside the package (no absolute or `..` paths, no symlinks, no fall-back to a local file),
+after caps on the zip's member count and uncompressed size, and a weight file larger than the
+memory available is refused before it is read. rdf.yaml is parsed with the recipes' alias-bomb
+guard first, and `config.segkit` and the package's defaults are checked as a checkpoint record's are.
+
 A package segkit cannot run gets one line naming the field: a 3D or time model, other axes, fixed
 or differing y/x sizes, statistics-based or non-linear preprocessing, several inputs or outputs,
 weights in other formats, or files given as URLs (segkit downloads nothing).
@@ -31,16 +41,21 @@ weights in other formats, or files given as URLs (segkit downloads nothing).
 
 from __future__ import annotations
 
+import os
+import stat
+import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from segkit._optional import require
-from segkit.errors import CheckpointError
+from segkit.errors import CheckpointError, ConfigError
 from segkit.inference.engines import OnnxEngine, TorchEngine
+from segkit.memory import available_memory, format_bytes
 from segkit.models.geometry import Geometry
 from segkit.normalization import Normalization
-from segkit.record import MODEL_KINDS, CheckpointInfo, InferenceDefaults
+from segkit.record import MODEL_KINDS, CheckpointInfo, InferenceDefaults, _check_inference, _check_normalization
 
 #: The weight formats segkit runs, in the order it picks them.
 RUNNABLE_WEIGHTS = ("onnx", "pytorch_state_dict", "torchscript")
@@ -48,6 +63,15 @@ RUNNABLE_WEIGHTS = ("onnx", "pytorch_state_dict", "torchscript")
 DESCRIPTION_NAMES = ("rdf.yaml", "bioimageio.yaml")
 #: bioimageio.core's fixed_zero_mean_unit_variance divides by std + eps.
 _EPS = 1e-6
+#: Caps on a package zip, checked from its directory before any member is read.
+MAX_PACKAGE_BYTES = 4 << 30
+MAX_PACKAGE_MEMBERS = 10_000
+#: The largest description (rdf.yaml) read.
+MAX_DESCRIPTION_BYTES = 16 << 20
+#: The largest input tile side (min or step of a package's input size) segkit plans with.
+MAX_TILE_SIDE = 16384
+#: What the opt-in to running a package's code is called, in the CLI and in Python.
+TRUST_OPTION = "--trust-model-code (trust_model_code=True)"
 
 
 class PackageModelError(CheckpointError):
@@ -85,10 +109,187 @@ class PackagePlan:
     channels: int
     post: tuple[Any, ...]
     from_record: bool = False  # a segkit package run from its checkpoint record (segkit's registry)
+    code: str | None = None  # the field and value of the package's code that runs (trust_model_code only)
 
 
 def _fail(field: str, why: str) -> PackageModelError:
     return PackageModelError(f"bioimage.io package field {field}: {why}")
+
+
+def _member_name(file: Any, field: str) -> str:
+    """The path of a file a package names, relative to the package and inside it; PackageModelError for
+    an absolute path, a `..`, a URL, or a path bioimageio.spec resolved outside the package."""
+    from bioimageio.spec._internal.io import RelativeFilePath
+
+    if not isinstance(file, RelativeFilePath):
+        raise _fail(field, f"{str(file)[:200]} is not a file inside the package; segkit reads a package's files from "
+                           "the package only (no absolute paths, URLs or local files)")
+    name = str(file.path if hasattr(file, "path") else file).replace("\\", "/")
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or ":" in parts[0]:
+        raise _fail(field, f"{name[:200]} is outside the package; segkit reads a package's files from the package only")
+    return "/".join(p for p in parts if p != ".")
+
+
+def _bad_member(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip member may not be in a package (an absolute or `..` name, a symlink), or None."""
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or ".." in PurePosixPath(name).parts or ":" in name.split("/")[0]:
+        return "a name outside the package"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link"
+    return None
+
+
+def check_package_files(path: Path) -> bytes:
+    """Check a package before bioimageio.spec reads it, and return its description's text.
+
+    A zip: at most MAX_PACKAGE_MEMBERS members of at most MAX_PACKAGE_BYTES in all (declared
+    uncompressed sizes, read from the zip's directory: nothing is decompressed), no absolute or
+    `..` names and no symlinks. An unpacked package: its rdf.yaml is a regular file. The
+    description (at most MAX_DESCRIPTION_BYTES) is parsed with the recipes' YAML guard (aliases
+    capped, plain data only), so an alias bomb anywhere in it is refused before it expands.
+
+    Parameters
+    ----------
+    path : Path
+        A package zip or the rdf.yaml of an unpacked one.
+
+    Returns
+    -------
+    bytes
+        The description's text.
+
+    Raises
+    ------
+    PackageModelError
+        One line naming the cap or the member.
+    """
+    from segkit.config import parse_yaml
+
+    if path.suffix.lower() == ".zip":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = zf.infolist()
+                if len(infos) > MAX_PACKAGE_MEMBERS:
+                    raise PackageModelError(f"{path} holds {len(infos)} files; segkit opens packages of at most "
+                                            f"{MAX_PACKAGE_MEMBERS} files")
+                total = sum(info.file_size for info in infos)
+                if total > MAX_PACKAGE_BYTES:
+                    raise PackageModelError(f"{path} unpacks to {format_bytes(total)}; segkit opens packages of at most "
+                                            f"{format_bytes(MAX_PACKAGE_BYTES)} (a zip bomb?)")
+                for info in infos:
+                    why = _bad_member(info)
+                    if why is not None:
+                        raise PackageModelError(f"{path} holds {info.filename[:200]!r}, {why}; segkit opens "
+                                                "packages whose files are plain files inside them")
+                names = {info.filename: info for info in infos}
+                found = next((names[n] for n in DESCRIPTION_NAMES if n in names), None)
+                if found is None:
+                    raise PackageModelError(f"{path} is not a bioimage.io package: it holds no rdf.yaml")
+                if found.file_size > MAX_DESCRIPTION_BYTES:
+                    raise PackageModelError(f"{path}: its {found.filename} is {format_bytes(found.file_size)}; a "
+                                            f"description holds at most {format_bytes(MAX_DESCRIPTION_BYTES)}")
+                text = _read_member(zf, found, MAX_DESCRIPTION_BYTES)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise PackageModelError(f"{path} is not a bioimage.io package: {str(exc)[:200]}") from exc
+        where = found.filename
+    else:
+        text = _read_local(path.parent, path.name, "rdf.yaml", MAX_DESCRIPTION_BYTES, what="description")
+        where = path.name
+    try:
+        parse_yaml(text.decode("utf-8", errors="replace"))
+    except ConfigError as exc:
+        raise PackageModelError(f"{path}: its {where} is refused: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError and the like: bioimageio.spec names the problem better
+        del exc
+    return text
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A zip member's bytes, read in pieces and never beyond its declared size or `limit`."""
+    chunks, total = [], 0
+    with zf.open(info) as handle:
+        while chunk := handle.read(1 << 20):
+            total += len(chunk)
+            if total > min(limit, info.file_size):
+                raise PackageModelError(f"{info.filename} unpacks to more than its declared "
+                                        f"{format_bytes(info.file_size)}; the package is damaged")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_local(root: Path, name: str, field: str, limit: int, *, what: str = "file") -> bytes:
+    """A file of an unpacked package: `root/name`, with no symlink on the way and a regular file."""
+    path = root
+    for part in PurePosixPath(name).parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError as exc:
+            raise _fail(field, f"{name} is not in the package ({exc.strerror})") from exc
+        if stat.S_ISLNK(mode):
+            raise _fail(field, f"{name} is a symbolic link; segkit reads a package's files from the package only")
+    if not stat.S_ISREG(mode):
+        raise _fail(field, f"{name} is not a regular file")
+    size = os.lstat(path).st_size
+    if size > limit:
+        raise _fail(field, f"{name} is {format_bytes(size)}; the {what} may hold at most {format_bytes(limit)}")
+    with open(path, "rb") as handle:
+        return handle.read(limit + 1)
+
+
+def _memory_limit() -> int:
+    """The largest weight file read into memory: what is available now (MAX_PACKAGE_BYTES if unknown)."""
+    available = available_memory()
+    return MAX_PACKAGE_BYTES if available is None else min(MAX_PACKAGE_BYTES, available // 2)
+
+
+def read_package_file(source: Any, file: Any, field: str) -> bytes:
+    """The bytes of a file a package names, from inside the package only.
+
+    Parameters
+    ----------
+    source : str, Path or ModelDescr
+        The package (.zip), the rdf.yaml of an unpacked one, or a description object (whose
+        files are read as bioimageio.spec resolves them: its caller built it).
+    file : FileDescr
+        The entry naming the file (its `source`), e.g. a weights entry.
+    field : str
+        Its field, named in errors.
+
+    Returns
+    -------
+    bytes
+        The file's content.
+
+    Raises
+    ------
+    PackageModelError
+        The file is outside the package, missing from it (nothing local is read instead), a
+        symlink, or larger than the memory available.
+    """
+    if not isinstance(source, (str, Path)):
+        try:
+            return file.get_reader().read()
+        except Exception as exc:  # a missing or unreadable file
+            raise _fail(field, f"cannot be read ({str(exc)[:200]})") from exc
+    path, name, limit = Path(source), _member_name(file.source, field), _memory_limit()
+    if path.suffix.lower() != ".zip":
+        return _read_local(path.parent, name, field, limit, what="weight file")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            try:
+                info = zf.getinfo(name)
+            except KeyError:
+                raise _fail(field, f"{name} is not in the package; segkit reads a package's files from the package "
+                                   "only") from None
+            if info.file_size > limit:
+                raise _fail(field, f"{name} unpacks to {format_bytes(info.file_size)}, more than segkit reads into "
+                                   f"memory here ({format_bytes(limit)})")
+            return _read_member(zf, info, limit)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise _fail(field, f"cannot be read ({str(exc)[:200]})") from exc
 
 
 def read_description(source: Any) -> Any:
@@ -107,7 +308,9 @@ def read_description(source: Any) -> Any:
     Raises
     ------
     PackageModelError
-        The file is missing, not a bioimage.io package, invalid, or describes no model.
+        The file is missing, not a bioimage.io package, invalid, or describes no model; the zip
+        breaks the caps or holds links or outside names; its YAML is an alias bomb
+        (`check_package_files`).
     """
     require("bioimageio.spec", feature="running bioimage.io packages", package="segkit-bio[bioimageio]")
     from bioimageio.spec import InvalidDescr, load_description
@@ -118,6 +321,7 @@ def read_description(source: Any) -> Any:
     path = Path(source)
     if not path.exists():
         raise PackageModelError(f"model {path} does not exist; pass a bioimage.io package (.zip) or its rdf.yaml")
+    check_package_files(path)
     try:
         descr = load_description(str(path), format_version="latest", perform_io_checks=False)
     except Exception as exc:  # bioimageio.spec raises ValueError, OSError, BadZipFile, ... for foreign files
@@ -162,6 +366,10 @@ def _geometry(descr: Any) -> tuple[Geometry, int]:
         if not isinstance(size, v0_5.ParameterizedSize):
             what = f"a fixed size ({size} px)" if isinstance(size, int) else "a size that refers to another tensor"
             raise _fail(f"inputs[0].axes[{a}].size", f"{what}; segkit tiles models whose sizes are min + n * step")
+    for a, size in sizes.items():
+        if size.min > MAX_TILE_SIDE or size.step > MAX_TILE_SIDE:
+            raise _fail(f"inputs[0].axes[{a}].size", f"min {size.min}, step {size.step} px; segkit tiles with sides of at "
+                                                     f"most {MAX_TILE_SIDE} px")
     if (sizes["y"].min, sizes["y"].step) != (sizes["x"].min, sizes["x"].step):
         raise _fail("inputs[0].axes", f"y takes {sizes['y'].min} + {sizes['y'].step}n px, x "
                                       f"{sizes['x'].min} + {sizes['x'].step}n px; segkit runs models whose y and x "
@@ -230,6 +438,22 @@ def _normalization(steps: list[Any], field: str) -> Normalization:
     return Normalization(mean=-offset / gain, std=1.0 / gain)
 
 
+def _segkit_config(descr: Any) -> dict[str, Any]:
+    """A package's `config.segkit` (empty when there is none); PackageModelError when it, or its
+    checkpoint entry, is not a mapping."""
+    extra = (descr.config.model_extra or {}) if descr.config is not None else {}
+    config = extra.get("segkit")
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise _fail("config.segkit", f"is a {type(config).__name__}, not a mapping; the package is damaged or was edited")
+    record = config.get("checkpoint")
+    if record is not None and not isinstance(record, Mapping):
+        raise _fail("config.segkit.checkpoint", f"is a {type(record).__name__}, not a mapping; the package is damaged "
+                                                "or was edited")
+    return dict(config)
+
+
 def segkit_record(descr: Any, source: Any) -> CheckpointInfo | None:
     """The checkpoint record a segkit package keeps in `config.segkit.checkpoint`, or None for other packages.
 
@@ -248,22 +472,81 @@ def segkit_record(descr: Any, source: Any) -> CheckpointInfo | None:
     Raises
     ------
     PackageModelError
-        The package has a segkit record that segkit refuses.
+        The package has a segkit record that segkit refuses, or a `config.segkit` that is not a mapping.
     """
     import json
 
-    config = (descr.config.model_extra or {}).get("segkit") if descr.config is not None else None
-    record = config.get("checkpoint") if isinstance(config, dict) else None
-    if not isinstance(record, dict) or "pad" not in config:  # packages before arch.py: run from the description
+    config = _segkit_config(descr)
+    record = config.get("checkpoint")
+    if record is None or "pad" not in config:  # packages before arch.py: run from the description
         return None
     try:
         return CheckpointInfo.from_json(json.dumps(record), f"{getattr(source, 'name', source)} (config.segkit)")
+    except (CheckpointError, TypeError, ValueError) as exc:
+        raise _fail("config.segkit.checkpoint", str(exc).splitlines()[0][:300]) from exc
+
+
+def _package_defaults(descr: Any, geometry: Geometry, normalization: Normalization, source: str,
+                      kind: str | None) -> tuple[str, list[str] | None, InferenceDefaults]:
+    """The kind, class names and inference defaults a foreign-run package keeps in
+    `config.segkit.checkpoint`, checked as a checkpoint record's are (`segkit.record`)."""
+    record = dict(_segkit_config(descr).get("checkpoint") or {})
+    field = "config.segkit.checkpoint"
+    stored_kind = record.get("kind")
+    if stored_kind is not None and stored_kind not in MODEL_KINDS:
+        raise _fail(f"{field}.kind", f"{str(stored_kind)[:100]!r} is not segmenter or denoiser")
+    kind = kind or str(stored_kind or "segmenter")
+    if kind not in MODEL_KINDS:
+        raise PackageModelError(f"kind={kind!r}: choose segmenter or denoiser")
+    classes = record.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise _fail(f"{field}.classes", f"{str(classes)[:100]} is not a list of class names")
+    inference = record.get("inference")
+    if inference is not None and not isinstance(inference, Mapping):
+        raise _fail(f"{field}.inference", f"is a {type(inference).__name__}, not a mapping of defaults")
+    try:
+        defaults = InferenceDefaults.from_dict({k: v for k, v in dict(inference or {}).items() if k != "tile"})
+    except TypeError as exc:
+        raise _fail(f"{field}.inference", str(exc)[:200]) from exc
+    fix = "the package is damaged or was edited: use another one"
+    try:
+        _check_normalization(normalization.mean, normalization.std, source, fix)
+        _check_inference(defaults, geometry, source, fix)
     except CheckpointError as exc:
-        raise _fail("config.segkit.checkpoint", str(exc)) from exc
+        raise _fail(f"{field}.inference", str(exc)) from exc
+    for key, value in (defaults.watershed or {}).items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(f"{field}.inference.watershed", f"{str(key)[:50]}: {str(value)[:50]!r} is not a number; {fix}")
+    return kind, classes, defaults
+
+
+def code_field(entry: Any, weights: str) -> tuple[str, str] | None:
+    """The field of a weights entry that carries Python code segkit would have to run, and its value:
+    TorchScript (a program), a pytorch_state_dict architecture from a file or from an importable
+    callable; None for ONNX (a graph of operators, run by ONNX Runtime)."""
+    if weights == "torchscript":
+        return "weights.torchscript.source", str(entry.source)
+    architecture = getattr(entry, "architecture", None)
+    if architecture is None:
+        return None
+    if getattr(architecture, "source", None) is not None:
+        return "weights.pytorch_state_dict.architecture.source", str(architecture.source)
+    return ("weights.pytorch_state_dict.architecture.import_from",
+            f"{getattr(architecture, 'import_from', '?')}.{getattr(architecture, 'callable', '?')}")
+
+
+def _refuse_code(field: str, value: str, present: list[str]) -> PackageModelError:
+    if "onnx" in present:
+        safe = "the package's ONNX weights run without it: pass weights='onnx' (or leave weights out)"
+    else:
+        safe = "the package has no ONNX weights (weights.onnx), which segkit would run without it"
+    return _fail(field, f"{value[:200]} is code that segkit would run, and segkit runs a model file's code only with "
+                        f"{TRUST_OPTION}: trust the package like a program you install, since its code can do anything "
+                        f"your account can; {safe}")
 
 
 def plan_package(source: Any, *, weights: str | None = None, channel: int | None = None,
-                 kind: str | None = None) -> tuple[Any, PackagePlan]:
+                 kind: str | None = None, trust_model_code: bool = False) -> tuple[Any, PackagePlan]:
     """Read a package and decide how segkit runs it.
 
     Parameters
@@ -271,11 +554,16 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
     source : str, Path or ModelDescr
         A package (.zip), the rdf.yaml of an unpacked one, or its description.
     weights : {"onnx", "pytorch_state_dict", "torchscript"}, optional
-        Default: the first present, in that order.
+        Default: the first present, in that order (segkit's own packages: their pytorch_state_dict
+        first, run from the record); without `trust_model_code`, only weights that need no code
+        from the package.
     channel : int, optional
         The output channel to return when there are several.
     kind : {"segmenter", "denoiser"}, optional
         Default: a segkit package's, else segmenter.
+    trust_model_code : bool
+        Allow weights whose Python code comes from the package (TorchScript, a pytorch_state_dict
+        architecture); without it those are refused, naming the field.
 
     Returns
     -------
@@ -287,29 +575,45 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
     Raises
     ------
     PackageModelError
-        One line naming the field of a package segkit cannot run.
+        One line naming the field of a package segkit cannot run, or will not run without the opt-in.
     """
     descr = read_description(source)
     present = [w for w, entry in descr.weights if entry is not None]
     checkpoint = segkit_record(descr, source)
+
+    def code(w: str) -> tuple[str, str] | None:
+        if checkpoint is not None and w == "pytorch_state_dict":
+            return None  # segkit's registry and the record: the package's arch.py is never imported
+        return code_field(getattr(descr.weights, w), w)
+
     if weights is None:
         order = RUNNABLE_WEIGHTS if checkpoint is None else ("pytorch_state_dict", *RUNNABLE_WEIGHTS)
         runnable = [w for w in order if w in present]
         if not runnable:
             raise _fail("weights", f"{', '.join(present)}; segkit runs {', '.join(RUNNABLE_WEIGHTS)} weights")
-        weights = runnable[0]
+        safe = [w for w in runnable if code(w) is None]
+        if not safe and not trust_model_code:
+            raise _refuse_code(*code(runnable[0]), present)  # type: ignore[misc]
+        weights = runnable[0] if trust_model_code else safe[0]
     elif weights not in RUNNABLE_WEIGHTS or weights not in present:
         raise _fail("weights", f"weights={weights!r} is not among the package's runnable weights "
                                f"({', '.join(w for w in present if w in RUNNABLE_WEIGHTS) or 'none'})")
+    carries = code(weights)
+    if carries is not None and not trust_model_code:
+        raise _refuse_code(*carries, present)
     entry = getattr(descr.weights, weights)
-    for what, file in ((f"weights.{weights}.source", entry.source),
-                       (f"weights.{weights}.architecture.source", getattr(getattr(entry, "architecture", None),
-                                                                          "source", None))):
-        if file is not None and str(file).lower().startswith(("http://", "https://")):
+    files = [(f"weights.{weights}.source", entry.source)]
+    if carries is not None and carries[0].endswith("architecture.source"):
+        files.append((carries[0], entry.architecture.source))
+    for what, file in files:
+        if str(file).lower().startswith(("http://", "https://")):
             raise _fail(what, f"{file} is a URL and segkit downloads nothing; download the package (.zip) first")
+        if isinstance(source, (str, Path)):
+            _member_name(file, what)
     if weights == "onnx" and getattr(entry, "external_data", None) is not None:
         raise _fail("weights.onnx.external_data", "ONNX weights in a separate data file are not supported")
     name = str(getattr(source, "name", source))
+    note = f"{carries[0]} {carries[1]}" if carries is not None else None
     if checkpoint is not None and weights == "pytorch_state_dict":
         if kind is not None and kind != checkpoint.kind:
             raise PackageModelError(f"{name} holds a {checkpoint.kind}, but a {kind} is needed here")
@@ -323,8 +627,7 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
     normalization = _normalization(_affine(descr.inputs[0].preprocessing, "inputs[0].preprocessing"),
                                    "inputs[0].preprocessing")
     post = tuple(_affine(descr.outputs[0].postprocessing, "outputs[0].postprocessing", post=True))
-    record = (descr.config.model_extra or {}).get("segkit", {}) if descr.config is not None else {}
-    record = record.get("checkpoint", {}) if isinstance(record, dict) else {}
+    kind, classes, defaults = _package_defaults(descr, geometry, normalization, name, kind)
     names = list(descr.outputs[0].axes[1].channel_names)
     if channels > 1 and channel is None:
         raise _fail("outputs[0].axes[channel]", f"{channels} output channels ({', '.join(map(str, names))}); pass "
@@ -332,35 +635,28 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
     if channel is not None and not 0 <= channel < channels:
         raise _fail("outputs[0].axes[channel]", f"channel={channel} is not one of the {channels} output channels "
                                                 f"({', '.join(map(str, names))}); pass channel=0 to {channels - 1}")
-    kind = kind or str(record.get("kind") or "segmenter")
-    if kind not in MODEL_KINDS:
-        raise PackageModelError(f"kind={kind!r}: choose segmenter or denoiser")
     chosen = names[channel or 0]
     info = CheckpointInfo(
-        kind=kind, model="bioimageio", model_kwargs={"source": str(getattr(source, "name", source)),
-                                                     "weights": weights},
+        kind=kind, model="bioimageio", model_kwargs={"source": name, "weights": weights},
         geometry=geometry, normalization=normalization,
-        classes=list(record.get("classes") or (["background", str(chosen)] if kind == "segmenter" else [])),
-        inference=InferenceDefaults.from_dict({k: v for k, v in dict(record.get("inference") or {}).items()
-                                               if k != "tile"}),
+        classes=list(classes or (["background", str(chosen)] if kind == "segmenter" else [])),
+        inference=defaults,
     )
-    return descr, PackagePlan(source=str(source if not hasattr(source, "name") else source.name), name=descr.name,
-                              info=info, weights=weights, channel=channel, channels=channels, post=post)
+    return descr, PackagePlan(source=name, name=descr.name, info=info, weights=weights, channel=channel,
+                              channels=channels, post=post, code=note)
 
 
 class PackageEngine:
     """A bioimage.io package as a segkit engine (the engine protocol, plus `geometry` and `info`, so
     `segkit.predict(..., model=engine)` runs it through the streaming pipeline)."""
 
-    def __init__(self, descr: Any, plan: PackagePlan, *, device: str = "auto") -> None:
+    def __init__(self, descr: Any, plan: PackagePlan, *, device: str = "auto", source: Any = None) -> None:
         import torch
 
         self.plan, self.info, self.geometry = plan, plan.info, plan.info.geometry
         entry = getattr(descr.weights, plan.weights)
-        try:
-            data = entry.get_reader().read()
-        except Exception as exc:  # a missing or unreadable file inside the package
-            raise _fail(f"weights.{plan.weights}.source", f"cannot be read ({exc})") from exc
+        # from inside the package only, its size checked against the memory available before it is read
+        data = read_package_file(descr if source is None else source, entry, f"weights.{plan.weights}.source")
         if plan.from_record:
             self.inner: Any = TorchEngine(_record_model(self.info, data, plan.weights), device=device,
                                           channel=_record_channel(self.info))
@@ -442,7 +738,8 @@ def _record_model(info: CheckpointInfo, data: bytes, weights: str) -> Any:
 
 
 def load_package(source: Any, *, weights: str | None = None, channel: int | None = None, kind: str | None = None,
-                 device: str = "auto") -> PackageEngine:
+                 device: str = "auto", trust_model_code: bool = False,
+                 report: Callable[[str], object] | None = None) -> PackageEngine:
     """A bioimage.io package as an engine for segkit's pipeline (`segkit.predict(..., model=engine)`).
 
     Parameters
@@ -457,6 +754,11 @@ def load_package(source: Any, *, weights: str | None = None, channel: int | None
         Default: a segkit package's, else segmenter.
     device : str
         "auto", "cpu", "cuda" or "cuda:N".
+    trust_model_code : bool
+        Allow weights whose Python code comes from the package (TorchScript, a pytorch_state_dict
+        architecture); without it segkit runs ONNX weights (or its own packages' record) only.
+    report : callable, optional
+        Takes the one-line note said when the package's code runs.
 
     Returns
     -------
@@ -468,5 +770,8 @@ def load_package(source: Any, *, weights: str | None = None, channel: int | None
     PackageModelError
         One line naming the field of a package segkit cannot run.
     """
-    descr, plan = plan_package(source, weights=weights, channel=channel, kind=kind)
-    return PackageEngine(descr, plan, device=device)
+    descr, plan = plan_package(source, weights=weights, channel=channel, kind=kind, trust_model_code=trust_model_code)
+    if plan.code is not None and report is not None:
+        report(f"note: running the Python code of package {plan.source} ({plan.code}), as "
+               f"{TRUST_OPTION} allows")
+    return PackageEngine(descr, plan, device=device, source=source)

@@ -68,7 +68,7 @@ def _load_engine(request: EngineRequest, *, tile: int | None, report: Callable[[
     options = request.options
     model_path, kind, amp, device = Path(request.model), options.kind, options.amp, options.device
     if is_package(model_path):
-        return _load_package(request, tile=tile)
+        return _load_package(request, tile=tile, report=report)
     is_onnx = model_path.suffix.lower() == ".onnx"
     engine = ("onnx" if is_onnx else "torch") if options.engine == "auto" else options.engine
     if is_onnx:
@@ -128,7 +128,7 @@ def _records(request: EngineRequest) -> tuple[Any, Any, Any]:
     path, options = Path(request.model), request.options
     export_record = None
     if is_package(path):
-        info = plan_package(path, kind=options.kind)[1].info
+        info = plan_package(path, kind=options.kind, trust_model_code=options.trust_model_code)[1].info
     elif path.suffix.lower() == ".onnx":
         info, export_record = read_onnx_metadata(path)
     elif options.denoise is not None:
@@ -173,7 +173,7 @@ def _onnx_tile(path: Path, record: Any, tile: int | None) -> int:
     return tile
 
 
-def _load_package(request: EngineRequest, *, tile: int | None) -> LoadedEngine:
+def _load_package(request: EngineRequest, *, tile: int | None, report: Callable[[str], object]) -> LoadedEngine:
     """A bioimage.io package (.zip or rdf.yaml) as an engine: its own weights (ONNX, TorchScript or
     PyTorch state dict), geometry and normalisation (segkit.bioimageio.read)."""
     if not Path(request.model).exists():
@@ -185,7 +185,8 @@ def _load_package(request: EngineRequest, *, tile: int | None) -> LoadedEngine:
         if value != default:
             raise SegkitError(f"{option}={value!r} does not apply to a bioimage.io package (it brings its own "
                               "weights and geometry); leave it out")
-    engine = load_package(request.model, kind=options.kind, device=options.device)
+    engine = load_package(request.model, kind=options.kind, device=options.device,
+                          trust_model_code=options.trust_model_code, report=report)
     tile = tile or engine.geometry.default_tile
     engine.geometry.check_tile(tile)
     return LoadedEngine(engine, engine.info, engine.geometry, tile)

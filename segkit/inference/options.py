@@ -158,6 +158,9 @@ class PredictOptions:
         Replace existing outputs.
     skip_existing : bool
         With an output folder: leave inputs whose output exists.
+    trust_model_code : bool
+        Let a bioimage.io package run its own Python code (TorchScript, a pytorch_state_dict
+        architecture); without it segkit runs only its weights (ONNX, or segkit's own record).
 
     Raises
     ------
@@ -190,6 +193,7 @@ class PredictOptions:
     resume: bool = False
     overwrite: bool = False
     skip_existing: bool = False
+    trust_model_code: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:

@@ -233,7 +233,7 @@ def predict_float(stack, out, model, **kwargs):
 def test_segkit_runs_its_own_package_as_the_checkpoint(tmp_path, uint8_stack, tiny_checkpoint, unet_package, weights):
     from segkit.bioimageio.read import load_package
 
-    engine = load_package(unet_package[0], weights=weights, device="cpu")
+    engine = load_package(unet_package[0], weights=weights, device="cpu", trust_model_code=weights == "torchscript")
     assert engine.info.inference.input_dtype == "uint8"
     assert abs(engine.info.normalization.mean - 120) < 1e-4 and abs(engine.info.normalization.std - 40) < 1e-4
     if weights == "pytorch_state_dict":  # segkit's own registry and the checkpoint's record, not arch.py
@@ -360,8 +360,8 @@ def test_segkit_runs_a_foreign_package_through_its_pipeline(tmp_path, uint8_stac
 
     package, net, normalize = foreign_package(tmp_path)
     with pytest.raises(SegkitError, match=r"outputs\[0\]\.axes\[channel\]: 2 output channels \(bg, fg\); pass channel=N"):
-        load_package(package, weights=weights, device="cpu")
-    engine = load_package(package, weights=weights, channel=1, device="cpu")
+        load_package(package, weights=weights, device="cpu", trust_model_code=weights != "onnx")
+    engine = load_package(package, weights=weights, channel=1, device="cpu", trust_model_code=weights != "onnx")
     assert (engine.geometry.margin, engine.geometry.step, engine.geometry.min_input, engine.geometry.halo) == (0, 16, 32, 8)
     got = predict_float(uint8_stack, tmp_path / "out.tif", engine, tile=48)  # many tiles, blended over the halo
     planes = tifffile.imread(uint8_stack).astype(np.float32)
