@@ -230,11 +230,13 @@ def check_record(info: CheckpointInfo, source: str) -> None:
     if info.kind not in MODEL_KINDS:
         raise CheckpointError(f"{source}: unknown kind {info.kind!r} in its record (segmenter or denoiser); {fix}")
     _check_model(info.model, info.model_kwargs, source, fix)  # the kind is checked where it matters (load_model)
-    _check_normalization(info.normalization.mean, info.normalization.std, source, fix)
-    _check_inference(info.inference, info.geometry, source, fix)
+    check_normalization_record(info.normalization.mean, info.normalization.std, source, fix)
+    check_inference_defaults(info.inference, info.geometry, source, fix)
 
 
-def _check_inference(inference: InferenceDefaults, geometry: Geometry, source: str, fix: str) -> None:
+def check_inference_defaults(inference: InferenceDefaults, geometry: Geometry, source: str, fix: str) -> None:
+    """Refuse inference defaults of wrong types or out of range (tile, threshold, watershed, ...) with one
+    CheckpointError naming the field, `source` and the `fix`; checkpoints and packages share it."""
     def refuse(name: str, value: Any, problem: str) -> CheckpointError:
         shown = repr(value)
         shown = shown if len(shown) <= 100 else shown[:97] + "..."
@@ -292,7 +294,7 @@ def _check_model(name: Any, kwargs: dict[str, Any], source: str, fix: str, *, ki
                 raise CheckpointError(f"{source}: its record's {part} entry is malformed; {fix}")
             _check_model(entry.get("name"), entry["kwargs"], source, fix, kind=part)
             norm = entry["normalization"]
-            _check_normalization(norm.get("mean"), norm.get("std"), source, fix)
+            check_normalization_record(norm.get("mean"), norm.get("std"), source, fix)
         return
     for key, value in kwargs.items():
         if key not in _INT_RANGES:
@@ -308,10 +310,12 @@ def _check_model(name: Any, kwargs: dict[str, Any], source: str, fix: str, *, ki
                               f"below 1); {fix}")
 
 
-def _check_normalization(mean: Any, std: Any, source: str, fix: str) -> None:
+def check_normalization_record(mean: Any, std: Any, source: str, fix: str) -> None:
+    """Refuse a normalisation mean/std (numbers, or one pair per channel) that is not finite, or a std
+    that is not positive, with one CheckpointError naming `source` and the `fix`."""
     if isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std) and mean:
         for m, s in zip(mean, std):  # one pair per channel
-            _check_normalization(m, s, source, fix)
+            check_normalization_record(m, s, source, fix)
         return
     try:
         mean, std = float(mean), float(std)

@@ -55,7 +55,13 @@ from segkit.inference.engines import OnnxEngine, TorchEngine
 from segkit.memory import available_memory, format_bytes
 from segkit.models.geometry import Geometry
 from segkit.normalization import Normalization
-from segkit.record import MODEL_KINDS, CheckpointInfo, InferenceDefaults, _check_inference, _check_normalization
+from segkit.record import (
+    MODEL_KINDS,
+    CheckpointInfo,
+    InferenceDefaults,
+    check_inference_defaults,
+    check_normalization_record,
+)
 
 #: The weight formats segkit runs, in the order it picks them.
 RUNNABLE_WEIGHTS = ("onnx", "pytorch_state_dict", "torchscript")
@@ -510,8 +516,8 @@ def _package_defaults(descr: Any, geometry: Geometry, normalization: Normalizati
         raise _fail(f"{field}.inference", str(exc)[:200]) from exc
     fix = "the package is damaged or was edited: use another one"
     try:
-        _check_normalization(normalization.mean, normalization.std, source, fix)
-        _check_inference(defaults, geometry, source, fix)
+        check_normalization_record(normalization.mean, normalization.std, source, fix)
+        check_inference_defaults(defaults, geometry, source, fix)
     except CheckpointError as exc:
         raise _fail(f"{field}.inference", str(exc)) from exc
     for key, value in (defaults.watershed or {}).items():
