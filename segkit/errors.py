@@ -39,3 +39,11 @@ class Cancelled(SegkitError):
 
     def __init__(self, message: str = "prediction cancelled") -> None:
         super().__init__(message)
+
+
+class OptionTypeError(SegkitError, TypeError):
+    """A prediction option of the wrong type (the Python API: `batch="4"`); a TypeError too."""
+
+
+class OptionValueError(SegkitError, ValueError):
+    """A prediction option out of its range (`batch=0`, `tile=380.7`); a ValueError too."""

@@ -12,12 +12,13 @@ This module imports no torch: `segkit --help` and `import segkit` stay light.
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from segkit.devices import AMP_CHOICES
-from segkit.errors import SegkitError
+from segkit.errors import OptionTypeError, OptionValueError, SegkitError
 from segkit.io.tiff import COMPRESSIONS
 from segkit.record import MODEL_KINDS
 
@@ -221,6 +222,34 @@ class PredictOptions:
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+        self._check_numbers_and_flags()
+
+    def _check_numbers_and_flags(self) -> None:
+        """Types and ranges of the numeric and boolean options: a value segkit would otherwise change
+        silently (batch 0, tile 380.7, the string 'false') is refused, naming the option."""
+        for name in ("instances", "argmax", "resume", "overwrite", "skip_existing", "trust_model_code"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionTypeError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        for name, lowest in (("batch", 1), ("halo", 0), ("class_index", 0), ("workers", 1), ("chunk", 16)):
+            value = getattr(self, name)
+            if value is None and name != "chunk":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise OptionTypeError(f"{name} must be a whole number, not {value!r}")
+            if value < lowest:
+                raise OptionValueError(f"{name} must be at least {lowest}, not {value}")
+        threshold = self.threshold
+        if isinstance(threshold, str) and threshold != "auto":  # the CLI passes its text
+            try:
+                threshold = float(threshold)
+            except ValueError:
+                raise OptionTypeError(f"threshold {threshold!r} must be a number between 0 and 1 or 'auto'") from None
+            object.__setattr__(self, "threshold", threshold)
+        if threshold is not None and threshold != "auto":
+            if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+                raise OptionTypeError(f"threshold {threshold!r} must be a number between 0 and 1 or 'auto'")
+            if not 0.0 <= float(threshold) <= 1.0:
+                raise OptionValueError(f"threshold {threshold} must be between 0 and 1 (a probability) or 'auto'")
 
     @property
     def fixed_tile(self) -> int | None:
@@ -247,9 +276,12 @@ def _on_off(value: Any) -> Any:
 
 
 def _tile(tile: Any) -> int | str | None:
+    """A tile: None, 'auto', or a whole number (also as digits in a string, as the CLI passes it); a
+    fraction such as 380.7 is refused, not cut to 380."""
     if tile is None or tile == "auto":
         return tile
-    try:
+    if isinstance(tile, str) and tile.strip().isdigit():
         return int(tile)
-    except (TypeError, ValueError):
-        raise SegkitError(f"tile {tile!r} must be a whole number of pixels or 'auto'") from None
+    if isinstance(tile, bool) or not isinstance(tile, numbers.Integral):
+        raise OptionTypeError(f"tile {tile!r} must be a whole number of pixels or 'auto'")
+    return int(tile)

@@ -46,6 +46,34 @@ def test_segkit_predict_takes_every_option_by_name():
     names = {field.name for field in dataclasses.fields(PredictOptions)}
     assert {"tile", "batch", "device", "amp", "output_type", "threshold", "instances", "class_index", "argmax",
             "compression", "kind", "workers", "scheduler", "chunk", "resume", "overwrite", "skip_existing",
-            "engine", "denoise", "compile_model", "blend", "halo", "normalize", "tta"} == names
+            "engine", "denoise", "compile_model", "blend", "halo", "normalize", "tta", "trust_model_code"} == names
     parameters = inspect.signature(segkit.predict).parameters
     assert parameters["settings"].kind is inspect.Parameter.VAR_KEYWORD and "options" in parameters
+
+
+@pytest.mark.parametrize("settings, error, words", [
+    ({"batch": 0}, ValueError, "batch must be at least 1"),
+    ({"batch": "4"}, TypeError, "batch must be a whole number"),
+    ({"batch": True}, TypeError, "batch must be a whole number"),
+    ({"tile": 380.7}, TypeError, "tile 380.7 must be a whole number"),
+    ({"workers": 0}, ValueError, "workers must be at least 1"),  # it started a cluster of no workers and waited
+    ({"halo": -1}, ValueError, "halo must be at least 0"),
+    ({"class_index": -1}, ValueError, "class_index must be at least 0"),
+    ({"chunk": 0}, ValueError, "chunk must be at least 16"),
+    ({"instances": "yes"}, TypeError, "instances must be True or False"),
+    ({"overwrite": "false"}, TypeError, "overwrite must be True or False"),
+    ({"threshold": 2.0}, ValueError, "between 0 and 1"),
+    ({"threshold": "abc"}, TypeError, "threshold 'abc'"),
+])
+def test_the_python_api_refuses_values_it_would_change_silently(settings, error, words):
+    """Each is a SegkitError (one line from the CLI) and a TypeError / ValueError naming the option."""
+    with pytest.raises(error, match=words) as caught:
+        PredictOptions(**settings)
+    assert isinstance(caught.value, SegkitError)
+
+
+def test_numbers_as_text_and_numpy_integers_are_taken():
+    import numpy as np
+
+    options = PredictOptions(tile="572", batch=np.int64(2), threshold="0.5")
+    assert (options.tile, options.batch, options.threshold) == (572, 2, 0.5)
