@@ -410,3 +410,17 @@ def test_a_cgroup_memory_limit_caps_the_memory_segkit_counts_on(tmp_path, monkey
     monkeypatch.setattr(memory, "_cgroup_memory_left", lambda: limit)
     monkeypatch.setattr(memory, "_machine_memory", lambda: 64 << 30)
     assert limit == 2 << 30 and unlimited is None and memory.available_memory() == 2 << 30
+
+
+def test_a_fifo_or_a_device_as_input_is_one_line_not_a_hang(tmp_path):
+    """Issue 25, finding 13: a FIFO named x.tif (alone or in an input folder) blocked forever; /dev/zero read
+    as an empty file."""
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    fifo = folder / "x.tif"
+    os.mkfifo(fifo)
+    assert_user_error(run("predict", fifo, "-o", tmp_path / "a.tif"), "is a named pipe (FIFO)")
+    assert_user_error(run("predict", folder, "-o", tmp_path / "b.tif"), "is a named pipe (FIFO)")
+    assert_user_error(run("predict", "/dev/zero", "-o", tmp_path / "c.tif"), "/dev/zero is a device")

@@ -21,6 +21,7 @@ import glob
 import logging
 import os
 import re
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -502,7 +503,21 @@ def _fail_on_tifffile_errors(path: str) -> Iterator[None]:
                          "file or copy it again")
 
 
+def check_regular_file(path: str | Path) -> None:
+    """Refuse a path that is not a regular file (a FIFO, a device, a socket): reading one blocks forever
+    or never ends (/dev/zero). Symlinks to regular files are fine."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # a missing file is reported where it is opened, with its own message
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise InputError(f"{path} is {kind}, not an image file; point to a TIFF file or a folder of them")
+
+
 def _open_tiff(path: str) -> tifffile.TiffFile:
+    check_regular_file(path)
     try:
         with _fail_on_tifffile_errors(path):
             return tifffile.TiffFile(path)

@@ -81,8 +81,15 @@ def model_class(name: str) -> Any:
 
 
 def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    """Raise ConfigError for a parameter the model does not take, naming the closest one."""
-    params = [p for p in inspect.signature(model_class(name)).parameters if p not in ("self", "kwargs", "arch_kwargs")]
+    """Raise ConfigError for a parameter the model does not take, naming the closest one, and for a
+    value of a switch (a parameter whose default is True or False) that is not a boolean: the string
+    'false' would otherwise switch it on."""
+    signature = inspect.signature(model_class(name)).parameters
+    params = [p for p in signature if p not in ("self", "kwargs", "arch_kwargs")]
+    for key, value in kwargs.items():
+        if key in signature and isinstance(signature[key].default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"model.params.{key}: expected true or false, got {value!r} ({type(value).__name__}); "
+                              f"write {key}: true or {key}: false without quotes")
     if name.startswith(SMP_PREFIX):
         from segkit.models.smp import architecture_parameters, parse_name
 

@@ -396,3 +396,12 @@ def test_workers_are_capped_at_the_cpu_cores(monkeypatch):
     assert runs.loader_workers(6, notes.append) == 2
     assert notes == ["note: train.workers=6 is more than the 2 CPU cores here; using 2 workers"]
     assert runs.loader_workers(2, notes.append) == 2 and len(notes) == 1
+
+
+def test_a_model_switch_given_as_text_is_refused_before_training(tmp_path):
+    """`batch_norm: 'false'` (quoted) trained with BatchNorm: a string taken as true (issue 25, finding 9)."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(_recipe_file(tmp_path).read_text())
+    result = run("train", path, "model.params.batch_norm='false'", "train.epochs=1", "train.iters_per_epoch=1")
+    assert_user_error(result, "model.params.batch_norm: expected true or false", "without quotes")
+    assert not (tmp_path / "run" / "last.safetensors").exists()
