@@ -292,10 +292,39 @@ def init(data: Path, output: Path | None, minutes: float | None, device: str, ki
 
 # -- predict -------------------------------------------------------------------------------
 
-def _progress(quiet: bool, unit: str = "tile") -> Any:
-    from tqdm import tqdm
+def _progress(quiet: bool, unit: str = "tile") -> "_LazyBar":
+    return _LazyBar(quiet, unit)
 
-    return tqdm(total=0, unit=unit, disable=quiet, file=sys.stderr)
+
+class _LazyBar:
+    """A tqdm bar made at its first `reset` (the number of tiles is known then): nothing is drawn before the
+    run's header or before an error that comes first (an empty "0tile" bar was). The progress protocol of
+    `segkit.predict` (reset, update) and a context manager that closes the bar."""
+
+    def __init__(self, quiet: bool, unit: str) -> None:
+        self._quiet, self._unit, self._bar = quiet, unit, None
+
+    def reset(self, total: int | None = None) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit=self._unit, disable=self._quiet, file=sys.stderr)
+        else:
+            self._bar.reset(total=total)
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "_LazyBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 COMPRESSION_OPTION = click.option(

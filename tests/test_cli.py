@@ -319,3 +319,13 @@ def test_evaluate_says_which_argument_is_which(tmp_path):
     as_json = run("evaluate", tmp_path / "pred.tif", tmp_path / "labels.tif", "--json", "-")
     report = json.loads(as_json.output)  # JSON only: its keys say which is which
     assert report["prediction"] == str(tmp_path / "pred.tif") and report["labels"] == str(tmp_path / "labels.tif")
+
+
+def test_no_empty_progress_bar_comes_before_the_header_or_an_error(tmp_path, uint8_stack, tiny_checkpoint):
+    """Issue 25 (new user): every predict drew an empty `0tile [00:00, ?tile/s]` bar before its header, and
+    before errors too."""
+    result = run("predict", uint8_stack, "-o", tmp_path / "out.tif", "-m", tiny_checkpoint, "--tile", 236)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith(f"{uint8_stack} -> ")
+    failed = run("predict", tmp_path / "missing.tif", "-o", tmp_path / "x.tif")
+    assert failed.exit_code == 2 and failed.stderr.startswith("error: ")

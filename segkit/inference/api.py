@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from segkit.checkpoint import read_info
 from segkit.devices import resolve_device
-from segkit.errors import Cancelled, InputError, SegkitError
+from segkit.errors import Cancelled, InputError, OptionTypeError, SegkitError
 from segkit.inference.device_fit import BackoffForward, choose_batch, choose_tile, with_smaller_tiles
 from segkit.inference.distributed import predict_to_zarr
 from segkit.inference.encodings import describe_output, model_encoding, stack_encoding
@@ -146,6 +146,7 @@ def predict(
     >>> result.outputs, result.tile, result.batch, result.engine              # doctest: +SKIP
     """
     started = time.perf_counter()
+    _check_call(sources, model, report, progress, cancel)
     options = PredictOptions(**settings) if options is None else replace(options, **settings)
     sources = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
     if not sources:
@@ -213,6 +214,29 @@ def _predict_claimed(sources: list[str], out_path: Path | None, folder: str | No
             result.outputs.append(out_path)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _check_call(sources: Any, model: Any, report: Any, progress: Any, cancel: Any) -> None:
+    """Types of `predict`'s arguments, before any work: one line naming the argument (OptionTypeError,
+    a SegkitError and a TypeError), never a failure mid-run."""
+    if hasattr(sources, "shape") and hasattr(sources, "dtype"):
+        raise OptionTypeError("sources is an array; segkit.predict reads files: use segkit.predict_array(image, "
+                              "model) or segkit.Model(model).predict(image) for arrays")
+    paths = [sources] if isinstance(sources, (str, Path)) else sources
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (str, Path)) for p in paths):
+        raise OptionTypeError(f"sources must be a path (str or Path), a glob or a list of them, not "
+                              f"{type(sources).__name__}")
+    if model is not None and not isinstance(model, (str, Path)) and not (callable(model)
+                                                                         and hasattr(model, "geometry")):
+        raise OptionTypeError(f"model must be a path to a checkpoint, ONNX file or bioimage.io package (or an "
+                              f"engine object), not {type(model).__name__}")
+    if not callable(report):
+        raise OptionTypeError(f"report must be a function taking one line (e.g. print), not {report!r}")
+    if progress is not None and not (callable(getattr(progress, "reset", None))
+                                     and callable(getattr(progress, "update", None))):
+        raise OptionTypeError(f"progress must have reset(total) and update(n) (a tqdm bar), not {progress!r}")
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise OptionTypeError(f"cancel must be a threading.Event, not {cancel!r}")
 
 
 @contextmanager

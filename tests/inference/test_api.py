@@ -247,3 +247,23 @@ def test_the_input_is_opened_while_the_model_loads(tmp_path, tiny_checkpoint, ui
     names = dict(events)
     assert names["open"].startswith("segkit-open-input") and names["load starts"] == threading.main_thread().name
     assert [kind for kind, _ in events].count("open") == 1 and len(opened) == 1 and not opened[0]._handles
+
+
+@pytest.mark.parametrize("call, words", [
+    (dict(sources=np.zeros((64, 64), np.uint8)), "sources is an array; segkit.predict reads files: use "
+                                                 "segkit.predict_array"),
+    (dict(sources=None), "sources must be a path"),
+    (dict(sources=3), "sources must be a path"),
+    (dict(model=123), "model must be a path"),
+    (dict(model={}), "model must be a path"),
+    (dict(report=None), "report must be a function"),
+    (dict(progress="yes"), "progress must have reset(total) and update(n)"),
+    (dict(cancel=True), "cancel must be a threading.Event"),
+])
+def test_arguments_of_the_wrong_type_are_one_line_before_any_work(tmp_path, call, words):
+    """Issue 25, findings 20 and 21: these failed mid-run or with Python's own words ("64 inputs given",
+    "'NoneType' object is not iterable")."""
+    arguments = {"sources": str(tmp_path / "missing.tif"), **call}
+    with pytest.raises(TypeError) as caught:
+        segkit.predict(arguments.pop("sources"), tmp_path / "out.tif", **arguments)
+    assert isinstance(caught.value, segkit.errors.SegkitError) and words in str(caught.value)
