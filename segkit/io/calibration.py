@@ -219,7 +219,7 @@ def tiff_calibration(tif: tifffile.TiffFile) -> Calibration | None:
     page = tif.pages.first
     if "XResolution" not in page.tags or "YResolution" not in page.tags:
         return None
-    metadata = _description_metadata(tif)
+    metadata = description_metadata(tif)
     try:
         x, y = page.resolution
         return calibration_from_resolution(float(x), float(y), int(page.resolutionunit),
@@ -228,7 +228,7 @@ def tiff_calibration(tif: tifffile.TiffFile) -> Calibration | None:
         return None
 
 
-def _description_metadata(tif: tifffile.TiffFile) -> dict[str, Any]:
+def description_metadata(tif: tifffile.TiffFile) -> dict[str, Any]:
     """The key/value metadata of ImageJ's description or of tifffile's JSON one; {} when none."""
     try:
         if tif.is_imagej:
@@ -336,7 +336,7 @@ def read_content(path: str | Path) -> str | None:
             if tif.is_ome:
                 content = _ome_description_content(tif.ome_metadata)
             else:
-                content = _description_metadata(tif).get(CONTENT_KEY)
+                content = description_metadata(tif).get(CONTENT_KEY)
     except Exception:
         return None
     return content if content in CONTENTS else None

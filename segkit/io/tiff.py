@@ -35,7 +35,14 @@ import tifffile
 from segkit import memory
 from segkit._optional import require
 from segkit.errors import InputError, SegkitError
-from segkit.io.calibration import CONTENT_KEY, CONTENTS, Calibration, calibration_from_resolution, tiff_calibration
+from segkit.io.calibration import (
+    CONTENT_KEY,
+    CONTENTS,
+    Calibration,
+    calibration_from_resolution,
+    description_metadata,
+    tiff_calibration,
+)
 from segkit.io.outputs import atomic_path, check_output
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
@@ -661,16 +668,7 @@ def _resolution(tif: tifffile.TiffFile) -> Resolution | None:
 def _metadata_unit(tif: tifffile.TiffFile) -> str | None:
     """The length unit of the resolution tags stored by ImageJ (its description's `unit`), or by
     write_stack (the `unit` of tifffile's JSON description); None where there is none."""
-    try:
-        if tif.is_imagej:
-            metadata = tif.imagej_metadata
-        elif tif.is_shaped:
-            metadata = (tif.shaped_metadata or (None,))[0]
-        else:
-            return None
-    except _TIFF_ERRORS:
-        return None
-    unit = metadata.get("unit") if isinstance(metadata, dict) else None
+    unit = description_metadata(tif).get("unit")
     if unit is None:
         return None
     return str(unit).strip() or None
