@@ -282,11 +282,17 @@ def zarr_attributes(store: str | Path) -> dict[str, Any]:
     return attributes if isinstance(attributes, dict) else {}
 
 
+def ngff_multiscales(attributes: dict[str, Any]) -> Any:
+    """The NGFF `multiscales` list of a group's attributes: at the top level (0.4) or under 'ome' (0.5);
+    None when the group has none."""
+    return attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales")
+
+
 def zarr_calibration(store: str | Path) -> Calibration | None:
     """The calibration of an OME-Zarr group: level 0's scale (times any multiscales-wide scale) per
     spatial axis, with the axes' units (NGFF 0.4 at the top level, 0.5 under 'ome'); None when none."""
     attributes = zarr_attributes(store)
-    multiscales = attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales")
+    multiscales = ngff_multiscales(attributes)
     try:
         first = multiscales[0]
         axes = [axis if isinstance(axis, dict) else {"name": str(axis)} for axis in first["axes"]]

@@ -20,7 +20,7 @@ import numpy as np
 
 from segkit._optional import require
 from segkit.errors import InputError
-from segkit.io.calibration import Calibration, read_content, zarr_attributes, zarr_calibration
+from segkit.io.calibration import Calibration, ngff_multiscales, read_content, zarr_attributes, zarr_calibration
 from segkit.io.ngff import image_attributes, label_attributes, labels_group_attributes, level_shapes
 from segkit.io.outputs import RESUMABLE_SUFFIX, check_output
 from segkit.io.tiff import check_finite, open_stack, write_stack
@@ -460,7 +460,7 @@ def level0_path(store: str | Path) -> str:
     """The path of an OME-Zarr group's level 0: its multiscales' first dataset ("0" in segkit's stores,
     "s0" in ome-zarr-py's); "0" when the group says none."""
     attributes = zarr_attributes(store)
-    multiscales = attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales")
+    multiscales = ngff_multiscales(attributes)
     try:
         return str(multiscales[0]["datasets"][0]["path"])
     except (TypeError, KeyError, IndexError):

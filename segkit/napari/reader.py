@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from segkit.io.calibration import read_calibration, read_content, zarr_attributes
+from segkit.io.calibration import ngff_multiscales, read_calibration, read_content, zarr_attributes
 from segkit.napari.layers import layer_type
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -170,7 +170,7 @@ def _multiscale(group: Path) -> tuple[list[Any], str, tuple[str, ...]] | None:
     import zarr
 
     attributes = zarr_attributes(group)
-    multiscales = attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales")
+    multiscales = ngff_multiscales(attributes)
     if not multiscales:
         return None
     first = multiscales[0]
