@@ -16,8 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def data_root() -> Path:
     """The folder holding the real data sets (isbi2012/, bbbc039/, axondeepseg_sem/): $SEGKIT_DATA, by
-    default ../shared/data beside the repository root. Tests that read real data skip when it is absent."""
-    return Path(os.environ.get("SEGKIT_DATA") or REPO.parent / "shared" / "data")
+    default ../shared/data beside the repository root (segkit.data_check.data_root, the one place that says
+    so). Tests that read real data skip when it is absent."""
+    from segkit.data_check import data_root as segkit_data_root
+
+    return segkit_data_root()
 
 
 ISBI = data_root() / "isbi2012"

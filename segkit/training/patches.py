@@ -43,12 +43,22 @@ def data_source(data: dict[str, Any], key: str) -> str:
     candidates += [Path(__file__).resolve().parents[3] / "shared" / "data" / root.name,
                    Path.cwd().parent / "shared" / "data" / root.name]
     found = next((c for c in candidates if (c / name).exists() and c.resolve() != root.resolve()), None)
+    hint = "" if found else _data_check_hint(root.name)
     if not root.is_dir():
         fix = f"data.root={found}" if found else f"data.root=<the folder holding {name}>"
         raise InputError(f"data.root {root} does not exist; pass {fix} "
-                         "(a relative data.root in a recipe file is relative to the file's folder)")
+                         f"(a relative data.root in a recipe file is relative to the file's folder){hint}")
     fix = f"data.root={found}" if found else f"data.{key}=<a file in {root}> or data.root=<the folder holding {name}>"
-    raise InputError(f"data.{key}: {source} does not exist; pass {fix}")
+    raise InputError(f"data.{key}: {source} does not exist; pass {fix}{hint}")
+
+
+def _data_check_hint(folder: str) -> str:
+    """For a folder named as a catalogued public data set (isbi2012, ...): the command that says where to get it."""
+    from segkit.data_check import load_catalog
+
+    if folder not in load_catalog():
+        return ""
+    return f"; `segkit data check {folder}` says which files it needs and where to get them"
 
 
 def build_augmentation(settings: dict[str, Any], *, seed: int) -> Any:
