@@ -1,0 +1,34 @@
+"""Progress bars of the CLI in a log (stderr no terminal, as CliRunner's; issue 25, a new user's papercuts)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+from tests.helpers import run
+
+
+@pytest.fixture
+def slow_clock(monkeypatch):
+    """tqdm's clock advances a second per reading, as in a slow run: every update is drawn (tqdm draws at most
+    every 0.1 s), so what the log ends with does not depend on this machine's speed."""
+    seconds = itertools.count(1000.0)
+    monkeypatch.setattr("tqdm.std.time", lambda: next(seconds))
+
+
+def states(stderr: str) -> list[str]:
+    """The 'n/total' of every state tqdm drew (separated by carriage returns and newlines)."""
+    return [found.group(0) for part in re.split(r"[\r\n]", stderr) if (found := re.search(r"\d+/\d+", part))]
+
+
+def test_predicts_last_progress_line_is_printed_once(tmp_path, uint8_stack, tiny_checkpoint, slow_clock):
+    """The log of `segkit predict` ended with the finished bar twice, with different rates."""
+    result = run("predict", uint8_stack, "-o", tmp_path / "out.tif", "-m", tiny_checkpoint, "--device", "cpu",
+                 "--batch", 4)
+    assert result.exit_code == 0, result.output
+    drawn = states(result.stderr)
+    assert drawn[-1] == "12/12" and drawn.count("12/12") == 1, result.stderr  # 3 planes of 2 x 2 tiles
+    assert result.stderr.endswith("tile/s]\n")
+
