@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import re
 
+import numpy as np
 import pytest
+import tifffile
 
 from tests.helpers import run
 
@@ -31,4 +33,15 @@ def test_predicts_last_progress_line_is_printed_once(tmp_path, uint8_stack, tiny
     drawn = states(result.stderr)
     assert drawn[-1] == "12/12" and drawn.count("12/12") == 1, result.stderr  # 3 planes of 2 x 2 tiles
     assert result.stderr.endswith("tile/s]\n")
+
+
+def test_segments_bar_ends_at_every_slice_once(tmp_path, slow_clock):
+    """`segkit segment`'s bar ended at '80% 4/5' in a log (and the finished bar was drawn twice)."""
+    probabilities = tmp_path / "membranes.tif"
+    tifffile.imwrite(probabilities, np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8))
+    result = run("segment", probabilities, "-o", tmp_path / "neurons.tif")
+    assert result.exit_code == 0, result.output
+    drawn = states(result.stderr)
+    assert drawn[-1] == "5/5" and drawn.count("5/5") == 1, result.stderr
+    assert run("segment", probabilities, "-o", tmp_path / "quiet.tif", "-q").stderr == ""
 

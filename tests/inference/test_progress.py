@@ -1,5 +1,6 @@
 """Progress bars of the Python API (issue 25, a new user's papercuts): a bar on stderr by default, none with
-`progress=False`, a bar of one's own used and left open; the finished bar drawn once."""
+`progress=False`, a bar of one's own used and left open; the finished bar drawn once; every slice of
+`segment_stack` counted."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import re
 
 import numpy as np
 import pytest
+import tifffile
 
 import segkit
 from segkit.errors import OptionTypeError
+from segkit.inference import segment
 from segkit.inference.progress import ProgressBar
+from segkit.instances import WatershedParams
 
 
 def quiet(_: str) -> None:
@@ -101,3 +105,18 @@ def test_the_bar_is_made_at_its_first_reset_and_draws_nothing_when_disabled(caps
         bar.update(2)
     assert capsys.readouterr().err == ""
 
+
+def test_segment_stack_counts_every_slice_whatever_the_writer(tmp_path, monkeypatch):
+    """`segkit segment`'s bar ended at '80% 4/5' in a log: a slice was counted when the writer asked for the
+    next one, and a writer that takes exactly the stack's slices (as tifffile does) never asks after the last."""
+    probabilities = tmp_path / "p.tif"
+    tifffile.imwrite(probabilities, np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8))
+    write_stack = segment.write_stack
+
+    def exact_writer(path, planes, /, *, shape, **kwargs):
+        return write_stack(path, list(itertools.islice(planes, shape[0])), shape=shape, **kwargs)
+
+    monkeypatch.setattr(segment, "write_stack", exact_writer)
+    counted = []
+    segment.segment_stack(str(probabilities), tmp_path / "labels.tif", WatershedParams(), on_plane=counted.append)
+    assert counted == [1] * 5
