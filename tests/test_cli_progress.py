@@ -1,9 +1,12 @@
-"""Progress bars of the CLI in a log (stderr no terminal, as CliRunner's; issue 25, a new user's papercuts)."""
+"""Progress bars of the CLI in a log (stderr no terminal, as CliRunner's) and the start-up of a refusal
+(issue 25, a new user's papercuts)."""
 
 from __future__ import annotations
 
 import itertools
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -45,3 +48,27 @@ def test_segments_bar_ends_at_every_slice_once(tmp_path, slow_clock):
     assert drawn[-1] == "5/5" and drawn.count("5/5") == 1, result.stderr
     assert run("segment", probabilities, "-o", tmp_path / "quiet.tif", "-q").stderr == ""
 
+
+def test_missing_inputs_and_models_are_refused_before_torch_loads(tmp_path, uint8_stack):
+    """`segkit predict nonexist.tif` took 3.4 s to say so: the input was checked after the model loaded."""
+    cases = [["nonexist.tif"], ["*.nope"], ["missing.ome.zarr", "-o", "out.ome.zarr"],
+             [str(uint8_stack), "-m", "nope.safetensors"], [str(uint8_stack), "--denoise", "nope.safetensors"]]
+    code = (
+        "import sys\n"
+        "from segkit.cli import main\n"
+        f"for case in {cases!r}:\n"
+        "    main(['predict', *case], standalone_mode=False)\n"
+        "print(sorted(name for name in ('torch', 'onnxruntime', 'dask') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert done.stderr.splitlines() == [
+        "error: input nonexist.tif does not exist; check the path",
+        "error: no files match '*.nope'; check the pattern (quote it in the shell)",
+        "error: input missing.ome.zarr does not exist; check the path",
+        "error: model file nope.safetensors does not exist; check the path (segkit reads .safetensors checkpoints "
+        "from `segkit train` and .onnx files from `segkit export`)",
+        "error: model file nope.safetensors does not exist; check the path (segkit reads .safetensors checkpoints "
+        "from `segkit train` and .onnx files from `segkit export`)",
+    ]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from segkit.bioimageio.read import is_package
 from segkit.checkpoint import read_info
 from segkit.devices import resolve_device
 from segkit.errors import Cancelled, InputError, OptionTypeError, SegkitError
@@ -149,6 +150,7 @@ def predict(
     request = None
     if not _is_engine(model):
         request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
+    check_files_exist(sources, request, options)
     text_output = str(output) if output is not None else ""
     if text_output.rstrip("/").lower().endswith(".zarr") or options.on_dask:
         if cancel is not None:
@@ -232,6 +234,26 @@ def _check_call(sources: Any, model: Any, report: Any, progress: Any, cancel: An
     check_progress(progress)
     if cancel is not None and not callable(getattr(cancel, "is_set", None)):
         raise OptionTypeError(f"cancel must be a threading.Event, not {cancel!r}")
+
+
+def check_files_exist(sources: Sequence[str], request: EngineRequest | None, options: PredictOptions) -> None:
+    """The input of a one-stack run, the model file and the denoiser exist: checked before anything loads,
+    so a wrong path is one line in a fraction of a second, not after torch's import (seconds). Each
+    refusal is the one its reader would give (`list_tiff_files`, `read_info`). Inputs of a run into an
+    output folder are not checked here: each one that fails is reported and skipped."""
+    if len(sources) == 1:
+        source = sources[0]
+        if source.rstrip("/").lower().endswith(".zarr"):
+            if not Path(source).exists():
+                raise InputError(f"input {source} does not exist; check the path")
+        else:
+            list_tiff_files(source)
+    checkpoints = [options.denoise]  # ONNX files and packages are refused before torch loads by their readers
+    if request is not None and not is_package(request.model) and request.model.suffix.lower() != ".onnx":
+        checkpoints.append(request.model)
+    for path in checkpoints:
+        if path is not None and not Path(path).exists():
+            read_info(path)  # raises its one line: the file does not exist, the formats segkit reads
 
 
 @contextmanager
