@@ -35,6 +35,7 @@ from segkit.inference.options import (
     Normalize,
     PredictOptions,
 )
+from segkit.inference.progress import ProgressBar
 from segkit.io.outputs import atomic_path, check_output
 from segkit.io.tiff import COMPRESSIONS, open_stack
 from segkit.models import create_model, list_models, model_summary
@@ -292,39 +293,10 @@ def init(data: Path, output: Path | None, minutes: float | None, device: str, ki
 
 # -- predict -------------------------------------------------------------------------------
 
-def _progress(quiet: bool, unit: str = "tile") -> "_LazyBar":
-    return _LazyBar(quiet, unit)
-
-
-class _LazyBar:
-    """A tqdm bar made at its first `reset` (the number of tiles is known then): nothing is drawn before the
-    run's header or before an error that comes first (an empty "0tile" bar was). The progress protocol of
-    `segkit.predict` (reset, update) and a context manager that closes the bar."""
-
-    def __init__(self, quiet: bool, unit: str) -> None:
-        self._quiet, self._unit, self._bar = quiet, unit, None
-
-    def reset(self, total: int | None = None) -> None:
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit=self._unit, disable=self._quiet, file=sys.stderr)
-        else:
-            self._bar.reset(total=total)
-
-    def update(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-    def __enter__(self) -> "_LazyBar":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+def _progress(quiet: bool, unit: str = "tile") -> ProgressBar:
+    """The command's progress bar (text on stderr), drawn from its first reset (the total is known then) and
+    ended once; none with --quiet."""
+    return ProgressBar(unit, disable=quiet)
 
 
 COMPRESSION_OPTION = click.option(
@@ -613,8 +585,6 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
       segkit segment membranes.tif -m runs/em_neurons/best.safetensors --overwrite
       segkit segment membranes.tif --threshold 0.6 --seed-distance 4 --min-size 100
     """
-    from tqdm import tqdm
-
     from segkit.checkpoint import read_info
     from segkit.inference.api import default_output
     from segkit.inference.segment import segment_stack
@@ -628,7 +598,8 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
                                min_size=min_size)
     with open_stack(source, labels=True) as stack:  # label dtypes are refused by segment_stack, with a clear message
         planes = len(stack)
-    with tqdm(total=planes, unit="slice", disable=quiet, file=sys.stderr) as bar:
+    with _progress(quiet, "slice") as bar:
+        bar.reset(total=planes)
         written = segment_stack(source, output, params, overwrite=overwrite, on_plane=bar.update,
                                 compression=compression)
     click.echo(f"wrote {written} (uint32 ids unique across the stack; watershed: {params.to_dict()})")

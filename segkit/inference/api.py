@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from segkit.bioimageio.read import is_package
 from segkit.checkpoint import read_info
 from segkit.devices import resolve_device
 from segkit.errors import Cancelled, InputError, OptionTypeError, SegkitError
@@ -41,19 +42,12 @@ from segkit.inference.loading import (
 )
 from segkit.inference.options import PredictOptions
 from segkit.inference.pipeline import RescaledStack, choose_normalization, count_tiles, predict_stack
+from segkit.inference.progress import Progress, check_progress, progress_to
 from segkit.io.outputs import check_name_length, check_output, release_claim, remove_stale_partials
 from segkit.io.tiff import list_tiff_files, open_stack
 from segkit.io.zarr import open_volume
 from segkit.normalization import Normalization
 from segkit.record import CheckpointInfo
-
-
-class Progress(Protocol):
-    """What predict reports progress to (a tqdm bar fits): the total number of tiles, then each batch."""
-
-    def reset(self, total: int | None = None) -> Any: ...
-
-    def update(self, n: int = 1) -> Any: ...
 
 
 @dataclass
@@ -91,7 +85,7 @@ def predict(
     model: str | Path | Any | None = None,
     options: PredictOptions | None = None,
     report: Callable[[str], object] = print,
-    progress: Progress | None = None,
+    progress: Progress | bool = True,
     cancel: threading.Event | None = None,
     **settings: Any,
 ) -> PredictResult:
@@ -114,8 +108,10 @@ def predict(
         Every prediction option at once (the CLI passes them so); `settings` override its fields.
     report : callable
         Receives the progress lines (the header, notes, failures); default: print.
-    progress : Progress, optional
-        A progress bar (tqdm fits): reset to the number of tiles, then updated per batch.
+    progress : bool or Progress
+        True (default): a progress bar of the tiles on stderr (tqdm.auto: a widget in notebooks);
+        False: none; or a bar of your own (tqdm fits), reset to the number of tiles, then updated per
+        batch, and left open.
     cancel : threading.Event, optional
         When set (from another thread, or from `progress`), the prediction stops after the current
         tile batch and raises `segkit.errors.Cancelled`; the output being written is removed (TIFF
@@ -154,12 +150,14 @@ def predict(
     request = None
     if not _is_engine(model):
         request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
+    check_files_exist(sources, request, options)
     text_output = str(output) if output is not None else ""
     if text_output.rstrip("/").lower().endswith(".zarr") or options.on_dask:
         if cancel is not None:
             raise SegkitError("cancel applies to TIFF outputs; stop the Dask path with Ctrl-C (resume=True goes on)")
-        return _predict_on_dask(sources, text_output, request, options, report=report, started=started,
-                                progress=progress)
+        with progress_to(progress) as bar:
+            return _predict_on_dask(sources, text_output, request, options, report=report, started=started,
+                                    progress=bar)
     if output is not None:  # before asking the file system about it: a name over its limit is one line
         check_name_length(text_output.rstrip("/\\") or text_output)
     # an output folder: an existing one, a path ending in a slash, or (several inputs) a path that is not a TIFF
@@ -181,9 +179,10 @@ def predict(
         check_output(out_path, kind="tiff", inputs=sources, overwrite=options.overwrite, report=report)
         claimed = [out_path]
     try:
-        return _predict_claimed(sources, out_path if not to_folder else None, text_output if to_folder else None,
-                                model, request, options, report=report, progress=progress, cancel=cancel,
-                                started=started)
+        with progress_to(progress) as bar:
+            return _predict_claimed(sources, out_path if not to_folder else None, text_output if to_folder else None,
+                                    model, request, options, report=report, progress=bar, cancel=cancel,
+                                    started=started)
     finally:  # the outputs' claims end with the run, also when it failed (a Python session or napari goes on)
         for path in claimed:
             release_claim(path)
@@ -232,11 +231,29 @@ def _check_call(sources: Any, model: Any, report: Any, progress: Any, cancel: An
                               f"engine object), not {type(model).__name__}")
     if not callable(report):
         raise OptionTypeError(f"report must be a function taking one line (e.g. print), not {report!r}")
-    if progress is not None and not (callable(getattr(progress, "reset", None))
-                                     and callable(getattr(progress, "update", None))):
-        raise OptionTypeError(f"progress must have reset(total) and update(n) (a tqdm bar), not {progress!r}")
+    check_progress(progress)
     if cancel is not None and not callable(getattr(cancel, "is_set", None)):
         raise OptionTypeError(f"cancel must be a threading.Event, not {cancel!r}")
+
+
+def check_files_exist(sources: Sequence[str], request: EngineRequest | None, options: PredictOptions) -> None:
+    """The input of a one-stack run, the model file and the denoiser exist: checked before anything loads,
+    so a wrong path is one line in a fraction of a second, not after torch's import (seconds). Each
+    refusal is the one its reader would give (`list_tiff_files`, `read_info`). Inputs of a run into an
+    output folder are not checked here: each one that fails is reported and skipped."""
+    if len(sources) == 1:
+        source = sources[0]
+        if source.rstrip("/").lower().endswith(".zarr"):
+            if not Path(source).exists():
+                raise InputError(f"input {source} does not exist; check the path")
+        else:
+            list_tiff_files(source)
+    checkpoints = [options.denoise]  # ONNX files and packages are refused before torch loads by their readers
+    if request is not None and not is_package(request.model) and request.model.suffix.lower() != ".onnx":
+        checkpoints.append(request.model)
+    for path in checkpoints:
+        if path is not None and not Path(path).exists():
+            read_info(path)  # raises its one line: the file does not exist, the formats segkit reads
 
 
 @contextmanager

@@ -40,7 +40,6 @@ import numpy as np
 
 from segkit.errors import InputError, SegkitError
 from segkit.inference.api import (
-    Progress,
     check_cancel,
     check_channels_fit_model,
     fit_to_device,
@@ -58,6 +57,7 @@ from segkit.inference.encodings import (
 )
 from segkit.inference.options import PredictOptions
 from segkit.inference.pipeline import choose_normalization, count_tiles, run_stack
+from segkit.inference.progress import Progress, check_progress, progress_to
 from segkit.io.tiff import SUPPORTED_DTYPES, check_finite
 
 #: What `Model.output_kind` answers.
@@ -417,7 +417,7 @@ class Model:
 
     # -- prediction ----------------------------------------------------------------------
     def predict(self, image: Any, axes: str | None = None, *, pixel_size: float | None = None,
-                progress: Progress | None = None, cancel: threading.Event | None = None,
+                progress: Progress | bool = True, cancel: threading.Event | None = None,
                 **settings: Any) -> np.ndarray:
         """Predict a numpy array and return the result as a numpy array.
 
@@ -434,8 +434,10 @@ class Model:
         pixel_size : float, optional
             Micrometres per pixel, as a TIFF's calibration: a model trained at another pixel size
             gets its planes resampled, and its output back to the image's size.
-        progress : Progress, optional
-            Reset to the number of tiles, then updated per batch (a tqdm bar fits).
+        progress : bool or Progress
+            True (default): a progress bar of the tiles on stderr (tqdm.auto: a widget in notebooks);
+            False: none; or a bar of your own, reset to the number of tiles, then updated per batch (a
+            tqdm bar fits), and left open.
         cancel : threading.Event, optional
             When set (from another thread, or from `progress`), the prediction stops after the
             current tile batch and raises `segkit.errors.Cancelled`.
@@ -461,11 +463,13 @@ class Model:
         Cancelled
             `cancel` was set.
         """
+        check_progress(progress)
         options, float32 = self._call_options(settings)
         info, geometry = self.info, self.geometry
         stack, _ = as_stack(image, axes, self.channels, pixel_size=pixel_size)
         check_channels_fit_model(stack, info, SOURCE)
-        with self._lock:  # one call at a time: the pipeline sets torch's CPU threads while it runs
+        # one call at a time: the pipeline sets torch's CPU threads while it runs
+        with self._lock, progress_to(progress) as bar:
             check_cancel(cancel)
             normalization, note = choose_normalization(stack, info, mode=options.normalize)
             if note:
@@ -476,13 +480,13 @@ class Model:
             seen = model_view(stack, info)  # the planes as the model sees them, for the tile count
 
             def on_tiles(count: int) -> None:
-                if progress is not None:
-                    progress.update(count)
+                if bar is not None:
+                    bar.update(count)
                 check_cancel(cancel)
 
             def run(size: int) -> np.ndarray:
-                if progress is not None:
-                    progress.reset(total=count_tiles(seen, geometry, size))
+                if bar is not None:
+                    bar.reset(total=count_tiles(seen, geometry, size))
                 return run_stack(stack, self._forward, geometry, lambda planes: _gather(planes, len(stack), spec.dtype),
                                  normalization=normalization, tile=size, batch=batch, blend=str(options.blend),
                                  spec=spec, on_tiles=on_tiles, rescale=factor)
@@ -510,7 +514,7 @@ class Model:
 
 
 def predict_array(image: Any, model: str | Path | Any | None = None, axes: str | None = None, *,
-                  pixel_size: float | None = None, progress: Progress | None = None,
+                  pixel_size: float | None = None, progress: Progress | bool = True,
                   cancel: threading.Event | None = None, report: Callable[[str], object] | None = print,
                   **settings: Any) -> np.ndarray:
     """Predict one numpy array: ``Model(model, **settings).predict(image, axes)`` in one call.
@@ -549,5 +553,6 @@ def predict_array(image: Any, model: str | Path | Any | None = None, axes: str |
     """
     if isinstance(image, (str, Path)):
         as_stack(image, axes, 1)  # raises: a path is not an array
+    check_progress(progress)  # before the model loads
     return Model(model, report=report, **settings).predict(image, axes, pixel_size=pixel_size, progress=progress,
                                                            cancel=cancel)

@@ -30,16 +30,17 @@ def check_probability_stack(dtype: np.dtype, source: str) -> None:
 def segment_stack(source: str, output: str | Path, params: WatershedParams, *, overwrite: bool = False,
                   on_plane: Callable[[int], object] | None = None, compression: str = "zlib") -> Path:
     """Watershed every plane of a probability stack (streaming) into a uint32 label stack, ids unique
-    across the stack."""
+    across the stack; `on_plane(1)` after each plane's watershed."""
     check_output(output, kind="tiff", inputs=[source], overwrite=overwrite)  # a TIFF name, not the input
     with open_stack(source, labels=True) as stack:  # admits label dtypes, to refuse them with a clear message
         check_probability_stack(stack.dtype, source)
 
         def planes() -> Iterator[np.ndarray]:
             for index in range(len(stack)):
-                yield watershed_slice(to_probability(stack.plane(index)), params)
-                if on_plane is not None:
-                    on_plane(1)
+                labels = watershed_slice(to_probability(stack.plane(index)), params)
+                if on_plane is not None:  # counted when done, not when the writer asks for the next plane:
+                    on_plane(1)           # a writer stops asking after the last one (a bar ended at 4/5)
+                yield labels
 
         shape = stack.shape[1:] if stack.is_2d else stack.shape
         return write_stack(output, unique_ids(planes()), shape=shape, dtype=np.uint32, content="labels",

@@ -257,7 +257,7 @@ def test_the_input_is_opened_while_the_model_loads(tmp_path, tiny_checkpoint, ui
     (dict(model=123), "model must be a path"),
     (dict(model={}), "model must be a path"),
     (dict(report=None), "report must be a function"),
-    (dict(progress="yes"), "progress must have reset(total) and update(n)"),
+    (dict(progress="yes"), "progress must be True (a bar on stderr, the default), False (none) or a bar with"),
     (dict(cancel=True), "cancel must be a threading.Event"),
 ])
 def test_arguments_of_the_wrong_type_are_one_line_before_any_work(tmp_path, call, words):
