@@ -315,7 +315,7 @@ def _store_class() -> type:
             if problem is not None:
                 raise InputError(f"{what} {problem}; {FILE_FIX}")
             try:  # O_NONBLOCK: a FIFO swapped in since the check never blocks the open
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 return None
             with os.fdopen(fd, "rb") as handle:
@@ -444,6 +444,8 @@ def check_before_work(array: Any, source: str | Path, *, purpose: str, output: s
     InputError
         One line with the numbers and the fix.
     """
+    if purpose not in ("predict", "convert"):
+        raise ValueError(f"purpose must be 'predict' or 'convert', not {purpose!r}")
     shape, itemsize = tuple(array.shape), np.dtype(array.dtype).itemsize
     metadata = getattr(array.store, "prefix", "") + (".zarray" if array.metadata.zarr_format == 2 else "zarr.json")
     if 0 in shape:
