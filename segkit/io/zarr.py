@@ -24,6 +24,14 @@ from segkit.io.calibration import Calibration, ngff_multiscales, read_content, z
 from segkit.io.ngff import image_attributes, label_attributes, labels_group_attributes, level_shapes
 from segkit.io.outputs import RESUMABLE_SUFFIX, check_output
 from segkit.io.tiff import check_finite, open_stack, write_stack
+from segkit.io.zarr_checks import (
+    check_before_work,
+    check_inside,
+    check_metadata_files,
+    node_kind,
+    open_checked_array,
+    read_checked,
+)
 
 #: dtypes a zarr input may have (those of a TIFF input).
 ZARR_DTYPES = (np.uint8, np.uint16, np.float32)
@@ -118,6 +126,10 @@ class ZarrStack:
     source : str or Path
         A zarr array, or an OME-Zarr group whose level-0 array (the first dataset of its multiscales,
         e.g. "0" or ome-zarr-py's "s0"; "0" when it has none) has axes (y, x) or (z, y, x).
+    check_memory : bool
+        Refuse, before any work, a plane or chunk larger than memory, more planes than can be planned,
+        and chunk files that are not regular files of a chunk's size (`segkit.io.zarr_checks.check_before_work`);
+        off where the caller checked already (a Dask task re-opening the store).
 
     Attributes
     ----------
@@ -132,28 +144,31 @@ class ZarrStack:
     ------
     InputError
         When the source does not exist, is an unfinished segkit store, is not a zarr store, is a group
-        without level 0, has a channel or other axis, or is not a YX / ZYX array of uint8, uint16 or
-        float32.
+        without level 0, has a channel or other axis, is not a YX / ZYX array of uint8, uint16 or
+        float32, or has metadata, sizes or chunk files that cannot be read (`segkit.io.zarr_checks`):
+        one line naming the store, the field or chunk, the problem and the fix.
     MissingDependencyError
         When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
     """
 
-    def __init__(self, source: str | Path) -> None:
+    def __init__(self, source: str | Path, *, check_memory: bool = True) -> None:
         require("zarr", feature="zarr input", package="zarr")
-        import zarr
 
         self.source = str(source)
         path = Path(source)
         if not path.exists():
             raise InputError(f"input {source} does not exist; check the path")
+        check_metadata_files(path, source)  # before anything reads them (check_complete, level0_path)
         check_complete(path)
-        try:
-            node = zarr.open(str(path), mode="r")
-        except Exception as exc:  # zarr raises several types for a folder that is not a store
-            raise InputError(f"{source} is not a zarr store ({type(exc).__name__}); pass a TIFF or a zarr array") from exc
-        if not hasattr(node, "shape"):
+        kind = node_kind(path)
+        if kind is None:
+            raise InputError(f"{source} is not a zarr store (no .zarray, .zgroup or zarr.json in it); pass a TIFF or a "
+                             "zarr array")
+        folder = path
+        if kind == "group":
             first = level0_path(path)
-            if first not in node:
+            check_inside(source, first)
+            if node_kind(path / first) != "array":
                 raise InputError(f"{source} is a zarr group without its level-0 array '{first}'; pass the array itself")
             axes = store_axes(path) or ()
             if "c" in axes:
@@ -161,10 +176,13 @@ class ZarrStack:
                                  "prediction reads one channel: pass a YX or ZYX array")
             if set(axes) - {"z", "y", "x"}:
                 raise InputError(f"{source} has axes {', '.join(axes)}; pass a YX or ZYX array")
-            node = node[first]
+            folder = path / first
+        node = open_checked_array(folder, source)
         if node.ndim not in (2, 3) or node.dtype not in ZARR_DTYPES:
             raise InputError(f"{source}: a zarr input must be a YX or ZYX array of uint8, uint16 or float32, "
                              f"not {node.ndim}D {node.dtype}")
+        if check_memory:  # a Dask task re-opening a store its client checked skips the walk over its chunks
+            check_before_work(node, source, purpose="predict")
         self.array = node
         self.is_2d = node.ndim == 2
         self.shape: tuple[int, int, int] = (1, *node.shape) if self.is_2d else tuple(node.shape)
@@ -194,11 +212,11 @@ class ZarrStack:
         IndexError
             When `index` is outside the stack.
         InputError
-            When a float plane holds NaN or inf.
+            When a float plane holds NaN or inf, a chunk is damaged or is not a regular file of a chunk's size.
         """
         if not 0 <= index < self.shape[0]:
             raise IndexError(index)
-        return check_finite(np.asarray(self.array[...] if self.is_2d else self.array[index]), self.source, index)
+        return check_finite(read_checked(self.array, ... if self.is_2d else index, self.source), self.source, index)
 
     def __enter__(self) -> "ZarrStack":
         return self
@@ -215,7 +233,8 @@ def open_volume(source: str | Path, *, check_memory: bool = True) -> Any:
     source : str or Path
         A TIFF, a folder or glob of TIFFs (see `segkit.io.tiff.open_stack`), or a zarr store.
     check_memory : bool
-        As for `segkit.io.tiff.open_stack` (TIFF only).
+        As for `segkit.io.tiff.open_stack`; for a zarr store also the walk over its chunk files
+        (`segkit.io.zarr_checks.check_before_work`).
 
     Returns
     -------
@@ -229,7 +248,7 @@ def open_volume(source: str | Path, *, check_memory: bool = True) -> Any:
     """
     source = str(source)
     if source.rstrip("/").lower().endswith(".zarr"):
-        return ZarrStack(source)
+        return ZarrStack(source, check_memory=check_memory)
     return open_stack(source, check_memory=check_memory)
 
 
@@ -472,11 +491,18 @@ def open_level0(store: str | Path, *, mode: str = "r") -> Any:
 
     Parameters and errors as in `open_array`, and an InputError when the store has no level-0 array.
     """
+    return open_array(store, _level0_name(store), mode=mode)
+
+
+def _level0_name(store: str | Path, source: str | Path | None = None) -> str:
+    """`level0_path(store)`, refused when it leads out of the store (`source`: the store the user named, for
+    the message) or names nothing."""
     first = level0_path(store)
+    check_inside(source or store, first)
     if not (Path(store) / first).exists():
         raise InputError(f"{store} is not a segkit OME-Zarr store (no level 0 array); pass a store from "
                          "`segkit predict ... -o out.ome.zarr`")
-    return open_array(store, first, mode=mode)
+    return first
 
 
 def label_names(store: str | Path) -> list[str]:
@@ -519,7 +545,9 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
     ------
     InputError
         When the store is of an unfinished run, has no level 0, holds axes other than YX, ZYX or CZYX,
-        or has no (such) label image when `labels` asks for one.
+        has no (such) label image when `labels` asks for one, or has metadata, sizes or chunk files that
+        cannot be read (`segkit.io.zarr_checks`: before any work; a chunk that cannot be decoded is named
+        when it is reached, and no TIFF is left).
     OutputExistsError, OutputError
         When the output cannot be written (it exists, it is the input, its folder is missing or
         read-only), before any work.
@@ -527,30 +555,35 @@ def convert_zarr_to_tiff(store: str | Path, output: str | Path, *, overwrite: bo
         When zarr is not installed (the `dask` extra: `pip install -e '.[dask]'`).
     """
     if Path(store).exists():
+        check_metadata_files(store, store)  # before anything reads them
         check_complete(store)
     image = Path(store)
     if labels:
+        check_metadata_files(image / "labels", store)
         names = label_names(store)
         name = labels if isinstance(labels, str) else (names[0] if names else "")
         if name not in names:
             have = f"it has {', '.join(names)}" if names else "it has none"
             raise InputError(f"{store} has no label image{' ' + name if name else ''} ({have}); convert its "
                              "image without asking for labels")
+        check_inside(store, f"labels/{name}", "a label image")
         image = image / "labels" / name
-    array = open_level0(image)
+        check_metadata_files(image, store)
+    array = open_checked_array(image / _level0_name(image, store), store)
     axes = store_axes(image)
     if array.ndim == 4 and axes not in (None, ("c", "z", "y", "x")):
         raise InputError(f"{store} has axes {', '.join(axes or ())}; convert writes YX, ZYX or CZYX stores")
     if array.ndim not in (2, 3, 4):
         raise InputError(f"{store} holds a {array.ndim}D array; convert writes YX, ZYX or CZYX stores")
+    check_before_work(array, store, purpose="convert", output=output)
     check_output(output, kind="tiff", inputs=[store], overwrite=overwrite, report=report)
     if array.ndim == 4:
         channels, depth, height, width = array.shape
-        planes: Any = (plane for z in range(depth) for plane in np.asarray(array[:, z]))
+        planes: Any = (plane for z in range(depth) for plane in read_checked(array, (slice(None), z), store))
         return write_stack(output, planes, shape=(depth, channels, height, width), axes="ZCYX", dtype=array.dtype,
                            overwrite=overwrite, compression=compression, calibration=zarr_calibration(image),
                            content=read_content(image))
-    planes = ((np.asarray(array[...]),) if array.ndim == 2
-              else (np.asarray(array[z]) for z in range(array.shape[0])))
+    planes = ((read_checked(array, ..., store),) if array.ndim == 2
+              else (read_checked(array, z, store) for z in range(array.shape[0])))
     return write_stack(output, planes, shape=tuple(array.shape), dtype=array.dtype, overwrite=overwrite,
                        compression=compression, calibration=zarr_calibration(image), content=read_content(image))
