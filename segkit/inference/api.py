@@ -155,9 +155,12 @@ def predict(
     if text_output.rstrip("/").lower().endswith(".zarr") or options.on_dask:
         if cancel is not None:
             raise SegkitError("cancel applies to TIFF outputs; stop the Dask path with Ctrl-C (resume=True goes on)")
-        with progress_to(progress) as bar:
-            return _predict_on_dask(sources, text_output, request, options, report=report, started=started,
-                                    progress=bar)
+        try:
+            with progress_to(progress) as bar:
+                return _predict_on_dask(sources, text_output, request, options, report=report, started=started,
+                                        progress=bar)
+        finally:  # the store's claim ends with the run, also when it failed (a Python session or napari goes on)
+            release_claim(text_output.rstrip("/"))
     if output is not None:  # before asking the file system about it: a name over its limit is one line
         check_name_length(text_output.rstrip("/\\") or text_output)
     # an output folder: an existing one, a path ending in a slash, or (several inputs) a path that is not a TIFF

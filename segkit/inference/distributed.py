@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from segkit._optional import require
-from segkit.errors import OutputError, OutputExistsError, SegkitError
+from segkit.errors import InputError, OutputError, OutputExistsError, SegkitError
 from segkit.inference import tiler
 from segkit.inference.encodings import (
     LABEL_ENCODINGS,
@@ -482,6 +482,7 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
                            repr(spec) + (", ids unique across the stack" if instances else "") + f"; store {LAYOUT}",
                            f"{options.engine} {options.amp} tta {options.tta} halo {options.halo} blend {blend}",
                            input=input_fingerprint(source))
+    started_here = not partial_store.exists()
     if partial_store.exists():
         if not options.resume:
             raise OutputExistsError(f"{partial_store} holds an interrupted run; pass resume=True to finish it, "
@@ -544,6 +545,10 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
                     groups.append((f"labels/{plan.label.name}", "nearest"))
                 for level in range(1, levels):
                     _build_level(executor, partial_store, groups, level, shape[0])
+    except InputError:  # e.g. a damaged chunk of the input: fixing it changes the input, so resume could not go on
+        if started_here:
+            shutil.rmtree(partial_store, ignore_errors=True)
+        raise
     except OSError as exc:  # a full disk or lost permission: one line; the store stays for resume
         if not is_write_error(exc, partial_store):
             raise

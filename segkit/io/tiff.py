@@ -423,6 +423,9 @@ def list_tiff_files(source: str) -> list[str]:
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
         if not files:
+            if path.suffix.lower() == ".zarr":  # a zarr store is a folder too: only the Dask path reads it
+                raise InputError(f"{source} is a zarr store, which segkit reads into OME-Zarr: name the output "
+                                 "NAME.ome.zarr (then `segkit convert NAME.ome.zarr NAME.tif` for a TIFF)")
             raise InputError(f"folder {source} holds no .tif/.tiff files; point to a TIFF file or a folder of them")
         return files
     if any(ch in source for ch in "*?["):

@@ -252,7 +252,25 @@ def test_cli_predict_refuses_before_any_work(tmp_path, tiny_checkpoint, name, wr
     out = tmp_path / "out.ome.zarr"
     result = run("predict", store, "-o", out, "-m", tiny_checkpoint, "--device", "cpu", "-q")
     assert_user_error(result, str(store), fragment)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".segkit-lock")) == ["in.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]  # no store, no .partial, no claim left
+
+
+def test_cli_predict_of_a_damaged_chunk_leaves_no_partial_store_or_claim(tmp_path, tiny_checkpoint):
+    """The damage is found only when the chunk is decoded, mid-run: the .partial this run began goes (fixing the
+    input changes it, so a resume would be refused anyway) and the output's claim is released."""
+    store = tmp_path / "in.zarr"
+    _replace(written(store, 3)[1], "junk", tmp_path)
+    result = run("predict", store, "-o", tmp_path / "out.ome.zarr", "-m", tiny_checkpoint, "--device", "cpu", "-q",
+                 "--workers", "1")
+    assert_user_error(result, f"of {store} is damaged", "copy the store again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+
+
+def test_a_zarr_store_to_a_tiff_output_points_to_ome_zarr(tmp_path, tiny_checkpoint):
+    store = tmp_path / "in.zarr"
+    written(store, 2)
+    result = run("predict", store, "-o", tmp_path / "out.tif", "-m", tiny_checkpoint, "--device", "cpu", "-q")
+    assert_user_error(result, f"{store} is a zarr store", "name the output NAME.ome.zarr")
 
 
 def test_cli_convert_names_a_damaged_chunk_and_leaves_no_tiff(tmp_path):
