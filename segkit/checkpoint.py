@@ -108,7 +108,7 @@ def _read_header(path: Path) -> dict[str, Any]:
     or damaged file fails here, with one line, before any weight is read)."""
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist; check the path (segkit reads .safetensors "
-                              "checkpoints from `segkit train` and .onnx files from `segkit export`)")
+                              "checkpoints from `segkit train`, .onnx files from `segkit export`, and 'demo', the bundled U-Net)")
     not_ours = f"{path} is not a segkit checkpoint (safetensors with a segkit record)"
     size = path.stat().st_size
     try:

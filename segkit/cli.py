@@ -38,9 +38,10 @@ from segkit.inference.options import (
 from segkit.inference.progress import ProgressBar
 from segkit.io.outputs import atomic_path, check_output
 from segkit.io.tiff import COMPRESSIONS, open_stack
-from segkit.models import create_model, list_models, model_summary
+from segkit.models import list_models, model_summary
 from segkit.record import LABELS_KINDS, InferenceDefaults
 from segkit.version import __version__
+from segkit.words import counted
 
 #: A library setting as a Python keyword: `overwrite=True`, `device='cpu'`, `opset=12`, `slices=(20, 25)`;
 #: not a recipe key (`train.out=...`) nor part of a longer name.
@@ -312,8 +313,8 @@ COMPRESSION_OPTION = click.option(
               help="Output TIFF (default: <input>_membranes.tif beside the input), or a folder (existing, "
                    "ending in /, or any path not ending in .tif with several inputs) for one output per input file.")
 @click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint (.safetensors) from `segkit train`, or an .onnx file from `segkit export` "
-                   "(default: the bundled demo U-Net).")
+              help="Checkpoint (.safetensors) from `segkit train`, an .onnx file from `segkit export`, a bioimage.io "
+                   "package, or demo: the bundled U-Net (the default; a file named demo here wins).")
 @click.option("--engine", type=click.Choice(EngineChoice.values()), default="auto", show_default=True,
               help="torch, or onnx (ONNX Runtime: TensorRT > CUDA > CPU). auto: onnx for .onnx files, else torch. "
                    "onnx with a checkpoint exports it (verified) for this run.")
@@ -415,7 +416,7 @@ def _print_result(result: Any) -> None:
         click.echo(f"wrote {result.outputs[0]}")
         return
     total = len(result.outputs) + len(result.failed)
-    click.echo(f"wrote {len(result.outputs)} of {total} files to {result.folder}"
+    click.echo(f"wrote {len(result.outputs)} of {counted(total, 'file')} to {result.folder}"
                + (f"; {len(result.failed)} failed: " + ", ".join(Path(s).name for s, _ in result.failed)
                   if result.failed else ""))
     if result.failed:
@@ -439,12 +440,22 @@ def _watershed_params(inference: Any, threshold: str | None, **overrides: Any) -
     return membrane_encoding(inference, threshold=threshold, instances=True, watershed=overrides).params
 
 
+def _bundled_or_path(checkpoint: Path, output: Path | None, suffix: str) -> tuple[Path, Path | None]:
+    """A command's CHECKPOINT as a file (demo: the bundled U-Net's), and its default output for the bundled
+    U-Net (demo.onnx here, not beside the installed file); other defaults are the command's own."""
+    from segkit.inference.loading import BUNDLED_MODEL, names_bundled_model, resolve_model
+
+    if names_bundled_model(checkpoint):
+        return resolve_model(checkpoint), output if output is not None else Path(BUNDLED_MODEL + suffix)
+    return checkpoint, output
+
+
 # -- export --------------------------------------------------------------------------------
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="ONNX file to write (default: the checkpoint's name with .onnx).")
+              help="ONNX file to write (default: the checkpoint's name with .onnx; for demo, ./demo.onnx).")
 @click.option("--with-denoiser", "denoiser_path", type=click.Path(path_type=Path), default=None,
               help="Denoiser checkpoint to put in front of the segmenter, in the same graph.")
 @click.option("--tile", type=int, default=None, show_default="the checkpoint's, else 572",
@@ -457,7 +468,8 @@ def _watershed_params(inference: Any, threshold: str | None, **overrides: Any) -
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def export(checkpoint: Path, output: Path | None, denoiser_path: Path | None, tile: int | None, fp16: bool,
            opset: int, fixed_tile: bool, overwrite: bool) -> None:
-    """Export a CHECKPOINT (segmenter or denoiser) to ONNX for `segkit predict --engine onnx`.
+    """Export a CHECKPOINT (segmenter or denoiser, or demo: the bundled U-Net) to ONNX for
+    `segkit predict --engine onnx`.
 
     The graph has a dynamic batch axis (and dynamic height/width unless --fixed-tile), returns the
     membrane probability (denoisers: intensities), passes onnx.checker and is compared with torch
@@ -467,6 +479,7 @@ def export(checkpoint: Path, output: Path | None, denoiser_path: Path | None, ti
     \b
     Examples:
       segkit export runs/em_neurons/best.safetensors -o unet.onnx
+      segkit export demo                                   # the bundled U-Net -> demo.onnx
       segkit export best.safetensors -o unet_fp16.onnx --fp16 --tile 572 --fixed-tile
       segkit export seg.safetensors --with-denoiser den.safetensors -o denoised_unet.onnx
     """
@@ -475,6 +488,7 @@ def export(checkpoint: Path, output: Path | None, denoiser_path: Path | None, ti
     from segkit.inference.loading import trained_tile
     from segkit.models.compose import compose_with_denoiser
 
+    checkpoint, output = _bundled_or_path(checkpoint, output, ".onnx")
     output = output or checkpoint.with_suffix(".onnx")
     check_output(output, kind="onnx", inputs=[checkpoint, denoiser_path], overwrite=overwrite, report=_cli_echo(err=True))
     if denoiser_path is not None:
@@ -559,7 +573,8 @@ def denoise(source: str, output: Path | None, model_path: Path, engine: str, til
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output uint32 label TIFF (default: <input>_instances.tif beside the input).")
 @click.option("-m", "--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint whose watershed defaults (from `segkit evaluate --write-defaults`) to use.")
+              help="Checkpoint (or .onnx file, package, or demo: the bundled U-Net) whose watershed defaults "
+                   "(from `segkit evaluate --write-defaults`) to use.")
 @click.option("--threshold", default=None, show_default="the checkpoint's, else 0.5",
               help="Probability below which pixels are interior (seeds come from the interior); 'auto': the checkpoint's.")
 @click.option("--seed-distance", type=click.FloatRange(min=0), default=None, show_default="2",
@@ -583,15 +598,16 @@ def segment(source: str, output: Path | None, model_path: Path | None, threshold
     Examples:
       segkit segment membranes.tif -o neurons.tif
       segkit segment membranes.tif -m runs/em_neurons/best.safetensors --overwrite
+      segkit segment membranes.tif -m demo          # the bundled U-Net's settings (for its own probabilities)
       segkit segment membranes.tif --threshold 0.6 --seed-distance 4 --min-size 100
     """
-    from segkit.checkpoint import read_info
     from segkit.inference.api import default_output
+    from segkit.inference.loading import model_info
     from segkit.inference.segment import segment_stack
 
     output = output or default_output(source, "instances")
     check_output(output, kind="tiff", inputs=[source], overwrite=overwrite, report=_cli_echo(err=True))
-    inference = read_info(model_path).inference if model_path is not None else InferenceDefaults()
+    inference = model_info(model_path).inference if model_path is not None else InferenceDefaults()
     if threshold == "auto" and model_path is None:
         raise SegkitError("--threshold auto takes the checkpoint's threshold; pass -m CHECKPOINT")
     params = _watershed_params(inference, threshold, seed_distance=seed_distance, min_seed_size=min_seed_size,
@@ -645,7 +661,11 @@ def _parse_slices(text: str | None) -> tuple[int, int] | None:
 @main.command()
 @click.argument("prediction")
 @click.argument("labels")
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="Membrane probability threshold.")
+@click.option("-m", "--model", type=click.Path(path_type=Path), default=None,
+              help="Score at the threshold (and, with --watershed, the watershed settings) stored in this model: a "
+                   "checkpoint, .onnx file, bioimage.io package, or demo (the bundled U-Net).")
+@click.option("--threshold", default=None, show_default="the model's with -m, else 0.5",
+              help="Membrane probability threshold, or 'auto' for the one stored in the -m model.")
 @click.option("--sweep", is_flag=True, help="Also try thresholds 0.05..0.95 and report the best by adapted Rand error.")
 @click.option("--slices", default=None, help="Evaluate only slices START:STOP of the label stack (e.g. 25:30).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
@@ -665,9 +685,9 @@ def _parse_slices(text: str | None) -> tuple[int, int] | None:
 @click.option("--classes", type=click.IntRange(min=2), default=None, help="--labels-kind semantic: K.")
 @click.option("--ignore", "ignore_index", type=int, default=None,
               help="--labels-kind semantic: a label value left out of the scores.")
-def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices: str | None, json_path: Path | None,
-             instances: bool, watershed: bool, write_defaults: Path | None, labels_kind: str, classes: int | None,
-             ignore_index: int | None) -> None:
+def evaluate(prediction: str, labels: str, model: Path | None, threshold: str | None, sweep: bool, slices: str | None,
+             json_path: Path | None, instances: bool, watershed: bool, write_defaults: Path | None, labels_kind: str,
+             classes: int | None, ignore_index: int | None) -> None:
     """Score a membrane PREDICTION against ISBI-style LABELS (0 = membrane, >0 = cell).
 
     PREDICTION first (what segkit wrote), LABELS second (the ground truth). Truth-first tools order
@@ -675,11 +695,13 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
     matching(y_true, y_pred).
 
     Reports pixel error, adapted Rand error and variation of information (split + merge) of the
-    connected components of the thresholded prediction, plus membrane Dice/IoU, averaged per slice.
+    connected components of the thresholded prediction, plus membrane Dice/IoU, averaged per slice,
+    at the threshold it prints with its origin: --threshold, else the one stored in the -m model, else 0.5.
 
     \b
     Examples:
-      segkit evaluate membranes.tif labels.tif
+      segkit evaluate membranes.tif labels.tif -m runs/em_neurons/best.safetensors   # its stored threshold
+      segkit evaluate segkit-demo/prediction.tif segkit/data/isbi_test_labels.tif -m demo   # as segkit demo
       segkit evaluate membranes.tif train-labels.tif --slices 25:30 --sweep --json scores.json
       segkit evaluate neurons.tif train-labels.tif --slices 25:30 --instances
       segkit evaluate val_membranes.tif train-labels.tif --slices 20:25 --sweep --watershed \\
@@ -687,20 +709,28 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
       segkit evaluate nuclei_labels.tif true_labels.tif --labels-kind instances
       segkit evaluate classes.tif axon_myelin_labels.tif --labels-kind semantic --classes 3
     """
-    from segkit.evaluation import evaluate_instances, evaluate_stacks, evaluate_watershed, sweep_watershed
+    from segkit.evaluation import (
+        evaluate_instances,
+        evaluate_stacks,
+        evaluate_watershed,
+        membrane_threshold,
+        sweep_watershed,
+    )
 
     chosen = _parse_slices(slices)
     _check_json_output(json_path, prediction, labels)
     if json_path is None or str(json_path) != "-":  # `--json -` prints JSON only (its keys say which is which)
         click.echo(evaluate_header(prediction, labels))
+    probability_options = sweep or watershed or write_defaults is not None or model is not None or threshold is not None
     if labels_kind != "membrane":
         _evaluate_kind(prediction, labels, labels_kind, classes=classes, ignore=ignore_index, slices=chosen,
-                       json_path=json_path, other=instances or watershed or sweep or write_defaults is not None)
+                       json_path=json_path, other=instances or probability_options)
         return
     if write_defaults is not None and not (sweep and chosen):
         raise SegkitError("--write-defaults stores the best setting of a sweep: add --sweep and --slices (validation)")
-    if instances and (sweep or watershed):
-        raise SegkitError("--instances scores finished label stacks; --sweep and --watershed apply to probabilities")
+    if instances and probability_options:
+        raise SegkitError("--instances scores finished label stacks; --threshold, -m (a model's threshold), --sweep "
+                          "and --watershed apply to probabilities")
     if instances or watershed:
         if instances:
             report = evaluate_instances(prediction, labels, slices=chosen)
@@ -708,21 +738,25 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
             report = sweep_watershed(prediction, labels, slices=chosen)
             report["scores"] = report["best"]["scores"]
         else:
-            from segkit.instances import WatershedParams
-
-            report = evaluate_watershed(prediction, labels, slices=chosen, params=WatershedParams(threshold=threshold))
-        _report(report, json_path, "instances" if instances else f"watershed {report.get('params', '')}")
+            params, origin = _evaluate_watershed_params(model, threshold)
+            report = evaluate_watershed(prediction, labels, slices=chosen, params=params)
+            report["params_from"] = origin
+        title = "instances" if instances else f"watershed {report.get('params', '')}"
+        _report(report, json_path, title + (f" ({report['params_from']})" if "params_from" in report else ""))
         if sweep:
             best = report["best"]
             click.echo(f"best watershed setting (by adapted Rand error): {best['params']}")
             if write_defaults is not None:
                 _store_defaults(write_defaults, {"watershed": best["params"]}, chosen)
         return
-    report = evaluate_stacks(prediction, labels, threshold=threshold, sweep=sweep, slices=chosen)
+    value, origin = membrane_threshold(threshold, model)
+    origin = "from --threshold" if origin == "given" else cli_message(origin, {"model"})
+    report = evaluate_stacks(prediction, labels, threshold=value, sweep=sweep, slices=chosen)
+    report["threshold_from"] = origin
     if json_path is not None and str(json_path) == "-":
         click.echo(json.dumps(report, indent=1))
         return
-    click.echo(format_scores(report["scores"], f"threshold {report['threshold']}"))
+    click.echo(format_scores(report["scores"], f"threshold {_threshold_text(value)} ({origin})"))
     if sweep:
         best = report["sweep"]["best"]
         click.echo(format_scores(best["scores"], f"best threshold {best['threshold']} (by adapted Rand error)"))
@@ -730,6 +764,30 @@ def evaluate(prediction: str, labels: str, threshold: float, sweep: bool, slices
             _store_defaults(write_defaults, {"threshold": best["threshold"]}, chosen)
     if json_path is not None:
         _write_json(json_path, report)
+
+
+def _threshold_text(value: float) -> str:
+    """A threshold as 0.80, or with every digit it has (0.875)."""
+    return f"{value:.2f}" if abs(value - round(value, 2)) < 1e-9 else f"{value:g}"
+
+
+def _evaluate_watershed_params(model: Path | None, threshold: str | None) -> tuple[Any, str]:
+    """`evaluate --watershed`: the watershed settings stored in the -m model (as `segkit segment -m` uses them),
+    --threshold over them; and where they come from, in words."""
+    from segkit.inference.loading import BUNDLED_MODEL, model_info, names_bundled_model
+
+    if model is None and threshold == "auto":
+        raise SegkitError("--threshold auto takes the threshold stored in a model: pass -m MODEL (a checkpoint, "
+                          f"package or {BUNDLED_MODEL}, the bundled U-Net)")
+    inference = model_info(model).inference if model is not None else InferenceDefaults()
+    name = f"{BUNDLED_MODEL}, the bundled U-Net" if names_bundled_model(model) else str(model)
+    if model is None:
+        origin = "the defaults; -m MODEL takes a model's stored settings"
+    else:
+        origin = f"stored in {name}" if inference.watershed else f"the defaults: {name} stores none"
+    if threshold not in (None, "auto"):
+        origin += ", threshold from --threshold"
+    return _watershed_params(inference, threshold), origin
 
 
 def evaluate_header(prediction: str, labels: str) -> str:
@@ -744,7 +802,7 @@ def _evaluate_kind(prediction: str, labels: str, kind: str, *, classes: int | No
 
     if other:
         raise SegkitError(f"--labels-kind {kind} scores a finished class map or object labels; --instances, "
-                          "--watershed, --sweep and --write-defaults apply to membrane probabilities")
+                          "--threshold, -m, --watershed, --sweep and --write-defaults apply to membrane probabilities")
     if kind == "semantic":
         if classes is None:
             raise SegkitError("--labels-kind semantic needs --classes K (labels hold 0..K-1)")
@@ -757,10 +815,10 @@ def _evaluate_kind(prediction: str, labels: str, kind: str, *, classes: int | No
     scores = report["scores"]
     if kind == "semantic":
         per_class = "  ".join(f"{k}: Dice {scores[f'dice_{k}']:.4f} IoU {scores[f'iou_{k}']:.4f}" for k in range(classes))
-        click.echo(f"{report['slices']} slices: mean Dice {scores['dice_mean']:.4f}  mean IoU {scores['iou_mean']:.4f}"
+        click.echo(f"{counted(report['slices'], 'slice')}: mean Dice {scores['dice_mean']:.4f}  mean IoU {scores['iou_mean']:.4f}"
                    f"\n{per_class}")
     else:
-        click.echo(f"{report['slices']} slices: F1@0.5 {scores['f1@0.5']:.4f}  AP@0.5 {scores['ap@0.5']:.4f}  "
+        click.echo(f"{counted(report['slices'], 'slice')}: F1@0.5 {scores['f1@0.5']:.4f}  AP@0.5 {scores['ap@0.5']:.4f}  "
                    f"mean AP@0.5:0.95 {scores['map']:.4f}  precision@0.5 {scores['precision@0.5']:.4f}  "
                    f"recall@0.5 {scores['recall@0.5']:.4f}  (per-image means)")
     if json_path is not None:
@@ -803,24 +861,52 @@ def format_scores(scores: dict[str, float], title: str) -> str:
 # -- models --------------------------------------------------------------------------------
 
 @main.command()
-def models() -> None:
-    """List registered architectures with their geometry and parameter count (default settings).
+@click.option("--smp", "count_smp", is_flag=True,
+              help="Also count the smp models' parameters and tiles (loads segmentation-models-pytorch: seconds).")
+def models(count_smp: bool) -> None:
+    """List the bundled model, by its name, and the registered architectures with their geometry and parameter
+    count (default settings).
 
-    smp models are named smp:<Arch>:<encoder>; any encoder of segmentation-models-pytorch works.
+    The bundled U-Net's name, demo, works wherever a model file does: predict, segment and evaluate -m demo,
+    segkit export demo, segkit package demo, segkit.predict(..., model="demo") (a file named demo in the
+    working folder wins). smp models are named smp:<Arch>:<encoder>; any encoder of
+    segmentation-models-pytorch works. Models are built on torch's meta device (shapes only), so listing
+    them is quick; smp itself is loaded only with --smp.
 
     \b
-    Example:
+    Examples:
       segkit models
+      segkit models --smp
     """
+    from segkit.checkpoint import read_info
+    from segkit.inference.loading import BUNDLED_MODEL, default_model_path
+    from segkit.memory import meta_model
+    from segkit.models import SMP_PREFIX
+
+    info = read_info(default_model_path())
+    kwargs = ", ".join(f"{k} {v}" for k, v in info.model_kwargs.items() if k in ("base", "depth"))
+    click.echo(f"bundled model (its name works wherever a model file does: -m {BUNDLED_MODEL}, "
+               f"segkit export {BUNDLED_MODEL}, model={BUNDLED_MODEL!r}):")
+    click.echo(_model_row(BUNDLED_MODEL, meta_model(info.model, info.model_kwargs),
+                          f"{info.model} ({kwargs}) trained on ISBI 2012, threshold {info.inference.threshold:g} "
+                          f"({default_model_path().name})"))
+    click.echo("architectures (model.name in a recipe), default settings:")
     for name in list_models():
-        model = create_model(name)
-        g = model.geometry
-        params = sum(p.numel() for p in model.parameters())
-        if g.margin:
-            shape = f"tiles {g.min_input} + {g.step}k, margin {g.margin} (572 -> {g.output_size(572)})"
+        if name.startswith(SMP_PREFIX) and not count_smp:
+            click.echo(f"{name:<27} {'(parameters, tiles: --smp)':<62} {model_summary(name)}")
         else:
-            shape = f"tiles {g.min_input} + {g.step}k, same size out, halo {g.halo}"
-        click.echo(f"{name:<27} {params / 1e6:7.2f} M params  {shape:<44} {model_summary(name)}")
+            click.echo(_model_row(name, meta_model(name, {}), model_summary(name)))
+
+
+def _model_row(name: str, model: Any, summary: str) -> str:
+    """One line of `segkit models`: name, parameters, tiles and what the model is."""
+    g = model.geometry
+    params = sum(p.numel() for p in model.parameters())
+    if g.margin:
+        shape = f"tiles {g.min_input} + {g.step}k, margin {g.margin} (572 -> {g.output_size(572)})"
+    else:
+        shape = f"tiles {g.min_input} + {g.step}k, same size out, halo {g.halo}"
+    return f"{name:<27} {params / 1e6:7.2f} M params  {shape:<44} {summary}"
 
 
 # -- demo ----------------------------------------------------------------------------------
@@ -858,7 +944,8 @@ def demo(output_dir: Path, device: str, overwrite: bool) -> None:
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Package to write, a .zip (default: the checkpoint's name with .bioimageio.zip).")
+              help="Package to write, a .zip (default: the checkpoint's name with .bioimageio.zip; for demo, "
+                   "./demo.bioimageio.zip).")
 @click.option("--author", multiple=True, help="An author's name (required; repeat for several authors).")
 @click.option("--maintainer", multiple=True, metavar="GITHUB_USER",
               help="GitHub user name of someone who answers for the package (bioimage.io maintainers; repeat for "
@@ -877,8 +964,8 @@ def demo(output_dir: Path, device: str, overwrite: bool) -> None:
 def package(checkpoint: Path, output: Path | None, author: tuple[str, ...], maintainer: tuple[str, ...],
             name: str | None, description: str | None, license: str, denoiser_path: Path | None, tile: int | None,
             opset: int, no_test: bool, overwrite: bool) -> None:
-    """Write a bioimage.io model package (spec 0.5) of a CHECKPOINT for Fiji/deepImageJ, ilastik, napari,
-    QuPath and BiaPy. Needs: pip install 'segkit-bio[bioimageio]'.
+    """Write a bioimage.io model package (spec 0.5) of a CHECKPOINT (or demo: the bundled U-Net) for
+    Fiji/deepImageJ, ilastik, napari, QuPath and BiaPy. Needs: pip install 'segkit-bio[bioimageio]'.
 
     The package holds the weights as PyTorch state dict (with the architecture as arch.py inside,
     which needs torch only, not segkit), TorchScript and ONNX (each checked against torch); smp models
@@ -894,9 +981,11 @@ def package(checkpoint: Path, output: Path | None, author: tuple[str, ...], main
     Examples:
       segkit package runs/em_neurons/best.safetensors -o unet_em.zip --author "Jane Doe" --maintainer janedoe
       segkit package seg.safetensors --with-denoiser den.safetensors -o denoised_unet.zip --author "Jane Doe"
+      segkit package demo --author "Jane Doe"             # the bundled U-Net -> demo.bioimageio.zip
     """
     from segkit.bioimageio.write import package_checkpoint
 
+    checkpoint, output = _bundled_or_path(checkpoint, output, ".bioimageio.zip")
     record = package_checkpoint(checkpoint, output, author=author, maintainer=maintainer, denoiser=denoiser_path,
                                 name=name, description=description, license=license, tile=tile, opset=opset,
                                 test=not no_test, overwrite=overwrite, report=_cli_echo(err=True))

@@ -17,6 +17,7 @@ from segkit.checkpoint import read_info
 from segkit.errors import OutputExistsError
 from segkit.evaluation import evaluate_instances, evaluate_stacks
 from segkit.inference.api import predict
+from segkit.inference.loading import BUNDLED_MODEL, default_model_path
 from segkit.inference.segment import segment_stack
 from segkit.instances import WatershedParams
 from segkit.io.outputs import atomic_path, check_folder
@@ -25,7 +26,7 @@ from segkit.io.tiff import open_stack
 DATA = Path(__file__).parent / "data"
 SAMPLE_RAW = DATA / "isbi_test_raw.tif"
 SAMPLE_LABELS = DATA / "isbi_test_labels.tif"
-DEMO_MODEL = DATA / "unet_isbi_demo.safetensors"
+DEMO_MODEL = default_model_path()
 
 
 def overlay_panel(raw: np.ndarray, probability: np.ndarray, membrane: np.ndarray, *, threshold: float) -> np.ndarray:
@@ -60,9 +61,10 @@ def run_demo(output_dir: Path, *, device: str = "auto", overwrite: bool = False,
 
     info = read_info(DEMO_MODEL)
     threshold = float(info.inference.threshold if info.inference.threshold is not None else 0.5)
-    echo(f"predicting {SAMPLE_RAW.name} (ISBI 2012 slices 25-29) with the bundled U-Net")
+    echo(f"predicting {SAMPLE_RAW.name} (ISBI 2012 slices 25-29) with the bundled U-Net ({BUNDLED_MODEL})")
     predict(SAMPLE_RAW, prediction, model=DEMO_MODEL, device=device, batch=4, overwrite=True, report=echo)
-    echo(f"membrane threshold {threshold} (the bundled model's, chosen on validation slices 20-24)")
+    echo(f"membrane threshold {threshold} (the bundled model's, chosen on validation slices 20-24; `segkit "
+         f"evaluate {prediction} {SAMPLE_LABELS} -m {BUNDLED_MODEL}` scores at it too)")
     report = evaluate_stacks(str(prediction), str(SAMPLE_LABELS), threshold=threshold)
     # neuron instances with the watershed settings chosen on validation slices 20-24
     params = WatershedParams.from_dict(info.inference.watershed or {})

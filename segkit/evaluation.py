@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from segkit.metrics import (
     segmentation_scores,
     to_probability,
 )
+from segkit.words import counted
 
 SWEEP_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
@@ -46,10 +48,22 @@ def _open_pair(prediction: str, labels: str) -> Iterator[tuple[TiffStack, TiffSt
         yield pred_stack, label_stack
 
 
+#: Said when the prediction has more planes than the labels: a prediction holds all label slices or a part.
+SWAPPED_HINT = "; were the prediction and the labels swapped? pass the prediction first, the labels second"
+
+
+def _maybe_swapped(pred: TiffStack, labels: TiffStack) -> bool:
+    """Whether the two stacks may be each other: the prediction has more planes than the labels (it holds all
+    label slices or some), or the labels' first plane does not look like labels."""
+    return len(pred) > len(labels) or (len(labels) > 0 and label_constancy(labels.plane(0)) < LABEL_MIN_EQUAL_NEIGHBOURS)
+
+
 def _paired_planes(pred: TiffStack, labels: TiffStack, slices: tuple[int, int] | None) -> list[tuple[int, int]]:
     start, stop = slices if slices is not None else (0, len(labels))
+    swapped = SWAPPED_HINT if _maybe_swapped(pred, labels) else ""
     if stop > len(labels):
-        raise InputError(f"slices=({start}, {stop}) exceeds the {len(labels)} slices of the label stack")
+        raise InputError(f"slices=({start}, {stop}) exceeds the {counted(len(labels), 'slice')} of the label stack "
+                         f"{labels.source}{swapped}")
     count = stop - start
     if pred.shape[1:] != labels.shape[1:]:
         raise InputError(f"prediction planes {pred.shape[1:]} and label planes {labels.shape[1:]} differ in size")
@@ -58,9 +72,51 @@ def _paired_planes(pred: TiffStack, labels: TiffStack, slices: tuple[int, int] |
     if len(pred) == count:
         return [(i, start + i) for i in range(count)]
     raise InputError(
-        f"prediction has {len(pred)} planes but the labels have {len(labels)} (selected {count}); "
-        "use slices=(START, STOP) to pick the labelled slices that were predicted"
+        f"prediction has {counted(len(pred), 'plane')} but the labels have {len(labels)} (selected {count}); "
+        + ("use slices=(START, STOP) to pick the labelled slices that were predicted" if not swapped else swapped[2:])
     )
+
+
+def membrane_threshold(threshold: float | str | None = None, model: str | Path | None = None) -> tuple[float, str]:
+    """The membrane threshold to score at, and where it comes from in words (`segkit evaluate` prints both).
+
+    Parameters
+    ----------
+    threshold : float, 'auto' or None
+        A number in (0, 1) wins; 'auto' or None take the threshold stored in `model` (chosen on
+        validation slices by `segkit evaluate --sweep --write-defaults`); None without a model is 0.5.
+    model : path or str, optional
+        A checkpoint, ONNX file, bioimage.io package or 'demo' (the bundled U-Net) whose stored
+        threshold to use; only its record is read.
+
+    Returns
+    -------
+    (float, str)
+        The threshold and its origin: 'threshold=...', 'stored in MODEL', or the default.
+
+    Raises
+    ------
+    SegkitError
+        A threshold that is not a number or 'auto', 'auto' without a model, or a model file that cannot be read.
+    """
+    if threshold is not None and threshold != "auto":
+        try:
+            return float(threshold), "given"
+        except (TypeError, ValueError):
+            raise InputError(f"threshold={threshold!r} must be a number between 0 and 1, or 'auto' (the model's "
+                             "stored threshold)") from None
+    if model is None:
+        if threshold == "auto":
+            raise InputError("threshold='auto' takes the threshold stored in a model: pass model=MODEL (a "
+                             "checkpoint, package or 'demo', the bundled U-Net)")
+        return 0.5, "the default; model=MODEL scores at a model's stored threshold"
+    from segkit.inference.loading import BUNDLED_MODEL, model_info, names_bundled_model
+
+    name = f"{BUNDLED_MODEL}, the bundled U-Net" if names_bundled_model(model) else str(model)
+    stored = model_info(model).inference.threshold
+    if stored is None:
+        return 0.5, f"the default: {name} stores none"
+    return float(stored), f"stored in {name}"
 
 
 def evaluate_stacks(

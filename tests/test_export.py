@@ -240,7 +240,7 @@ def test_predict_many_files_skips_a_bad_one_and_keeps_the_others(tmp_path, tiny_
     assert_user_error(run("predict", *args), "2 of the outputs already exist", "--skip-existing")
     truncated.write_bytes(files[0].read_bytes())  # repaired
     result = run("predict", *args, "--skip-existing")
-    assert result.exit_code == 0 and "wrote 1 of 1 files" in result.stdout and "skipping 2 files" in result.stderr
+    assert result.exit_code == 0 and "wrote 1 of 1 file " in result.stdout and "skipping 2 files" in result.stderr
 
 
 def test_predict_many_files_argument_errors(tmp_path, tiny_checkpoint):

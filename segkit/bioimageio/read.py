@@ -62,6 +62,7 @@ from segkit.record import (
     check_inference_defaults,
     check_normalization_record,
 )
+from segkit.words import counted
 
 #: The weight formats segkit runs, in the order it picks them.
 RUNNABLE_WEIGHTS = ("onnx", "pytorch_state_dict", "torchscript")
@@ -639,7 +640,7 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
         raise _fail("outputs[0].axes[channel]", f"{channels} output channels ({', '.join(map(str, names))}); pass "
                                                 "channel=N (0-based) to say which one segkit writes")
     if channel is not None and not 0 <= channel < channels:
-        raise _fail("outputs[0].axes[channel]", f"channel={channel} is not one of the {channels} output channels "
+        raise _fail("outputs[0].axes[channel]", f"channel={channel} is not one of the {counted(channels, 'output channel')} "
                                                 f"({', '.join(map(str, names))}); pass channel=0 to {channels - 1}")
     chosen = names[channel or 0]
     info = CheckpointInfo(

@@ -34,11 +34,13 @@ from segkit.inference.distributed import predict_to_zarr
 from segkit.inference.encodings import describe_output, model_encoding, stack_encoding
 from segkit.inference.files import count_file_tiles, failure_line, plan_file_jobs, predict_files
 from segkit.inference.loading import (
+    BUNDLED_MODEL,
     EngineRequest,
     LoadedEngine,
     default_model_path,
     load_prediction_engine,
     planned_tile,
+    resolve_model,
 )
 from segkit.inference.options import PredictOptions
 from segkit.inference.pipeline import RescaledStack, choose_normalization, count_tiles, predict_stack
@@ -48,6 +50,7 @@ from segkit.io.tiff import list_tiff_files, open_stack
 from segkit.io.zarr import open_volume
 from segkit.normalization import Normalization
 from segkit.record import CheckpointInfo
+from segkit.words import counted
 
 
 @dataclass
@@ -102,8 +105,9 @@ def predict(
         existing one, a path ending in '/', or with several inputs any path not ending in .tif), or
         an OME-Zarr store (``*.zarr``: the Dask path, resumable).
     model : path or engine, optional
-        A checkpoint (.safetensors), an ONNX file, a bioimage.io package (.zip or rdf.yaml), or an
-        already built engine (the engine protocol plus `geometry`); default: the bundled demo U-Net.
+        A checkpoint (.safetensors), an ONNX file, a bioimage.io package (.zip or rdf.yaml), ``"demo"`` (the
+        bundled U-Net; a file named demo wins), or an already built engine (the engine protocol plus
+        `geometry`); default: the bundled demo U-Net.
     options : PredictOptions, optional
         Every prediction option at once (the CLI passes them so); `settings` override its fields.
     report : callable
@@ -149,7 +153,7 @@ def predict(
         raise SegkitError("no input given")
     request = None
     if not _is_engine(model):
-        request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
+        request = EngineRequest(resolve_model(model), options)
     check_files_exist(sources, request, options)
     text_output = str(output) if output is not None else ""
     if text_output.rstrip("/").lower().endswith(".zarr") or options.on_dask:
@@ -309,7 +313,7 @@ def load_for_prediction(model: Any, options: PredictOptions, *,
     `options`, and the model in words: for callers that hold a loaded model (`segkit.Model`)."""
     request = None
     if not _is_engine(model):
-        request = EngineRequest(Path(model) if model is not None else default_model_path(), options)
+        request = EngineRequest(resolve_model(model), options)
     return _load(model, request, options, report=report), _model_label(request, model)
 
 
@@ -353,7 +357,8 @@ def _model_label(request: EngineRequest | None, model: Any = None) -> str:
     """The model file in words (the bundled demo U-Net by name), after the denoiser run in front of it."""
     if request is None:
         return f"an engine passed in ({getattr(model, 'label', type(model).__name__)})"
-    name = f"the bundled demo U-Net ({request.model.name})" if request.model == default_model_path() else str(request.model)
+    name = (f"the bundled U-Net '{BUNDLED_MODEL}' ({request.model.name})" if request.model == default_model_path()
+            else str(request.model))
     denoiser = request.options.denoise
     return f"{denoiser} then {name}" if denoiser is not None else name
 
@@ -399,8 +404,8 @@ class _Runner:
                 z, h, w = stack.shape
                 channels = getattr(stack, "channels", 1)
                 what = f"{stack.dtype}" + (f", {channels} channels" if channels > 1 else "")
-                self.report(f"{source} -> {output}: {z} x {h} x {w} {what}, {count_tiles(seen, geometry, self.tile)}"
-                            f" tiles of {self.tile} px, batch {self.batch}, model {self.result.model}, on "
+                self.report(f"{source} -> {output}: {z} x {h} x {w} {what}, {counted(count_tiles(seen, geometry, self.tile), 'tile')}"
+                            f" of {self.tile} px, batch {self.batch}, model {self.result.model}, on "
                             f"{self.loaded.engine.label}; writes {self.result.writes}"
                             + (f"; {resampled}" if resampled else ""))
             elif resampled:
@@ -425,7 +430,7 @@ class _Runner:
                                        skip_existing=self.options.skip_existing)
         output_dir.mkdir(exist_ok=True)
         if skipped:
-            self.report(f"skipping {len(skipped)} files whose output exists")
+            self.report(f"skipping {counted(len(skipped), 'file')} whose output exists")
         counts, failed = count_file_tiles(jobs, self.loaded.geometry, self.tile,
                                           view=lambda stack: model_view(stack, self.loaded.info))
         for outcome in failed:

@@ -59,6 +59,7 @@ from segkit.inference.options import PredictOptions
 from segkit.inference.pipeline import choose_normalization, count_tiles, run_stack
 from segkit.inference.progress import Progress, check_progress, progress_to
 from segkit.io.tiff import SUPPORTED_DTYPES, check_finite
+from segkit.words import counted
 
 #: What `Model.output_kind` answers.
 OUTPUT_KINDS = ("probabilities", "classes", "labels", "intensities")
@@ -281,8 +282,9 @@ class Model:
     Parameters
     ----------
     model : path or engine, optional
-        A checkpoint (.safetensors), an ONNX file, a bioimage.io package (.zip or rdf.yaml), or an
-        already built engine (the engine protocol plus `geometry`); default: the bundled demo U-Net.
+        A checkpoint (.safetensors), an ONNX file, a bioimage.io package (.zip or rdf.yaml), ``"demo"`` (the
+        bundled U-Net; a file named demo wins), or an already built engine (the engine protocol plus
+        `geometry`); default: the bundled demo U-Net.
     report : callable or None
         Receives notes (an ONNX export, normalising by the array's statistics, an out-of-memory
         back-off); default: print; None: silent.
@@ -358,8 +360,8 @@ class Model:
         return str(getattr(self._loaded.engine, "label", type(self._loaded.engine).__name__))
 
     def __repr__(self) -> str:
-        channels = f"{self.channels} input channel" + ("s" if self.channels > 1 else "")
-        return (f"segkit.Model({self.name}: {self.info.kind}, {channels}, {self.info.output_classes} outputs, "
+        return (f"segkit.Model({self.name}: {self.info.kind}, {counted(self.channels, 'input channel')}, "
+                f"{counted(self.info.output_classes, 'output')}, "
                 f"tile {self.tile}, on {self.engine}; returns {self.output_kind()})")
 
     # -- what a call returns -------------------------------------------------------------

@@ -93,6 +93,7 @@ from segkit.io.zarr import (  # noqa: F401  (ZarrStack, convert_zarr_to_tiff, om
     open_volume,
     plane_reader,
 )
+from segkit.words import counted
 
 DONE = "segkit_done"
 LABELS_DONE = "segkit_labels_done"
@@ -497,7 +498,7 @@ def predict_to_zarr(source: str, output: str | Path, request: EngineRequest, /, 
                     else "other settings (input, tile, normalisation, chunks, engine or output type)")
             raise SegkitError(f"resume: {partial_store} was started with {what}; delete it to start again")
         done = len(list((partial_store / DONE).glob("*"))) if (partial_store / DONE).exists() else 0
-        report(f"resuming {partial_store}: {done} chunks already written")
+        report(f"resuming {partial_store}: {counted(done, 'chunk')} already written")
     else:
         create_ome_zarr(partial_store, *image, plan.image.dtype, calibration, plan.channel_names,
                         content=plan.content, label=plan.label)

@@ -20,10 +20,34 @@ from segkit.inference.options import PredictOptions
 from segkit.inference.tta import TTAForward
 from segkit.memory import tile_problem
 
+#: The bundled U-Net's name, taken wherever a model file is (`segkit export demo`, `predict -m demo`,
+#: `segkit.predict(..., model="demo")`); a file or folder of that name in the working folder wins.
+BUNDLED_MODEL = "demo"
+
 
 def default_model_path() -> Path:
     """The bundled demo U-Net, the model `segkit predict` uses when none is given."""
     return Path(__file__).resolve().parents[1] / "data" / "unet_isbi_demo.safetensors"
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """The model file `model` names: the bundled U-Net for None or its name `demo` (when no file or folder of
+    that name exists: a path always wins), else the path itself (checked where it is opened)."""
+    if model is None or (str(model) == BUNDLED_MODEL and not Path(model).exists()):
+        return default_model_path()
+    return Path(model)
+
+
+def names_bundled_model(model: str | Path | None) -> bool:
+    """Whether `model` (a command's argument) is the bundled U-Net's name rather than a path."""
+    return model is not None and resolve_model(model) == default_model_path() and str(model) == BUNDLED_MODEL
+
+
+def model_info(model: str | Path | None, *, kind: str = "segmenter") -> Any:
+    """The record (CheckpointInfo) of a checkpoint, ONNX file, bioimage.io package or the bundled U-Net
+    (None or `demo`), read without loading weights: its inference defaults (threshold, watershed) for
+    `segkit evaluate -m` and `segkit segment -m`."""
+    return _records(EngineRequest(resolve_model(model), PredictOptions(kind=kind)))[0]
 
 
 def trained_tile(info: Any, geometry: Any) -> int:

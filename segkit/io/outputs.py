@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from segkit.errors import OutputError, OutputExistsError
+from segkit.words import counted
 
 try:  # POSIX (Linux, macOS): claims are flock locks, released by the kernel with their process
     import fcntl
@@ -341,7 +342,7 @@ def remove_stale_partials(outputs: Iterable[str | Path], report: Callable[[str],
 
 
 def _count(paths: list[Path]) -> str:
-    return "1 temporary file" if len(paths) == 1 else f"{len(paths)} temporary files"
+    return counted(len(paths), "temporary file")
 
 
 def _names(paths: list[Path], shown: int = 3) -> str:

@@ -44,6 +44,7 @@ from segkit.io.calibration import (
     tiff_calibration,
 )
 from segkit.io.outputs import atomic_path, check_output
+from segkit.words import counted
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
 #: Label stacks (ground truth, instances) may also be 32-bit integers (float is refused with its own message).
@@ -136,7 +137,7 @@ class TiffStack:
             page_count = len(tif.pages)
         series, shape = layout.series, layout.shape
         if len(series.pages) > page_count:
-            raise InputError(f"{path}: series needs {len(series.pages)} pages but the file has {page_count}; the file is truncated")
+            raise InputError(f"{path}: series needs {counted(len(series.pages), 'page')} but the file has {page_count}; the file is truncated")
         self._set_layout(layout, is_2d=layout.is_2d)
         self.resolution = _resolution(tif)
         with _fail_on_tifffile_errors(path):
@@ -152,7 +153,7 @@ class TiffStack:
             self._contiguous = (path, int(series.dataoffset), dtype)
         elif len(self._pages) != layout.page_table.size:
             per_plane = layout.page_table.shape[1]
-            planes = f"{shape[0]} planes" + (f" of {per_plane} channels" if per_plane > 1 else "")
+            planes = counted(shape[0], "plane") + (f" of {per_plane} channels" if per_plane > 1 else "")
             raise InputError(
                 f"{path}: stack of {planes} stored in {len(self._pages)} pages is not supported; "
                 "re-save it as one page per plane" + (" and channel" if per_plane > 1 else "")
@@ -206,7 +207,7 @@ class TiffStack:
         available = memory.available_memory()
         if available is not None and need > available:
             raise InputError(
-                f"{path}: one plane is {self.channels} channels of {height} x {width} px and processing it needs "
+                f"{path}: one plane is {counted(self.channels, 'channel')} of {height} x {width} px and processing it needs "
                 f"about {memory.format_bytes(need)} (the channels as float32, their padded copy and the output), but "
                 f"{memory.format_bytes(available)} of memory is available; crop or split the planes into smaller "
                 "images (e.g. with Fiji or tifffile), or use a machine with more memory"
@@ -287,8 +288,8 @@ class TiffStack:
             if (layout.shape != (1, *self.shape[1:]) or layout.channels != self.channels
                     or np.dtype(layout.series.dtype) != self.dtype):
                 raise InputError(
-                    f"{path}: shape {layout.shape[1:]} / {layout.channels} channel(s) / dtype {layout.series.dtype} "
-                    f"differs from the first file's {self.shape[1:]} / {self.channels} channel(s) / {self.dtype}; "
+                    f"{path}: shape {layout.shape[1:]} / {counted(layout.channels, 'channel')} / dtype {layout.series.dtype} "
+                    f"differs from the first file's {self.shape[1:]} / {counted(self.channels, 'channel')} / {self.dtype}; "
                     "all files of a folder must match"
                 )
             return _decode_pages(list(layout.series.pages), layout.page_table[0], self._workers), layout.page_axes
@@ -945,7 +946,7 @@ class _CheckedPlanes:
             plane = next(self._planes)
         except StopIteration:
             if self.count != self._expected:
-                raise ValueError(f"got {self.count} planes, expected {self._expected}") from None
+                raise ValueError(f"got {counted(self.count, 'plane')}, expected {self._expected}") from None
             raise
         if plane.shape != self._shape:
             raise ValueError(f"plane of shape {plane.shape}, expected {self._shape}")

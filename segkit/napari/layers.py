@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from segkit.errors import InputError
+from segkit.words import counted
 
 #: The kind of layer each output kind becomes: values to look at (image) or ids to colour (labels).
 LAYER_TYPES = {"probabilities": "image", "intensities": "image", "classes": "labels", "labels": "labels"}
@@ -83,7 +84,7 @@ def input_axes(shape: Sequence[int], *, rgb: bool = False, channels: int = 1) ->
 
 
 def _unsupported(shape: tuple[int, ...], channels: int) -> str:
-    need = f"; a 4D layer needs an axis of the model's {channels} channels" if len(shape) == 4 else ""
+    need = f"; a 4D layer needs an axis of the model's {counted(channels, 'channel')}" if len(shape) == 4 else ""
     raise InputError(f"an image layer of shape {shape} is not a plane or a stack of planes (YX, ZYX, CYX, ZCYX)"
                      f"{need}; choose another layer or split it (napari: Layers > Split Stack)")
 

@@ -24,6 +24,7 @@ from segkit.errors import InputError
 from segkit.io.resample import rescale
 from segkit.io.tiff import list_tiff_files, open_stack
 from segkit.training.patches import data_source
+from segkit.words import counted
 
 SPLITS = ("train", "val", "test")
 
@@ -125,11 +126,11 @@ def split_sources(data: dict[str, Any], split: str) -> list[tuple[str, str, int 
         with open_stack(raw, check_memory=False) as stack:
             depth = len(stack)
         if stop > depth:
-            raise InputError(f"data.{split}_slices: [{start}, {stop}) exceeds the {depth} slices of {raw}")
+            raise InputError(f"data.{split}_slices: [{start}, {stop}) exceeds the {counted(depth, 'slice')} of {raw}")
         return [(raw, labels, z) for z in range(start, stop)]
     files = _image_files(raw)
     if stop > len(files):
-        raise InputError(f"data.{split}_slices: [{start}, {stop}) exceeds the {len(files)} images in {raw}; "
+        raise InputError(f"data.{split}_slices: [{start}, {stop}) exceeds the {counted(len(files), 'image')} in {raw}; "
                          f"use a range within 0-{len(files)}, or name the images with data.{split}_files")
     return [(image, _label_file(image, labels), None) for image in files[start:stop]]
 
@@ -217,8 +218,8 @@ def check_example_channels(examples: list[Example], data: dict[str, Any]) -> int
                          f"{examples[0].image.shape[0]}; every image of a dataset needs the same channels")
     count = counts.pop()
     if data.get("channels") is not None and data["channels"] != count:
-        raise InputError(f"data.channels is {data['channels']} but the images have {count} channel"
-                         f"{'s' if count > 1 else ''} ({examples[0].source}); set data.channels={count} or leave it out")
+        raise InputError(f"data.channels is {data['channels']} but the images have {counted(count, 'channel')} "
+                         f"({examples[0].source}); set data.channels={count} or leave it out")
     return count
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from segkit.errors import ConfigError, SegkitError
+from segkit.words import counted
 
 #: How the learning rate follows the global batch (`train.lr_scaling`): factor of train.lr for a global
 #: batch `world` times the recipe's `train.batch`.
@@ -130,7 +131,7 @@ def ranks_from_environment(env: Mapping[str, str] | None = None) -> Ranks:
     else:
         return Ranks()
     if world < 1 or rank >= world:
-        raise SegkitError(f"rank {rank} of a world of {world} processes: the launcher's variables disagree "
+        raise SegkitError(f"rank {rank} of a world of {counted(world, 'process')}: the launcher's variables disagree "
                           "(RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)")
     return Ranks(rank=rank, local_rank=local, world=world, launcher=launcher, address=address)
 
@@ -169,8 +170,8 @@ def rank_device(requested: str, ranks: Ranks) -> str:
                           "set train.device=cpu (or auto)")
     count = torch.cuda.device_count()
     if ranks.local_rank >= count:
-        raise ConfigError(f"rank {ranks.rank} is process {ranks.local_rank} on its node, which has {count} GPU(s): "
-                          f"start at most {count} processes per node (torchrun --nproc-per-node {count}, or srun "
+        raise ConfigError(f"rank {ranks.rank} is process {ranks.local_rank} on its node, which has {counted(count, 'GPU')}: "
+                          f"start at most {counted(count, 'process')} per node (torchrun --nproc-per-node {count}, or srun "
                           "--ntasks-per-node / --gpus-per-node)")
     return f"cuda:{ranks.local_rank}"
 
@@ -427,7 +428,7 @@ def process_group(ranks: Ranks, device: str, *, timeout_min: float) -> Iterator[
                               f"within train.dist_timeout_min={timeout_min:g} ({str(exc).splitlines()[0][:160]}); "
                               "start one process per GPU with torchrun or srun") from exc
     elif dist.get_world_size() != ranks.world:
-        raise SegkitError(f"a torch process group of {dist.get_world_size()} processes exists, but the launcher's "
+        raise SegkitError(f"a torch process group of {counted(dist.get_world_size(), 'process')} exists, but the launcher's "
                           f"variables say {ranks.world}")
     try:
         yield ProcessGroup(ranks, device, timeout_min)

@@ -21,6 +21,7 @@ import numpy as np
 from segkit.errors import InputError
 from segkit.io.tiff import open_stack
 from segkit.training.datasets import _stem
+from segkit.words import counted
 
 #: Images (or planes) read for the statistics; the rest are only opened (sizes, pixel sizes).
 MAX_SAMPLES = 50
@@ -74,10 +75,10 @@ class DataLayout:
     def describe(self) -> str:
         if self.form == "stack":
             pair = self.pairs[0]
-            return f"{self.raw} + {self.labels}, one stack of {pair.planes} planes"
+            return f"{self.raw} + {self.labels}, one stack of {counted(pair.planes, 'plane')}"
         splits = f"; split files {', '.join(p.name for p in self.split_files.values())}" if self.split_files else ""
-        planes = f" ({self.planes} planes)" if self.planes != len(self.pairs) else ""
-        return f"{self.raw}/ + {self.labels}/, {len(self.pairs)} images{planes}{splits}"
+        planes = f" ({counted(self.planes, 'plane')})" if self.planes != len(self.pairs) else ""
+        return f"{self.raw}/ + {self.labels}/, {counted(len(self.pairs), 'image')}{planes}{splits}"
 
 
 def _tiffs(folder: Path) -> list[Path]:
@@ -472,7 +473,7 @@ class Fingerprint:
                  f"{what}: {self.images}{sampled}",
                  f"size (min / median / max): height {' / '.join(map(str, self.heights))}, width "
                  f"{' / '.join(map(str, self.widths))} px",
-                 f"dtype: {self.dtype}, {self.channels} channel{'s' if self.channels > 1 else ''}"]
+                 f"dtype: {self.dtype}, {counted(self.channels, 'channel')}"]
         for c, (low, mid, high) in enumerate(self.percentiles):
             channel = f" channel {c}" if self.channels > 1 else ""
             span = f" (of 0-{self.dtype_max:g})" if self.dtype_max is not None else ""
@@ -481,17 +482,17 @@ class Fingerprint:
         if not known:
             lines.append("pixel size: none in the files")
         elif self.pixel_size_varies:
-            missing = f"; {self.uncalibrated} images have none" if self.uncalibrated else ""
+            missing = f"; none stored in {counted(self.uncalibrated, 'image')}" if self.uncalibrated else ""
             lines.append(f"pixel size: {min(known):.3g}-{max(known):.3g} um, median {self.pixel_size:.3g} um "
                          f"(differs between images{missing})")
         else:
-            missing = f" ({self.uncalibrated} images have none)" if self.uncalibrated else ""
+            missing = f" (none stored in {counted(self.uncalibrated, 'image')})" if self.uncalibrated else ""
             lines.append(f"pixel size: {known[0]:.3g} um{missing}")
         lines.append(f"labels: {self.kind} ({self.kind_reason})")
         lines.append("class fractions: " + ", ".join(f"{name} {fraction:.3f}" for name, fraction in self.class_fractions))
         if self.diameters is not None:
             at = f" at {self.common_pixel_size:g} um/px" if self.common_pixel_size else ""
-            lines.append(f"objects: {self.objects} in {self.sampled} images; equivalent diameter p10 / median / p90: "
+            lines.append(f"objects: {self.objects} in {counted(self.sampled, 'image')}; equivalent diameter p10 / median / p90: "
                          f"{' / '.join(f'{d:.1f}' for d in self.diameters)} px{at}; "
                          f"{100 * (self.touching or 0):.0f} % touch another object")
         return lines

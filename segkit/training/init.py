@@ -37,6 +37,7 @@ from segkit.record import LABELS_KINDS
 from segkit.training.datasets import split_sources
 from segkit.training.fingerprint import DataLayout, Fingerprint, find_layout, fingerprint, read_samples
 from segkit.training.runs import DEFAULT_WEIGHT_DECAY, cpu_cores
+from segkit.words import counted
 
 #: Median object diameter (px) instance data is rescaled to (cellpose's convention for its cyto model).
 TARGET_DIAMETER = 30.0
@@ -344,7 +345,7 @@ def stack_slices(planes: int) -> dict[str, list[int]]:
     """Contiguous [start, stop) ranges of one stack: test the last sixth, validation the sixth before it,
     training the rest (at least one plane each; neighbouring sections do not leak across splits)."""
     if planes < 3:
-        raise InputError(f"the stack has {planes} plane{'s' if planes > 1 else ''}, too few to split into training, "
+        raise InputError(f"the stack has {counted(planes, 'plane')}, too few to split into training, "
                          "validation and test planes; add planes (at least 3) or more images")
     sixth = max(1, round(planes / 6))
     test = [planes - sixth, planes]
@@ -356,9 +357,9 @@ def random_split(names: Sequence[str], seed: int = 0) -> dict[str, list[str]]:
     """A seeded ~70/15/15 split of image names (at least one image in validation and test)."""
     count = len(names)
     if count < 3:
-        what = "one image only" if count == 1 else f"{count} images only"
+        what = "one image only" if count == 1 else f"{counted(count, 'image')} only"
         raise InputError(f"{what}: no split into training, validation and test is possible; add at least "
-                         f"{3 - count} more labelled image{'s' if 3 - count > 1 else ''} (one each for validation and "
+                         f"{counted(3 - count, 'more labelled image')} (one each for validation and "
                          "test), write train.txt / val.txt / test.txt, or pass one stack with images=NAME and "
                          "labels=NAME to split it by planes")
     order = [names[i] for i in np.random.default_rng(seed).permutation(count)]
@@ -553,9 +554,9 @@ def init_recipe(data: str | Path, output: str | Path | None = None, *, minutes: 
     epochs, iters, ema, val_s = schedule(budget, timings, tiles, epochs=fixed_epochs, kind=fp.kind)
     factor = f"x{POSTPROCESSING_FACTOR[fp.kind]:g} for post-processing"
     echo(f"timings, {timings.note}: {timings.step_s:.3g} s per training iteration, {timings.forward_s:.3g} s per "
-         f"{val_tile} px forward; validation about {val_s:.0f} s per epoch ({tiles} tiles, {factor})")
+         f"{val_tile} px forward; validation about {val_s:.0f} s per epoch ({counted(tiles, 'tile')}, {factor})")
     timing_text = (f"{timings.note}: {timings.step_s:.3g} s per iteration, validation ~{val_s:.0f} s per epoch "
-                   f"({tiles} tiles of {val_tile} px, {factor}), budget {budget:g} min")
+                   f"({counted(tiles, 'tile')} of {val_tile} px, {factor}), budget {budget:g} min")
     schedule_plan(plan, epochs=epochs, iters=iters, ema=ema, timing_text=timing_text)
     if overrides:
         plan.override(overrides)  # the command line wins over the schedule too
@@ -624,7 +625,8 @@ def base_plan(fp: Fingerprint, layout: DataLayout, *, gpu: bool, device: str, mi
                  f"the images' pixel sizes differ ({min(known):.3g}-{max(known):.3g} um): all rescaled to their "
                  "median; prediction rescales other input the same way", derived=True)
     elif fp.pixel_size_varies:
-        echo(f"note: pixel sizes differ between images but {fp.uncalibrated} images have none, so data.pixel_size "
+        echo(f"note: pixel sizes differ between images but none is stored in {counted(fp.uncalibrated, 'image')}, "
+             "so data.pixel_size "
              "is left out (calibrate them to have them rescaled)")
     if scale:
         plan.set("data.scale", scale, scale_reason, derived=True)

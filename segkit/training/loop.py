@@ -52,6 +52,7 @@ from segkit.training.runs import (
 )
 from segkit.training.targets import LabelRule, check_classes_present, check_labels, class_weights, weight_map
 from segkit.training.validation import EPOCH_VALIDATIONS
+from segkit.words import counted
 
 LOG_FIELDS = ["epoch", "train_loss", "pixel_error", "adapted_rand_error", "vi", "dice", "best_threshold",
               "best_adapted_rand_error", "seconds", "lr"]
@@ -68,7 +69,7 @@ def split_description(data: dict[str, Any], examples: dict[str, list[Example]]) 
     for split, key in (("train", "training"), ("val", "validation")):
         spec = data[f"{split}_files"]
         named = f" ({spec})" if isinstance(spec, str) else ""
-        parts.append(f"{len(examples[split])} {key} images{named}")
+        parts.append(f"{counted(len(examples[split]), key + ' image')}{named}")
     return ", ".join(parts)
 
 
@@ -78,7 +79,7 @@ def split_labels_text(data: dict[str, Any], split: str, count: int) -> str:
         start, stop = data[f"{split}_slices"]
         return f"slices {start}-{stop - 1} (data.{split}_slices) of {data_source(data, 'labels')}"
     spec = data[f"{split}_files"]
-    return f"the {count} label images of data.{split}_files" + (f" ({spec})" if isinstance(spec, str) else "")
+    return f"the {counted(count, 'label image')} of data.{split}_files" + (f" ({spec})" if isinstance(spec, str) else "")
 
 
 def check_disjoint(data: dict[str, Any], examples: dict[str, list[Example]]) -> None:

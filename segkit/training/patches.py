@@ -13,6 +13,7 @@ import numpy as np
 
 from segkit.errors import ConfigError, InputError
 from segkit.normalization import Normalization, normalize_unit
+from segkit.words import counted
 
 
 def mirror_array(array: np.ndarray, padding: Any) -> np.ndarray:
@@ -24,7 +25,7 @@ def split_planes(stack: Any, data: dict[str, Any], split: str) -> list[np.ndarra
     """The planes of `stack` in the recipe's `data.<split>_slices` range ('train', 'val', 'test')."""
     start, stop = data[f"{split}_slices"]
     if stop > len(stack):
-        raise ConfigError(f"data.{split}_slices: [{start}, {stop}) exceeds the {len(stack)} slices of {stack.source}")
+        raise ConfigError(f"data.{split}_slices: [{start}, {stop}) exceeds the {counted(len(stack), 'slice')} of {stack.source}")
     return [stack.plane(z) for z in range(start, stop)]
 
 

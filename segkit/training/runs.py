@@ -20,6 +20,7 @@ from segkit.errors import CheckpointError, ConfigError, SegkitError, TileSizeErr
 from segkit.io.outputs import atomic_path, remove_stale_partials
 from segkit.memory import tile_problem, training_model_problem
 from segkit.version import DISTRIBUTION
+from segkit.words import counted
 
 
 @dataclass
@@ -180,7 +181,7 @@ def loader_workers(requested: int, echo: Any) -> int:
     """train.workers capped at the CPU cores (more processes than cores only slow sampling down)."""
     cores = cpu_cores()
     if requested > cores:
-        echo(f"note: train.workers={requested} is more than the {cores} CPU cores here; using {cores} workers")
+        echo(f"note: train.workers={requested} is more than the {counted(cores, 'CPU core')} here; using {counted(cores, 'worker')}")
         return cores
     return requested
 
@@ -247,7 +248,7 @@ class Clock:
         """Why the run stops after this (validated and saved) epoch, or None to go on: the time limit
         cut the epoch short (resume goes on with the next one), or it is reached at its end."""
         if iterations < iters:
-            return (f"stopping in epoch {epoch} after {iterations} of {iters} iterations: "
+            return (f"stopping in epoch {epoch} after {iterations} of {counted(iters, 'iteration')}: "
                     f"train.time_limit_min={self.limit_min:g} reached; the short epoch was validated and saved in "
                     f"{root} (continue with resume=True, from epoch {epoch + 1})")
         if epoch < epochs and self.time_up():
@@ -283,8 +284,8 @@ def announce(echo: Any, *, model: Any, name: str, device: str, requested_device:
     count = f"{params / 1e6:.2f} M parameters" + (f", {trained / 1e6:.2f} M trained" if trained != params else "")
     ranges = data
     per_step = processes or f"batch {batch}"
-    echo(f"training {name} ({count}) on {device}: {ranges}; {iters} iterations x {per_step} = "
-         f"{iters * batch * world} patches of {tile} px per epoch, {epochs} epochs")
+    echo(f"training {name} ({count}) on {device}: {ranges}; {counted(iters, 'iteration')} x {per_step} = "
+         f"{counted(iters * batch * world, 'patch')} of {tile} px per epoch, {counted(epochs, 'epoch')}")
     if lr is not None and world > 1:
         echo(lr)
     if device == "cpu" and requested_device != "cpu":
@@ -328,8 +329,8 @@ def report_timing(echo: Any, bar: Any, clock: Clock, *, iters: int, epochs_left:
         return
     epoch_s = per_iteration * iters
     total = epoch_s * epochs_left
-    text = (f"one epoch ({iters} iterations at {per_iteration:.2f} s) takes about {duration(epoch_s)} plus "
-            f"validation, the {epochs_left} epochs to go about {duration(total)}{clock.limit_note(total)}")
+    text = (f"one epoch ({counted(iters, 'iteration')} at {per_iteration:.2f} s) takes about {duration(epoch_s)} plus "
+            f"validation, the {counted(epochs_left, 'epoch')} to go about {duration(total)}{clock.limit_note(total)}")
     if gpu_recipe_on_cpu:
         text = (f"warning: this recipe is sized for a GPU: on this CPU {text}; a smaller model (model.params) "
                 "or data.tile trains faster")

@@ -121,7 +121,7 @@ def test_folder_files_must_have_the_same_channels(tmp_path):
     tifffile.imwrite(tmp_path / "b.tif", _data((3, 5, 6)), photometric="minisblack", metadata={"axes": "CYX"})
     with open_stack(tmp_path) as stack:
         stack.plane(0)
-        with pytest.raises(InputError, match=r"b.tif: .*3 channel\(s\).* first file's .*2 channel\(s\).*must match"):
+        with pytest.raises(InputError, match=r"b.tif: .*/ 3 channels /.* first file's .*/ 2 channels /.*must match"):
             stack.plane(1)
 
 

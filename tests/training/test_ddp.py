@@ -275,7 +275,7 @@ def test_recipe_keys_and_devices_of_several_processes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert ddp.rank_device("auto", ddp.Ranks(rank=0, world=2)) == "cuda:0"
-    with pytest.raises(ConfigError, match=r"which has 1 GPU\(s\): start at most 1 processes per node"):
+    with pytest.raises(ConfigError, match=r"which has 1 GPU: start at most 1 process per node"):
         ddp.rank_device("cuda", two)
 
 
