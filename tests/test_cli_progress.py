@@ -68,7 +68,7 @@ def test_missing_inputs_and_models_are_refused_before_torch_loads(tmp_path, uint
         "error: no files match '*.nope'; check the pattern (quote it in the shell)",
         "error: input missing.ome.zarr does not exist; check the path",
         "error: model file nope.safetensors does not exist; check the path (segkit reads .safetensors checkpoints "
-        "from `segkit train` and .onnx files from `segkit export`)",
+        "from `segkit train`, .onnx files from `segkit export`, and 'demo', the bundled U-Net)",
         "error: model file nope.safetensors does not exist; check the path (segkit reads .safetensors checkpoints "
-        "from `segkit train` and .onnx files from `segkit export`)",
+        "from `segkit train`, .onnx files from `segkit export`, and 'demo', the bundled U-Net)",
     ]
