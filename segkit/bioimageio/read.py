@@ -15,7 +15,11 @@ What segkit takes from the package:
 - the output's postprocessing (`ensure_dtype`, `scale_linear`, `sigmoid`, `softmax` over channels);
 - weights: ONNX (ONNX Runtime, segkit's OnnxEngine), pytorch_state_dict (its architecture, built by
   bioimageio.core) or TorchScript, in that order unless `weights` says which;
-- what a segkit package adds in `config.segkit` (kind, classes, inference defaults).
+- what a segkit package adds in `config.segkit` (kind, classes, inference defaults);
+- the tile prediction takes unless told (`PackagePlan.tile_note` says which): the checkpoint's trained
+  tile where segkit runs its own package from the record, else the package's test tile
+  (`config.segkit.test_tile`), else the size of its test input where that is a valid size, else
+  segkit's default for its sizes.
 
 segkit's own packages (those with a checkpoint record in `config.segkit`) run from that record:
 the model is built by segkit's registry and given the pytorch_state_dict tensors (read with
@@ -36,7 +40,9 @@ guard first, and `config.segkit` and the package's defaults are checked as a che
 
 A package segkit cannot run gets one line naming the field: a 3D or time model, other axes, fixed
 or differing y/x sizes, statistics-based or non-linear preprocessing, several inputs or outputs,
-weights in other formats, or files given as URLs (segkit downloads nothing).
+weights in other formats, files given as URLs (segkit downloads nothing) or missing from the package,
+or a description bioimageio.spec refuses (the field as rdf.yaml writes it, and its value:
+`segkit.bioimageio.problems`).
 """
 
 from __future__ import annotations
@@ -77,8 +83,9 @@ MAX_PACKAGE_MEMBERS = 10_000
 MAX_DESCRIPTION_BYTES = 16 << 20
 #: The largest input tile side (min or step of a package's input size) segkit plans with.
 MAX_TILE_SIDE = 16384
-#: What the opt-in to running a package's code is called, in the CLI and in Python.
-TRUST_OPTION = "--trust-model-code (trust_model_code=True)"
+#: The opt-in to running a package's code, as Python names it (the CLI's messages say --trust-model-code:
+#: segkit.cli.cli_message; the napari widget's, its Trust model code box).
+TRUST_OPTION = "trust_model_code=True"
 
 
 class PackageModelError(CheckpointError):
@@ -104,9 +111,10 @@ def is_package(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class PackagePlan:
-    """How segkit runs a package: its record (geometry, normalisation, kind, classes), the weights
-    format, the output channel returned, the postprocessing steps ('sigmoid', 'softmax',
-    ('affine', gain, offset)), and whether it runs from segkit's checkpoint record."""
+    """How segkit runs a package: its record (geometry, normalisation, kind, classes, and as its
+    inference tile the tile the package records), the weights format, the output channel returned,
+    the postprocessing steps ('sigmoid', 'softmax', ('affine', gain, offset)), and whether it runs
+    from segkit's checkpoint record."""
 
     source: str
     name: str
@@ -117,6 +125,7 @@ class PackagePlan:
     post: tuple[Any, ...]
     from_record: bool = False  # a segkit package run from its checkpoint record (segkit's registry)
     code: str | None = None  # the field and value of the package's code that runs (trust_model_code only)
+    tile_note: str = ""  # the tile prediction takes unless told (`info.inference.tile`), and why
 
 
 def _fail(field: str, why: str) -> PackageModelError:
@@ -136,6 +145,24 @@ def _member_name(file: Any, field: str) -> str:
     if not parts or PurePosixPath(name).is_absolute() or ".." in parts or ":" in parts[0]:
         raise _fail(field, f"{name[:200]} is outside the package; segkit reads a package's files from the package only")
     return "/".join(p for p in parts if p != ".")
+
+
+def _holds(package: Path, name: str) -> bool:
+    """Whether a package holds the file `name`: a member of the zip, or a file (or link, refused when read)
+    beside an unpacked package's rdf.yaml."""
+    if package.suffix.lower() != ".zip":
+        return os.path.lexists(package.parent / name)
+    try:
+        with zipfile.ZipFile(package) as zf:
+            return name in set(zf.namelist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise PackageModelError(f"{package} is not a bioimage.io package: {str(exc)[:200]}") from exc
+
+
+def _missing_file(package: Path, field: str, name: str) -> PackageModelError:
+    """The error for a file a package names but does not hold (segkit never reads a local file instead)."""
+    return PackageModelError(f"{package.name} names {field}: {name} but the package has no such file; the package is "
+                             "incomplete: get or build it again (segkit reads a package's files from the package only)")
 
 
 def _bad_member(info: zipfile.ZipInfo) -> str | None:
@@ -226,8 +253,8 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byte
     return b"".join(chunks)
 
 
-def _read_local(root: Path, name: str, field: str, limit: int, *, what: str = "file") -> bytes:
-    """A file of an unpacked package: `root/name`, with no symlink on the way and a regular file."""
+def _local_file(root: Path, name: str, field: str) -> Path:
+    """A file of an unpacked package, `root/name`: a regular file with no symlink on the way."""
     path = root
     for part in PurePosixPath(name).parts:
         path = path / part
@@ -239,6 +266,12 @@ def _read_local(root: Path, name: str, field: str, limit: int, *, what: str = "f
             raise _fail(field, f"{name} is a symbolic link; segkit reads a package's files from the package only")
     if not stat.S_ISREG(mode):
         raise _fail(field, f"{name} is not a regular file")
+    return path
+
+
+def _read_local(root: Path, name: str, field: str, limit: int, *, what: str = "file") -> bytes:
+    """The bytes of a file of an unpacked package (`_local_file`), at most `limit`."""
+    path = _local_file(root, name, field)
     size = os.lstat(path).st_size
     if size > limit:
         raise _fail(field, f"{name} is {format_bytes(size)}; the {what} may hold at most {format_bytes(limit)}")
@@ -289,8 +322,7 @@ def read_package_file(source: Any, file: Any, field: str) -> bytes:
             try:
                 info = zf.getinfo(name)
             except KeyError:
-                raise _fail(field, f"{name} is not in the package; segkit reads a package's files from the package "
-                                   "only") from None
+                raise _missing_file(path, field, name) from None
             if info.file_size > limit:
                 raise _fail(field, f"{name} unpacks to {format_bytes(info.file_size)}, more than segkit reads into "
                                    f"memory here ({format_bytes(limit)})")
@@ -328,18 +360,37 @@ def read_description(source: Any) -> Any:
     path = Path(source)
     if not path.exists():
         raise PackageModelError(f"model {path} does not exist; pass a bioimage.io package (.zip) or its rdf.yaml")
-    check_package_files(path)
+    text = check_package_files(path)
     try:
         descr = load_description(str(path), format_version="latest", perform_io_checks=False)
     except Exception as exc:  # bioimageio.spec raises ValueError, OSError, BadZipFile, ... for foreign files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise PackageModelError(f"{path} is not a bioimage.io package: {first}") from exc
     if isinstance(descr, InvalidDescr):
-        raise PackageModelError(f"{path} is not a valid bioimage.io package: "
-                                f"{(descr.validation_summary.format() or 'invalid').strip().splitlines()[0][:300]}")
+        raise PackageModelError(f"{path} is not a valid bioimage.io package: its field {_invalid(descr, text)}; "
+                                "correct it in the package's rdf.yaml or ask its authors for a valid package "
+                                f"(`bioimageio validate-format {path.name}` lists every problem)")
     if not isinstance(descr, v0_5.ModelDescr):
         raise PackageModelError(f"{path} describes a {getattr(descr, 'type', '?')}, not a model")
     return descr
+
+
+def _invalid(descr: Any, text: bytes) -> str:
+    """What bioimageio.spec refuses in a description, in one phrase naming the field and its value."""
+    from segkit.bioimageio.problems import first_problem
+    from segkit.config import parse_yaml
+
+    summary = descr.validation_summary
+    try:
+        raw = parse_yaml(text.decode("utf-8", errors="replace"))
+    except Exception:  # noqa: BLE001 - YAML bioimageio.spec read but the guard's loader does not: no values then
+        raw = None
+    errors = [e for detail in summary.details for e in detail.errors]
+    problem = first_problem(errors, raw)
+    if problem is None:  # no error names a field of the file: bioimageio.spec's first message
+        problem = (f"{'.'.join(map(str, errors[0].loc)) or 'rdf.yaml'}: {str(errors[0].msg).splitlines()[0][:200]}"
+                   if errors else "rdf.yaml: refused by bioimageio.spec")
+    return problem
 
 
 def _space_axes(axes: Any, field: str) -> dict[str, Any]:
@@ -445,6 +496,12 @@ def _normalization(steps: list[Any], field: str) -> Normalization:
     return Normalization(mean=-offset / gain, std=1.0 / gain)
 
 
+#: What a package whose `config.segkit` segkit refuses is told.
+_EDITED = "the package is damaged or was edited: use another one"
+#: The record's field in a package.
+_RECORD = "config.segkit.checkpoint"
+
+
 def _segkit_config(descr: Any) -> dict[str, Any]:
     """A package's `config.segkit` (empty when there is none); PackageModelError when it, or its
     checkpoint entry, is not a mapping."""
@@ -453,12 +510,40 @@ def _segkit_config(descr: Any) -> dict[str, Any]:
     if config is None:
         return {}
     if not isinstance(config, Mapping):
-        raise _fail("config.segkit", f"is a {type(config).__name__}, not a mapping; the package is damaged or was edited")
+        raise _fail("config.segkit", f"is a {type(config).__name__}, not a mapping; {_EDITED}")
     record = config.get("checkpoint")
     if record is not None and not isinstance(record, Mapping):
-        raise _fail("config.segkit.checkpoint", f"is a {type(record).__name__}, not a mapping; the package is damaged "
-                                                "or was edited")
+        raise _fail(_RECORD, f"is a {type(record).__name__}, not a mapping; {_EDITED}")
+    test_tile = config.get("test_tile")
+    if test_tile is not None and (isinstance(test_tile, bool) or not isinstance(test_tile, int) or test_tile < 1):
+        raise _fail("config.segkit.test_tile", f"{str(test_tile)[:50]!r} is not a tile size (px); {_EDITED}")
     return dict(config)
+
+
+def _record_values(record: Mapping[str, Any], source: str) -> tuple[str | None, list[str] | None, InferenceDefaults]:
+    """The kind, class names and inference defaults (its tile left out) of a package's `config.segkit.checkpoint`,
+    their types and values checked as a checkpoint record's are, one line naming the field."""
+    stored_kind = record.get("kind")
+    if stored_kind is not None and stored_kind not in MODEL_KINDS:
+        raise _fail(f"{_RECORD}.kind", f"{str(stored_kind)[:100]!r} is not segmenter or denoiser; {_EDITED}")
+    classes = record.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise _fail(f"{_RECORD}.classes", f"{str(classes)[:100]} is not a list of class names; {_EDITED}")
+    inference = record.get("inference")
+    if inference is not None and not isinstance(inference, Mapping):
+        raise _fail(f"{_RECORD}.inference", f"is a {type(inference).__name__}, not a mapping of defaults; {_EDITED}")
+    try:
+        defaults = InferenceDefaults.from_dict({k: v for k, v in dict(inference or {}).items() if k != "tile"})
+        # the tile is left out (a record's tile is checked against the record's geometry, by CheckpointInfo),
+        # so the geometry given here is never read
+        check_inference_defaults(defaults, Geometry(margin=0, step=1, min_output=1), source, _EDITED)
+    except (TypeError, CheckpointError) as exc:
+        raise _fail(f"{_RECORD}.inference", str(exc).splitlines()[0][:300]) from exc
+    for key, value in (defaults.watershed or {}).items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(f"{_RECORD}.inference.watershed", f"{str(key)[:50]}: {str(value)[:50]!r} is not a number; "
+                                                          f"{_EDITED}")
+    return stored_kind, classes, defaults
 
 
 def segkit_record(descr: Any, source: Any) -> CheckpointInfo | None:
@@ -482,49 +567,80 @@ def segkit_record(descr: Any, source: Any) -> CheckpointInfo | None:
         The package has a segkit record that segkit refuses, or a `config.segkit` that is not a mapping.
     """
     import json
+    import re
 
     config = _segkit_config(descr)
     record = config.get("checkpoint")
     if record is None or "pad" not in config:  # packages before arch.py: run from the description
         return None
+    name = Path(str(getattr(source, "name", source))).name
+    _record_values(record, name)
     try:
-        return CheckpointInfo.from_json(json.dumps(record), f"{getattr(source, 'name', source)} (config.segkit)")
+        return CheckpointInfo.from_json(json.dumps(record), f"{name} ({_RECORD})")
     except (CheckpointError, TypeError, ValueError) as exc:
-        raise _fail("config.segkit.checkpoint", str(exc).splitlines()[0][:300]) from exc
+        # a checkpoint's fix (train again) is not a package's
+        problem = re.sub(r"; the checkpoint is damaged.*$", "", str(exc).splitlines()[0][:300])
+        raise _fail(_RECORD, f"{problem}; {_EDITED}") from exc
 
 
-def _package_defaults(descr: Any, geometry: Geometry, normalization: Normalization, source: str,
+def _package_defaults(descr: Any, normalization: Normalization, source: str,
                       kind: str | None) -> tuple[str, list[str] | None, InferenceDefaults]:
     """The kind, class names and inference defaults a foreign-run package keeps in
     `config.segkit.checkpoint`, checked as a checkpoint record's are (`segkit.record`)."""
-    record = dict(_segkit_config(descr).get("checkpoint") or {})
-    field = "config.segkit.checkpoint"
-    stored_kind = record.get("kind")
-    if stored_kind is not None and stored_kind not in MODEL_KINDS:
-        raise _fail(f"{field}.kind", f"{str(stored_kind)[:100]!r} is not segmenter or denoiser")
+    stored_kind, classes, defaults = _record_values(dict(_segkit_config(descr).get("checkpoint") or {}), source)
     kind = kind or str(stored_kind or "segmenter")
     if kind not in MODEL_KINDS:
         raise PackageModelError(f"kind={kind!r}: choose segmenter or denoiser")
-    classes = record.get("classes")
-    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
-        raise _fail(f"{field}.classes", f"{str(classes)[:100]} is not a list of class names")
-    inference = record.get("inference")
-    if inference is not None and not isinstance(inference, Mapping):
-        raise _fail(f"{field}.inference", f"is a {type(inference).__name__}, not a mapping of defaults")
     try:
-        defaults = InferenceDefaults.from_dict({k: v for k, v in dict(inference or {}).items() if k != "tile"})
-    except TypeError as exc:
-        raise _fail(f"{field}.inference", str(exc)[:200]) from exc
-    fix = "the package is damaged or was edited: use another one"
-    try:
-        check_normalization_record(normalization.mean, normalization.std, source, fix)
-        check_inference_defaults(defaults, geometry, source, fix)
+        check_normalization_record(normalization.mean, normalization.std, source, _EDITED)
     except CheckpointError as exc:
-        raise _fail(f"{field}.inference", str(exc)) from exc
-    for key, value in (defaults.watershed or {}).items():
-        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(f"{field}.inference.watershed", f"{str(key)[:50]}: {str(value)[:50]!r} is not a number; {fix}")
+        raise _fail("inputs[0].preprocessing", str(exc)) from exc
     return kind, classes, defaults
+
+
+def _npy_shape(package: Path, name: str) -> tuple[int, ...] | None:
+    """The shape in the header of a .npy file a package holds (nothing more is read); None when it cannot be
+    read (missing, a link, not .npy)."""
+    import numpy as np
+
+    def shape(handle: Any) -> tuple[int, ...] | None:
+        version = np.lib.format.read_magic(handle)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        return None if read is None else tuple(read(handle)[0])
+
+    try:
+        if package.suffix.lower() == ".zip":
+            with zipfile.ZipFile(package) as zf, zf.open(name) as handle:
+                return shape(handle)
+        with open(_local_file(package.parent, name, "inputs[0].test_tensor"), "rb") as handle:
+            return shape(handle)
+    except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile, PackageModelError):
+        return None
+
+
+def _recorded_tile(descr: Any, source: Any, geometry: Geometry) -> tuple[int, str]:
+    """The tile segkit runs a package's description with, unless told, and why: its test tile (`config.segkit.test_tile`,
+    segkit's packages), else the side of its test input where that is a valid size, else segkit's default."""
+    test_tile = _segkit_config(descr).get("test_tile")
+    if test_tile is not None:
+        if not geometry.is_valid_input(test_tile):
+            raise _fail("config.segkit.test_tile", f"{test_tile} is not a valid input size of the package "
+                                                   f"({geometry.min_input} + {geometry.step}n px); {_EDITED}")
+        return test_tile, "the package's test tile (config.segkit.test_tile)"
+    shape = None
+    test_tensor = getattr(descr.inputs[0], "test_tensor", None)
+    if isinstance(source, (str, Path)) and test_tensor is not None:
+        try:
+            shape = _npy_shape(Path(source), _member_name(test_tensor.source, "inputs[0].test_tensor"))
+        except PackageModelError:
+            shape = None  # outside the package: never read
+    if shape is not None and len(shape) == 4:
+        side = min(shape[2:])
+        if geometry.is_valid_input(side):
+            return side, f"the size of the package's test input (inputs[0].test_tensor, {shape[2]} x {shape[3]} px)"
+    tile = geometry.default_tile
+    return tile, (f"segkit's default for the package's sizes ({geometry.min_input} + {geometry.step}n px): the package "
+                  "records no tile (no config.segkit.test_tile, no test input of a valid size)")
 
 
 def code_field(entry: Any, weights: str) -> tuple[str, str] | None:
@@ -615,8 +731,8 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
     for what, file in files:
         if str(file).lower().startswith(("http://", "https://")):
             raise _fail(what, f"{file} is a URL and segkit downloads nothing; download the package (.zip) first")
-        if isinstance(source, (str, Path)):
-            _member_name(file, what)
+        if isinstance(source, (str, Path)) and not _holds(Path(source), _member_name(file, what)):
+            raise _missing_file(Path(source), what, _member_name(file, what))
     if weights == "onnx" and getattr(entry, "external_data", None) is not None:
         raise _fail("weights.onnx.external_data", "ONNX weights in a separate data file are not supported")
     name = str(getattr(source, "name", source))
@@ -627,14 +743,22 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
         if channel is not None:
             raise _fail("outputs[0].axes[channel]", "segkit runs its own packages as their checkpoint (membrane "
                                                     "models: the membrane; K classes: every class); leave channel out")
+        _geometry(descr)  # a description segkit would refuse is refused here too, though the record runs
         classes = descr.outputs[0].axes[1].size
+        if checkpoint.inference.tile is not None:
+            why = f"the tile its checkpoint was trained with ({_RECORD}.inference.tile)"
+        else:
+            why = f"segkit's default for the model: {_RECORD} records no tile"
+        tile = int(checkpoint.inference.tile or checkpoint.geometry.default_tile)
         return descr, PackagePlan(source=name, name=descr.name, info=checkpoint, weights=weights, channel=None,
-                                  channels=int(classes), post=(), from_record=True)
+                                  channels=int(classes), post=(), from_record=True,
+                                  tile_note=f"tiles of {tile} px, {why}")
     geometry, channels = _geometry(descr)
     normalization = _normalization(_affine(descr.inputs[0].preprocessing, "inputs[0].preprocessing"),
                                    "inputs[0].preprocessing")
     post = tuple(_affine(descr.outputs[0].postprocessing, "outputs[0].postprocessing", post=True))
-    kind, classes, defaults = _package_defaults(descr, geometry, normalization, name, kind)
+    kind, classes, defaults = _package_defaults(descr, normalization, name, kind)
+    tile, why = _recorded_tile(descr, source, geometry)
     names = list(descr.outputs[0].axes[1].channel_names)
     if channels > 1 and channel is None:
         raise _fail("outputs[0].axes[channel]", f"{channels} output channels ({', '.join(map(str, names))}); pass "
@@ -647,10 +771,10 @@ def plan_package(source: Any, *, weights: str | None = None, channel: int | None
         kind=kind, model="bioimageio", model_kwargs={"source": name, "weights": weights},
         geometry=geometry, normalization=normalization,
         classes=list(classes or (["background", str(chosen)] if kind == "segmenter" else [])),
-        inference=defaults,
+        inference=defaults.replace(tile=tile),  # the tile prediction takes unless told
     )
     return descr, PackagePlan(source=name, name=descr.name, info=info, weights=weights, channel=channel,
-                              channels=channels, post=post, code=note)
+                              channels=channels, post=post, code=note, tile_note=f"tiles of {tile} px, {why}")
 
 
 class PackageEngine:
@@ -658,8 +782,6 @@ class PackageEngine:
     `segkit.predict(..., model=engine)` runs it through the streaming pipeline)."""
 
     def __init__(self, descr: Any, plan: PackagePlan, *, device: str = "auto", source: Any = None) -> None:
-        import torch
-
         self.plan, self.info, self.geometry = plan, plan.info, plan.info.geometry
         entry = getattr(descr.weights, plan.weights)
         # from inside the package only, its size checked against the memory available before it is read
@@ -671,9 +793,7 @@ class PackageEngine:
             self.inner = OnnxEngine(data, self.geometry, device=device)
         else:
             if plan.weights == "torchscript":
-                import io
-
-                model = torch.jit.load(io.BytesIO(data), map_location="cpu")
+                model = _load_torchscript(data)
             else:
                 require("bioimageio.core", feature="pytorch_state_dict weights of bioimage.io packages",
                         package="segkit-bio[bioimageio]")
@@ -712,6 +832,19 @@ class PackageEngine:
         if self.info.kind == "denoiser":  # segkit's pipeline takes normalised intensities and undoes the normalisation
             y = self.info.normalization.apply(y)
         return y
+
+
+def _load_torchscript(data: bytes) -> Any:
+    """A TorchScript module from its bytes, without torch's FutureWarning that torch.jit.load is deprecated
+    (a note for code that calls it, not for someone running a package); other warnings still show."""
+    import io
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+        return torch.jit.load(io.BytesIO(data), map_location="cpu")
 
 
 def _record_channel(info: CheckpointInfo) -> int | str | None:
@@ -779,6 +912,5 @@ def load_package(source: Any, *, weights: str | None = None, channel: int | None
     """
     descr, plan = plan_package(source, weights=weights, channel=channel, kind=kind, trust_model_code=trust_model_code)
     if plan.code is not None and report is not None:
-        report(f"note: running the Python code of package {plan.source} ({plan.code}), as "
-               f"{TRUST_OPTION} allows")
+        report(f"note: running the Python code of package {plan.source} ({plan.code}), with {TRUST_OPTION}")
     return PackageEngine(descr, plan, device=device, source=source)

@@ -211,8 +211,12 @@ def _load_package(request: EngineRequest, *, tile: int | None, report: Callable[
                               "weights and geometry); leave it out")
     engine = load_package(request.model, kind=options.kind, device=options.device,
                           trust_model_code=options.trust_model_code, report=report)
-    tile = tile or engine.geometry.default_tile
+    if tile is None:  # the tile the package records (segkit.bioimageio.read.PackagePlan.tile_note says which)
+        tile = trained_tile(engine.info, engine.geometry)
+        if options.tile != "auto":  # 'auto' measures its own
+            report(f"note: {engine.plan.tile_note}; tile=N sets another")
     engine.geometry.check_tile(tile)
+    check_tile_memory(engine.info, engine.geometry, tile, options.device)
     return LoadedEngine(engine, engine.info, engine.geometry, tile)
 
 

@@ -52,6 +52,22 @@ OUTPUTS: dict[str, dict[str, Any]] = {
 }
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_FILES = "segkit models (*.safetensors *.onnx *.zip *.yaml)"
+#: The Trust model code box's tooltip: README's "Trust model" section, in the widget's words.
+TRUST_TOOLTIP = ("A model file is data, not a program: from a bioimage.io package segkit runs weights only (ONNX, or "
+                 "the tensors of its own packages rebuilt by segkit's registry). Python code from a package (an "
+                 "architecture file or import_from callable, TorchScript) runs only when this is ticked: it can do "
+                 "anything your account can, so tick it only for a package you trust like a program you install.")
+#: Settings as segkit's messages name them (Python keywords), and as the widget names them: the opt-in to a
+#: package's code (segkit.bioimageio.read.TRUST_OPTION) is the Trust model code box; the widget has no tile number.
+_WIDGET_WORDS = (("trust_model_code=True", "Trust model code ticked"), ("tile=N sets another", "Tile auto measures"))
+
+
+def widget_message(message: str) -> str:
+    """A segkit message in the widget's words (`_WIDGET_WORDS`)."""
+    message = str(message)
+    for python, widget in _WIDGET_WORDS:
+        message = message.replace(python, widget)
+    return message
 
 
 class _Relay(QObject):
@@ -88,6 +104,7 @@ class Job:
     model: Path | None
     device: str
     tile: str | None
+    trust: bool
     settings: dict[str, Any]
     data: Any
     rgb: bool
@@ -165,7 +182,8 @@ class PredictWidget(Container):
     -----
     Controls: Model (empty: the bundled demo U-Net), Image (an image layer: a plane, a stack of planes, or
     channels where the model takes several), Device, Tile auto (measure the fastest tile on this device; off:
-    the model's trained tile), Output (what the model offers: probabilities, classes, a mask, instances),
+    the model's trained tile), Trust model code (off: a bioimage.io package's Python code never runs, as
+    `trust_model_code=False`), Output (what the model offers: probabilities, classes, a mask, instances),
     Run, Cancel, and a progress bar counting tiles.
     """
 
@@ -184,6 +202,7 @@ class PredictWidget(Container):
         self._tile_auto = CheckBox(label="Tile auto", value=False,
                                    tooltip="Measure tile sizes on this device and take the fastest (off: the "
                                            "model's trained tile)")
+        self._trust = CheckBox(label="Trust model code", value=False, tooltip=TRUST_TOOLTIP)
         self._output = ComboBox(label="Output", choices=list(OUTPUTS), value="probabilities",
                                 tooltip="What to add: probabilities (an image layer), classes, a mask or "
                                         "instances (a labels layer)")
@@ -191,8 +210,8 @@ class PredictWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Tiles", min=0, max=1, value=0)
         self._status = Label(label="", value="")
-        super().__init__(widgets=[self._model_file, self._image, self._device, self._tile_auto, self._output,
-                                  self._run, self._cancel, self._progress, self._status], labels=True)
+        super().__init__(widgets=[self._model_file, self._image, self._device, self._tile_auto, self._trust,
+                                  self._output, self._run, self._cancel, self._progress, self._status], labels=True)
         self._viewer = napari_viewer
         load_triton_apart()
         self._models: dict[tuple, Any] = {}
@@ -208,6 +227,7 @@ class PredictWidget(Container):
         self._model_file.changed.connect(self._describe_model)
         self._device.changed.connect(self._describe_model)
         self._tile_auto.changed.connect(self._describe_model)
+        self._trust.changed.connect(self._describe_model)
         self._describe_model()
 
     # -- the model ------------------------------------------------------------------------
@@ -217,21 +237,21 @@ class PredictWidget(Container):
         value = self._model_file.value
         return None if value in (None, "") or str(value) in ("", ".") else Path(value)
 
-    def _model_key(self) -> tuple[Path | None, str, str | None]:
-        return self.model_path, str(self._device.value), "auto" if self._tile_auto.value else None
+    def _model_key(self) -> tuple[Path | None, str, str | None, bool]:
+        return self.model_path, str(self._device.value), "auto" if self._tile_auto.value else None, bool(self._trust.value)
 
-    def _load(self, model: Path | None, device: str, tile: str | None) -> Any:
+    def _load(self, model: Path | None, device: str, tile: str | None, trust: bool) -> Any:
         """The `segkit.Model` for these settings, loaded once (called in a worker thread)."""
         from segkit.inference.arrays import Model
 
-        key = (model, device, tile)
+        key = (model, device, tile, trust)
         with self._lock:
             # only the model of the current choice is held: one chosen before is dropped (a run still using
             # it keeps its own reference), so switching files or devices does not pile up engines and GPU memory
             for old in [k for k in self._models if k != key]:
                 del self._models[old]
             if key not in self._models:
-                settings: dict[str, Any] = {"device": device, "kind": model_kind(model)}
+                settings: dict[str, Any] = {"device": device, "kind": model_kind(model), "trust_model_code": trust}
                 if tile is not None:
                     settings["tile"] = tile
                 self._models[key] = Model(model, report=self._relay.note, **settings)
@@ -262,7 +282,7 @@ class PredictWidget(Container):
             return  # the choice changed since: another description is on its way
         if isinstance(offered, str):
             self._status.value = "the model could not be loaded"
-            show_error(f"segkit: {offered}")
+            show_error(f"segkit: {widget_message(offered)}")
         else:
             current = self._output.value
             self._output.choices = offered
@@ -283,7 +303,7 @@ class PredictWidget(Container):
         settings = {} if output == "intensities" else dict(OUTPUTS[output])
         data = layer.data[0] if layer.multiscale else layer.data  # the full-resolution level
         return Job(model=model, device=str(self._device.value), tile="auto" if self._tile_auto.value else None,
-                   settings=settings, data=data, rgb=bool(layer.rgb), scale=tuple(layer.scale),
+                   trust=bool(self._trust.value), settings=settings, data=data, rgb=bool(layer.rgb), scale=tuple(layer.scale),
                    translate=tuple(layer.translate), name=f"{layer.name} {output.split(' ')[0]}")
 
     def run(self, *_: Any) -> None:
@@ -311,7 +331,7 @@ class PredictWidget(Container):
     def _work(self, job: Job, cancel: threading.Event) -> Outcome:
         """Load (once) and run the model; every failure becomes an Outcome (runs in the worker thread)."""
         try:
-            model = self._load(job.model, job.device, job.tile)
+            model = self._load(job.model, job.device, job.tile, job.trust)
             if cancel.is_set():
                 raise Cancelled()
             axes = input_axes(np.shape(job.data), rgb=job.rgb, channels=model.channels)
@@ -345,7 +365,7 @@ class PredictWidget(Container):
             show_info(f"segkit: {outcome.message}")
         else:
             self._status.value = "failed"
-            show_error(f"segkit: {outcome.message}")
+            show_error(f"segkit: {widget_message(outcome.message)}")
         self.run_finished.emit(outcome.state)
 
     # -- progress -------------------------------------------------------------------------
@@ -354,5 +374,6 @@ class PredictWidget(Container):
         self._progress.value = min(done, self._progress.max)
 
     def _on_note(self, message: str) -> None:
+        message = widget_message(message)
         self._status.value = message
         show_info(f"segkit: {message}")

@@ -268,6 +268,49 @@ def test_predict_takes_a_package_as_its_model(tmp_path, uint8_stack, tiny_checkp
                       "--tta flips does not apply to a bioimage.io package")
 
 
+def test_predict_from_a_package_takes_the_tile_it_records(tmp_path, uint8_stack, unet_package):
+    """Without --tile, `predict -m package.zip` runs segkit's own package at its checkpoint's trained tile
+    (config.segkit.checkpoint: 236, as the checkpoint runs; it used to take 572) and says so; its
+    description (ONNX weights) at the package's test tile (config.segkit.test_tile); --tile decides."""
+    from segkit.bioimageio.read import plan_package
+
+    result = run("predict", uint8_stack, "-m", unet_package[0], "-o", tmp_path / "p.tif", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    assert "tiles of 236 px, batch" in result.stderr, result.stderr
+    assert ("note: tiles of 236 px, the tile its checkpoint was trained with (config.segkit.checkpoint.inference.tile); "
+            "--tile N sets another") in result.stderr
+    result = run("predict", uint8_stack, "-m", unet_package[0], "-o", tmp_path / "q.tif", "--device", "cpu", "-q",
+                 "--tile", 252)
+    assert result.exit_code == 0, result.output
+    assert "tiles of 252 px, batch" in result.stderr and "note: tiles of" not in result.stderr
+    plan = plan_package(unet_package[0], weights="onnx")[1]
+    assert plan.info.inference.tile == 200 and "the package's test tile (config.segkit.test_tile)" in plan.tile_note
+
+
+def test_predict_from_a_foreign_package_takes_its_test_inputs_size(tmp_path, uint8_stack):
+    """A package without segkit's record: the size of its test input (64 px; it used to take 512, segkit's
+    default for 32 + 16n), else segkit's default, said in a note; tile=N decides."""
+    import segkit
+    from segkit.bioimageio.read import plan_package
+
+    package, _, _ = foreign_package(tmp_path, classes=1, onnx=False)
+    notes = []
+    result = segkit.predict(uint8_stack, tmp_path / "p.tif", model=package, trust_model_code=True, device="cpu",
+                            report=notes.append)
+    assert result.tile == 64
+    assert any("tiles of 64 px, the size of the package's test input (inputs[0].test_tensor, 64 x 64 px); tile=N "
+               "sets another" in note for note in notes), notes
+    assert segkit.predict(uint8_stack, tmp_path / "q.tif", model=package, trust_model_code=True, device="cpu",
+                          tile=48, report=lambda _: None).tile == 48
+    bare = tmp_path / "bare.zip"
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(bare, "w") as dst:
+        for name in src.namelist():
+            if name != "in.npy":  # named by the description, not in the package
+                dst.writestr(name, src.read(name))
+    plan = plan_package(bare, trust_model_code=True)[1]
+    assert plan.info.inference.tile == 512 and "the package records no tile" in plan.tile_note
+
+
 def test_a_model_object_runs_a_package_on_arrays_as_predict_does(tmp_path, uint8_stack, unet_package):
     import tifffile
 
@@ -288,20 +331,21 @@ from torch import nn
 class TinyNet(nn.Module):
     """Not a segkit model: 3x3 conv, ReLU, 1x1 conv to two class scores (same size out)."""
 
-    def __init__(self, width=4):
+    def __init__(self, width=4, classes=2):
         super().__init__()
         self.a = nn.Conv2d(1, width, 3, padding=1)
-        self.b = nn.Conv2d(width, 2, 1)
+        self.b = nn.Conv2d(width, classes, 1)
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
 '''
 
 
-def foreign_package(folder):
+def foreign_package(folder, *, classes=2, onnx=True):
     """A package made with bioimageio.spec alone for a model that is not segkit's: scale_linear then
-    fixed_zero_mean_unit_variance in, two channels with a softmax out, a halo of 8, ONNX and
-    pytorch_state_dict (architecture from a file) weights. Returns (zip, the torch model, its normalisation)."""
+    fixed_zero_mean_unit_variance in, two channels with a softmax out (`classes=1`: one with a sigmoid),
+    a halo of 8, a 64 x 64 test input, ONNX (unless `onnx=False`) and pytorch_state_dict (architecture
+    from a file) weights. Returns (zip, the torch model, its normalisation)."""
     import importlib.util
 
     from bioimageio.spec import save_bioimageio_package
@@ -311,22 +355,32 @@ def foreign_package(folder):
     module = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(module)
     torch.manual_seed(0)
-    net = module.TinyNet(width=4).eval()
+    net = module.TinyNet(width=4, classes=classes).eval()
     torch.save(net.state_dict(), folder / "weights.pt")
-    with torch.no_grad():
-        torch.onnx.export(net, (torch.zeros(1, 1, 64, 64),), str(folder / "weights.onnx"), dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b", 2: "h", 3: "w"}})
+    if onnx:
+        with torch.no_grad():
+            torch.onnx.export(net, (torch.zeros(1, 1, 64, 64),), str(folder / "weights.onnx"), dynamo=False,
+                              opset_version=17, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b", 2: "h", 3: "w"}})
     x = np.random.default_rng(0).integers(0, 256, (1, 1, 64, 64)).astype(np.float32)
     normalize = lambda a: ((a * (1 / 255) + 0) - 0.5) / (0.25 + 1e-6)  # noqa: E731  (as bioimageio.core computes)
     with torch.no_grad():
-        y = torch.softmax(net(torch.from_numpy(normalize(x).astype(np.float32))), dim=1).numpy()
+        logits = net(torch.from_numpy(normalize(x).astype(np.float32)))
+        y = (torch.softmax(logits, dim=1) if classes > 1 else torch.sigmoid(logits)).numpy()
     np.save(folder / "in.npy", x)
     np.save(folder / "out.npy", y)
     s = v0_5
     space = [s.SpaceInputAxis(id=s.AxisId(a), size=s.ParameterizedSize(min=32, step=16)) for a in "yx"]
     out_space = [s.SpaceOutputAxisWithHalo(id=s.AxisId(a), halo=8, size=s.SizeReference(
         tensor_id=s.TensorId("image"), axis_id=s.AxisId(a))) for a in "yx"]
+    names, post = ([s.Identifier("bg"), s.Identifier("fg")], s.SoftmaxDescr(kwargs=s.SoftmaxKwargs(axis=s.AxisId("channel")))
+                   ) if classes > 1 else ([s.Identifier("fg")], s.SigmoidDescr())
+    weights = {"pytorch_state_dict": s.PytorchStateDictWeightsDescr(
+        source=folder / "weights.pt", pytorch_version=s.Version(torch.__version__.split("+")[0]),
+        architecture=s.ArchitectureFromFileDescr(source=folder / "tiny_net.py", callable=s.Identifier("TinyNet"),
+                                                 kwargs={"width": 4} if classes == 2 else {"width": 4, "classes": classes}))}
+    if onnx:
+        weights["onnx"] = s.OnnxWeightsDescr(source=folder / "weights.onnx", opset_version=17, parent="pytorch_state_dict")
     descr = s.ModelDescr(
         name="tiny foreign net", description="a two-class net made without segkit",
         authors=[s.Author(name="Someone Else")], cite=[s.CiteEntry(text="U-Net", doi=s.Doi("10.1007/978-3-319-24574-4_28"))],
@@ -337,16 +391,9 @@ def foreign_package(folder):
             preprocessing=[s.ScaleLinearDescr(kwargs=s.ScaleLinearKwargs(gain=1 / 255)),
                            s.FixedZeroMeanUnitVarianceDescr(kwargs=s.FixedZeroMeanUnitVarianceKwargs(mean=0.5, std=0.25))])],
         outputs=[s.OutputTensorDescr(
-            id=s.TensorId("classes"),
-            axes=[s.BatchAxis(), s.ChannelAxis(channel_names=[s.Identifier("bg"), s.Identifier("fg")]), *out_space],
-            test_tensor=s.FileDescr(source=folder / "out.npy"),
-            postprocessing=[s.SoftmaxDescr(kwargs=s.SoftmaxKwargs(axis=s.AxisId("channel")))])],
-        weights=s.WeightsDescr(
-            pytorch_state_dict=s.PytorchStateDictWeightsDescr(
-                source=folder / "weights.pt", pytorch_version=s.Version(torch.__version__.split("+")[0]),
-                architecture=s.ArchitectureFromFileDescr(source=folder / "tiny_net.py", callable=s.Identifier("TinyNet"),
-                                                         kwargs={"width": 4})),
-            onnx=s.OnnxWeightsDescr(source=folder / "weights.onnx", opset_version=17, parent="pytorch_state_dict")),
+            id=s.TensorId("classes"), axes=[s.BatchAxis(), s.ChannelAxis(channel_names=names), *out_space],
+            test_tensor=s.FileDescr(source=folder / "out.npy"), postprocessing=[post])],
+        weights=s.WeightsDescr(**weights),
     )
     return save_bioimageio_package(descr, output_path=folder / "foreign.zip"), net, normalize
 

@@ -7,6 +7,7 @@ values give one line."""
 import hashlib
 import time
 import tracemalloc
+import warnings
 import zipfile
 
 import pytest
@@ -122,9 +123,13 @@ def test_torchscript_weights_need_the_opt_in(tmp_path, foreign):
     package = repack(foreign[0], tmp_path / "ts.zip", edit, drop=("weights.onnx", "weights.pt", "tiny_net.py"),
                      add={"scripted.pt": foreign[1]})
     text = message(lambda: load_package(package, channel=1, device="cpu"))
-    assert "weights.torchscript.source: scripted.pt" in text and OPT_IN in text and "no ONNX weights" in text
-    engine = load_package(package, channel=1, device="cpu", trust_model_code=True)
+    assert "weights.torchscript.source: scripted.pt" in text and "trust_model_code=True" in text
+    assert "no ONNX weights" in text
+    with warnings.catch_warnings(record=True) as caught:  # torch's FutureWarning for torch.jit.load is not shown
+        warnings.simplefilter("always")
+        engine = load_package(package, channel=1, device="cpu", trust_model_code=True)
     assert engine.plan.weights == "torchscript"
+    assert not [w for w in caught if "torch.jit" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_a_segkit_package_without_its_record_is_foreign(tmp_path, tiny_checkpoint, uint8_stack):
@@ -242,15 +247,56 @@ def test_an_alias_bomb_under_config_is_refused_quickly(tmp_path, foreign):
     assert "alias" in text and time.perf_counter() - start < 10, text
 
 
-@pytest.mark.parametrize("config, field", [
+@pytest.fixture(scope="module")
+def own(tmp_path_factory, foreign, tiny_checkpoint):
+    """A package segkit runs from its record, as its own: the foreign package's description and files with
+    the tiny U-Net's state dict as weights.pt and its record in config.segkit (what `segkit package` writes
+    there), made in well under a second instead of packaging the checkpoint."""
+    import io
+    import json
+
+    import torch
+
+    from segkit.checkpoint import load_model
+
+    model, info = load_model(tiny_checkpoint)
+    buffer = io.BytesIO()
+    torch.save({f"model.{k}": v for k, v in model.state_dict().items()}, buffer)
+
+    def edit(rdf):
+        rdf["config"] = {"segkit": {"checkpoint": json.loads(info.to_json()), "test_tile": 64, "pad": [0, 0]}}
+        rdf["weights"] = {"pytorch_state_dict": dict(rdf["weights"]["pytorch_state_dict"], sha256=None)}
+        rdf["weights"]["pytorch_state_dict"].pop("sha256")
+
+    return repack(foreign[0], tmp_path_factory.mktemp("own") / "own.zip", edit, drop=("weights.onnx",),
+                  add={"weights.pt": buffer.getvalue()})
+
+
+def merged(base, change):
+    """`base` with the mappings of `change` merged in, key by key (other values replace)."""
+    if not isinstance(base, dict) or not isinstance(change, dict):
+        return change
+    return {**base, **{key: merged(base.get(key), value) for key, value in change.items()}}
+
+
+def test_the_own_package_runs_from_its_record(own):
+    _, plan = plan_package(own)
+    assert plan.from_record and plan.info.model == "unet" and plan.info.inference.tile == 236
+
+
+CONFIG_CASES = [
     ("abc", "config.segkit: is a str"),
     ({"checkpoint": "abc"}, "config.segkit.checkpoint: is a str"),
-    ({"checkpoint": {"classes": 123}}, "config.segkit.checkpoint.classes"),
+    ({"checkpoint": {"classes": 123}}, "config.segkit.checkpoint.classes: 123 is not a list of class names"),
     ({"checkpoint": {"inference": [1, 2]}}, "config.segkit.checkpoint.inference: is a list"),
     ({"checkpoint": {"inference": {"threshold": "abc"}}}, "inference threshold 'abc' is not a number"),
-    ({"checkpoint": {"inference": {"watershed": {"threshold": "x"}}}}, "config.segkit.checkpoint.inference.watershed"),
+    ({"checkpoint": {"inference": {"watershed": {"threshold": "x"}}}},
+     "config.segkit.checkpoint.inference.watershed: threshold: 'x' is not a number"),
     ({"checkpoint": {"kind": 5}}, "config.segkit.checkpoint.kind"),
-])
+]
+
+
+@pytest.mark.parametrize("config, field", CONFIG_CASES)
 def test_wrong_types_in_config_segkit_give_one_line(tmp_path, foreign, uint8_stack, config, field):
     package = repack(foreign[0], tmp_path / "config.zip", lambda rdf: rdf.setdefault("config", {}).update(segkit=config))
     assert field in message(lambda: plan_package(package, channel=1))
@@ -258,10 +304,83 @@ def test_wrong_types_in_config_segkit_give_one_line(tmp_path, foreign, uint8_sta
     assert_user_error(result, field)
 
 
-def test_a_huge_input_size_gives_one_line(tmp_path, foreign):
+@pytest.mark.parametrize("config, field", [
+    *CONFIG_CASES,
+    ({"test_tile": "abc"}, "config.segkit.test_tile: 'abc' is not a tile size"),
+    ({"checkpoint": {"model_kwargs": {"base": 0}}}, "its record's model parameter base=0 is out of range"),
+])
+def test_wrong_types_in_the_record_of_a_segkit_package_give_one_line(tmp_path, own, uint8_stack, config, field):
+    """The same values in a package segkit runs from its record (the watershed settings were not checked
+    there), and a package's fix, not a checkpoint's ('train again')."""
+    def edit(rdf):
+        rdf["config"]["segkit"] = merged(rdf["config"]["segkit"], config)
+
+    package = repack(own, tmp_path / "config.zip", edit)
+    text = message(lambda: plan_package(package))
+    assert field in text and "train again" not in text, text
+    if isinstance(config, dict) and "checkpoint" in config:
+        assert "the package is damaged or was edited: use another one" in text, text
+    result = run("predict", uint8_stack, "-m", package, "-o", tmp_path / "p.tif", "--device", "cpu", "-q")
+    assert_user_error(result, field)
+    assert not (tmp_path / "p.tif").exists()
+
+
+@pytest.mark.parametrize("which", ["foreign", "own"])
+def test_a_huge_input_size_gives_one_line(tmp_path, foreign, own, uint8_stack, which):
+    """min 1e12 (written as YAML's 1e+12): refused from the description, also where segkit runs the record."""
     def edit(rdf):
         for axis in rdf["inputs"][0]["axes"][2:]:
-            axis["size"]["min"] = 10**12
+            axis["size"]["min"] = 1e12
 
-    package = repack(foreign[0], tmp_path / "huge.zip", edit)
-    assert "inputs[0].axes[y].size: min 1000000000000" in message(lambda: plan_package(package, channel=1))
+    package = repack({"foreign": foreign[0], "own": own}[which], tmp_path / "huge.zip", edit)
+    field = "inputs[0].axes[y].size: min 1000000000000"
+    assert field in message(lambda: plan_package(package, channel=1 if which == "foreign" else None))
+    assert_user_error(run("predict", uint8_stack, "-m", package, "-o", tmp_path / "p.tif", "--device", "cpu", "-q"),
+                      field)
+
+
+def test_a_tile_too_large_for_memory_is_refused_for_a_package(tmp_path, own, uint8_stack, monkeypatch):
+    """--tile 100012 with a package run from its record: the memory check of checkpoints, not torch's failed
+    allocation; the record's own tile (now the default) is checked the same way."""
+    result = run("predict", uint8_stack, "-m", own, "-o", tmp_path / "p.tif", "--device", "cpu", "-q",
+                 "--tile", 100012)
+    assert_user_error(result, "tile 100012 needs at least", "use --tile")
+    package = repack(own, tmp_path / "big.zip",
+                     lambda rdf: rdf["config"]["segkit"]["checkpoint"]["inference"].update(tile=160012))
+    assert_user_error(run("predict", uint8_stack, "-m", package, "-o", tmp_path / "p.tif", "--device", "cpu", "-q"),
+                      "tile 160012 needs at least")
+    assert not (tmp_path / "p.tif").exists()
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda rdf: rdf["inputs"][0]["axes"][2]["size"].update(min="abc"),
+     "its field inputs[0].axes[2].size.min is 'abc': Input should be a valid integer"),
+    (lambda rdf: rdf["inputs"][0]["axes"][2]["size"].update(step=0),
+     "its field inputs[0].axes[2].size.step is 0: Input should be greater than 0"),
+    (lambda rdf: rdf["outputs"][0]["axes"][2].update(halo=-1), "its field outputs[0].axes[2].halo is -1"),
+    (lambda rdf: rdf.pop("name"), "its field name is missing"),
+    (lambda rdf: rdf["inputs"][0]["axes"][2].update(sise=rdf["inputs"][0]["axes"][2].pop("size")),
+     "its field inputs[0].axes[2].sise is not a field of a model description"),
+])
+def test_an_invalid_description_names_the_field_and_its_value(tmp_path, foreign, uint8_stack, edit, field):
+    """Not bioimageio.spec's Markdown table (its first cell named no field): the field as rdf.yaml writes it,
+    the value and the fix."""
+    package = repack(foreign[0], tmp_path / "invalid.zip", edit)
+    text = message(lambda: plan_package(package, channel=1))
+    assert "invalid.zip is not a valid bioimage.io package" in text and field in text, text
+    assert "correct it in the package's rdf.yaml" in text and "bioimageio validate-format invalid.zip" in text
+    assert "|" not in text and "❌" not in text
+    assert_user_error(run("predict", uint8_stack, "-m", package, "-o", tmp_path / "p.tif", "--device", "cpu", "-q"),
+                      field)
+
+
+def test_a_file_the_package_names_but_does_not_hold_is_named(tmp_path, foreign, uint8_stack):
+    """A relative `source:` naming a file missing from the package: one line naming the package, the field
+    and the file (an architecture file used to end in bioimageio.core's 'expected str ... not NoneType')."""
+    package = repack(foreign[0], tmp_path / "gone.zip", drop=("weights.onnx", "tiny_net.py"))
+    assert_user_error(run("predict", uint8_stack, "-m", package, "-o", tmp_path / "p.tif", "--device", "cpu", "-q"),
+                      "gone.zip names weights.onnx.source: weights.onnx but the package has no such file")
+    text = message(lambda: load_package(package, weights="pytorch_state_dict", channel=1, device="cpu",
+                                        trust_model_code=True))
+    assert "gone.zip names weights.pytorch_state_dict.architecture.source: tiny_net.py but the package has no such " \
+           "file" in text and "NoneType" not in text, text

@@ -141,3 +141,36 @@ def test_a_denoiser_offers_intensities_as_an_image_layer(viewer_and_widget, qtbo
     layer = viewer.layers["raw intensities"]
     assert layer._type_string == "image" and layer.data.shape == (3, 64, 64) and layer.data.dtype == np.uint8
     np.testing.assert_allclose(layer.scale, (2.0, 0.5, 0.5))
+
+
+def test_a_packages_code_runs_only_with_trust_model_code_ticked(viewer_and_widget, qtbot, stack, tmp_path,
+                                                                 notifications):
+    """A foreign package whose only weights need its own Python code (a pytorch_state_dict architecture file):
+    refused, with the message in a notification, while Trust model code is off (its default); run once ticked."""
+    pytest.importorskip("bioimageio.core", reason="needs the bioimageio extra: pip install 'segkit-bio[bioimageio]'")
+    from tests.bioimageio.test_packages import foreign_package
+
+    package, _, _ = foreign_package(tmp_path, classes=1, onnx=False)
+    viewer, widget = viewer_and_widget
+    assert widget._trust.value is False
+    assert "runs only when this is ticked: it can do anything your account can" in widget._trust.tooltip
+    viewer.add_image(stack[0], name="raw")
+    ready = []
+    widget.outputs_ready.connect(lambda: ready.append(True))
+    widget._model_file.value = package
+    qtbot.waitUntil(lambda: bool(ready), timeout=TIMEOUT_MS)
+    assert run_and_wait(qtbot, widget) == "failed"
+    errors = [message for severity, message in notifications if severity == "error"]
+    assert errors and all("weights.pytorch_state_dict.architecture.source: tiny_net.py is code that segkit would run"
+                          in message and "only with Trust model code ticked" in message for message in errors), errors
+    assert [layer.name for layer in viewer.layers] == ["raw"]
+    ready.clear()
+    widget._trust.value = True  # described again, with the opt-in
+    qtbot.waitUntil(lambda: bool(ready), timeout=TIMEOUT_MS)
+    assert run_and_wait(qtbot, widget) == "done"
+    layer = viewer.layers["raw probabilities"]
+    assert layer.data.shape == (64, 64) and float(layer.data.std()) > 0
+    assert any("running the Python code of package foreign.zip" in message and "with Trust model code ticked" in message
+               for _, message in notifications)
+    assert any("tiles of 64 px, the size of the package's test input" in message and "Tile auto measures" in message
+               for _, message in notifications)  # the tile the package records, in the widget's words
