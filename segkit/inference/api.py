@@ -41,6 +41,7 @@ from segkit.inference.loading import (
     load_prediction_engine,
     planned_tile,
     resolve_model,
+    trained_tile,
 )
 from segkit.inference.options import PredictOptions
 from segkit.inference.pipeline import RescaledStack, choose_normalization, count_tiles, predict_stack
@@ -304,7 +305,7 @@ def _load(model: Any, request: EngineRequest | None, options: PredictOptions, *,
         return load_prediction_engine(request, tile=options.fixed_tile, report=report)
     info = getattr(model, "info", None) or CheckpointInfo("segmenter", "engine", {}, model.geometry,
                                                           Normalization(0.0, 1.0))
-    return LoadedEngine(model, info, model.geometry, options.fixed_tile or model.geometry.default_tile)
+    return LoadedEngine(model, info, model.geometry, options.fixed_tile or trained_tile(info, model.geometry))
 
 
 def load_for_prediction(model: Any, options: PredictOptions, *,

@@ -667,3 +667,15 @@ def test_percentile_and_k_class_models_package_and_match_segkit(tmp_path, normal
     assert got.shape == want.shape == (len(classes) if labels_kind == "semantic" else 1, 264, 272)
     # float16 output; percentiles: segkit and core both use numpy's linear interpolation on the whole image
     assert np.abs(got - want).max() < 1e-3
+
+
+def test_a_package_engine_passed_to_predict_takes_the_tile_it_records(tmp_path, uint8_stack, unet_package):
+    """`segkit.predict(..., model=load_package(...))` runs at the tile the package records (its checkpoint's
+    trained tile, 236), as `-m package.zip` does, not at the geometry's default; tile=N still decides."""
+    import segkit
+    from segkit.bioimageio.read import load_package
+
+    engine = load_package(unet_package[0], device="cpu")
+    assert segkit.predict(uint8_stack, tmp_path / "p.tif", model=engine, device="cpu", progress=False).tile == 236
+    assert segkit.predict(uint8_stack, tmp_path / "q.tif", model=engine, device="cpu", progress=False,
+                          tile=252).tile == 252
