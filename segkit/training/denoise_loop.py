@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from segkit.checkpoint import save_checkpoint
+from segkit.config import DENOISE_SCHEMA
 from segkit.devices import resolve_device, training_precision
 from segkit.errors import ConfigError
 from segkit.inference.engines import TorchEngine
@@ -31,7 +32,9 @@ from segkit.training.runs import (
     RunFiles,
     announce,
     build_optimizer,
+    check_batch_memory,
     check_model_fits,
+    check_train_call,
     check_training_tile,
     make_interruptible,
     open_run,
@@ -99,9 +102,14 @@ def denoise_planes(model: Any, planes: list[np.ndarray], *, normalization: Norma
 
 def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True,
                    echo: Callable[[str], None] = print) -> RunFiles:
-    """Train the recipe's denoiser; returns the run's files (best/last checkpoints, logs, curve)."""
+    """Train the recipe's denoiser; returns the run's files (best/last checkpoints, logs, curve).
+
+    The arguments are those of `loop.train`, checked the same way before any work (`runs.check_train_call`:
+    OptionTypeError, OptionValueError), the recipe against the denoiser schema (`config.DENOISE_SCHEMA`).
+    """
     import torch
 
+    recipe = check_train_call(recipe, resume=resume, progress=progress, echo=echo, schema=DENOISE_SCHEMA)
     cfg_data, cfg_train = recipe["data"], recipe["train"]
     if model_kind(recipe["model"]["name"]) != "denoiser":
         raise ConfigError(f"model.name: {recipe['model']['name']} is a segmenter; `segkit train-denoiser` trains "
@@ -111,7 +119,6 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                           "train.mode: blind_spot")
     device = resolve_device(cfg_train["device"], option="train.device", recipe=True)
     data_source(cfg_data, "raw")  # missing data fails before the run folder exists
-    files = open_run(cfg_train["out"], resume=resume)
 
     torch.manual_seed(cfg_train["seed"])
     model_kwargs = {"in_channels": 1, **recipe["model"]["params"]}
@@ -119,6 +126,9 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     model = create_model(recipe["model"]["name"], **model_kwargs)
     geometry, tile = model.geometry, cfg_data["tile"]
     check_training_tile(geometry, tile, model=recipe["model"]["name"], model_kwargs=model_kwargs, device=device)
+    check_batch_memory(recipe["model"]["name"], model_kwargs, tile=tile, val_tile=tile, batch=cfg_train["batch"],
+                       val_batch=cfg_train["val_batch"], device=device, amp=cfg_train["amp"])
+    files = open_run(cfg_train["out"], resume=resume)  # after every check: a refused recipe leaves no run folder
     out_tile = geometry.output_size(tile)
 
     echo(f"loading raw data from {cfg_data['root']}")

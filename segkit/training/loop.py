@@ -37,7 +37,9 @@ from segkit.training.runs import (
     WeightAverage,
     announce,
     build_optimizer,
+    check_batch_memory,
     check_model_fits,
+    check_train_call,
     check_training_tile,
     loader_workers,
     make_interruptible,
@@ -169,9 +171,13 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     Raises
     ------
+    OptionTypeError, OptionValueError
+        An argument of the wrong type, or a recipe that does not pass `config.validate_recipe` (a value
+        edited after `load_recipe`): a TypeError / ValueError naming it, before any work.
     SegkitError
-        The recipe, its data or its device cannot train (ConfigError, InputError, TileSizeError, ...), or
-        another training process failed (with several processes).
+        The recipe, its data or its device cannot train (ConfigError, InputError, TileSizeError, ...: a
+        `train.batch` or `train.val_batch` too large for the device's memory is refused before the run folder
+        is made), or another training process failed (with several processes).
 
     Notes
     -----
@@ -181,6 +187,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     """
     from segkit.training import ddp
 
+    recipe = check_train_call(recipe, resume=resume, progress=progress, echo=echo)
     cfg_train = recipe["train"]
     ranks = ddp.ranks_from_environment()
     if not ranks.distributed:
@@ -228,7 +235,6 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
                           "leave model.denoiser out for multi-channel or percentile-normalised data")
     check_model_fits(cfg_model["name"], {"in_channels": channels, "classes": rule.classes, **cfg_model["params"]},
                      device)
-    files = open_run(cfg_train["out"], resume=resume)
     torch.manual_seed(cfg_train["seed"])
     model, model_name, model_kwargs, normalization = build_model(
         cfg_model, dataset_normalization(examples["train"], cfg_data), echo, in_channels=channels,
@@ -243,6 +249,10 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
             check_training_tile(geometry, val_tile, model=model_name, model_kwargs=model_kwargs, device=device)
         except SegkitError as exc:
             raise ConfigError(str(exc).replace("data.tile", "train.val_tile")) from None
+    check_batch_memory(model_name, model_kwargs, tile=tile, val_tile=val_tile, batch=cfg_train["batch"],
+                       val_batch=cfg_train["val_batch"], device=device, amp=cfg_train["amp"],
+                       average=cfg_train["ema_decay"] > 0)
+    files = open_run(cfg_train["out"], resume=resume)  # after every check: a refused recipe leaves no run folder
 
     slices, scale, unit_normalization, balance = training_slices(
         examples["train"], targets["train"], rule, normalization, cfg_loss, geometry=geometry,

@@ -15,10 +15,29 @@ from typing import Any
 import yaml
 
 from segkit.checkpoint import match_umask, read_info
-from segkit.config import short
-from segkit.errors import CheckpointError, ConfigError, SegkitError, TileSizeError
+from segkit.config import SCHEMA, Leaf, short, validate_recipe
+from segkit.errors import (
+    CheckpointError,
+    ConfigError,
+    OptionTypeError,
+    OptionValueError,
+    SegkitError,
+    TileSizeError,
+)
 from segkit.io.outputs import atomic_path, remove_stale_partials
-from segkit.memory import tile_problem, training_model_problem
+from segkit.memory import (
+    TRAINING_PARAMETER_COPIES,
+    device_memory,
+    format_bytes,
+    largest_batch,
+    meta_model,
+    tile_activation_bound,
+    tile_activation_bytes,
+    tile_problem,
+    training_activation_bound,
+    training_activation_bytes,
+    training_model_problem,
+)
 from segkit.version import DISTRIBUTION
 
 
@@ -150,6 +169,97 @@ def check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
     problem = training_model_problem(name, kwargs, device)
     if problem is not None:
         raise ConfigError(f"model.params: {problem}")
+
+
+def check_train_call(recipe: Any, *, resume: Any, progress: Any, echo: Any,
+                     schema: dict[str, dict[str, Leaf]] = SCHEMA) -> dict[str, Any]:
+    """The arguments of a Python training call (`loop.train`, `denoise_loop.train_denoiser`) checked before any
+    work, each named in one line: OptionTypeError (a TypeError) for a wrong type, OptionValueError (a
+    ValueError) for a recipe that does not pass `schema`'s checks (a value edited after `load_recipe`, a
+    missing section). Returns the recipe validated again (sections it leaves out take their defaults)."""
+    if isinstance(recipe, (str, Path)):
+        raise OptionTypeError(f"recipe is a path ({short(str(recipe))}); load it first: "
+                              "recipe = segkit.config.load_recipe(path, overrides)")
+    if not isinstance(recipe, dict):
+        raise OptionTypeError(f"recipe must be a recipe mapping (segkit.config.load_recipe(path)), not "
+                              f"{type(recipe).__name__}")
+    for name, value in (("resume", resume), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise OptionTypeError(f"{name} must be True or False, not {short(value)} ({type(value).__name__})")
+    if not callable(echo):
+        raise OptionTypeError(f"echo must be a function taking one line (e.g. print), not {short(echo)}")
+    try:
+        return validate_recipe(recipe, schema)
+    except ConfigError as exc:
+        raise OptionValueError(f"recipe: {exc}") from None
+
+
+def check_batch_memory(name: str, kwargs: dict[str, Any], *, tile: int, val_tile: int, batch: int, val_batch: int,
+                       device: str, amp: bool, average: bool = False) -> None:
+    """Refuse (ConfigError) a `train.batch` whose patches, or a `train.val_batch` whose validation tiles, do not
+    fit in the memory of `device` (RAM on the CPU, the GPU's on CUDA) beside the training state, before anything
+    is allocated: one line with the memory needed and available and the largest batch the estimate allows.
+
+    The model `name(**kwargs)` is built on the meta device. A training patch costs what autograd keeps of it
+    (`memory.training_activation_bytes`: half with AMP on a GPU) plus the patch, its target and weights, twice
+    (sampled, then batched); a validation tile its forward pass (`memory.tile_activation_bytes`). Both are
+    lower estimates, so a refused batch cannot fit. The training state stays during validation: the trained
+    parameters `TRAINING_PARAMETER_COPIES` times (weights, gradients, optimiser state), frozen ones (a
+    denoiser pre-stage) once, and the weight average (`average`) once more.
+
+    Parameters
+    ----------
+    name, kwargs : str, dict
+        The model's registry name and parameters (a composed model's included).
+    tile, val_tile : int
+        The training patch (data.tile) and validation tile (train.val_tile or data.tile), valid input sizes.
+    batch, val_batch : int
+        train.batch and train.val_batch.
+    device : str
+        The resolved device.
+    amp : bool
+        Whether training autocasts (to 16-bit on a GPU).
+    average : bool
+        Whether the run keeps a weight average (train.ema_decay > 0).
+    """
+    try:
+        model = meta_model(name, kwargs)
+        channels, out = int(kwargs.get("in_channels", 1)), model.geometry.output_size(tile)
+    except Exception:  # an invalid model or tile is reported where it is built, with its own message
+        return
+    available, where = device_memory(device)
+    if available is None:
+        return
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kept = sum(t.numel() for t in model.state_dict().values()) - trained
+    fixed = 4 * (TRAINING_PARAMETER_COPIES * trained + kept + (trained + kept) * average)
+    patch = 2 * (channels * tile * tile * 4 + out * out * (8 + 4))
+    element = 2 if amp and device.startswith("cuda") else 4
+    checks = (
+        ("train.batch", batch, f"patch of {tile} px", "data.tile",
+         lambda: _plus(patch, training_activation_bound(model, tile, channels=channels)),
+         lambda: _plus(patch, training_activation_bytes(model, tile, channels=channels, element_bytes=element))),
+        ("train.val_batch", val_batch, f"validation tile of {val_tile} px", "train.val_tile",
+         lambda: tile_activation_bound(model, val_tile, channels=channels),
+         lambda: tile_activation_bytes(model, val_tile, channels=channels)),
+    )
+    for setting, count, what, tile_key, bound, estimate in checks:
+        upper = bound()
+        if upper is not None and fixed + count * upper <= available:
+            continue  # fits even at the upper bound: no trace on the meta device (2 s of imports) is needed
+        each = estimate()
+        if each is None or fixed + count * each <= available:
+            continue
+        fits = largest_batch(available, fixed, each)
+        advice = (f"set {setting} to at most {fits}" if fits else
+                  f"not even {setting}=1 fits: use a smaller {tile_key} or model.params")
+        raise ConfigError(f"{setting}: {count} needs at least {format_bytes(fixed + count * each)} "
+                          f"({format_bytes(each)} per {what} and {format_bytes(fixed)} for the weights, gradients and "
+                          f"optimiser state), but {format_bytes(available)} of memory is available on {where}; {advice}")
+
+
+def _plus(extra: int, value: int | None) -> int | None:
+    return None if value is None else extra + value
 
 
 def check_training_tile(geometry: Any, tile: int, *, model: str | None = None, model_kwargs: dict | None = None,

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segkit.checkpoint import load_model
+from segkit.config import short, validate_recipe
+from segkit.errors import ConfigError, OptionTypeError, OptionValueError
 from segkit.inference.api import rescale_factor
 from segkit.inference.engines import TorchEngine
 from segkit.inference.tiler import predict_arrays
@@ -38,6 +41,8 @@ from segkit.training.datasets import load_examples
 from segkit.training.patches import model_input
 from segkit.training.targets import LabelRule
 
+#: The splits of a recipe's data.
+SPLITS = ("train", "val", "test")
 #: Membrane thresholds tried on the validation slices after every epoch; the best is stored in the checkpoint.
 VALIDATION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: Object watershed settings tried on the validation images: first the foreground threshold (how far
@@ -281,9 +286,12 @@ def score_split(checkpoint: str, data: dict[str, Any], split: str = "test", *, d
 
     Raises
     ------
+    OptionTypeError, OptionValueError
+        An argument of the wrong type or out of its range (a TypeError / ValueError naming it), before any work.
     SegkitError
         The checkpoint or the split's data cannot be read (CheckpointError, InputError, ...).
     """
+    data = _check_score_call(checkpoint, data, split, device=device, batch=batch, tile=tile)
     model, info = load_model(checkpoint)
     rule = LabelRule.from_data(data)
     examples = load_examples({**data, "pixel_size": None, "scale": None}, split)  # scored at their own resolution
@@ -306,3 +314,28 @@ def score_split(checkpoint: str, data: dict[str, Any], split: str = "test", *, d
         scores = mean_scores([score_thresholds(p[1], t == 0, (threshold,))[threshold]
                               for p, t in zip(predicted, labels)])
     return {"split": split, "images": len(examples), "scores": scores}
+
+
+def _check_score_call(checkpoint: Any, data: Any, split: Any, *, device: Any, batch: Any, tile: Any) -> dict[str, Any]:
+    """`score_split`'s arguments, before any work: one line naming the argument (OptionTypeError, a TypeError;
+    OptionValueError, a ValueError). Returns `data` checked as a recipe's data section (defaults filled in)."""
+    if not isinstance(checkpoint, (str, Path)):
+        raise OptionTypeError(f"checkpoint must be a path to a .safetensors checkpoint, not {type(checkpoint).__name__}")
+    if not isinstance(data, dict):
+        raise OptionTypeError(f"data must be the data section of a recipe (recipe['data']), not {type(data).__name__}")
+    if split not in SPLITS:
+        raise OptionValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, not {short(split)}")
+    if not isinstance(device, str):
+        raise OptionTypeError(f"device must be a str ('cpu', 'cuda', 'cuda:1'), not {type(device).__name__}")
+    for name, value, allowed in (("batch", batch, False), ("tile", tile, True)):
+        if allowed and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OptionTypeError(f"{name} must be an int{' or None' if allowed else ''}, not {short(value)} "
+                                  f"({type(value).__name__})")
+        if value < 1:
+            raise OptionValueError(f"{name} must be at least 1, got {value}")
+    try:
+        return validate_recipe({"data": data})["data"]
+    except ConfigError as exc:
+        raise OptionValueError(f"data: {exc}") from None
