@@ -103,7 +103,8 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
         # exponential moving average of the weights, used for validation and saved in the checkpoints
         # (0: off, the raw weights as before); the decay per iteration
         "ema_decay": (_NUM, 0.99),
-        "amp": ((bool,), True),
+        # bf16/fp16 autocast on a GPU; null: on a GPU, off on the CPU (true on the CPU is ignored, with a note)
+        "amp": ((bool, type(None)), None),
         "device": ((str,), "auto"),
         "seed": ((int,), 0),
         "workers": ((int,), 0),
@@ -166,7 +167,7 @@ DENOISE_SCHEMA: dict[str, dict[str, Leaf]] = {
         "lr": (_NUM, 1e-3),
         "momentum": (_NUM, 0.9),
         "weight_decay": (_NUM, 0.0),
-        "amp": ((bool,), True),
+        "amp": ((bool, type(None)), None),  # as for segmenters: null is on a GPU, off on the CPU
         "device": ((str,), "auto"),
         "seed": ((int,), 0),
         "out": ((str,), "runs/denoise_em"),

@@ -41,6 +41,7 @@ from segkit.training.runs import (
     check_model_fits,
     check_train_call,
     check_training_tile,
+    count_tiles,
     loader_workers,
     make_interruptible,
     open_run,
@@ -50,6 +51,7 @@ from segkit.training.runs import (
     run_epochs,
     save_optimizer,
     slice_text,
+    validation_timer,
     write_recipe,
 )
 from segkit.training.targets import LabelRule, check_classes_present, check_labels, class_weights, weight_map
@@ -250,7 +252,7 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
         except SegkitError as exc:
             raise ConfigError(str(exc).replace("data.tile", "train.val_tile")) from None
     check_batch_memory(model_name, model_kwargs, tile=tile, val_tile=val_tile, batch=cfg_train["batch"],
-                       val_batch=cfg_train["val_batch"], device=device, amp=cfg_train["amp"],
+                       val_batch=cfg_train["val_batch"], device=device, amp=cfg_train["amp"] is not False,
                        average=cfg_train["ema_decay"] > 0)
     files = open_run(cfg_train["out"], resume=resume)  # after every check: a refused recipe leaves no run folder
 
@@ -267,7 +269,7 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
     if ranks.distributed:  # the same initial weights on every rank (above), then each its own dropout masks
         torch.manual_seed(int(np.random.default_rng([cfg_train["seed"], ranks.rank]).integers(2**62)))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], settings)
-    amp_dtype, scaler = training_precision(cfg_train["amp"], device)
+    amp_dtype, scaler = training_precision(cfg_train["amp"] is not False, device)  # null: on a GPU
     average = WeightAverage(model, cfg_train["ema_decay"]) if cfg_train["ema_decay"] > 0 else None
     scored = average.model if average is not None else model  # validated and saved: never the DDP wrapper
 
@@ -324,12 +326,12 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
 
     evaluate = EPOCH_VALIDATIONS[rule.kind]
 
-    def finish(epoch: int, losses: list[float], started: float) -> tuple[dict[str, Any], bool, str]:
+    def finish(epoch: int, losses: list[float], started: float, bar: Any) -> tuple[dict[str, Any], bool, str]:
         nonlocal best
         trained_s = time.monotonic() - started
         row, score, text, inference, validation = evaluate(
             scored, val_inputs, val_labels, rule=rule, tile=val_tile, batch=cfg_train["val_batch"], device=device,
-            val_threshold=cfg_train["val_threshold"])
+            val_threshold=cfg_train["val_threshold"], progress=bar)
         # patches_per_s: the training throughput of all processes, validation left out (log.json only)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), **row,
                "seconds": time.monotonic() - started, "lr": optimizer.param_groups[0]["lr"],
@@ -356,6 +358,9 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
                        loss_label="weighted cross-entropy" + (" + Dice" if cfg_loss["dice_weight"] else ""),
                        curve_metrics=metrics, metric_label=label, group=group)
     plan.averaged = average.model if average is not None else None
+    plan.estimate_validation = validation_timer(
+        scored, tiles=count_tiles([i.shape[-2:] for i in val_inputs], geometry, val_tile), tile=val_tile,
+        channels=channels, device=device)
     run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
                save_best=lambda: save_checkpoint(files.best, scored, info), save_last=save_last)
     return files
