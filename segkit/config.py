@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import reprlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,8 @@ SCHEMA: dict[str, dict[str, Leaf]] = {
         # exponential moving average of the weights, used for validation and saved in the checkpoints
         # (0: off, the raw weights as before); the decay per iteration
         "ema_decay": (_NUM, 0.99),
-        "amp": ((bool,), True),
+        # bf16/fp16 autocast on a GPU; null: on a GPU, off on the CPU (true on the CPU is ignored, with a note)
+        "amp": ((bool, type(None)), None),
         "device": ((str,), "auto"),
         "seed": ((int,), 0),
         "workers": ((int,), 0),
@@ -165,7 +167,7 @@ DENOISE_SCHEMA: dict[str, dict[str, Leaf]] = {
         "lr": (_NUM, 1e-3),
         "momentum": (_NUM, 0.9),
         "weight_decay": (_NUM, 0.0),
-        "amp": ((bool,), True),
+        "amp": ((bool, type(None)), None),  # as for segmenters: null is on a GPU, off on the CPU
         "device": ((str,), "auto"),
         "seed": ((int,), 0),
         "out": ((str,), "runs/denoise_em"),
@@ -201,7 +203,12 @@ RANGES = {
     "corruption.fraction": (0.0, 1.0, False, False),
     "augment.brightness_contrast": (0.0, 1.0, False, False),
     "augment.noise_std": (0.0, 1.0, False, False),
+    # numpy's and torch's seeds (np.random.seed, DataLoader workers) are 32-bit
+    "train.seed": (0, 2**32 - 1, False, False),
 }
+#: The largest integer any setting may hold: torch's int64 (a 20-digit value overflows there, a 400-digit one
+#: cannot even become a float).
+MAX_INTEGER = 2**63 - 1
 #: Recipe files are a few hundred bytes; anything this large is not a recipe.
 MAX_RECIPE_BYTES = 1_000_000
 #: Values (scalars, lists, mappings) a recipe may hold once its YAML aliases are expanded.
@@ -258,6 +265,11 @@ def validate_recipe(raw: Any, schema: dict[str, dict[str, Leaf]] = SCHEMA) -> di
             path = f"{section}.{key}"
             if isinstance(value, bool) and bool not in types:
                 raise ConfigError(f"{path}: expected {_type_name(types)}, got a boolean ({value})")
+            if bool in types and not isinstance(value, types):  # 'false' (quoted) would read as true downstream
+                allowed = "true, false or null" if type(None) in types else "true or false"
+                raise ConfigError(f"{path}: expected {allowed}, got "
+                                  f"{short(value)} ({type(value).__name__}); write {key}: true or {key}: false "
+                                  "without quotes")
             if not isinstance(value, types):
                 raise ConfigError(f"{path}: expected {_type_name(types)}, got {type(value).__name__} ({short(value)})")
             if path in CHOICES and value not in CHOICES[path]:
@@ -316,18 +328,25 @@ def _check_data_kinds(data: dict[str, Any]) -> None:
 
 
 def _check_number(path: str, value: int | float) -> None:
-    """Finite, and in the range the setting allows (POSITIVE, NON_NEGATIVE, RANGES)."""
-    if not math.isfinite(value):
+    """Finite, and in the range the setting allows (POSITIVE, NON_NEGATIVE, RANGES, MAX_INTEGER)."""
+    if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{path}: must be a finite number, got {value}")
     if path in POSITIVE and value <= 0:
-        raise ConfigError(f"{path}: must be positive, got {value}")
+        raise ConfigError(f"{path}: must be positive, got {short(value)}")
     if path in NON_NEGATIVE and value < 0:
-        raise ConfigError(f"{path}: must be 0 or more, got {value}")
+        raise ConfigError(f"{path}: must be 0 or more, got {short(value)}")
     if path in RANGES:
         low, high, low_open, high_open = RANGES[path]
         if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            raise ConfigError(f"{path}: must be in {interval}, got {value}")
+            interval = f"{'(' if low_open else '['}{_bound(low)}, {_bound(high)}{')' if high_open else ']'}"
+            raise ConfigError(f"{path}: must be in {interval}, got {short(value)}")
+    if isinstance(value, int) and abs(value) > MAX_INTEGER:
+        raise ConfigError(f"{path}: {short(value)} is too large (at most {MAX_INTEGER})")
+
+
+def _bound(value: int | float) -> str:
+    """A range's end in messages: 0.5, 1, 4294967295 (never 4.29497e+09)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _check_range(path: str, value: Any) -> None:
@@ -378,6 +397,11 @@ def parse_yaml(text: str) -> Any:
         return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         raise ConfigError("it is nested too deeply to be a recipe; write it as plain sections") from None
+    except ValueError as exc:  # Python's 4300-digit limit on reading an integer (PyYAML raises it as is)
+        if "integer string conversion" not in str(exc):
+            raise
+        raise ConfigError(f"it holds an integer of more than {sys.get_int_max_str_digits()} digits; recipe settings "
+                          "are small numbers") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -94,14 +94,14 @@ def resolve_amp(amp: str, device: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def training_precision(enabled: bool, device: str) -> tuple[Any, Any]:
+def training_precision(enabled: bool | None, device: str) -> tuple[Any, Any]:
     """Mixed precision for training (`train.amp`): the 'auto' rule of `resolve_amp` (bf16 where the
     GPU has it, else fp16; nothing on the CPU), with loss scaling for fp16.
 
     Parameters
     ----------
-    enabled : bool
-        The recipe's `train.amp`.
+    enabled : bool or None
+        The recipe's `train.amp`; None (not set) is the default, on (a no-op on the CPU).
     device : str
         A resolved device ('cpu', 'cuda:N').
 
@@ -114,7 +114,7 @@ def training_precision(enabled: bool, device: str) -> tuple[Any, Any]:
     """
     import torch
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolve_amp("auto" if enabled else "none", device))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolve_amp("none" if enabled is False else "auto", device))
     if dtype is not None:
         torch.backends.cudnn.benchmark = True
     return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)

@@ -247,6 +247,9 @@ class LocalGroup:
     def sync(self, clock: Any) -> None:
         """Nothing to agree on; the clock keeps its own time."""
 
+    def largest(self, value: float) -> float:
+        return value
+
     def mean(self, value: Any) -> Any:
         return value
 
@@ -306,6 +309,10 @@ class ProcessGroup:
         clock.agreed_elapsed = elapsed
         if signum:
             self.signals.raise_signal(int(signum))
+
+    def largest(self, value: float) -> float:
+        """The largest of the ranks' `value`s, the same on every rank (rank 0's estimate, the others giving 0)."""
+        return self._reduce([float(value)], "MAX")[0]
 
     def mean(self, value: Any) -> Any:
         """The mean of a scalar tensor over the ranks (the loss of the global batch), the same on every rank,

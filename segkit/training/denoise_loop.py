@@ -17,10 +17,10 @@ from typing import Any, Callable
 import numpy as np
 
 from segkit.checkpoint import save_checkpoint
+from segkit.config import DENOISE_SCHEMA
 from segkit.devices import resolve_device, training_precision
 from segkit.errors import ConfigError
 from segkit.inference.engines import TorchEngine
-from segkit.inference.tiler import predict_arrays
 from segkit.io.tiff import open_stack
 from segkit.models import create_model, model_kind
 from segkit.normalization import Normalization, intensity_scale, mean_std_normalization
@@ -31,8 +31,11 @@ from segkit.training.runs import (
     RunFiles,
     announce,
     build_optimizer,
+    check_batch_memory,
     check_model_fits,
+    check_train_call,
     check_training_tile,
+    count_tiles,
     make_interruptible,
     open_run,
     optimizer_step,
@@ -41,8 +44,10 @@ from segkit.training.runs import (
     run_epochs,
     save_optimizer,
     slice_text,
+    validation_timer,
     write_recipe,
 )
+from segkit.training.validation import predict_tiles
 
 LOG_FIELDS = ["epoch", "train_loss", "psnr", "ssim", "noisy_psnr", "seconds", "lr"]
 VALIDATION_SEED = 20120  # the same corrupted validation slices in every epoch and every run
@@ -89,19 +94,25 @@ def sample_denoise_batch(planes: list[np.ndarray], rng: np.random.Generator, *, 
 
 
 def denoise_planes(model: Any, planes: list[np.ndarray], *, normalization: Normalization, scale: float, tile: int,
-                   batch: int, device: str) -> list[np.ndarray]:
-    """Denoise planes given in [0, 1] units through the tiler; returns [0, 1] units."""
+                   batch: int, device: str, progress: Any = None) -> list[np.ndarray]:
+    """Denoise planes given in [0, 1] units through the tiler; returns [0, 1] units. `progress` (tqdm-like)
+    is told the tiles (`validation.predict_tiles`)."""
     engine = TorchEngine(model, device=device, amp="none", channel=None)
     normalized = [normalization.apply(p * scale) for p in planes]
-    outputs = predict_arrays(normalized, engine, model.geometry, tile=tile, batch=batch)
+    outputs = predict_tiles(normalized, engine, model.geometry, tile=tile, batch=batch, progress=progress)
     return [normalization.invert(o[0]) / scale for o in outputs]
 
 
 def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True,
                    echo: Callable[[str], None] = print) -> RunFiles:
-    """Train the recipe's denoiser; returns the run's files (best/last checkpoints, logs, curve)."""
+    """Train the recipe's denoiser; returns the run's files (best/last checkpoints, logs, curve).
+
+    The arguments are those of `loop.train`, checked the same way before any work (`runs.check_train_call`:
+    OptionTypeError, OptionValueError), the recipe against the denoiser schema (`config.DENOISE_SCHEMA`).
+    """
     import torch
 
+    recipe = check_train_call(recipe, resume=resume, progress=progress, echo=echo, schema=DENOISE_SCHEMA)
     cfg_data, cfg_train = recipe["data"], recipe["train"]
     if model_kind(recipe["model"]["name"]) != "denoiser":
         raise ConfigError(f"model.name: {recipe['model']['name']} is a segmenter; `segkit train-denoiser` trains "
@@ -111,7 +122,6 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
                           "train.mode: blind_spot")
     device = resolve_device(cfg_train["device"], option="train.device", recipe=True)
     data_source(cfg_data, "raw")  # missing data fails before the run folder exists
-    files = open_run(cfg_train["out"], resume=resume)
 
     torch.manual_seed(cfg_train["seed"])
     model_kwargs = {"in_channels": 1, **recipe["model"]["params"]}
@@ -119,6 +129,9 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     model = create_model(recipe["model"]["name"], **model_kwargs)
     geometry, tile = model.geometry, cfg_data["tile"]
     check_training_tile(geometry, tile, model=recipe["model"]["name"], model_kwargs=model_kwargs, device=device)
+    check_batch_memory(recipe["model"]["name"], model_kwargs, tile=tile, val_tile=tile, batch=cfg_train["batch"],
+                       val_batch=cfg_train["val_batch"], device=device, amp=cfg_train["amp"] is not False)
+    files = open_run(cfg_train["out"], resume=resume)  # after every check: a refused recipe leaves no run folder
     out_tile = geometry.output_size(tile)
 
     echo(f"loading raw data from {cfg_data['root']}")
@@ -173,10 +186,10 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
         loss = (per_pixel * weight_t).sum() / weight_t.sum().clamp(min=1.0)
         return optimizer_step(loss, optimizer, scaler, epoch=epoch)
 
-    def finish(epoch: int, losses: list[float], started: float) -> tuple[dict[str, Any], bool, str]:
+    def finish(epoch: int, losses: list[float], started: float, bar: Any) -> tuple[dict[str, Any], bool, str]:
         nonlocal best_psnr
         denoised = denoise_planes(model, val_noisy, normalization=normalization, scale=scale, tile=tile,
-                                  batch=cfg_train["val_batch"], device=device)
+                                  batch=cfg_train["val_batch"], device=device, progress=bar)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                "psnr": float(np.mean([psnr(d, c) for d, c in zip(denoised, val_clean)])),
                "ssim": float(np.mean([ssim(d, c) for d, c in zip(denoised, val_clean)])),
@@ -198,6 +211,8 @@ def train_denoiser(recipe: dict[str, Any], *, resume: bool = False, progress: bo
     plan = plan_epochs(files, model, cfg_train, device, progress=progress, echo=echo, log_fields=LOG_FIELDS,
                        loss_label=f"{cfg_train['loss']} ({cfg_train['mode']})",
                        curve_metrics=("psnr", "noisy_psnr") if synthetic else ("psnr",), metric_label="PSNR (dB)")
+    plan.estimate_validation = validation_timer(model, tiles=count_tiles([p.shape for p in val_noisy], geometry, tile),
+                                                tile=tile, channels=1, device=device)
     run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
                save_best=lambda: save_checkpoint(files.best, model, info), save_last=save_last)
     return files

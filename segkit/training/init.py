@@ -160,14 +160,14 @@ def schedule(minutes: float, timings: Timings, val_tiles: int, *, epochs: int | 
              kind: str = "instances") -> tuple[int, int, float, float]:
     """(epochs, iterations per epoch, EMA decay, validation seconds per epoch) for a budget of `minutes`:
     validation (`val_tiles` forwards, times POSTPROCESSING_FACTOR[kind]) takes about VALIDATION_SHARE of
-    the budget, the training iterations (a step plus a tenth for patch sampling) fill the rest, less the
-    validations before the last one (which follows the time limit); `epochs` given is kept."""
+    the budget, the training iterations (a step plus a tenth for patch sampling) fill the rest, less every
+    validation (the time limit counts them: `runs.run_epochs`); `epochs` given is kept."""
     budget = minutes * 60.0
     val_s = POSTPROCESSING_FACTOR[kind] * timings.forward_s * val_tiles
     if epochs is None:
         epochs = int(np.clip(round(VALIDATION_SHARE * budget / val_s), *EPOCHS)) if val_s > 0 else EPOCHS[1]
-    # the last validation follows the time limit; patch sampling costs about a tenth of a step
-    iters = max(MIN_ITERS, int((budget - (epochs - 1) * val_s) / (1.1 * epochs * timings.step_s)))
+    # the time limit counts every validation; patch sampling costs about a tenth of a step
+    iters = max(MIN_ITERS, int((budget - epochs * val_s) / (1.1 * epochs * timings.step_s)))
     ema = float(np.clip(1.0 - 10.0 / (epochs * iters), 0.9, 0.999))
     return epochs, iters, round(ema, 4), val_s
 
@@ -686,7 +686,7 @@ def schedule_plan(plan: Plan, *, epochs: int, iters: int, ema: float, timing_tex
     plan.set("train.epochs", epochs, f"validation about {100 * VALIDATION_SHARE:.0f} % of the budget "
              f"({EPOCHS[0]}-{EPOCHS[1]} epochs); {timing_text}", derived=True)
     plan.set("train.iters_per_epoch", iters, "what fills the budget (a step plus a tenth for sampling) less the "
-             "validations before the last", derived=True)
+             "validations (the time limit counts them)", derived=True)
     plan.set("train.ema_decay", ema, "1 - 10 / total iterations (0.9-0.999): the EMA averages the last ~10 % of "
              "the run", derived=True)
 

@@ -37,8 +37,11 @@ from segkit.training.runs import (
     WeightAverage,
     announce,
     build_optimizer,
+    check_batch_memory,
     check_model_fits,
+    check_train_call,
     check_training_tile,
+    count_tiles,
     loader_workers,
     make_interruptible,
     open_run,
@@ -48,6 +51,7 @@ from segkit.training.runs import (
     run_epochs,
     save_optimizer,
     slice_text,
+    validation_timer,
     write_recipe,
 )
 from segkit.training.targets import LabelRule, check_classes_present, check_labels, class_weights, weight_map
@@ -170,9 +174,13 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
 
     Raises
     ------
+    OptionTypeError, OptionValueError
+        An argument of the wrong type, or a recipe that does not pass `config.validate_recipe` (a value
+        edited after `load_recipe`): a TypeError / ValueError naming it, before any work.
     SegkitError
-        The recipe, its data or its device cannot train (ConfigError, InputError, TileSizeError, ...), or
-        another training process failed (with several processes).
+        The recipe, its data or its device cannot train (ConfigError, InputError, TileSizeError, ...: a
+        `train.batch` or `train.val_batch` too large for the device's memory is refused before the run folder
+        is made), or another training process failed (with several processes).
 
     Notes
     -----
@@ -182,6 +190,7 @@ def train(recipe: dict[str, Any], *, resume: bool = False, progress: bool = True
     """
     from segkit.training import ddp
 
+    recipe = check_train_call(recipe, resume=resume, progress=progress, echo=echo)
     cfg_train = recipe["train"]
     ranks = ddp.ranks_from_environment()
     if not ranks.distributed:
@@ -229,7 +238,6 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
                           "leave model.denoiser out for multi-channel or percentile-normalised data")
     check_model_fits(cfg_model["name"], {"in_channels": channels, "classes": rule.classes, **cfg_model["params"]},
                      device)
-    files = open_run(cfg_train["out"], resume=resume)
     torch.manual_seed(cfg_train["seed"])
     model, model_name, model_kwargs, normalization = build_model(
         cfg_model, dataset_normalization(examples["train"], cfg_data), echo, in_channels=channels,
@@ -244,6 +252,10 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
             check_training_tile(geometry, val_tile, model=model_name, model_kwargs=model_kwargs, device=device)
         except SegkitError as exc:
             raise ConfigError(str(exc).replace("data.tile", "train.val_tile")) from None
+    check_batch_memory(model_name, model_kwargs, tile=tile, val_tile=val_tile, batch=cfg_train["batch"],
+                       val_batch=cfg_train["val_batch"], device=device, amp=cfg_train["amp"] is not False,
+                       average=cfg_train["ema_decay"] > 0)
+    files = open_run(cfg_train["out"], resume=resume)  # after every check: a refused recipe leaves no run folder
 
     slices, scale, unit_normalization, balance = training_slices(
         examples["train"], targets["train"], rule, normalization, cfg_loss, geometry=geometry,
@@ -315,12 +327,12 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
 
     evaluate = EPOCH_VALIDATIONS[rule.kind]
 
-    def finish(epoch: int, losses: list[float], started: float) -> tuple[dict[str, Any], bool, str]:
+    def finish(epoch: int, losses: list[float], started: float, bar: Any) -> tuple[dict[str, Any], bool, str]:
         nonlocal best
         trained_s = time.monotonic() - started
         row, score, text, inference, validation = evaluate(
             scored, val_inputs, val_labels, rule=rule, tile=val_tile, batch=cfg_train["val_batch"], device=device,
-            val_threshold=cfg_train["val_threshold"])
+            val_threshold=cfg_train["val_threshold"], progress=bar)
         # patches_per_s: the training throughput of all processes, validation left out (log.json only)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), **row,
                "seconds": time.monotonic() - started, "lr": optimizer.param_groups[0]["lr"],
@@ -347,6 +359,9 @@ def _train(recipe: dict[str, Any], group: Any, device: str, *, resume: bool, pro
                        loss_label="weighted cross-entropy" + (" + Dice" if cfg_loss["dice_weight"] else ""),
                        curve_metrics=metrics, metric_label=label, group=group)
     plan.averaged = average.model if average is not None else None
+    plan.estimate_validation = validation_timer(
+        scored, tiles=count_tiles([i.shape[-2:] for i in val_inputs], geometry, val_tile), tile=val_tile,
+        channels=channels, device=device)
     run_epochs(plan, start_epoch=start_epoch, history=history, step=step, finish=finish,
                save_best=lambda: save_checkpoint(files.best, scored, info), save_last=save_last)
     return files

@@ -15,10 +15,29 @@ from typing import Any
 import yaml
 
 from segkit.checkpoint import match_umask, read_info
-from segkit.config import short
-from segkit.errors import CheckpointError, ConfigError, SegkitError, TileSizeError
+from segkit.config import SCHEMA, Leaf, short, validate_recipe
+from segkit.errors import (
+    CheckpointError,
+    ConfigError,
+    OptionTypeError,
+    OptionValueError,
+    SegkitError,
+    TileSizeError,
+)
 from segkit.io.outputs import atomic_path, remove_stale_partials
-from segkit.memory import tile_problem, training_model_problem
+from segkit.memory import (
+    TRAINING_PARAMETER_COPIES,
+    device_memory,
+    format_bytes,
+    largest_batch,
+    meta_model,
+    tile_activation_bound,
+    tile_activation_bytes,
+    tile_problem,
+    training_activation_bound,
+    training_activation_bytes,
+    training_model_problem,
+)
 from segkit.version import DISTRIBUTION
 from segkit.words import counted
 
@@ -153,6 +172,97 @@ def check_model_fits(name: str, kwargs: dict[str, Any], device: str) -> None:
         raise ConfigError(f"model.params: {problem}")
 
 
+def check_train_call(recipe: Any, *, resume: Any, progress: Any, echo: Any,
+                     schema: dict[str, dict[str, Leaf]] = SCHEMA) -> dict[str, Any]:
+    """The arguments of a Python training call (`loop.train`, `denoise_loop.train_denoiser`) checked before any
+    work, each named in one line: OptionTypeError (a TypeError) for a wrong type, OptionValueError (a
+    ValueError) for a recipe that does not pass `schema`'s checks (a value edited after `load_recipe`, a
+    missing section). Returns the recipe validated again (sections it leaves out take their defaults)."""
+    if isinstance(recipe, (str, Path)):
+        raise OptionTypeError(f"recipe is a path ({short(str(recipe))}); load it first: "
+                              "recipe = segkit.config.load_recipe(path, overrides)")
+    if not isinstance(recipe, dict):
+        raise OptionTypeError(f"recipe must be a recipe mapping (segkit.config.load_recipe(path)), not "
+                              f"{type(recipe).__name__}")
+    for name, value in (("resume", resume), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise OptionTypeError(f"{name} must be True or False, not {short(value)} ({type(value).__name__})")
+    if not callable(echo):
+        raise OptionTypeError(f"echo must be a function taking one line (e.g. print), not {short(echo)}")
+    try:
+        return validate_recipe(recipe, schema)
+    except ConfigError as exc:
+        raise OptionValueError(f"recipe: {exc}") from None
+
+
+def check_batch_memory(name: str, kwargs: dict[str, Any], *, tile: int, val_tile: int, batch: int, val_batch: int,
+                       device: str, amp: bool, average: bool = False) -> None:
+    """Refuse (ConfigError) a `train.batch` whose patches, or a `train.val_batch` whose validation tiles, do not
+    fit in the memory of `device` (RAM on the CPU, the GPU's on CUDA) beside the training state, before anything
+    is allocated: one line with the memory needed and available and the largest batch the estimate allows.
+
+    The model `name(**kwargs)` is built on the meta device. A training patch costs what autograd keeps of it
+    (`memory.training_activation_bytes`: half with AMP on a GPU) plus the patch, its target and weights, twice
+    (sampled, then batched); a validation tile its forward pass (`memory.tile_activation_bytes`). Both are
+    lower estimates, so a refused batch cannot fit. The training state stays during validation: the trained
+    parameters `TRAINING_PARAMETER_COPIES` times (weights, gradients, optimiser state), frozen ones (a
+    denoiser pre-stage) once, and the weight average (`average`) once more.
+
+    Parameters
+    ----------
+    name, kwargs : str, dict
+        The model's registry name and parameters (a composed model's included).
+    tile, val_tile : int
+        The training patch (data.tile) and validation tile (train.val_tile or data.tile), valid input sizes.
+    batch, val_batch : int
+        train.batch and train.val_batch.
+    device : str
+        The resolved device.
+    amp : bool
+        Whether training autocasts (to 16-bit on a GPU).
+    average : bool
+        Whether the run keeps a weight average (train.ema_decay > 0).
+    """
+    try:
+        model = meta_model(name, kwargs)
+        channels, out = int(kwargs.get("in_channels", 1)), model.geometry.output_size(tile)
+    except Exception:  # an invalid model or tile is reported where it is built, with its own message
+        return
+    available, where = device_memory(device)
+    if available is None:
+        return
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kept = sum(t.numel() for t in model.state_dict().values()) - trained
+    fixed = 4 * (TRAINING_PARAMETER_COPIES * trained + kept + (trained + kept) * average)
+    patch = 2 * (channels * tile * tile * 4 + out * out * (8 + 4))
+    element = 2 if amp and device.startswith("cuda") else 4
+    checks = (
+        ("train.batch", batch, f"patch of {tile} px", "data.tile",
+         lambda: _plus(patch, training_activation_bound(model, tile, channels=channels)),
+         lambda: _plus(patch, training_activation_bytes(model, tile, channels=channels, element_bytes=element))),
+        ("train.val_batch", val_batch, f"validation tile of {val_tile} px", "train.val_tile",
+         lambda: tile_activation_bound(model, val_tile, channels=channels),
+         lambda: tile_activation_bytes(model, val_tile, channels=channels)),
+    )
+    for setting, count, what, tile_key, bound, estimate in checks:
+        upper = bound()
+        if upper is not None and fixed + count * upper <= available:
+            continue  # fits even at the upper bound: no trace on the meta device (2 s of imports) is needed
+        each = estimate()
+        if each is None or fixed + count * each <= available:
+            continue
+        fits = largest_batch(available, fixed, each)
+        advice = (f"set {setting} to at most {fits}" if fits else
+                  f"not even {setting}=1 fits: use a smaller {tile_key} or model.params")
+        raise ConfigError(f"{setting}: {count} needs at least {format_bytes(fixed + count * each)} "
+                          f"({format_bytes(each)} per {what} and {format_bytes(fixed)} for the weights, gradients and "
+                          f"optimiser state), but {format_bytes(available)} of memory is available on {where}; {advice}")
+
+
+def _plus(extra: int, value: int | None) -> int | None:
+    return None if value is None else extra + value
+
+
 def check_training_tile(geometry: Any, tile: int, *, model: str | None = None, model_kwargs: dict | None = None,
                         device: str = "cpu") -> None:
     """geometry.check_tile for data.tile, and (given the model) that one tile's forward fits in the
@@ -213,7 +323,8 @@ def duration(seconds: float) -> str:
 
 
 class Clock:
-    """Elapsed time of a training run against train.time_limit_min, and the first iterations' timing."""
+    """Elapsed time of a training run against train.time_limit_min, the first iterations' timing, and what an
+    epoch and its validation take, so the limit counts validation too."""
 
     def __init__(self, limit_min: float | None, *, timed_iterations: int):
         self.started = time.monotonic()
@@ -224,13 +335,23 @@ class Clock:
         # several processes: the elapsed time the ranks agreed on at the last step (ddp.ProcessGroup.sync),
         # so the schedule and the time limit decide the same on every rank; None: this process's own clock
         self.agreed_elapsed: float | None = None
+        # seconds the last validation took (checkpoints and logs included) or, before the first, its estimate;
+        # and the last whole epoch with its validation. Both from agreed times: every rank decides alike.
+        self.validation_s: float | None = None
+        self.epoch_s: float | None = None
 
     def elapsed(self) -> float:
         """Seconds since the run started (as the ranks agreed, with several processes)."""
         return time.monotonic() - self.started if self.agreed_elapsed is None else self.agreed_elapsed
 
-    def time_up(self) -> bool:
-        return self.limit_min is not None and self.elapsed() > self.limit_min * 60
+    def left(self) -> float | None:
+        """Seconds train.time_limit_min leaves (negative once past it); None without a limit."""
+        return None if self.limit_min is None else self.limit_min * 60 - self.elapsed()
+
+    def time_up(self, reserve: float = 0.0) -> bool:
+        """Whether the limit is reached, or would be by `reserve` more seconds (the validation still to come)."""
+        left = self.left()
+        return left is not None and left < reserve
 
     def iteration_seconds(self, done: int) -> float | None:
         """Seconds per iteration, once `done` (the iterations finished in this run) reaches the number
@@ -244,27 +365,28 @@ class Clock:
             return (now - self._mark) / (done - 1)
         return None
 
+    def epochs_that_fit(self, epoch_s: float, epochs: int) -> int:
+        """How many of `epochs` more epochs of `epoch_s` seconds (validation included) end within the limit."""
+        left = self.left()
+        if left is None:
+            return epochs
+        return min(epochs, max(0, int(left // max(epoch_s, 1e-9))))
+
     def stop_message(self, *, epoch: int, epochs: int, iterations: int, iters: int, root: Path) -> str | None:
-        """Why the run stops after this (validated and saved) epoch, or None to go on: the time limit
-        cut the epoch short (resume goes on with the next one), or it is reached at its end."""
+        """Why the run stops after this (validated and saved) epoch, or None to go on: the time limit cut the
+        epoch short (resume goes on with the next one), or another epoch with its validation (as long as the
+        last, `epoch_s`) would end after it."""
         if iterations < iters:
             return (f"stopping in epoch {epoch} after {iterations} of {counted(iters, 'iteration')}: "
                     f"train.time_limit_min={self.limit_min:g} reached; the short epoch was validated and saved in "
                     f"{root} (continue with resume=True, from epoch {epoch + 1})")
         if epoch < epochs and self.time_up():
             return f"stopping after epoch {epoch}: train.time_limit_min={self.limit_min:g} reached"
+        if epoch < epochs and self.epoch_s is not None and self.time_up(self.epoch_s):
+            return (f"stopping after epoch {epoch}: another epoch with its validation (about "
+                    f"{duration(self.epoch_s)}) would end after train.time_limit_min={self.limit_min:g} "
+                    f"({duration(self.elapsed())} spent; continue with resume=True)")
         return None
-
-    def seconds_left(self, estimate: float) -> float:
-        """`estimate` (seconds the remaining epochs take), capped by what train.time_limit_min leaves."""
-        if self.limit_min is None:
-            return estimate
-        return max(0.0, min(estimate, self.limit_min * 60 - self.elapsed()))
-
-    def limit_note(self, total_seconds: float) -> str:
-        if self.limit_min is not None and total_seconds > self.limit_min * 60:
-            return f"; train.time_limit_min={self.limit_min:g} stops it after {duration(self.limit_min * 60)}"
-        return ""
 
 
 def slice_text(slices: dict[str, Any]) -> str:
@@ -297,10 +419,13 @@ def announce(echo: Any, *, model: Any, name: str, device: str, requested_device:
 
 def train_iterations(step: Callable[[], float], *, epoch: int, epochs: int, iters: int, clock: Clock,
                      progress: bool, echo: Any, gpu_recipe_on_cpu: bool,
-                     sync: Callable[[Clock], None] = lambda clock: None) -> list[float]:
+                     sync: Callable[[Clock], None] = lambda clock: None,
+                     estimate_validation: Callable[[], float] | None = None) -> list[float]:
     """One epoch's iterations: `step()` (one optimiser step; returns its loss) up to `iters` times under a
     progress bar, with the timing report once the first iterations are timed. train.time_limit_min is
-    checked after every iteration and cuts the epoch short when reached. With several processes, `sync`
+    checked after every iteration and cuts the epoch short when it would be reached by the epoch's
+    validation (`clock.validation_s`: the last one's time, before the first the estimate
+    `estimate_validation()` gives once the first iterations are timed). With several processes, `sync`
     (`ProcessGroup.sync`) makes the ranks agree on the time and on a stop signal after every step.
     Returns the losses."""
     from tqdm import tqdm
@@ -312,25 +437,53 @@ def train_iterations(step: Callable[[], float], *, epoch: int, epochs: int, iter
         sync(clock)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         clock.done += 1
+        if clock.done == clock.timed and clock.validation_s is None and estimate_validation is not None:
+            clock.validation_s = estimate_validation()
         report_timing(echo, bar, clock, iters=iters, epochs_left=epochs - epoch + 1,
                       gpu_recipe_on_cpu=gpu_recipe_on_cpu)
-        if len(losses) < iters and clock.time_up():
+        if len(losses) < iters and clock.time_up(clock.validation_s or 0.0):
             break
     bar.close()
     return losses
 
 
+def timing_text(clock: Clock, *, per_iteration: float, iters: int, epochs_left: int) -> str:
+    """The time an epoch (with the validation `clock.validation_s`, when known) and the rest of the run take,
+    said against train.time_limit_min: after how many epochs it stops the run, or that it cuts this one (the
+    first of the run, `clock.done` iterations into it) short."""
+    epoch_s = per_iteration * iters
+    validation = clock.validation_s
+    per_epoch = epoch_s + (validation or 0.0)
+    total = per_epoch * epochs_left
+    text = (f"one epoch ({counted(iters, 'iteration')} at {per_iteration:.2f} s) takes about {duration(epoch_s)} plus "
+            + (f"about {duration(validation)} of validation" if validation is not None else "validation"))
+    rest = f"the {counted(epochs_left, 'epoch')} to go take{'s' if epochs_left == 1 else ''} about {duration(total)}"
+    left = clock.left()
+    if left is None:
+        return f"{text}; {rest}"
+    limit = f"train.time_limit_min={clock.limit_min:g} ({duration(clock.limit_min * 60)})"
+    this_epoch = max(iters - clock.done, 0) * per_iteration + (validation or 0.0)
+    if this_epoch > left:
+        if validation is not None and validation > left:
+            return (f"{text}; validation alone outlasts what {limit} leaves ({duration(max(left, 0.0))}): this epoch "
+                    f"stops now and the run ends about {duration(validation - left)} after the limit; raise "
+                    "train.time_limit_min, or validate on fewer images or larger train.val_tile")
+        return f"{text}; {limit} cuts this epoch short (it is validated and saved; resume=True goes on)"
+    fit = min(epochs_left, 1 + int((left - this_epoch) // max(per_epoch, 1e-9)))
+    if fit < epochs_left:
+        return (f"{text}; {limit} stops the run after about {fit} of the {counted(epochs_left, 'epoch')} to go (all would "
+                f"take about {duration(total)})")
+    return f"{text}; {rest}"
+
+
 def report_timing(echo: Any, bar: Any, clock: Clock, *, iters: int, epochs_left: int,
                   gpu_recipe_on_cpu: bool) -> None:
-    """Once the first iterations are timed: the time per epoch and for the run (a warning for a GPU recipe
-    on the CPU), printed between progress-bar updates."""
+    """Once the first iterations are timed: the time per epoch and for the run (`timing_text`; a warning for
+    a GPU recipe on the CPU), printed between progress-bar updates."""
     per_iteration = clock.iteration_seconds(clock.done)
     if per_iteration is None:
         return
-    epoch_s = per_iteration * iters
-    total = epoch_s * epochs_left
-    text = (f"one epoch ({counted(iters, 'iteration')} at {per_iteration:.2f} s) takes about {duration(epoch_s)} plus "
-            f"validation, the {counted(epochs_left, 'epoch')} to go about {duration(total)}{clock.limit_note(total)}")
+    text = timing_text(clock, per_iteration=per_iteration, iters=iters, epochs_left=epochs_left)
     if gpu_recipe_on_cpu:
         text = (f"warning: this recipe is sized for a GPU: on this CPU {text}; a smaller model (model.params) "
                 "or data.tile trains faster")
@@ -359,6 +512,8 @@ class EpochPlan:
     metric_label: str
     group: Any = None  # ddp.LocalGroup (one process) or ddp.ProcessGroup (several)
     averaged: Any = None  # the weight average, when there is one (checked the same on every rank, as the model)
+    # seconds an epoch's validation will take, estimated before the first (`validation_timer`; rank 0's counts)
+    estimate_validation: Callable[[], float] | None = None
 
 
 def plan_epochs(files: RunFiles, model: Any, train: dict[str, Any], device: str, *, progress: bool,
@@ -409,46 +564,104 @@ def plan_epochs(files: RunFiles, model: Any, train: dict[str, Any], device: str,
                      metric_label=metric_label, group=group)
 
 
+def count_tiles(shapes: list[tuple[int, int]], geometry: Any, tile: int) -> int:
+    """How many `tile` tiles the tiler cuts planes of these (H, W) shapes into."""
+    from segkit.inference.tiler import plan_tiles
+
+    return sum(plan_tiles(tuple(shape), geometry, tile=tile).n_tiles for shape in shapes)
+
+
+def validation_timer(model: Any, *, tiles: int, tile: int, channels: int, device: str) -> Callable[[], float]:
+    """A function estimating the seconds of an epoch's validation before the first one runs: the `tiles` of
+    the validation images times one forward pass of a `tile` tile of `model` (in eval mode, without gradients;
+    the second of two, as the first allocates and tunes). Post-processing is left out, so the estimate is
+    low rather than high: the time limit it reserves never cuts a run's first epoch much shorter than its
+    validation needs (an epoch cut short ends the run). It costs two forward passes, once per run."""
+
+    def estimate() -> float:
+        import torch
+
+        was_training = model.training
+        model.eval()
+        try:
+            x = torch.zeros((1, channels, tile, tile), device=device)
+            seconds = 0.0
+            with torch.no_grad():
+                for _ in range(2):  # the second pass is timed
+                    started = time.perf_counter()
+                    model(x)
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize(device)
+                    seconds = time.perf_counter() - started
+            return seconds * tiles
+        finally:
+            model.train(was_training)
+
+    return estimate
+
+
 def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any]],
-               step: Callable[[int], float], finish: Callable[[int, list[float], float], tuple[dict[str, Any], bool, str]],
+               step: Callable[[int], float],
+               finish: Callable[[int, list[float], float, Any], tuple[dict[str, Any], bool, str]],
                save_best: Callable[[], None], save_last: Callable[[int], None]) -> None:
     """The epochs of a training run, shared by segmenters and denoisers: the epoch's iterations
-    (`step(epoch)` each), then `finish(epoch, losses, started)` validates and returns the log row, whether
-    it is the best so far and the line to print; the best and last checkpoints, logs and curve are
-    written after every epoch. The time limit may cut an epoch short: it is validated and saved like any
-    other, so a run whose epochs outlast the limit still progresses on resume. An interrupt (Ctrl-C,
-    SIGTERM) keeps the last checkpoint and removes this run's temporary files before it propagates.
+    (`step(epoch)` each), then `finish(epoch, losses, started, bar)` validates under the progress bar `bar`
+    (tqdm on stderr, hidden when quiet: `reset(total)` with the tiles to predict, `update(n)`) and returns the
+    log row, whether it is the best so far and the line to print; the best and last checkpoints, logs and
+    curve are written after every epoch. An interrupt (Ctrl-C, SIGTERM) keeps the last checkpoint and removes
+    this run's temporary files before it propagates.
+
+    train.time_limit_min counts validation: an epoch is cut short when its validation (as long as the last
+    one, or as estimated before the first: `plan.estimate_validation`) would end after the limit, and the
+    run stops before an epoch that, as long as the last with its validation, would end after it. The epoch
+    cut short is validated and saved like any other, so a run whose epochs outlast the limit still
+    progresses on resume.
 
     With several processes (`plan.group`), every rank trains; rank 0 alone validates and writes the
     checkpoints, logs and curve while the others wait for it at the epoch's `sync`, and an interrupt
-    (shared by `sync`, so all ranks stop at the same step) is saved by rank 0 while the others wait."""
-    group = plan.group
+    (shared by `sync`, so all ranks stop at the same step) is saved by rank 0 while the others wait. Every
+    time the decisions use is agreed between the ranks (`ProcessGroup.sync`, `ProcessGroup.largest`)."""
+    group, clock = plan.group, plan.clock
     completed = start_epoch - 1
-    epoch_seconds: list[float] = []
 
     def save_completed(epoch: int) -> None:
         nonlocal completed
         completed = epoch
         save_last(epoch)
+
+    def estimate() -> float:  # rank 0 validates, so its estimate counts on every rank
+        return group.largest(plan.estimate_validation() if group.main else 0.0)
+
     try:
         with group.deferred_signals():
+            group.sync(clock)  # the ranks agree on the time before the first epoch: epochs are timed from it
             for epoch in range(start_epoch, plan.epochs + 1):
                 plan.model.train()
-                started = time.monotonic()
+                started, begun = time.monotonic(), clock.elapsed()
                 losses = train_iterations(lambda epoch=epoch: step(epoch), epoch=epoch, epochs=plan.epochs,
-                                          iters=plan.iters, clock=plan.clock, progress=plan.progress, echo=plan.echo,
-                                          gpu_recipe_on_cpu=plan.gpu_recipe_on_cpu, sync=group.sync)
+                                          iters=plan.iters, clock=clock, progress=plan.progress, echo=plan.echo,
+                                          gpu_recipe_on_cpu=plan.gpu_recipe_on_cpu, sync=group.sync,
+                                          estimate_validation=estimate if plan.estimate_validation else None)
+                trained = clock.elapsed()
                 plan.model.eval()
                 for model in (plan.model, plan.averaged):
                     if model is not None:
                         group.check_same(model)
+                line, seconds = None, 0.0
                 if group.main:
-                    _finish_epoch(plan, epoch, losses, started, history, epoch_seconds, first=epoch == start_epoch,
-                                  finish=finish, save_best=save_best, save_last=save_completed)
+                    line, seconds = _finish_epoch(plan, epoch, losses, started, history, first=epoch == start_epoch,
+                                         finish=finish, save_best=save_best, save_last=save_completed)
                 completed = epoch
-                group.sync(plan.clock)  # the other ranks wait for rank 0's validation and files here
-                stop = plan.clock.stop_message(epoch=epoch, epochs=plan.epochs, iterations=len(losses),
-                                               iters=plan.iters, root=plan.files.root)
+                group.sync(clock)  # the other ranks wait for rank 0's validation and files here
+                clock.validation_s = clock.elapsed() - trained
+                if len(losses) == plan.iters:
+                    clock.epoch_s = clock.elapsed() - begun
+                stop = clock.stop_message(epoch=epoch, epochs=plan.epochs, iterations=len(losses),
+                                          iters=plan.iters, root=plan.files.root)
+                if line is not None:  # the time left: the epochs to go that end within the time limit
+                    fit = clock.epochs_that_fit(clock.epoch_s, plan.epochs - epoch) if clock.epoch_s and not stop else 0
+                    left = f"; about {duration(fit * clock.epoch_s)} left" if fit else ""
+                    plan.echo(f"{line}  [{duration(seconds)}{left}]")
                 if stop:
                     plan.echo(stop)
                     break
@@ -462,11 +675,19 @@ def run_epochs(plan: EpochPlan, *, start_epoch: int, history: list[dict[str, Any
 
 
 def _finish_epoch(plan: EpochPlan, epoch: int, losses: list[float], started: float, history: list[dict[str, Any]],
-                  epoch_seconds: list[float], *, first: bool,
-                  finish: Callable[[int, list[float], float], tuple[dict[str, Any], bool, str]],
-                  save_best: Callable[[], None], save_last: Callable[[int], None]) -> None:
-    """The end of an epoch (rank 0 alone, with several processes): validation, checkpoints, logs, curve, its line."""
-    row, improved, text = finish(epoch, losses, started)
+                  *, first: bool, finish: Callable[[int, list[float], float, Any], tuple[dict[str, Any], bool, str]],
+                  save_best: Callable[[], None], save_last: Callable[[int], None]) -> tuple[str, float]:
+    """The end of an epoch (rank 0 alone, with several processes): validation under its progress bar,
+    checkpoints, logs, curve; returns its line ("epoch 3: loss ...") and seconds, which `run_epochs` prints
+    with the time left once the ranks agree on the time."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=f"validation {epoch}/{plan.epochs}", unit="tile", disable=not plan.progress,
+               leave=False, delay=0.5)
+    try:
+        row, improved, text = finish(epoch, losses, started, bar)
+    finally:
+        bar.close()
     history.append(row)
     if improved:
         save_best()
@@ -477,10 +698,7 @@ def _finish_epoch(plan: EpochPlan, epoch: int, losses: list[float], started: flo
     if not drawn and first:  # said once per run
         plan.echo(f"note: matplotlib is not installed, so {plan.files.curve.name} is skipped "
                   f"(pip install matplotlib, or the {DISTRIBUTION}[plot] extra, draws it)")
-    epoch_seconds.append(row["seconds"])
-    left = (f"; about {duration(plan.clock.seconds_left((plan.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))} left"
-            if epoch < plan.epochs else "")
-    plan.echo(f"epoch {epoch}: {text}  [{duration(row['seconds'])}{left}]")
+    return f"epoch {epoch}: {text}", row["seconds"]
 
 
 #: train.weight_decay when the recipe leaves it out: decoupled decay for AdamW (torch's default), none

@@ -87,11 +87,18 @@ def test_training_lowers_the_loss():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_train_run_writes_everything_and_resumes(tmp_path):
+def test_train_run_writes_everything_and_resumes(tmp_path, monkeypatch):
     from segkit.checkpoint import load_model
+    from segkit.training import loop
     from segkit.training.loop import train
 
-    files = train(tiny_recipe(tmp_path), progress=False, echo=lambda _: None)
+    asked, messages = [], []
+    precision = loop.training_precision
+    monkeypatch.setattr(loop, "training_precision", lambda enabled, device: (asked.append(enabled),
+                                                                             precision(enabled, device))[1])
+    files = train(tiny_recipe(tmp_path), progress=False, echo=messages.append)
+    # train.amp left out (null): autocast where there is a GPU, and no note on the CPU (issue 25)
+    assert asked == [True] and not [m for m in messages if "train.amp" in m]
     for path in (files.best, files.last, files.optimizer, files.log_csv, files.log_json, files.curve, files.recipe):
         assert path.exists(), path
     model, info = load_model(files.best)

@@ -384,7 +384,7 @@ def test_a_gpu_recipe_on_the_cpu_says_so_and_how_long_it_takes(tmp_path, monkeyp
     assert "warning: no GPU here (train.device=auto), so this recipe trains on the CPU" in text
     assert "note: train.amp is ignored on the CPU" in text
     assert "warning: this recipe is sized for a GPU: on this CPU one epoch (3 iterations at " in text
-    assert "s) takes about " in text and "plus validation, the 2 epochs to go about" in text
+    assert "s) takes about " in text and "of validation; the 2 epochs to go take about" in text
     assert "left]" in text  # the epoch lines say what is left
 
 
