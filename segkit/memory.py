@@ -219,16 +219,30 @@ def tile_activation_bytes(model: Any, tile: int, *, channels: int = 1) -> int | 
         if isinstance(output, torch.Tensor):
             largest[0] = max(largest[0], output.numel() * 4)
 
+    if not _trace_on_meta(model, tile, channels, record, training=False):
+        return None
+    return channels * tile * tile * 4 + 2 * largest[0]
+
+
+def _trace_on_meta(model: Any, tile: int, channels: int, record: Any, *, training: bool) -> bool:
+    """Run `model` once on a 1 x `channels` x `tile` x `tile` meta tensor (nothing allocated) with `record` as a
+    forward hook on every leaf module, in eval mode without gradients or in training mode with them; the
+    model's mode is restored. False where the meta device cannot run the model."""
+    import torch
+
+    was_training = model.training
     hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     try:
-        with torch.no_grad():
+        model.train(training)
+        with torch.set_grad_enabled(training):
             model(torch.empty((1, channels, tile, tile), device="meta"))
     except Exception:  # a model the meta device cannot run: no estimate
-        return None
+        return False
     finally:
         for hook in hooks:
             hook.remove()
-    return channels * tile * tile * 4 + 2 * largest[0]
+        model.train(was_training)
+    return True
 
 
 #: Pixels any layer output of segkit's models may exceed the tile by on each side (FCN's first conv pads
@@ -291,18 +305,8 @@ def training_activation_bytes(model: Any, tile: int, *, channels: int = 1, eleme
                 and not any(output is a for a in args if isinstance(a, torch.Tensor))):
             recorded[0] += output.numel() * element_bytes
 
-    was_training = model.training
-    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
-    try:
-        model.train()
-        with torch.enable_grad():
-            model(torch.empty((1, channels, tile, tile), device="meta"))
-    except Exception:  # a model the meta device cannot run: no estimate
+    if not _trace_on_meta(model, tile, channels, record, training=True):
         return None
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
     return recorded[0]
 
 

@@ -3,6 +3,7 @@ Plain helpers (the CLI runner, test doubles, ...) are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,11 @@ def tiny_denoiser(tmp_path_factory):
                                                 Normalization(110.0, 30.0), classes=[],
                                                 inference={"tile": 108, "input_dtype": "uint8"}))
     return path
+
+
+@pytest.fixture
+def slow_clock(monkeypatch):
+    """tqdm's clock advances a second per reading, as in a slow run: every update is drawn (tqdm draws at most
+    every 0.1 s), so what a log ends with does not depend on this machine's speed."""
+    seconds = itertools.count(1000.0)
+    monkeypatch.setattr("tqdm.std.time", lambda: next(seconds))

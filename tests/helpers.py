@@ -5,6 +5,7 @@ training recipe on the bundled ISBI crop, and where the repository and the real 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,8 @@ def skip_unless_required(reason: str) -> None:
     if os.environ.get(REQUIRE_OPTIONAL_TOOLS):
         pytest.fail(f"{reason} (${REQUIRE_OPTIONAL_TOOLS} is set: CI must run this test)")
     pytest.skip(reason)
+
+
+def states(stderr: str) -> list[str]:
+    """The 'n/total' of every state tqdm drew (separated by carriage returns and newlines)."""
+    return [found.group(0) for part in re.split(r"[\r\n]", stderr) if (found := re.search(r"\d+/\d+", part))]

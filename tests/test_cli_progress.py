@@ -3,29 +3,13 @@
 
 from __future__ import annotations
 
-import itertools
-import re
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 import tifffile
 
-from tests.helpers import run
-
-
-@pytest.fixture
-def slow_clock(monkeypatch):
-    """tqdm's clock advances a second per reading, as in a slow run: every update is drawn (tqdm draws at most
-    every 0.1 s), so what the log ends with does not depend on this machine's speed."""
-    seconds = itertools.count(1000.0)
-    monkeypatch.setattr("tqdm.std.time", lambda: next(seconds))
-
-
-def states(stderr: str) -> list[str]:
-    """The 'n/total' of every state tqdm drew (separated by carriage returns and newlines)."""
-    return [found.group(0) for part in re.split(r"[\r\n]", stderr) if (found := re.search(r"\d+/\d+", part))]
+from tests.helpers import run, states
 
 
 def test_predicts_last_progress_line_is_printed_once(tmp_path, uint8_stack, tiny_checkpoint, slow_clock):

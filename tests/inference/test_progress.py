@@ -16,23 +16,13 @@ from segkit.errors import OptionTypeError
 from segkit.inference import segment
 from segkit.inference.progress import ProgressBar
 from segkit.instances import WatershedParams
+from tests.helpers import states
 
 
 def quiet(_: str) -> None:
     pass
 
 
-@pytest.fixture
-def slow_clock(monkeypatch):
-    """tqdm's clock advances a second per reading, as in a slow run: every update is drawn (tqdm draws at most
-    every 0.1 s), so what a log ends with does not depend on this machine's speed."""
-    seconds = itertools.count(1000.0)
-    monkeypatch.setattr("tqdm.std.time", lambda: next(seconds))
-
-
-def states(stderr: str) -> list[str]:
-    """The 'n/total' of every state tqdm drew (separated by carriage returns and newlines)."""
-    return [found.group(0) for part in re.split(r"[\r\n]", stderr) if (found := re.search(r"\d+/\d+", part))]
 
 
 def test_predict_draws_a_bar_on_stderr_by_default_and_none_with_false(tmp_path, uint8_stack, tiny_checkpoint, capsys):
