@@ -222,8 +222,9 @@ _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlev
 
 
 def short(value: Any, limit: int = 60) -> str:
-    """repr(value) cut to `limit` characters: messages never print a whole (possibly huge) value."""
-    text = _SHORT.repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    """repr(value) on one line, cut to `limit` characters: messages never print a whole (possibly huge) value,
+    nor a numpy array's line breaks."""
+    text = " ".join(_SHORT.repr(value).split()) if not isinstance(value, str) else repr(value[: limit + 1])
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

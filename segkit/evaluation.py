@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import numbers
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segkit.errors import InputError
+from segkit.config import short
+from segkit.errors import InputError, OptionTypeError, OptionValueError
 from segkit.inference.segment import check_probability_stack
 from segkit.instances import WatershedParams, watershed_slice
 from segkit.io.tiff import TiffStack, open_stack
@@ -30,6 +33,46 @@ from segkit.metrics import (
 from segkit.words import counted
 
 SWEEP_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+
+
+def _check_call(prediction: Any, labels: Any, slices: Any, *, flags: Mapping[str, Any] | None = None,
+                counts: Mapping[str, tuple[Any, int]] | None = None) -> None:
+    """The arguments of a scoring call, before any file is read: one line naming the argument
+    (OptionTypeError, a TypeError; OptionValueError, a ValueError). `flags` must be True or False; `counts`
+    maps a name to (value, lowest) for whole numbers of at least `lowest`."""
+    for name, value in (("prediction", prediction), ("labels", labels)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise OptionTypeError(f"{name} must be a path (str or Path), not {short(value)} ({type(value).__name__})")
+    if slices is not None:
+        pair = isinstance(slices, (tuple, list)) and len(slices) == 2 and all(_is_int(v) for v in slices)
+        if not pair or not 0 <= slices[0] < slices[1]:
+            error = OptionValueError if pair else OptionTypeError
+            raise error(f"slices must be None or (start, stop) with 0 <= start < stop, not {short(slices)}")
+    for name, value in (flags or {}).items():
+        if not isinstance(value, bool):
+            raise OptionTypeError(f"{name} must be True or False, not {short(value)} ({type(value).__name__})")
+    for name, (value, lowest) in (counts or {}).items():
+        if not _is_int(value):
+            raise OptionTypeError(f"{name} must be an int, not {short(value)} ({type(value).__name__})")
+        if value < lowest:
+            raise OptionValueError(f"{name} must be at least {lowest}, not {value}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_threshold(threshold: Any, text: Any = None) -> float:
+    """A membrane threshold: a real number strictly between 0 and 1 (not a bool); `text` is what was
+    given, when it was parsed from a string (the CLI passes its text)."""
+    given = threshold if text is None else text
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise OptionTypeError(f"threshold={given!r} must be a number between 0 and 1, not "
+                              f"{type(threshold).__name__}")
+    if not 0.0 < threshold < 1.0:
+        raise OptionValueError(f"threshold={given!r} must be between 0 and 1 (a membrane probability; "
+                               "0 and 1 make every pixel cell or membrane)")
+    return float(threshold)
 
 
 def _check_labels(stack: TiffStack, source: str) -> None:
@@ -96,15 +139,23 @@ def membrane_threshold(threshold: float | str | None = None, model: str | Path |
 
     Raises
     ------
+    OptionTypeError, OptionValueError
+        A threshold that is not a number in (0, 1) or 'auto', or a model that is not a path (a TypeError /
+        ValueError naming it), before the model is read.
     SegkitError
-        A threshold that is not a number or 'auto', 'auto' without a model, or a model file that cannot be read.
+        'auto' without a model, or a model file that cannot be read.
     """
-    if threshold is not None and threshold != "auto":
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise OptionTypeError(f"model must be None or a path (str or Path), not {short(model)} ({type(model).__name__})")
+    if isinstance(threshold, str) and threshold != "auto":  # the CLI passes its text
         try:
-            return float(threshold), "given"
-        except (TypeError, ValueError):
-            raise InputError(f"threshold={threshold!r} must be a number between 0 and 1, or 'auto' (the model's "
-                             "stored threshold)") from None
+            number = float(threshold)
+        except ValueError:
+            raise OptionTypeError(f"threshold={threshold!r} must be a number between 0 and 1, or 'auto' (the "
+                                  "model's stored threshold)") from None
+        return _check_threshold(number, threshold), "given"
+    if threshold is not None and threshold != "auto":
+        return _check_threshold(threshold), "given"
     if model is None:
         if threshold == "auto":
             raise InputError("threshold='auto' takes the threshold stored in a model: pass model=MODEL (a "
@@ -151,12 +202,15 @@ def evaluate_stacks(
 
     Raises
     ------
+    OptionTypeError, OptionValueError
+        An argument of the wrong type or out of its range (a TypeError / ValueError naming it), before
+        any file is read.
     InputError
-        When a file cannot be read, the planes differ in size or count, the labels look like
-        probabilities (or the two were swapped), or a value is out of range; the message names the fix.
+        When a file cannot be read, the planes differ in size or count, or the labels look like
+        probabilities (or the two were swapped); the message names the fix.
     """
-    if not 0.0 < threshold < 1.0:
-        raise InputError(f"threshold={threshold!r} must be between 0 and 1")
+    _check_call(prediction, labels, slices, flags={"sweep": sweep})
+    threshold = _check_threshold(threshold)
     thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
     per_threshold: dict[float, list[SliceScores]] = {t: [] for t in thresholds}
     with _open_pair(prediction, labels) as (pred_stack, label_stack):
@@ -215,7 +269,16 @@ def label_constancy(plane: np.ndarray) -> float:
     -------
     float
         In [0, 1]; 1 when no pair has both pixels > 0.
+
+    Raises
+    ------
+    OptionTypeError, OptionValueError
+        `plane` is not a 2D array (a TypeError / ValueError).
     """
+    if not isinstance(plane, np.ndarray):
+        raise OptionTypeError(f"plane must be a 2D numpy array, not {type(plane).__name__}")
+    if plane.ndim != 2:
+        raise OptionValueError(f"plane must be a 2D array (H, W), not of shape {plane.shape}")
     same = total = 0
     for a, b in ((plane[:, 1:], plane[:, :-1]), (plane[1:], plane[:-1])):
         both = (a != 0) & (b != 0)
@@ -269,9 +332,10 @@ def evaluate_instances(prediction: str, labels: str, /, *, slices: tuple[int, in
 
     Raises
     ------
-    InputError
+    OptionTypeError, OptionValueError, InputError
         As for `evaluate_stacks`.
     """
+    _check_call(prediction, labels, slices)
     rows = []
     with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu" or pred_stack.dtype.itemsize < 2:
@@ -304,9 +368,13 @@ def evaluate_watershed(prediction: str, labels: str, /, *, slices: tuple[int, in
 
     Raises
     ------
-    InputError
+    OptionTypeError, OptionValueError, InputError
         As for `evaluate_stacks`.
     """
+    _check_call(prediction, labels, slices)
+    if params is not None and not isinstance(params, WatershedParams):
+        raise OptionTypeError(f"params must be None or a segkit.instances.WatershedParams, not {short(params)} "
+                              f"({type(params).__name__})")
     params = params or WatershedParams()
     report = _watershed_table(prediction, labels, slices, [params])
     return {"prediction": prediction, "labels": labels, "slices": report[1], "params": params.to_dict(),
@@ -336,9 +404,10 @@ def sweep_watershed(prediction: str, labels: str, /, *, slices: tuple[int, int] 
 
     Raises
     ------
-    InputError
+    OptionTypeError, OptionValueError, InputError
         As for `evaluate_stacks`.
     """
+    _check_call(prediction, labels, slices, counts={"min_seed_size": (min_seed_size, 1), "min_size": (min_size, 0)})
     grid = [WatershedParams(t, d, min_seed_size, min_size) for t in WATERSHED_THRESHOLDS
             for d in WATERSHED_SEED_DISTANCES]
     table, count = _watershed_table(prediction, labels, slices, grid)
@@ -382,11 +451,13 @@ def evaluate_semantic(prediction: str, labels: str, /, *, classes: int, ignore: 
 
     Raises
     ------
-    InputError
+    OptionTypeError, OptionValueError, InputError
         As for `evaluate_stacks`.
     """
-    if classes < 2:
-        raise InputError(f"classes={classes!r} must be at least 2 (background and one class)")
+    _check_call(prediction, labels, slices, counts={"classes": (classes, 2)})
+    if ignore is not None and not _is_int(ignore):
+        raise OptionTypeError(f"ignore must be None or an int (a label value), not {short(ignore)} "
+                              f"({type(ignore).__name__})")
     rows = []
     with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu":
@@ -426,9 +497,10 @@ def evaluate_matched_instances(prediction: str, labels: str, /, *,
 
     Raises
     ------
-    InputError
+    OptionTypeError, OptionValueError, InputError
         As for `evaluate_stacks`.
     """
+    _check_call(prediction, labels, slices)
     rows = []
     with _open_pair(prediction, labels) as (pred_stack, label_stack):
         if pred_stack.dtype.kind not in "iu":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from segkit.errors import InputError
+from segkit.errors import InputError, OptionValueError
 from segkit.evaluation import evaluate_matched_instances, evaluate_semantic
 from segkit.metrics import IOU_THRESHOLDS, class_scores, instance_scores, mean_class_rows, mean_instance_rows
 
@@ -319,7 +319,7 @@ def test_evaluate_semantic_refuses(tmp_path):
     with pytest.raises(InputError) as error:
         evaluate_semantic(t, str(tmp_path / "prob.tif"), classes=3)
     one_line(error, "pass the prediction first")
-    with pytest.raises(InputError):
+    with pytest.raises(OptionValueError, match="^classes must be at least 2"):  # before reading (test_evaluation_calls)
         evaluate_semantic(p, t, classes=1)
 
 
