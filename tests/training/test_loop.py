@@ -97,8 +97,9 @@ def test_train_run_writes_everything_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "training_precision", lambda enabled, device: (asked.append(enabled),
                                                                              precision(enabled, device))[1])
     files = train(tiny_recipe(tmp_path), progress=False, echo=messages.append)
-    # train.amp left out (null): autocast where there is a GPU, and no note on the CPU (issue 25)
-    assert asked == [True] and not [m for m in messages if "train.amp" in m]
+    # train.amp left out (null, which training_precision takes as on: autocast where there is a GPU), and no note
+    # on the CPU (issue 25)
+    assert asked == [None] and not [m for m in messages if "train.amp" in m]
     for path in (files.best, files.last, files.optimizer, files.log_csv, files.log_json, files.curve, files.recipe):
         assert path.exists(), path
     model, info = load_model(files.best)
@@ -181,3 +182,14 @@ def test_training_without_matplotlib_skips_the_curve_and_says_so_once(tmp_path, 
     notes = [line for line in lines if "matplotlib" in line]
     assert notes == ["note: matplotlib is not installed, so curve.png is skipped "
                      "(pip install matplotlib, or the segkit-bio[plot] extra, draws it)"]
+
+
+@pytest.mark.parametrize("amp, mode", [(None, "auto"), (True, "auto"), (False, "none")])
+def test_an_unset_train_amp_is_autocast_where_it_applies(monkeypatch, amp, mode):
+    """`train.amp` unset (null) asks for the same precision as true: autocast on a GPU (a no-op on the CPU)."""
+    from segkit import devices
+
+    asked = []
+    monkeypatch.setattr(devices, "resolve_amp", lambda wanted, device: (asked.append(wanted), "none")[1])
+    devices.training_precision(amp, "cuda:0")
+    assert asked == [mode]
