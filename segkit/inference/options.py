@@ -198,15 +198,15 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
-            raise SegkitError(f"unknown model kind {self.kind!r}; choose segmenter or denoiser")
+            raise OptionValueError(f"unknown model kind {self.kind!r}; choose segmenter or denoiser")
         allowed = DENOISER_OUTPUT_TYPES if self.kind == "denoiser" else SEGMENTER_OUTPUT_TYPES
         output_type = allowed[0] if self.output_type is None else str(self.output_type)
         if output_type not in allowed:
-            raise SegkitError(f"unknown output type {output_type!r}; choose one of {', '.join(allowed)}")
+            raise OptionValueError(f"unknown output type {output_type!r}; choose one of {', '.join(allowed)}")
         if self.instances and self.kind == "denoiser":
             raise SegkitError("instances come from a segmenter's probabilities, not from a denoiser")
         if self.compression not in COMPRESSIONS:
-            raise SegkitError(f"unknown compression {self.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+            raise OptionValueError(f"unknown compression {self.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
         checked = {
             "output_type": OutputType(output_type),
             "engine": _choice(EngineChoice, self.engine, "unknown engine {value}; choose one of {choices}"),
@@ -263,11 +263,12 @@ class PredictOptions:
 
 
 def _choice(enum_type: type[Choice], value: Any, message: str) -> Any:
-    """`value` as a member of `enum_type`, else SegkitError(`message`) naming the value and the choices."""
+    """`value` as a member of `enum_type`, else OptionValueError (a SegkitError and a ValueError: `message`)
+    naming the value and the choices."""
     try:
         return enum_type(value)
     except ValueError:
-        raise SegkitError(message.format(value=repr(value), choices=", ".join(enum_type.values()))) from None
+        raise OptionValueError(message.format(value=repr(value), choices=", ".join(enum_type.values()))) from None
 
 
 def _on_off(value: Any) -> Any:
