@@ -93,3 +93,13 @@ def slow_clock(monkeypatch):
     every 0.1 s), so what a log ends with does not depend on this machine's speed."""
     seconds = itertools.count(1000.0)
     monkeypatch.setattr("tqdm.std.time", lambda: next(seconds))
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if predict gets as far as loading the model (the output must be refused before)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("segkit.inference.api._load", refuse)
+    monkeypatch.setattr("segkit.inference.api._fit_to_device", refuse)

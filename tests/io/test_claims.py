@@ -31,16 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if predict gets as far as loading the model (the output must be refused before)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the output was checked")
-
-    monkeypatch.setattr("segkit.inference.api._load", refuse)
-    monkeypatch.setattr("segkit.inference.api._fit_to_device", refuse)
-
-
-@pytest.fixture
 def holder():
     """Start another process that claims an output and holds the claim until the test ends."""
     children = []

@@ -25,16 +25,6 @@ from tests.helpers import assert_user_error, run
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if predict gets as far as loading the model (the output must be refused before)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the output was checked")
-
-    monkeypatch.setattr("segkit.inference.api._load", refuse)
-    monkeypatch.setattr("segkit.inference.api._fit_to_device", refuse)
-
-
-@pytest.fixture
 def probability(tmp_path):
     """A small uint8 membrane probability stack (input of `segkit segment`)."""
     path = tmp_path / "prob.tif"
