@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -74,8 +73,10 @@ MEMBRANE_KEYS = ("adapted_rand_error", "vi", "vi_split", "vi_merge", "pixel_erro
 
 
 def default_data_root() -> Path:
-    """$SEGKIT_DATA, else ../shared/data beside the repository."""
-    return Path(os.environ.get("SEGKIT_DATA") or ROOT.parent / "shared" / "data")
+    """$SEGKIT_DATA, else ../shared/data beside the repository: segkit's one rule (segkit.data_check.data_root)."""
+    from segkit.data_check import data_root
+
+    return data_root()
 
 
 def log(message: str) -> None:

@@ -63,20 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def data_folder() -> Path:
-    """$SEGKIT_DATA, else ../shared/data beside the repository."""
-    return Path(os.environ.get("SEGKIT_DATA") or ROOT.parent / "shared" / "data")
-
-
 def load(recipe_path: str, overrides: list[str], device: str) -> dict[str, Any]:
     """The validated recipe with its overrides, train.device set to `device`, and data.root moved to
     $SEGKIT_DATA/<its folder name> when that exists (unless data.root is overridden)."""
     from segkit.config import load_recipe
+    from segkit.data_check import data_root
 
     overrides = [*overrides, f"train.device={device}"]
     recipe = load_recipe(recipe_path, overrides)
     if not any(o.startswith("data.root=") for o in overrides):
-        shared = data_folder() / Path(recipe["data"]["root"]).name
+        shared = data_root() / Path(recipe["data"]["root"]).name
         if shared.is_dir():
             recipe = load_recipe(recipe_path, [*overrides, f"data.root={shared}"])
     return recipe
